@@ -1,0 +1,64 @@
+"""The backend registry: every ``BackendSpec`` published under the entry-point group ``lightq.backends``.
+
+Torch-free. ``specs()`` reads the entry points once; ``choose(scheme, backend, hw)`` picks the backend a mode
+runs on, returning the choice and, for ``auto``, why every candidate before it was rejected.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib.metadata import entry_points
+
+from ..hardware import Hardware
+from .spec import BackendSpec
+
+GROUP = "lightq.backends"
+
+# Order ``backend: auto`` tries, per scheme: fastest first, as measured on the H100 (docs/BACKENDS.md,
+# ../shared/DESIGN.md: full linear incl. activation quant at 32760x5120x5120). Backends not named come last.
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "fp8": ("vllm", "sgl", "q8f", "torch"),
+    "int8": ("vllm", "sgl", "q8f", "torchao", "torch"),
+    "fp8-b128": ("deepgemm", "torch"),
+    "int4-g128": ("marlin", "torch"),
+}
+
+
+@lru_cache(maxsize=1)
+def specs() -> dict[str, BackendSpec]:
+    """name -> spec for every installed backend. A broken entry point is reported as a spec that cannot load."""
+    found: dict[str, BackendSpec] = {}
+    for ep in entry_points(group=GROUP):
+        try:
+            spec = ep.load()
+        except Exception as exc:  # a broken plugin must not take the registry down
+            spec = BackendSpec(name=ep.name, schemes={}, impl="", install=f"reinstall the package providing '{ep.name}'",
+                               description=f"entry point failed to load: {type(exc).__name__}: {exc}")
+        found[spec.name] = spec
+    return found
+
+
+def candidates(scheme: str) -> list[BackendSpec]:
+    """Installed backends that declare ``scheme``, in ``auto`` preference order."""
+    order = PREFERENCE.get(scheme, ())
+    have = [s for s in specs().values() if scheme in s.schemes]
+    return sorted(have, key=lambda s: (order.index(s.name) if s.name in order else len(order), s.name))
+
+
+def choose(scheme: str, backend: str, hw: Hardware, shape: tuple[int, int] | None = None
+           ) -> tuple[BackendSpec | None, str]:
+    """(spec, reason): the backend for ``scheme`` (``backend`` a name or ``auto``), or (None, why not)."""
+    if backend != "auto":
+        spec = specs().get(backend)
+        if spec is None:
+            return None, f"backend '{backend}' is not installed (installed: {', '.join(sorted(specs())) or 'none'})"
+        ok, why = spec.can_implement(scheme, hw, shape)
+        return (spec, f"requested: {backend}") if ok else (None, f"backend '{backend}' {why}")
+    rejected = []
+    for spec in candidates(scheme):
+        ok, why = spec.can_implement(scheme, hw, shape)
+        if ok:
+            note = f"auto: {spec.name}" + (f" ({'; '.join(rejected)})" if rejected else "")
+            return spec, note
+        rejected.append(f"{spec.name}: {why}")
+    return None, f"no installed backend implements '{scheme}' here ({'; '.join(rejected) or 'none declares it'})"

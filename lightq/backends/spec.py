@@ -1,0 +1,102 @@
+"""The backend contract.
+
+A backend has two halves:
+
+1. A **spec** (``BackendSpec``): plain data, importable without torch or the kernel library. It says which
+   schemes the backend implements and from which CUDA compute capability (``None`` = also on CPU), which
+   Python packages it needs and how to install them, and where its implementation lives. Plugins publish their
+   spec under the entry-point group ``lightq.backends``.
+2. An **implementation** (a ``Backend`` subclass, loaded from ``spec.impl`` only when a run needs it):
+
+   ``pack(qw: QuantizedWeight) -> dict[str, Tensor]``
+       re-lay the shared quantized weight out for the kernels (transpose, interleave, repack). The numerics never
+       change: every backend of a scheme packs the same checkpoint.
+   ``apply(x, packed, scheme, bias) -> Tensor``
+       ``y = x @ W^T + bias`` for ``x`` of any leading shape ``[..., K]`` in bf16 / fp16, with the activation
+       quantized as the scheme says; the output has ``x``'s dtype.
+
+Checks return ``(ok, reason)`` and never raise, so ``backend: auto`` can explain every rejection.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+
+from ..errors import BackendUnavailable
+from ..hardware import Hardware
+
+Check = tuple[bool, str]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend implements, and where; torch-free.
+
+    ``schemes`` maps a scheme name to the minimum compute capability it needs (``None``: runs on CPU too).
+    ``requires`` are import names checked with ``find_spec`` (nothing is imported); ``install`` is the command
+    that provides them. ``impl`` is ``"module:Class"`` of the ``Backend`` implementation. ``max_capability``
+    excludes newer GPUs the kernels were never built for (e.g. Q8-Kernels is Ada-only).
+    ``shape_rule`` names extra shape constraints checked by ``can_implement`` (``k_mult`` / ``n_mult``).
+    """
+
+    name: str
+    schemes: dict[str, float | None]
+    impl: str
+    requires: tuple[str, ...] = ()
+    install: str = ""
+    description: str = ""
+    max_capability: float | None = None
+    k_multiple: int = 1
+    n_multiple: int = 1
+    options: dict = field(default_factory=dict)
+
+    def is_available(self, hw: Hardware) -> Check:
+        """Can this backend run at all here (packages present, device kind right)? Never raises."""
+        for mod in self.requires:
+            try:
+                found = importlib.util.find_spec(mod) is not None
+            except Exception as exc:  # a broken parent package raises from find_spec
+                return False, f"'{mod}' cannot be looked up ({type(exc).__name__}: {exc}); install: {self.install}"
+            if not found:
+                return False, f"'{mod}' is not installed; install: {self.install}"
+        needs_gpu = all(cap is not None for cap in self.schemes.values())
+        if needs_gpu and not hw.is_cuda:
+            return False, "needs a CUDA GPU, this run is on the CPU"
+        if hw.is_cuda and self.max_capability is not None and hw.capability > self.max_capability:
+            return False, f"built for compute capability <= {self.max_capability}, this GPU is {hw.describe()}"
+        return True, "available"
+
+    def can_implement(self, scheme: str, hw: Hardware, shape: tuple[int, int] | None = None) -> Check:
+        """Does it implement ``scheme`` on ``hw`` (and, if given, for a weight of ``shape`` = (N, K))? Never raises."""
+        if scheme not in self.schemes:
+            return False, f"does not implement scheme '{scheme}' (it has: {', '.join(self.schemes)})"
+        ok, why = self.is_available(hw)
+        if not ok:
+            return ok, why
+        cap = self.schemes[scheme]
+        if cap is not None:
+            if not hw.is_cuda:
+                return False, f"scheme '{scheme}' needs a CUDA GPU (compute capability >= {cap}), this run is on the CPU"
+            if hw.capability < cap:
+                return False, f"scheme '{scheme}' needs compute capability >= {cap}, this GPU is {hw.describe()}"
+        if shape is not None:
+            n, k = shape
+            if k % self.k_multiple or n % self.n_multiple:
+                return False, (f"needs in_features % {self.k_multiple} == 0 and out_features % {self.n_multiple} == 0,"
+                               f" got [{n}, {k}]")
+        return True, "ok"
+
+    def load(self) -> "object":
+        """Import and instantiate the implementation; any import failure becomes one BackendUnavailable."""
+        module, _, cls = self.impl.partition(":")
+        try:
+            impl = getattr(importlib.import_module(module), cls)
+            return impl(self)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # ImportError, OSError from a .so, RuntimeError from an ABI mismatch, ...
+            raise BackendUnavailable(
+                f"backend '{self.name}' failed to load ({type(exc).__name__}: {exc}); install: {self.install}"
+            ) from exc

@@ -1,0 +1,1 @@
+"""Quantization: scheme numerics (``schemes``) and the quantized linear layer (``linear``)."""
