@@ -1,0 +1,1 @@
+"""Backends: the contract (``spec``, ``base``), the entry-point registry (``registry``), the torch backend."""

@@ -1,0 +1,152 @@
+"""The typed config every run composes into (Hydra structured configs).
+
+``conf/config.yaml`` starts its defaults list with ``lightq_schema`` (registered here), so every composed config
+is merged onto these dataclasses: a misspelt key or a value of the wrong type fails at compose time, before
+anything runs. Values that need more than a type check (scheme names, shapes) are checked by ``validate``.
+
+Groups: ``model``, ``dit_quant``, ``t5_quant``, ``clip_quant``, ``offload``, ``hardware``, ``sampler``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from .errors import LightqError
+
+SCHEMES = ("none", "fp8", "int8", "fp8-b128", "int4-g128")
+COMPONENTS = ("dit", "t5", "clip")
+
+
+@dataclass
+class QuantConfig:
+    """One quantization mode of one component: a scheme (numerics) + a backend (kernels) + options.
+
+    ``name`` is the mode (``fp8-sgl``), ``backend`` a registered backend name or ``auto``, ``ckpt`` an optional
+    pre-quantized checkpoint (file, folder, or Hub ``repo/file``), ``skip`` fnmatch patterns of linears kept in
+    high precision on top of the component's never-quantized layers.
+    """
+
+    name: str = "none"
+    scheme: str = "none"
+    backend: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+    ckpt: Optional[str] = None
+    skip: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    """Which pipeline, its architectures, its weights and the video it makes.
+
+    ``weights``: ``synthetic`` (the embedded tiny checkpoint), ``random`` (real architecture, random weights,
+    for benchmarks), a local folder in the official Wan2.1 layout, or a Hub repo id.
+    """
+
+    name: str = "tiny"
+    task: str = "t2v"
+    dit_arch: str = "tiny"
+    t5_arch: str = "tiny"
+    clip_arch: Optional[str] = None
+    vae_arch: str = "tiny"
+    tokenizer: str = "byte"
+    weights: str = "synthetic"
+    dtype: str = "bf16"
+    height: int = 64
+    width: int = 64
+    frames: int = 9
+    fps: int = 16
+    steps: int = 4
+    shift: float = 5.0
+    guide_scale: float = 5.0
+
+
+@dataclass
+class SamplerConfig:
+    """Flow-matching sampler; ``None`` fields take the model's defaults (steps, shift, guide_scale)."""
+
+    name: str = "unipc"
+    steps: Optional[int] = None
+    shift: Optional[float] = None
+    guide_scale: Optional[float] = None
+    denoising_steps: Optional[list[int]] = None
+
+
+@dataclass
+class OffloadConfig:
+    """``mode``: none | model | block | phase; ``lazy_load`` streams blocks from a block-split checkpoint."""
+
+    mode: str = "none"
+    lazy_load: bool = False
+    buffers: int = 2
+
+
+@dataclass
+class HardwareConfig:
+    """``name``: auto (detect) | cpu | sm80 | sm89 | sm90 | sm100."""
+
+    name: str = "auto"
+
+
+@dataclass
+class QualityConfig:
+    """Quality against the bf16 run of the same model, seed and prompt.
+
+    ``baseline``: ``auto`` (compute and cache it when the model is synthetic/tiny, else use a cached one if
+    present), ``always``, ``never``.
+    """
+
+    baseline: str = "auto"
+
+
+@dataclass
+class LightqConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dit_quant: QuantConfig = field(default_factory=QuantConfig)
+    t5_quant: QuantConfig = field(default_factory=QuantConfig)
+    clip_quant: QuantConfig = field(default_factory=QuantConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    prompt: str = "A cat walks on the grass, realistic style."
+    negative_prompt: str = ""
+    image: Optional[str] = None
+    seed: int = 42
+    save_frames: bool = False
+    from_lightx2v: Optional[str] = None
+
+
+def register() -> None:
+    """Put the schema into Hydra's ConfigStore (idempotent); ``conf/config.yaml`` names it first."""
+    cs = ConfigStore.instance()
+    cs.store(name="lightq_schema", node=LightqConfig)
+    for group, node in (("dit_quant", QuantConfig), ("t5_quant", QuantConfig), ("clip_quant", QuantConfig),
+                        ("model", ModelConfig), ("offload", OffloadConfig), ("hardware", HardwareConfig),
+                        ("sampler", SamplerConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def validate(cfg: Any) -> None:
+    """Value checks a type cannot express; raises LightqError naming the field and the valid values."""
+    for comp in COMPONENTS:
+        q = cfg[f"{comp}_quant"]
+        if q.scheme not in SCHEMES:
+            raise LightqError(f"{comp}_quant.scheme='{q.scheme}' is not a scheme: choose one of {', '.join(SCHEMES)}")
+    if cfg.model.task not in ("t2v", "i2v"):
+        raise LightqError(f"model.task='{cfg.model.task}': choose t2v or i2v")
+    if cfg.offload.mode not in ("none", "model", "block", "phase"):
+        raise LightqError(f"offload.mode='{cfg.offload.mode}': choose none, model, block or phase")
+    if cfg.sampler.name not in ("unipc", "dpm++", "euler", "distill"):
+        raise LightqError(f"sampler.name='{cfg.sampler.name}': choose unipc, dpm++, euler or distill")
+    if cfg.quality.baseline not in ("auto", "always", "never"):
+        raise LightqError(f"quality.baseline='{cfg.quality.baseline}': choose auto, always or never")
+    m = cfg.model
+    if (m.frames - 1) % 4:
+        raise LightqError(f"model.frames={m.frames}: Wan needs 4k+1 frames (e.g. 81, 33, 9)")
+    if m.height % 16 or m.width % 16:
+        raise LightqError(f"model.height/width={m.height}x{m.width}: both must be multiples of 16")
+    if m.task == "i2v" and not cfg.image and m.weights != "synthetic" and m.weights != "random":
+        raise LightqError("model.task=i2v needs an input image: pass image=<path to png/jpg>")

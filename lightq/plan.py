@@ -1,0 +1,68 @@
+"""Planning: which backend runs each component's mode on this hardware, or why it cannot. Torch-free.
+
+``plan_run(cfg, hw)`` gives one ``ComponentPlan`` per component that exists in the pipeline (CLIP only for I2V).
+A plan that cannot run carries a one-line reason naming the mode, what is missing, how to install it, and the
+portable mode that would run instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .backends import registry
+from .hardware import Hardware
+
+# Where each plugin backend comes from (the core ships only ``torch``).
+PLUGIN_INSTALL = {
+    "vllm": "pip install -e plugins/lightq-vllm (pulls vllm)",
+    "sgl": "pip install -e plugins/lightq-sgl (pulls sglang-kernel)",
+    "torchao": "pip install -e plugins/lightq-torchao (pulls torchao)",
+    "deepgemm": "pip install -e plugins/lightq-deepgemm (pulls deep_gemm or vllm)",
+    "marlin": "pip install -e plugins/lightq-marlin (pulls vllm)",
+    "q8f": "pip install -e plugins/lightq-q8f (needs Q8-Kernels built for an Ada GPU)",
+}
+
+
+@dataclass
+class ComponentPlan:
+    component: str
+    mode: str
+    scheme: str
+    backend: str | None  # None: bf16 (scheme none) or cannot run
+    ok: bool
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def portable_mode(scheme: str) -> str:
+    return f"{scheme}-torch"
+
+
+def plan_component(component: str, quant, hw: Hardware) -> ComponentPlan:
+    """Resolve one component's mode. ``quant`` is a QuantConfig (or anything with name/scheme/backend)."""
+    if quant.scheme == "none":
+        return ComponentPlan(component, quant.name, "none", None, True, "bf16, not quantized")
+    spec, why = registry.choose(quant.scheme, quant.backend, hw)
+    if spec is not None:
+        return ComponentPlan(component, quant.name, quant.scheme, spec.name, True, why)
+    hint = ""
+    if quant.backend in PLUGIN_INSTALL and quant.backend not in registry.specs():
+        hint = f"; install: {PLUGIN_INSTALL[quant.backend]}"
+    alt = portable_mode(quant.scheme)
+    reason = f"{component}_quant={quant.name} cannot run here: {why}{hint}; portable alternative: {component}_quant={alt}"
+    return ComponentPlan(component, quant.name, quant.scheme, None, False, reason)
+
+
+def components_of(task: str) -> tuple[str, ...]:
+    return ("t5", "clip", "dit") if task == "i2v" else ("t5", "dit")
+
+
+def plan_run(cfg, hw: Hardware) -> dict[str, ComponentPlan]:
+    return {c: plan_component(c, cfg[f"{c}_quant"], hw) for c in components_of(cfg.model.task)}
+
+
+def first_problem(plans: dict[str, ComponentPlan]) -> str | None:
+    bad = [p.reason for p in plans.values() if not p.ok]
+    return " | ".join(bad) if bad else None

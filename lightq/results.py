@@ -1,0 +1,47 @@
+"""A job's record: ``result.json`` in its output folder, written atomically (temp file + rename).
+
+Fields: ``status`` (ok | skipped | failed | running), ``reason`` (one line), ``error`` (traceback of a failure),
+``choices`` (the config-group choices and overrides), ``hardware``, ``components`` (per component: mode, scheme,
+backend and why, quantized layer count, weight bytes), ``timings_s`` (load, encode_text, encode_image, denoise,
+denoise_per_step, decode, write, total), ``memory`` (peak host RSS and peak GPU allocation, bytes),
+``quality`` (against the bf16 baseline: psnr, ssim, latent_cosine, speedup), ``outputs`` (files written),
+``versions``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_result(folder: Path) -> dict | None:
+    try:
+        return json.loads((Path(folder) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def peak_host_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
