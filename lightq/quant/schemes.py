@@ -15,7 +15,7 @@ Schemes (``W`` is a float weight ``[N, K]`` = ``[out, in]``, ``x`` an activation
 
 Rounding is round-to-nearest-even everywhere (``torch.round`` for ints, the fp8 cast for fp8), never truncation.
 A zero row, block or group gets scale 1 (its quantized values are all 0, so it dequantizes to exactly 0).
-NaN or Inf weights are refused. Shapes the scheme cannot hold (int4 with K not a multiple of 128, odd K) are
+NaN or Inf weights are refused. Shapes the scheme cannot hold (int4 with K not a multiple of 128) are
 refused with the fix named; fp8-b128 takes partial edge blocks.
 
 int4 packing: value v in [-7, 7] is stored as the nibble v + 8 (GPTQ's uint4b8); byte j of a row holds element
@@ -24,6 +24,8 @@ int4 packing: value v in [-7, 7] is stored as the nibble v + 8 (GPTQ's uint4b8);
 Error bounds that follow from the formats (``deq`` = dequantized value, ``s`` its scale):
   fp8 e4m3: |w - deq| <= max(|w| * 2**-4, s * 2**-10)   (3 mantissa bits; subnormal spacing 2**-9)
   int8, int4: |w - deq| <= s / 2
+each plus the fp32 rounding of ``w / s`` and ``q * s`` (at most 2**-23 |w|). The scale is exactly ``amax / qmax``
+(fp32 division) unless that is 0, where it is 1.
 """
 
 from __future__ import annotations
@@ -101,8 +103,10 @@ def _check_finite(w: torch.Tensor, name: str) -> None:
 
 
 def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """amax / qmax, with 1 where amax == 0 (an all-zero row quantizes to zeros and dequantizes exactly)."""
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    """amax / qmax, with 1 where that is 0 (an all-zero row quantizes to zeros and dequantizes exactly; an amax
+    so small that amax / qmax underflows would otherwise divide by zero)."""
+    scale = amax / qmax
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def _to_fp8(v: torch.Tensor) -> torch.Tensor:
@@ -138,7 +142,7 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
 def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight") -> QuantizedWeight:
     """Quantize a float ``[N, K]`` weight (any float dtype, computed in fp32) into ``scheme``."""
     check_quantizable(scheme, tuple(w.shape), name)
-    w = w.detach().float()
+    w = w.detach().float().contiguous()
     _check_finite(w, name)
     n, k = w.shape
     if scheme in ("fp8", "int8"):
@@ -151,8 +155,6 @@ def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight") -> Quant
         q = _to_fp8(blocks / scale[:, None, :, None])
         data = q.reshape(blocks.shape[0] * BLOCK, blocks.shape[2] * BLOCK)[:n, :k].contiguous()
     else:  # int4-g128
-        if k % 2:
-            raise QuantizationError(f"{name}: int4 packing needs an even in_features, got {k}")
         groups = w.view(n, k // GROUP, GROUP)
         scale = _safe_scale(groups.abs().amax(dim=2), INT4_MAX)  # [N, K/128]
         q = _to_int(groups / scale[:, :, None], INT4_MAX).view(n, k)
@@ -193,9 +195,9 @@ def quantize_activation(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, tor
         m, k = x.shape
         g = -(-k // GROUP)
         xp = torch.nn.functional.pad(x, (0, g * GROUP - k)) if g * GROUP != k else x
-        groups = xp.view(m, g, GROUP)
+        groups = xp.reshape(m, g, GROUP)
         scale = _safe_scale(groups.abs().amax(dim=-1), FP8_MAX)  # [M, G]
-        q = _to_fp8(groups / scale[:, :, None]).view(m, g * GROUP)[:, :k].contiguous()
+        q = _to_fp8(groups / scale[:, :, None]).reshape(m, g * GROUP)[:, :k].contiguous()
         return q, scale
     raise QuantizationError(f"scheme '{scheme}' has no activation quantization (weight-only or unknown)")
 
