@@ -42,7 +42,7 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
         problem = plan.first_problem(plans)
         if problem:
             result.update(status="skipped", reason=problem)
-            log.warning("skipped: %s", problem)
+            log.info("skipped: %s", problem)
             return result
         from .pipeline.graph import run_pipeline  # torch and the models load only for a job that runs
 
@@ -76,7 +76,12 @@ def _task(cfg: DictConfig) -> int:
     out = Path(hc.runtime.output_dir)
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     choices["overrides"] = list(hc.overrides.task)
-    result = execute(cfg, out, choices)
+    previous = results.read_result(out) if cfg.resume else None
+    if previous and previous.get("status") == "ok":
+        log.info("resume: %s already succeeded, not run again", out)
+        result = previous
+    else:
+        result = execute(cfg, out, choices)
     if hc.mode == RunMode.MULTIRUN:
         from . import sweep
 

@@ -117,16 +117,12 @@ class LightqConfig:
     seed: int = 42
     save_frames: bool = False
     from_lightx2v: Optional[str] = None
+    resume: bool = False
 
 
 def register() -> None:
     """Put the schema into Hydra's ConfigStore (idempotent); ``conf/config.yaml`` names it first."""
-    cs = ConfigStore.instance()
-    cs.store(name="lightq_schema", node=LightqConfig)
-    for group, node in (("dit_quant", QuantConfig), ("t5_quant", QuantConfig), ("clip_quant", QuantConfig),
-                        ("model", ModelConfig), ("offload", OffloadConfig), ("hardware", HardwareConfig),
-                        ("sampler", SamplerConfig)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    ConfigStore.instance().store(name="lightq_schema", node=LightqConfig)
 
 
 def validate(cfg: Any) -> None:

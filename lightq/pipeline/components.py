@@ -1,0 +1,227 @@
+"""Building the pipeline's components from the config: where weights come from, how each component is loaded
+(with its planned quantization mode), inputs (noise, image, I2V conditioning), and whole-component offload.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LightqError
+from ..models.layouts import QUANTIZABLE
+from ..plan import ComponentPlan
+
+LATENT_CHANNELS = 16
+VAE_STRIDE = (4, 8, 8)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save into a temp file beside ``path``, then rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sampler_config(cfg):
+    """The sampler settings of a run: the sampler group's values, else the model's defaults."""
+    from .sampler import SamplerConfig
+
+    s, m = cfg.sampler, cfg.model
+    return SamplerConfig(
+        name=s.name,
+        steps=s.steps if s.steps is not None else m.steps,
+        shift=s.shift if s.shift is not None else m.shift,
+        guide_scale=s.guide_scale if s.guide_scale is not None else m.guide_scale,
+        denoising_steps=tuple(s.denoising_steps) if s.denoising_steps else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def model_folder(model_cfg) -> Path | None:
+    """The folder holding the model's files: the tiny synthetic one, a local folder, or a Hub snapshot.
+    ``None`` for ``weights=random``."""
+    w = model_cfg.weights
+    if w == "random":
+        return None
+    if w == "synthetic":
+        from ..models.tiny import TINY, ensure_tiny
+
+        if model_cfg.name not in TINY:
+            raise LightqError(f"model.weights=synthetic exists only for {', '.join(TINY)}; "
+                              "give a weights folder, a Hub repo id, or weights=random")
+        return ensure_tiny(model_cfg.name)
+    if Path(w).expanduser().is_dir():
+        return Path(w).expanduser()
+    from ..checkpoints.hub import resolve_model_folder
+
+    return resolve_model_folder(w)
+
+
+def _source(component: str, quant_cfg, folder: Path | None, scheme: str | None):
+    """The TensorSource of one component: its ``ckpt`` if given, else its file in the model folder."""
+    from ..checkpoints.hub import resolve_checkpoint
+    from ..checkpoints.io import open_source
+    from ..checkpoints.locate import find_component_file
+
+    if quant_cfg is not None and quant_cfg.ckpt:
+        return open_source(resolve_checkpoint(quant_cfg.ckpt))
+    if folder is None:
+        return "random"
+    return open_source(find_component_file(folder, component, scheme))
+
+
+def _load(component: str, build, cfg, plan: ComponentPlan | None, folder, device, dtype, progress,
+          ignore_prefixes=()) -> nn.Module:
+    from ..backends.registry import specs
+    from ..checkpoints.loader import load_component
+
+    quant_cfg = cfg[f"{component}_quant"] if component in ("dit", "t5", "clip") else None
+    scheme = plan.scheme if plan is not None and plan.scheme != "none" else None
+    backend = specs()[plan.backend].load() if scheme else None
+    source = _source(component, quant_cfg, folder, scheme)
+    model = load_component(build, source, include=QUANTIZABLE.get(component, ()),
+                           skip=tuple(quant_cfg.skip) if quant_cfg is not None else (), scheme=scheme,
+                           backend=backend, device=device, dtype=dtype, ignore_prefixes=ignore_prefixes,
+                           progress=progress, seed=cfg.seed)
+    return model.eval().requires_grad_(False)
+
+
+def load_t5(cfg, plan, folder, device, dtype, progress):
+    from ..models.t5 import T5_ARCHS, UMT5Encoder
+
+    arch = T5_ARCHS[cfg.model.t5_arch]
+    return _load("t5", lambda: UMT5Encoder(arch), cfg, plan, folder, device, dtype, progress)
+
+
+def load_clip(cfg, plan, folder, device, dtype, progress):
+    from ..models.clip import CLIP_ARCHS, IGNORED_PREFIXES, ClipVisual
+
+    arch = CLIP_ARCHS[cfg.model.clip_arch]
+    return _load("clip", lambda: ClipVisual(arch), cfg, plan, folder, device, dtype, progress, IGNORED_PREFIXES)
+
+
+def load_dit(cfg, plan, folder, device, dtype, progress):
+    from ..models.wan_dit import DIT_ARCHS, WanDiT
+
+    arch = DIT_ARCHS[cfg.model.dit_arch]
+    return _load("dit", lambda: WanDiT(arch), cfg, plan, folder, device, dtype, progress)
+
+
+def load_vae(cfg, folder, device):
+    from ..models.vae import VAE_ARCHS, WanVAE
+
+    arch = VAE_ARCHS[cfg.model.vae_arch]
+    return _load("vae", lambda: WanVAE(arch), cfg, None, folder, device, torch.float32, False)
+
+
+def load_tokenizer_for(model_cfg, folder: Path | None):
+    from ..models.t5 import T5_ARCHS
+    from ..models.tokenizer import BYTE_TOKENIZER, load_tokenizer
+
+    arch = T5_ARCHS[model_cfg.t5_arch]
+    where = model_cfg.tokenizer
+    if where != BYTE_TOKENIZER and folder is not None:
+        where = folder / model_cfg.tokenizer if (folder / model_cfg.tokenizer).exists() else folder
+    return load_tokenizer(where, arch.text_len, arch.vocab)
+
+
+def describe(module: nn.Module, plan: ComponentPlan | None) -> dict:
+    """Quantized layer count and weight bytes (parameters + quantized buffers) of a loaded component."""
+    from ..quant.linear import QLinear
+
+    qlinears = [m for m in module.modules() if isinstance(m, QLinear)]
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    nbytes += sum(b.numel() * b.element_size() for b in module.buffers())
+    return {"quantized_layers": len(qlinears), "weight_bytes": nbytes}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    return (LATENT_CHANNELS, (frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
+
+
+def initial_noise(seed: int, frames: int, height: int, width: int) -> torch.Tensor:
+    """Gaussian noise ``[1, 16, f, h, w]`` drawn on the CPU from ``seed``: the same on every device."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((1, *latent_shape(frames, height, width)), generator=g, dtype=torch.float32)
+
+
+def input_image(cfg, height: int, width: int) -> torch.Tensor:
+    """The I2V input image ``[3, H, W]`` in [-1, 1]: resized to cover (H, W), centre-cropped.
+
+    With synthetic weights and no ``image``, a deterministic colour gradient stands in.
+    """
+    if not cfg.image:
+        if cfg.model.weights not in ("synthetic", "random"):
+            raise LightqError("model.task=i2v needs an input image: pass image=<path to png/jpg>")
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+        return torch.stack((xx, yy, xx * yy))
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(cfg.image).convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise LightqError(f"image={cfg.image}: cannot read it as an image ({exc})") from exc
+    scale = max(height / img.height, width / img.width)
+    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    img = img.crop((left, top, left + width, top + height))
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return t.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def i2v_condition(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
+    """Wan I2V conditioning ``y`` ``[1, 20, f, h, w]``: a 4-channel first-frame mask + the VAE latents of
+    (image, then frames-1 black frames). The mask marks the first *pixel* frame, folded 4-to-1 in time like the
+    VAE folds frames: latent frame 0 covers one frame repeated 4 times, each later latent frame 4 frames."""
+    _, h, w = image.shape
+    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, h // 8, w // 8
+    mask = torch.zeros(1, frames, lat_h, lat_w, device=image.device)
+    mask[:, 0] = 1
+    mask = torch.cat([mask[:, :1].repeat(1, 4, 1, 1), mask[:, 1:]], dim=1)  # [1, 4 * lat_f, h, w]
+    mask = mask.view(lat_f, 4, lat_h, lat_w).transpose(0, 1)  # channel c of latent frame t: pixel frame 4t + c
+    video = torch.cat([image[:, None], image.new_zeros(3, frames - 1, h, w)], dim=1)
+    latents = vae.encode(video[None].float())[0]
+    return torch.cat([mask.to(latents), latents])[None]
+
+
+# ---------------------------------------------------------------------------------------------- offload
+
+
+class Offload:
+    """``offload=model``: components live on the CPU and move to the device only while they run.
+    ``none``: everything lives on the device. Block / phase streaming are separate (lightq.offload)."""
+
+    def __init__(self, offload_cfg, device: torch.device):
+        if offload_cfg.mode in ("block", "phase"):
+            raise LightqError(f"offload={offload_cfg.mode} is not available yet: use offload=model or none")
+        self.device = device
+        self.mode = offload_cfg.mode
+        self.home = torch.device("cpu") if offload_cfg.mode == "model" else device
+
+    @contextmanager
+    def active(self, module: nn.Module | None):
+        if module is not None and self.home != self.device:
+            module.to(self.device)
+        yield
+
+    def release(self, module: nn.Module | None) -> None:
+        if module is not None and self.home != self.device:
+            module.to(self.home)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()

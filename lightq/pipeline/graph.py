@@ -1,0 +1,181 @@
+"""The pipeline graph of one job: text encoder -> image encoder (I2V) -> DiT denoising loop -> VAE decode -> writer.
+
+``run_pipeline(cfg, hw, plans, out)`` loads every component with its planned mode, generates the video, writes
+``video.mp4`` and ``latents.pt`` into ``out``, measures each stage, and compares the result with the bf16 baseline
+of the same model, seed, prompt and sampler (``quality``). Returns the fields it adds to result.json.
+
+Stages and what flows between them (B = 1; CFG runs the DiT once more with the negative prompt):
+
+    prompt --tokenizer--> ids [1, L] --T5--> context [1, L, text_dim]
+    image  --CLIP--> clip_fea [1, 257, clip_dim];  image --VAE.encode--> y [1, 20, f, h, w]   (I2V only)
+    noise [1, 16, f, h, w] --sampler(DiT(x, t, context, clip_fea, y))--> latents --VAE.decode--> video [1, 3, F, H, W]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..hardware import Hardware
+from ..plan import ComponentPlan
+from . import components as C
+
+log = logging.getLogger("lightq")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Generated:
+    latents: torch.Tensor  # [16, f, h, w] fp32, on the CPU
+    video: torch.Tensor  # [F, 3, H, W] in [-1, 1], fp32, on the CPU
+    timings: dict
+    components: dict
+
+
+class StageTimer:
+    """Wall time per stage; synchronises CUDA so GPU work is attributed to the stage that launched it."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan]) -> Generated:
+    """Load, encode, denoise, decode. Everything but the outputs is freed on return."""
+        from .sampler import sample
+
+    device = torch.device("cuda" if hw.is_cuda else "cpu")
+    dtype = DTYPES[cfg.model.dtype]
+    timer = StageTimer(device)
+    offload = C.Offload(cfg.offload, device)
+    comps = {}
+    with timer("load"):
+        folder = C.model_folder(cfg.model)
+        tokenizer = C.load_tokenizer_for(cfg.model, folder)
+        t5 = C.load_t5(cfg, plans["t5"], folder, offload.home, dtype, _progress())
+        clip = C.load_clip(cfg, plans["clip"], folder, offload.home, dtype, _progress()) if "clip" in plans else None
+        dit = C.load_dit(cfg, plans["dit"], folder, offload.home, dtype, _progress())
+        vae = C.load_vae(cfg, folder, offload.home)
+    for name, module in (("t5", t5), ("clip", clip), ("dit", dit), ("vae", vae)):
+        if module is not None:
+            comps[name] = C.describe(module, plans.get(name))
+
+    scfg = C.sampler_config(cfg)
+    m = cfg.model
+    with timer("encode_text"), offload.active(t5):
+        ids, mask = tokenizer([cfg.prompt, cfg.negative_prompt or ""])
+        context = t5(ids.to(device), mask.to(device))
+        cond, uncond = context[:1], context[1:]
+    offload.release(t5)
+    clip_fea = y = None
+    if m.task == "i2v":
+        with timer("encode_image"):
+            image = C.input_image(cfg, m.height, m.width).to(device)
+            with offload.active(clip):
+                clip_fea = clip(image[None].to(dtype))
+            offload.release(clip)
+            with offload.active(vae):
+                y = C.i2v_condition(vae, image, m.frames)
+    noise = C.initial_noise(cfg.seed, m.frames, m.height, m.width).to(device)
+    extra = {"clip_fea": clip_fea, "y": y} if m.task == "i2v" else {}
+
+    def velocity(x, t, context):
+        return dit(x.to(dtype), t, context, **extra).float()
+
+    with timer("denoise"), offload.active(dit):
+        latents = sample(velocity, noise, scfg, cond, uncond if scfg.guide_scale != 1.0 else None, _progress())
+    offload.release(dit)
+    with timer("decode"), offload.active(vae):
+        video = vae.decode(latents.float())[0].transpose(0, 1)  # [F, 3, H, W]
+    timings = dict(timer.times)
+    timings["denoise_per_step"] = round(timings["denoise"] / scfg.steps, 4)
+    return Generated(latents[0].float().cpu(), video.float().clamp(-1, 1).cpu(), timings, comps)
+
+
+def _baseline_key(cfg, hw: Hardware) -> str:
+    from omegaconf import OmegaConf
+
+    
+    image = Path(cfg.image).read_bytes() if cfg.image else b""
+    desc = {"model": OmegaConf.to_container(cfg.model), "sampler": repr(C.sampler_config(cfg)), "seed": cfg.seed,
+            "prompt": cfg.prompt, "negative": cfg.negative_prompt, "image": hashlib.sha256(image).hexdigest(),
+            "device": hw.device}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _is_baseline(plans) -> bool:
+    return all(p.scheme == "none" for p in plans.values())
+
+
+def _baseline(cfg, hw, plans, gen: Generated) -> tuple[dict | None, str]:
+    """The bf16 run to compare with: cached by key; computed now when the policy allows."""
+    from ..paths import cache_dir
+    from ..plan import plan_run
+
+    path = cache_dir() / "baselines" / f"{_baseline_key(cfg, hw)}.pt"
+    if _is_baseline(plans):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        C.save_atomic({"latents": gen.latents, "video": gen.video, "timings": gen.timings}, path)
+        return None, "this run is the bf16 baseline"
+    if path.is_file():
+        return torch.load(path, weights_only=True), f"cached bf16 baseline {path.name}"
+    policy = cfg.quality.baseline
+    if policy == "never" or (policy == "auto" and cfg.model.weights != "synthetic"):
+        return None, "no bf16 baseline cached for this model/seed/prompt (run it, or set quality.baseline=always)"
+    from omegaconf import OmegaConf
+
+    base_cfg = OmegaConf.merge(cfg, {f"{c}_quant": {"name": "none", "scheme": "none"} for c in plans})
+    base = generate(base_cfg, hw, plan_run(base_cfg, hw))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"latents": base.latents, "video": base.video, "timings": base.timings}
+    C.save_atomic(data, path)
+    return data, "bf16 baseline computed in this job"
+
+
+def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path) -> dict:
+    from .quality import compare
+    from .video import write_frames, write_mp4
+
+    if hw.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    gen = generate(cfg, hw, plans)
+    memory = {"peak_gpu_bytes": torch.cuda.max_memory_allocated() if hw.is_cuda else 0}
+    t0 = time.perf_counter()
+    outputs = {"video": "video.mp4", "latents": "latents.pt"}
+    write_mp4(gen.video, out / "video.mp4", fps=cfg.model.fps)
+    C.save_atomic(gen.latents, out / "latents.pt")
+    if cfg.save_frames:
+        write_frames(gen.video, out / "frames")
+        outputs["frames"] = "frames/"
+    gen.timings["write"] = round(time.perf_counter() - t0, 4)
+    base, why = _baseline(cfg, hw, plans, gen)
+    quality = {"baseline": why}
+    if base is not None:
+        quality.update(compare(gen.video, base["video"], gen.latents, base["latents"]))
+        quality["speedup_denoise"] = round(base["timings"]["denoise"] / gen.timings["denoise"], 4)
+    components = {name: {**(plans[name].as_dict() if name in plans else {}), **desc}
+                  for name, desc in gen.components.items()}
+    return {"components": components, "timings_s": gen.timings, "memory": memory, "quality": quality,
+            "outputs": outputs, "frames": int(gen.video.shape[0])}

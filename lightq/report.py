@@ -1,0 +1,161 @@
+"""Sweep tables: ``results.jsonl``, ``results.csv``, ``results.md`` and ``results.svg`` from the jobs' result.json.
+
+``build(sweep_dir)`` scans every ``result.json`` below ``sweep_dir`` and rewrites the four files (each atomically),
+so the tables are whole after every job, whichever jobs failed. ``python -m lightq.report <dir>`` does the same
+by hand. Speedup is the bf16 job's denoising time over this job's, when the sweep holds a bf16 job of the same
+model (else the job's own comparison with its cached baseline).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .results import RESULT_FILE
+
+COLUMNS = [
+    "job", "status", "reason", "model",
+    "dit_mode", "dit_backend", "t5_mode", "t5_backend", "clip_mode", "clip_backend",
+    "load_s", "encode_s", "denoise_step_s", "decode_s", "total_s",
+    "peak_host_gib", "peak_gpu_gib", "dit_weight_mib", "t5_weight_mib", "clip_weight_mib",
+    "psnr_db", "ssim", "latent_cosine", "speedup",
+]
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def collect(sweep_dir: Path) -> list[tuple[str, dict]]:
+    """(job folder relative to the sweep, result) for every job, in folder order."""
+    rows = []
+    for f in sorted(Path(sweep_dir).rglob(RESULT_FILE)):
+        try:
+            rows.append((str(f.parent.relative_to(sweep_dir)) or ".", json.loads(f.read_text())))
+        except (OSError, ValueError):
+            continue  # a result being replaced right now; the next rebuild sees it
+    return rows
+
+
+def _gib(n) -> float | None:
+    return round(n / 2**30, 3) if n else None
+
+
+def _mib(n) -> float | None:
+    return round(n / 2**20, 3) if n else None
+
+
+def _is_baseline(res: dict) -> bool:
+    comps = res.get("components") or {}
+    return bool(comps) and all(c.get("scheme") == "none" for c in comps.values())
+
+
+def row(job: str, res: dict, base_denoise: dict[str, float]) -> dict:
+    comps, t = res.get("components") or {}, res.get("timings_s") or {}
+    mem, q = res.get("memory") or {}, res.get("quality") or {}
+    model = (res.get("choices") or {}).get("model", "")
+    r = {"job": job, "status": res.get("status"), "reason": res.get("reason", ""), "model": model}
+    for c in ("dit", "t5", "clip"):
+        comp = comps.get(c) or {}
+        r[f"{c}_mode"], r[f"{c}_backend"] = comp.get("mode", ""), comp.get("backend") or ""
+        r[f"{c}_weight_mib"] = _mib(comp.get("weight_bytes"))
+    r.update(load_s=t.get("load"), encode_s=round(t.get("encode_text", 0) + t.get("encode_image", 0), 4) if t else None,
+             denoise_step_s=t.get("denoise_per_step"), decode_s=t.get("decode"), total_s=t.get("total"),
+             peak_host_gib=_gib(mem.get("peak_host_bytes")), peak_gpu_gib=_gib(mem.get("peak_gpu_bytes")))
+    if _is_baseline(res) and res.get("status") == "ok":
+        r.update(psnr_db="baseline", ssim="baseline", latent_cosine="baseline", speedup=1.0)
+    else:
+        r.update(psnr_db=q.get("psnr_db"), ssim=q.get("ssim"), latent_cosine=q.get("latent_cosine"))
+        base = base_denoise.get(model)
+        if base and t.get("denoise"):
+            r["speedup"] = round(base / t["denoise"], 3)
+        else:
+            r["speedup"] = q.get("speedup_denoise")
+    return r
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.4g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _svg(rows: list[dict]) -> str:
+    """Speedup (x) against PSNR (y) per job, bubble area ~ peak memory: a dependency-free scatter plot."""
+    pts = [(r["speedup"], r["psnr_db"], r["peak_gpu_gib"] or r["peak_host_gib"] or 1, r["job"]) for r in rows
+           if isinstance(r.get("speedup"), (int, float)) and isinstance(r.get("psnr_db"), (int, float))
+           and math.isfinite(r["psnr_db"])]
+    w, h, pad = 640, 420, 60
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - 20}" y2="{h - pad}" stroke="black"/>',
+           f'<line x1="{pad}" y1="20" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+           f'<text x="{w / 2}" y="{h - 20}" text-anchor="middle">speedup of denoising vs bf16 (x)</text>',
+           f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">PSNR vs bf16 (dB)</text>']
+    if pts:
+        xs, ys, ms = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        x0, x1 = min(xs + [1.0]) * 0.95, max(xs + [1.0]) * 1.05
+        y0, y1 = min(ys) - 1, max(ys) + 1
+        mmax = max(ms)
+        for x, y, m, label in pts:
+            px = pad + (x - x0) / (x1 - x0) * (w - pad - 20)
+            py = (h - pad) - (y - y0) / (y1 - y0) * (h - pad - 20)
+            rad = 4 + 12 * math.sqrt(m / mmax)
+            out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{rad:.1f}" fill="steelblue" fill-opacity="0.5"/>')
+            out.append(f'<text x="{px + rad + 2:.1f}" y="{py + 4:.1f}">{_fmt(label)}</text>')
+        for v in (x0, (x0 + x1) / 2, x1):
+            px = pad + (v - x0) / (x1 - x0) * (w - pad - 20)
+            out.append(f'<text x="{px:.1f}" y="{h - pad + 15}" text-anchor="middle">{v:.2f}</text>')
+        for v in (y0, (y0 + y1) / 2, y1):
+            py = (h - pad) - (v - y0) / (y1 - y0) * (h - pad - 20)
+            out.append(f'<text x="{pad - 5}" y="{py + 4:.1f}" text-anchor="end">{v:.1f}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def build(sweep_dir: Path) -> list[dict]:
+    """Rebuild results.jsonl / .csv / .md / .svg in ``sweep_dir``; returns the rows."""
+    sweep_dir = Path(sweep_dir)
+    jobs = collect(sweep_dir)
+    base_denoise = {}
+    for _, res in jobs:
+        if _is_baseline(res) and res.get("status") == "ok":
+            base_denoise[(res.get("choices") or {}).get("model", "")] = (res.get("timings_s") or {}).get("denoise")
+    rows = [row(job, res, base_denoise) for job, res in jobs]
+    _write_text_atomic(sweep_dir / "results.jsonl", "".join(json.dumps({"job": j, **r}, default=str) + "\n"
+                                                            for j, r in jobs))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text_atomic(sweep_dir / "results.csv", buf.getvalue())
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    _write_text_atomic(sweep_dir / "results.md", "\n".join(md) + "\n")
+    _write_text_atomic(sweep_dir / "results.svg", _svg(rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m lightq.report <sweep folder>", file=sys.stderr)
+        return 2
+    rows = build(Path(argv[0]))
+    print((Path(argv[0]) / "results.md").read_text(), end="")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
