@@ -1,19 +1,28 @@
 """The built-in ``torch`` backend: every scheme, on CPU and CUDA, with nothing but torch.
 
 It is the reference every plugin is checked against, and the portable fallback (modes ``*-torch``).
+``x`` may have any leading shape (``[K]``, ``[M, K]``, ``[B, L, K]``); the output keeps it, in ``x.dtype``.
 
-- fp8:       ``torch._scaled_mm`` with row-wise scales (x: per token, W: per channel), bias added after.
-             Where ``_scaled_mm`` is missing (CUDA below sm89) the product is emulated exactly in fp32.
-- int8:      ``torch._int_mm`` (exact int32 accumulation) then both scales; M is padded to 17+ rows on CUDA
-             where ``_int_mm`` needs M > 16.
-- fp8-b128:  emulated: activation groups and weight blocks dequantized to fp32, then one fp32 matmul.
-- int4-g128: weight-only: the weight is dequantized to the activation dtype, then a plain matmul.
+- fp8:       ``torch._scaled_mm`` with row-wise scales (x: per token, W: per channel); its output is bf16, so the
+             result carries one bf16 rounding whatever ``x.dtype`` is. Where ``_scaled_mm`` cannot run (K or N not
+             a multiple of 16, CUDA below sm89) the product is emulated: fp8 x fp8 products are exact in fp32
+             (and in TF32), accumulated in fp32, then scaled.
+- int8:      ``torch._int_mm`` (exact int32 accumulation) then both scales; M is padded to 17 rows on CUDA, where
+             ``_int_mm`` needs M > 16. Where it cannot run (CUDA, K or N not a multiple of 8) the integer sum is
+             computed exactly in float64 (|sum| <= 127**2 K < 2**53) and converted exactly as ``_int_mm``'s would be.
+- fp8-b128:  emulated the way block-scaled kernels compute: for each 128-wide group g along K, the exact fp8 partial
+             product ``xq_g @ wq_g^T`` is scaled by ``sx[:, g] * sw[n // 128, g]`` and accumulated in fp32.
+- int4-g128: weight-only: the weight is dequantized to the activation dtype, then one ``linear`` (bias fused).
+
+Bias is added in fp32 (rounded once with the output) except on the ``_scaled_mm`` and int4 paths, whose output
+is already in 16 bits.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..errors import QuantizationError
 from ..quant import schemes as S
 from .base import Backend
 from .spec import BackendSpec
@@ -38,6 +47,11 @@ def _int_mm_ok(device: torch.device, n: int, k: int) -> bool:
     return device.type == "cpu" or not (n % 8 or k % 8)
 
 
+def _in_features(packed: dict[str, torch.Tensor], scheme: str) -> int:
+    data = packed["data"]
+    return data.shape[1] * 2 if scheme == "int4-g128" else data.shape[1]
+
+
 class TorchBackend(Backend):
     def version(self) -> str:
         return torch.__version__
@@ -47,23 +61,24 @@ class TorchBackend(Backend):
         return {"data": qw.data, "scale": qw.scale}
 
     def apply(self, x, packed, scheme, bias):
+        if scheme not in S.SCHEMES:
+            raise QuantizationError(f"torch backend: unknown scheme '{scheme}': choose one of {', '.join(S.SCHEMES)}")
         lead, k = x.shape[:-1], x.shape[-1]
+        if k != _in_features(packed, scheme):
+            raise QuantizationError(f"torch backend: input has {k} features but the {scheme} weight expects "
+                                    f"{_in_features(packed, scheme)}; check the layer's input shape")
         x2 = x.reshape(-1, k)
         w, sw = packed["data"], packed["scale"]
+        if scheme == "int4-g128":
+            wd = S.dequantize_weight(S.QuantizedWeight(scheme, w, sw, w.shape[0], k), x.dtype)
+            y = torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x.dtype))
+            return y.reshape(*lead, -1)
         if scheme == "fp8":
             y = self._fp8(x2, w, sw)
         elif scheme == "int8":
             y = self._int8(x2, w, sw)
-        elif scheme == "fp8-b128":
-            xq, sx = S.quantize_activation(x2, "fp8-b128")
-            xd = S.dequantize_activation(xq, sx, "fp8-b128")
-            wd = S.dequantize_weight(S.QuantizedWeight(scheme, w, sw, w.shape[0], k))
-            y = xd @ wd.t()
-        elif scheme == "int4-g128":
-            wd = S.dequantize_weight(S.QuantizedWeight(scheme, w, sw, w.shape[0], k), x.dtype)
-            y = x2 @ wd.t()
         else:
-            raise ValueError(f"torch backend: unknown scheme {scheme}")
+            y = self._fp8_b128(x2, w, sw)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, -1)
@@ -78,10 +93,22 @@ class TorchBackend(Backend):
     @staticmethod
     def _int8(x2, w, sw):
         xq, sx = S.quantize_activation(x2, "int8")
-        if not _int_mm_ok(x2.device, w.shape[0], w.shape[1]):  # exact: |sum| < 2**53 in float64
-            return (xq.double() @ w.double().t()).float() * sx * sw.t()
+        if not _int_mm_ok(x2.device, w.shape[0], w.shape[1]):
+            return (xq.double() @ w.double().t()).to(torch.int32).float() * sx * sw.t()
         m = xq.shape[0]
         if xq.is_cuda and m <= 16:
             xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - m))
         acc = torch._int_mm(xq, w.t())[:m]
         return acc.float() * sx * sw.t()
+
+    @staticmethod
+    def _fp8_b128(x2, w, sw):
+        xq, sx = S.quantize_activation(x2, "fp8-b128")  # [M, K] fp8, [M, G]
+        n, k = w.shape
+        sw_rows = sw.repeat_interleave(S.BLOCK, 0)[:n]  # [N, G]: row n's scale for each K block
+        y = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x2.device)
+        for g in range(sx.shape[1]):
+            cols = slice(g * S.GROUP, min((g + 1) * S.GROUP, k))
+            partial = xq[:, cols].float() @ w[:, cols].float().t()  # fp8 products, exact
+            y += partial * sx[:, g:g + 1] * sw_rows[:, g][None, :]
+        return y
