@@ -1,0 +1,257 @@
+"""Wan2.1 flow-matching sampling: schedule, solver step, classifier-free guidance, loop.
+
+Flow matching: ``x_sigma = (1 - sigma) * x0 + sigma * noise``; the model predicts the velocity
+``v = noise - x0``, so ``x0 = x - sigma * v``. Sampling integrates from sigma ~ 1 (noise) to sigma = 0.
+
+Schedule (Wan's, ``num_train_timesteps = 1000``): base sigmas ``s`` evenly spaced, then shifted
+``s' = shift * s / (1 + (shift - 1) * s)``; the model sees ``t = s' * 1000``. The sigma list ends with 0.
+
+- ``unipc``  (official default): ``s`` = linspace(1 - 1/1000, 0, steps + 1)[:-1], ``t`` truncated to integers;
+             multistep UniPC, B(h) = e^h - 1 ("bh2"), order 2 with a first-order warm-up and last step, in the
+             x0 (data) parametrisation, predictor and corrector, as Wan's ``FlowUniPCMultistepScheduler``.
+- ``dpm++``: ``s`` = linspace(1, 0, steps + 1)[:-1], ``t`` truncated to integers; multistep DPM-Solver++(2M),
+             midpoint form, first order at the first and last steps, as Wan's ``FlowDPMSolverMultistepScheduler``.
+- ``euler``: the ``dpm++`` schedule with float timesteps; ``x += (s_next - s) * v``.
+- ``distill``: LightX2V's step-distilled schedule: fp32 sigmas linspace(1, 0, 1001)[:-1] shifted, one step per
+             entry ``k`` of ``denoising_steps`` (default 1000, 750, 500, 250) at index ``1000 - k``; each step
+             predicts x0 and re-noises it to the next sigma with fresh Gaussian noise. No CFG.
+
+All solvers work in the lambda = log((1 - s) / s) time of the data-prediction ODE (lambda = +inf at s = 0).
+CFG: ``v = v_uncond + guide_scale * (v_cond - v_uncond)``; one model pass only when ``guide_scale == 1``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import LightqError
+
+NUM_TRAIN_TIMESTEPS = 1000
+SOLVERS = ("unipc", "dpm++", "euler", "distill")
+DISTILL_STEPS = (1000, 750, 500, 250)
+# Wan's UniPC starts from the largest sigma of its 1000-step training grid, 1 - 1/1000, held in fp32.
+UNIPC_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]  # (x, t [B], conditioning) -> velocity
+
+
+@dataclass
+class SamplerConfig:
+    """Solver ``name`` (one of SOLVERS), ``steps``, schedule ``shift``, CFG ``guide_scale`` and, for ``distill``,
+    the fixed ``denoising_steps`` (timesteps on the 1000-step grid, decreasing; default 1000, 750, 500, 250)."""
+
+    name: str = "unipc"
+    steps: int = 50
+    shift: float = 5.0
+    guide_scale: float = 5.0
+    denoising_steps: tuple | None = None
+
+
+class Schedule(NamedTuple):
+    sigmas: torch.Tensor     # fp32 [N + 1], decreasing, last = 0
+    timesteps: torch.Tensor  # fp32 [N], what the model is given (0..1000)
+
+
+def _check(cfg: SamplerConfig) -> None:
+    if cfg.name not in SOLVERS:
+        raise LightqError(f"unknown sampler '{cfg.name}': choose one of {', '.join(SOLVERS)}")
+    if cfg.shift <= 0:
+        raise LightqError(f"sampler shift must be > 0, got {cfg.shift}")
+    if cfg.guide_scale < 0:
+        raise LightqError(f"guide_scale must be >= 0, got {cfg.guide_scale}")
+    if cfg.name != "distill":
+        if cfg.denoising_steps is not None:
+            raise LightqError(f"denoising_steps only applies to the 'distill' sampler, not '{cfg.name}'; "
+                              "use steps instead")
+        if int(cfg.steps) != cfg.steps or cfg.steps < 1:
+            raise LightqError(f"sampler steps must be a positive integer, got {cfg.steps}")
+        return
+    steps = tuple(cfg.denoising_steps or DISTILL_STEPS)
+    if not steps or any(int(k) != k or not 1 <= k <= NUM_TRAIN_TIMESTEPS for k in steps) \
+            or any(a <= b for a, b in zip(steps, steps[1:])):
+        raise LightqError(f"denoising_steps must be decreasing integers in 1..{NUM_TRAIN_TIMESTEPS}, got {steps}")
+
+
+def shift_sigmas(sigmas, shift: float):
+    """Wan's timestep shift ``shift * s / (1 + (shift - 1) * s)`` (numpy arrays or tensors)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def timesteps(cfg: SamplerConfig) -> Schedule:
+    """The (sigmas, timesteps) of a run; see the module doc for each solver's grid."""
+    _check(cfg)
+    if cfg.name == "distill":
+        grid = shift_sigmas(torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float32)[:-1], cfg.shift)  # fp32, as LightX2V
+        picked = grid[[NUM_TRAIN_TIMESTEPS - int(k) for k in (cfg.denoising_steps or DISTILL_STEPS)]]
+        return Schedule(torch.cat([picked, picked.new_zeros(1)]), picked * NUM_TRAIN_TIMESTEPS)
+    start = UNIPC_SIGMA_MAX if cfg.name == "unipc" else 1.0
+    sigmas = shift_sigmas(np.linspace(start, 0.0, int(cfg.steps) + 1)[:-1], cfg.shift)  # float64
+    t = sigmas * NUM_TRAIN_TIMESTEPS
+    if cfg.name != "euler":
+        t = t.astype(np.int64)  # Wan's schedulers hand the model integer timesteps
+    return Schedule(torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32)),
+                    torch.from_numpy(np.asarray(t, dtype=np.float32)))
+
+
+# --- solvers: step(i, x, v) -> x at sigmas[i + 1] -----------------------------------------------------------------
+
+def _lam(sigma: float) -> float:
+    """log-SNR time ``log((1 - s) / s)``; +inf at s = 0, -inf at s = 1."""
+    if sigma <= 0.0:
+        return math.inf
+    if sigma >= 1.0:
+        return -math.inf
+    return math.log((1.0 - sigma) / sigma)
+
+
+class _Solver:
+    def __init__(self, sigmas: torch.Tensor, generator: torch.Generator | None = None):
+        self.sigmas = [float(s) for s in sigmas]
+        self.num_steps = len(self.sigmas) - 1
+        self.generator = generator
+
+    def x0(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return x - self.sigmas[i] * v
+
+    def step(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Euler(_Solver):
+    def step(self, i, x, v):
+        return x + (self.sigmas[i + 1] - self.sigmas[i]) * v
+
+
+class Distill(_Solver):
+    """Predict x0, then (except at the last step) re-noise it to the next sigma with fresh noise."""
+
+    def step(self, i, x, v):
+        x0 = self.x0(i, x, v)
+        if i == self.num_steps - 1:
+            return x0
+        s_next = self.sigmas[i + 1]
+        noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=self.generator)
+        return (1.0 - s_next) * x0 + s_next * noise
+
+
+class DPMSolverPP(_Solver):
+    """DPM-Solver++(2M), midpoint: ``x_t = (s_t/s_0) x - a_t (e^-h - 1) (m0 + (m0 - m1) / (2 r))``."""
+
+    def __init__(self, sigmas, generator=None):
+        super().__init__(sigmas, generator)
+        self.prev_x0 = None
+
+    def step(self, i, x, v):
+        m0 = self.x0(i, x, v)
+        s0, s_t = self.sigmas[i], self.sigmas[i + 1]
+        h = _lam(s_t) - _lam(s0)
+        x_t = (s_t / s0) * x - (1.0 - s_t) * math.expm1(-h) * m0
+        if self.prev_x0 is not None and i < self.num_steps - 1:
+            r = (_lam(s0) - _lam(self.sigmas[i - 1])) / h
+            x_t = x_t - (1.0 - s_t) * math.expm1(-h) * (0.5 / r) * (m0 - self.prev_x0)
+        self.prev_x0 = m0
+        return x_t
+
+
+class UniPC(_Solver):
+    """UniPC-bh2, order 2, data prediction: a corrector (UniC) refines the previous step with the new model
+    output, then a predictor (UniP) takes the next step. Order 1 at the first step (warm-up) and the last."""
+
+    def __init__(self, sigmas, generator=None):
+        super().__init__(sigmas, generator)
+        self.history: list[torch.Tensor] = []  # x0 predictions, newest last
+        self.last_sample = None
+        self.last_order = 1
+
+    def _coeffs(self, s_prev: float, s0: float, s_t: float | None) -> tuple[float, float, float, float]:
+        """For a step s0 -> s_t: (h, phi1 = e^-h - 1, B = phi1, r = (lam(s_prev) - lam(s0)) / h)."""
+        h = _lam(s_t) - _lam(s0)
+        phi1 = math.expm1(-h)
+        r = (_lam(s_prev) - _lam(s0)) / h if s_prev is not None else math.nan
+        return h, phi1, phi1, r
+
+    def _base(self, x, m0, s0, s_t, phi1):
+        return (s_t / s0) * x - (1.0 - s_t) * phi1 * m0
+
+    def _correct(self, i: int, x: torch.Tensor, m_t: torch.Tensor) -> torch.Tensor:
+        """UniC: redo the step sigmas[i-1] -> sigmas[i] from ``last_sample`` using the model output at i."""
+        order, m0 = self.last_order, self.history[-1]
+        s_prev = self.sigmas[i - 2] if order == 2 else None
+        s0, s_t = self.sigmas[i - 1], self.sigmas[i]
+        h, phi1, b_h, r = self._coeffs(s_prev, s0, s_t)
+        x_t = self._base(self.last_sample, m0, s0, s_t, phi1)
+        if order == 1:
+            return x_t - (1.0 - s_t) * b_h * 0.5 * (m_t - m0)
+        hh = -h
+        g1 = phi1 / hh - 1.0                 # h*phi_2 / h, as in the UniPC recursion
+        g2 = g1 / hh - 0.5                   # h*phi_3 / h
+        b = torch.tensor([g1 / b_h, 2.0 * g2 / b_h], dtype=torch.float64)
+        rhos = torch.linalg.solve(torch.tensor([[1.0, 1.0], [r, 1.0]], dtype=torch.float64), b).tolist()
+        d1 = (self.history[-2] - m0) / r
+        return x_t - (1.0 - s_t) * b_h * (rhos[0] * d1 + rhos[1] * (m_t - m0))
+
+    def step(self, i, x, v):
+        m = self.x0(i, x, v)
+        if i > 0:
+            x = self._correct(i, x, m)
+        self.history = (self.history + [m])[-2:]
+        order = min(2, self.num_steps - i, i + 1)
+        self.last_sample, self.last_order = x, order
+        s0, s_t = self.sigmas[i], self.sigmas[i + 1]
+        s_prev = self.sigmas[i - 1] if order == 2 else None
+        _, phi1, b_h, r = self._coeffs(s_prev, s0, s_t)
+        x_t = self._base(x, m, s0, s_t, phi1)
+        if order == 2:
+            x_t = x_t - (1.0 - s_t) * b_h * 0.5 * (self.history[-2] - m) / r
+        return x_t
+
+
+_SOLVER_CLASSES = {"unipc": UniPC, "dpm++": DPMSolverPP, "euler": Euler, "distill": Distill}
+
+
+# --- guidance and the loop ----------------------------------------------------------------------------------------
+
+def guide_scale_of(cfg: SamplerConfig) -> float:
+    """The CFG scale actually used: step-distilled models run without CFG."""
+    return 1.0 if cfg.name == "distill" else float(cfg.guide_scale)
+
+
+def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
+                    guide_scale: float) -> torch.Tensor:
+    v_cond = model_fn(x, t, cond).float()
+    if guide_scale == 1.0:
+        return v_cond
+    v_uncond = model_fn(x, t, uncond).float()
+    return v_uncond + guide_scale * (v_cond - v_uncond)
+
+
+def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any, uncond: Any = None,
+           progress: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Denoise ``noise`` ``[B, C, F, H, W]`` into fp32 latents.
+
+    ``model_fn(x, t, c)`` returns the velocity for ``x`` at timesteps ``t`` ``[B]`` (fp32) with conditioning
+    ``c``, which is ``cond`` or ``uncond`` passed through untouched (a tensor, a dict of keyword arguments, ...).
+    ``uncond`` is needed only when CFG is on. ``generator`` draws the
+    re-noising of the ``distill`` sampler (torch's global RNG when None). The progress bar shows only on a terminal.
+    """
+    _check(cfg)
+    scale = guide_scale_of(cfg)
+    if scale != 1.0 and uncond is None:
+        raise LightqError(f"guide_scale {scale} needs the unconditional (negative prompt) inputs; "
+                          "pass uncond or set guide_scale=1")
+    sched = timesteps(cfg)
+    solver = _SOLVER_CLASSES[cfg.name](sched.sigmas, generator)
+    x = noise.float()
+    show = progress and sys.stderr.isatty()
+    for i, t in enumerate(tqdm(sched.timesteps.tolist(), desc=f"denoise ({cfg.name})", disable=not show)):
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+        v = guided_velocity(model_fn, x, t_batch, cond, uncond, scale)
+        x = solver.step(i, x, v)
+    return x
