@@ -144,5 +144,3 @@ def validate(cfg: Any) -> None:
         raise LightqError(f"model.frames={m.frames}: Wan needs 4k+1 frames (e.g. 81, 33, 9)")
     if m.height % 16 or m.width % 16:
         raise LightqError(f"model.height/width={m.height}x{m.width}: both must be multiples of 16")
-    if m.task == "i2v" and not cfg.image and m.weights != "synthetic" and m.weights != "random":
-        raise LightqError("model.task=i2v needs an input image: pass image=<path to png/jpg>")

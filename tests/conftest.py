@@ -1,0 +1,34 @@
+"""Shared test set-up: a private lightq cache per test session, so tiny checkpoints and baselines are fresh."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _lightq_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("lightq-cache")
+    old = os.environ.get("LIGHTQ_CACHE")
+    os.environ["LIGHTQ_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("LIGHTQ_CACHE", None)
+    else:
+        os.environ["LIGHTQ_CACHE"] = old
+
+
+@pytest.fixture
+def run_lightq(tmp_path):
+    """Run ``python -m lightq <args>`` in a subprocess from a temp working dir; returns CompletedProcess."""
+    import subprocess
+
+    def run(*args, cwd=None, env=None, timeout=300):
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([sys.executable, "-m", "lightq", *args], cwd=cwd or tmp_path, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

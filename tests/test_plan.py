@@ -1,0 +1,113 @@
+"""The plan (mode -> backend, or why not) for every combination of the quant groups on fake devices."""
+
+import importlib.util
+from itertools import product
+
+import pytest
+from omegaconf import OmegaConf
+
+from lightq import plan
+from lightq.backends import registry
+from lightq.hardware import PROFILES
+from lightq.paths import conf_dir
+
+PLUGIN_LIBS = {"vllm", "sgl_kernel", "torchao", "deep_gemm", "q8_kernels"}
+
+
+def load_options(group):
+    return {p.stem: OmegaConf.load(p) for p in sorted((conf_dir() / group).glob("*.yaml"))}
+
+
+DIT, T5, CLIP = load_options("dit_quant"), load_options("t5_quant"), load_options("clip_quant")
+
+
+@pytest.fixture
+def libraries_present(monkeypatch):
+    """Pretend the kernel libraries are installed (find_spec only; nothing is imported by planning)."""
+    real = importlib.util.find_spec
+
+    def fake(name, *args, **kwargs):
+        if name.split(".")[0] in PLUGIN_LIBS:
+            return importlib.machinery.ModuleSpec(name, None)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+
+
+def test_all_backends_are_registered():
+    assert {"torch", "vllm", "sgl", "torchao", "deepgemm", "marlin", "q8f"} <= set(registry.specs())
+
+
+def _expected(mode, hw, libs: bool):
+    """What the plan must say, from the backend's own declaration; returns (ok, backend)."""
+    if mode.scheme == "none":
+        return True, None
+    if mode.backend == "auto":
+        return True, None  # checked separately: some backend is picked, torch at worst
+    spec = registry.specs()[mode.backend]
+    cap = spec.schemes[mode.scheme]
+    if mode.backend == "torch":
+        return True, "torch"
+    if not libs or not hw.is_cuda or cap is None and not hw.is_cuda:
+        return False, None
+    if hw.capability < cap or (spec.max_capability is not None and hw.capability > spec.max_capability):
+        return False, None
+    return True, mode.backend
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+@pytest.mark.parametrize("libs", [False, True])
+def test_every_combination_on_every_profile(profile, libs, request):
+    if libs:
+        request.getfixturevalue("libraries_present")
+    hw = PROFILES[profile]
+    count = 0
+    for (dn, d), (tn, t), (cn, c) in product(DIT.items(), T5.items(), CLIP.items()):
+        cfg = OmegaConf.create({"model": {"task": "i2v"}, "dit_quant": d, "t5_quant": t, "clip_quant": c})
+        plans = plan.plan_run(cfg, hw)
+        assert set(plans) == {"t5", "clip", "dit"}
+        for comp, mode in (("dit", d), ("t5", t), ("clip", c)):
+            p = plans[comp]
+            ok, backend = _expected(mode, hw, libs)
+            assert p.ok == ok, (profile, libs, comp, mode.name, p.reason)
+            if ok and backend:
+                assert p.backend == backend
+            if mode.backend == "auto" and mode.scheme != "none":
+                assert p.backend in registry.specs() and mode.scheme in registry.specs()[p.backend].schemes
+            if not ok:
+                # one line naming the mode, the reason and the portable alternative
+                assert f"{comp}_quant={mode.name}" in p.reason and "\n" not in p.reason
+                assert f"{comp}_quant={mode.scheme}-torch" in p.reason
+        count += 1
+    assert count == len(DIT) * len(T5) * len(CLIP)
+    plans = plan.plan_run(OmegaConf.create({"model": {"task": "t2v"}, "dit_quant": DIT["none"],
+                                            "t5_quant": T5["none"], "clip_quant": CLIP["none"]}), hw)
+    assert set(plans) == {"t5", "dit"}, "CLIP exists only for I2V"
+
+
+def test_pinned_hardware_facts(libraries_present):
+    """Facts of the kernels themselves, independent of how the specs are written."""
+    def p(mode, prof):
+        return plan.plan_component("dit", DIT[mode], PROFILES[prof])
+
+    assert not p("fp8-vllm", "sm80").ok, "fp8 tensor cores start at Ada (sm89)"
+    assert p("fp8-vllm", "sm89").ok and p("fp8-vllm", "sm90").ok
+    assert p("int8-vllm", "sm80").ok
+    assert not p("fp8-b128-deepgemm", "sm89").ok and p("fp8-b128-deepgemm", "sm90").ok
+    assert p("int4-g128-marlin", "sm80").ok
+    assert p("fp8-q8f", "sm89").ok and not p("fp8-q8f", "sm90").ok, "Q8-Kernels are built for Ada only"
+    for mode in ("fp8-torch", "int8-torch", "int4-g128-torch", "fp8-b128-torch"):
+        for prof in PROFILES:
+            assert p(mode, prof).ok and p(mode, prof).backend == "torch"
+
+
+def test_auto_prefers_measured_fastest(libraries_present):
+    assert plan.plan_component("dit", DIT["fp8-auto"], PROFILES["sm90"]).backend == registry.PREFERENCE["fp8"][0]
+    assert plan.plan_component("dit", DIT["fp8-b128-auto"], PROFILES["sm90"]).backend == "deepgemm"
+    cpu = plan.plan_component("dit", DIT["fp8-auto"], PROFILES["cpu"])
+    assert cpu.backend == "torch" and "vllm" in cpu.reason, "auto explains every rejection"
+
+
+def test_missing_libraries_name_the_install_command():
+    p = plan.plan_component("dit", DIT["fp8-sgl"], PROFILES["sm90"])
+    assert not p.ok and "install" in p.reason and "sgl" in p.reason
