@@ -2,6 +2,7 @@
 loading, fp8 swap; the byte tokenizer of the tiny model and the umT5 path through transformers."""
 
 import importlib.util
+import json
 import math
 import os
 
@@ -343,23 +344,51 @@ def test_missing_tokenizer_dependencies_name_the_extra(tmp_path):
         load_tokenizer(tmp_path, 512)
 
 
-def _local_umt5_tokenizer() -> str | None:
-    """A local umT5 tokenizer: $LIGHTQ_UMT5_TOKENIZER (a Wan model folder or tokenizer folder), else the HF cache."""
-    if os.environ.get("LIGHTQ_UMT5_TOKENIZER"):
-        return os.environ["LIGHTQ_UMT5_TOKENIZER"]
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        found = try_to_load_from_cache("google/umt5-xxl", "tokenizer_config.json")
-    except Exception:
-        return None
-    return os.path.dirname(found) if isinstance(found, str) else None
+NEEDS_TRANSFORMERS = pytest.mark.skipif(not HAS_TRANSFORMERS,
+                                        reason="needs transformers, sentencepiece and ftfy (pip install lightq[tokenizer])")
+TOY_WORDS = ("a", "cat", "walks", "&", "runs", "x")
 
 
-@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers, sentencepiece and ftfy (lightq[tokenizer])")
+def write_toy_umt5_tokenizer(folder) -> dict[str, int]:
+    """A T5-format tokenizer (unigram pieces, '</s>' appended) in Wan's ``google/umt5-xxl`` subfolder; its vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in TOY_WORDS]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS_ID)])
+    target = folder / "google" / "umt5-xxl"
+    target.mkdir(parents=True)
+    tok.save(str(target / "tokenizer.json"))
+    config = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+              "extra_ids": 0, "additional_special_tokens": []}
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return {w: i for i, (w, _) in enumerate(pieces)}
+
+
+@NEEDS_TRANSFORMERS
+def test_umt5_tokenizer_path_from_wan_folder_layout(tmp_path):
+    vocab = write_toy_umt5_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path, 8)
+    ids, mask = tok(["a  cat\n walks &amp; runs", "x " * 100, " a cat walks & runs "])
+    sentence = [vocab["\u2581" + w] for w in ("a", "cat", "walks", "&", "runs")] + [EOS_ID, PAD_ID, PAD_ID]
+    assert ids.tolist() == [sentence, [vocab["\u2581x"]] * 7 + [EOS_ID], sentence]  # cleaned, truncated with EOS
+    assert mask.tolist() == [[1] * 6 + [0, 0], [1] * 8, [1] * 6 + [0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+
+
+@NEEDS_TRANSFORMERS
+def test_umt5_tokenizer_bad_folder_names_the_problem(tmp_path):
+    with pytest.raises(LightqError, match="cannot load the umT5 tokenizer"):
+        load_tokenizer(tmp_path / "nowhere", 8)
+
+
+@NEEDS_TRANSFORMERS
 def test_real_umt5_tokenizer():
-    source = _local_umt5_tokenizer()
-    if source is None:
-        pytest.skip("no local umT5 tokenizer: set LIGHTQ_UMT5_TOKENIZER to a Wan2.1 model folder")
+    source = os.environ.get("LIGHTQ_UMT5_TOKENIZER")
+    if not source:
+        pytest.skip("set LIGHTQ_UMT5_TOKENIZER to a Wan2.1 model folder (or its google/umt5-xxl) to check the real vocab")
     tok = load_tokenizer(source, 16)
     ids, mask = tok(["A  cat\n walks &amp; runs", "x " * 100])
     assert ids.shape == mask.shape == (2, 16)
@@ -367,4 +396,4 @@ def test_real_umt5_tokenizer():
     assert ids[0, n - 1] == EOS_ID and (ids[0, n:] == PAD_ID).all() and (mask[0, n:] == 0).all()
     assert mask[1].all() and ids[1, -1] == EOS_ID  # truncated, EOS kept
     assert torch.equal(tok(["A cat walks & runs"])[0][0], ids[0])  # whitespace + HTML cleaning
-    assert int(ids.max()) < 256384
+    assert int(ids.max()) < T5_ARCHS["umt5-xxl"].vocab
