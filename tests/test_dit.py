@@ -241,3 +241,20 @@ def test_bad_inputs_are_clear_errors():
         t2v(torch.randn(2, 16, 2, 7, 8), t, ctx)
     with pytest.raises(LightqError, match="y must be"):
         i2v(x, t, ctx, clip_fea=kw["clip_fea"], y=kw["y"][:, :4])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
+def test_cuda_bf16_matches_cpu_and_fp8_swap(name):
+    model = tiny(name).to(torch.bfloat16)
+    x, t, ctx, kw = inputs(model.arch)
+    with torch.no_grad():
+        ref = model(x, t, ctx, **kw)
+        model = model.cuda()
+        cuda_kw = {k: v.cuda() for k, v in kw.items()}
+        out = model(x.cuda(), t.cuda(), ctx.cuda(), **cuda_kw).cpu()
+        assert ((out - ref).norm() / ref.norm()).item() < 0.02
+        swap_linears(model, QUANTIZABLE["dit"], [], TorchBackend(TORCH_SPEC), "fp8")
+        out8 = model(x.cuda(), t.cuda(), ctx.cuda(), **cuda_kw).cpu()
+    assert ((out8 - ref).norm() / ref.norm()).item() < 0.1

@@ -170,8 +170,8 @@ class UniPC(_Solver):
         self.last_sample = None
         self.last_order = 1
 
-    def _coeffs(self, s_prev: float, s0: float, s_t: float | None) -> tuple[float, float, float, float]:
-        """For a step s0 -> s_t: (h, phi1 = e^-h - 1, B = phi1, r = (lam(s_prev) - lam(s0)) / h)."""
+    def _coeffs(self, s_prev: float | None, s0: float, s_t: float) -> tuple[float, float, float, float]:
+        """For a step s0 -> s_t: (h, phi1 = e^-h - 1, B(h) = phi1 for bh2, r = (lam(s_prev) - lam(s0)) / h)."""
         h = _lam(s_t) - _lam(s0)
         phi1 = math.expm1(-h)
         r = (_lam(s_prev) - _lam(s0)) / h if s_prev is not None else math.nan
@@ -180,8 +180,9 @@ class UniPC(_Solver):
     def _base(self, x, m0, s0, s_t, phi1):
         return (s_t / s0) * x - (1.0 - s_t) * phi1 * m0
 
-    def _correct(self, i: int, x: torch.Tensor, m_t: torch.Tensor) -> torch.Tensor:
-        """UniC: redo the step sigmas[i-1] -> sigmas[i] from ``last_sample`` using the model output at i."""
+    def _correct(self, i: int, m_t: torch.Tensor) -> torch.Tensor:
+        """UniC: redo the step sigmas[i-1] -> sigmas[i] from ``last_sample``, using ``m_t``, the x0 prediction at i
+        (made from the predicted sample, which the corrected one replaces)."""
         order, m0 = self.last_order, self.history[-1]
         s_prev = self.sigmas[i - 2] if order == 2 else None
         s0, s_t = self.sigmas[i - 1], self.sigmas[i]
@@ -189,9 +190,9 @@ class UniPC(_Solver):
         x_t = self._base(self.last_sample, m0, s0, s_t, phi1)
         if order == 1:
             return x_t - (1.0 - s_t) * b_h * 0.5 * (m_t - m0)
-        hh = -h
-        g1 = phi1 / hh - 1.0                 # h*phi_2 / h, as in the UniPC recursion
-        g2 = g1 / hh - 0.5                   # h*phi_3 / h
+        hh = -h  # the UniPC recursion (hh = -h): g1 = phi1 / hh - 1, g2 = g1 / hh - 1/2; b_k = k! g_k / B(h)
+        g1 = phi1 / hh - 1.0
+        g2 = g1 / hh - 0.5
         b = torch.tensor([g1 / b_h, 2.0 * g2 / b_h], dtype=torch.float64)
         rhos = torch.linalg.solve(torch.tensor([[1.0, 1.0], [r, 1.0]], dtype=torch.float64), b).tolist()
         d1 = (self.history[-2] - m0) / r
@@ -200,7 +201,7 @@ class UniPC(_Solver):
     def step(self, i, x, v):
         m = self.x0(i, x, v)
         if i > 0:
-            x = self._correct(i, x, m)
+            x = self._correct(i, m)
         self.history = (self.history + [m])[-2:]
         order = min(2, self.num_steps - i, i + 1)
         self.last_sample, self.last_order = x, order
