@@ -1,0 +1,266 @@
+"""Streaming checkpoint conversion: a float checkpoint in, a quantized checkpoint out, one tensor at a time.
+
+For every ``<p>.weight`` that is 2-D and whose prefix ``<p>`` matches the component's quantizable patterns
+(``lightq.models.layouts``) and no ``skip`` pattern, the output holds ``quantize_weight(W, scheme)`` — computed
+in fp32 from the tensor as stored, exactly as the loader does at load time — as ``<p>.weight`` +
+``<p>.weight_scale``; every other tensor is copied unchanged (``layout=lightx2v`` casts them to fp32 as
+LightX2V's converter does, unless ``float_dtype`` says otherwise).
+
+Layouts: ``single`` (one .safetensors), ``chunked`` (shards + ``*.safetensors.index.json``), ``blocks``
+(``block_{i}.safetensors`` + ``non_block.safetensors`` + index, LightX2V's lazy-load split), ``lightx2v``
+(LightX2V's own files: DiT one .safetensors, T5 / CLIP ``.pth`` under LightX2V's names, CLIP without the text
+tower; fp8 / int8 only), ``comfyui`` (scaled fp8: per-tensor ``scale_weight`` and the ``scaled_fp8`` marker).
+
+Memory: the output header is planned from the source header, then tensors are read, quantized and written one
+at a time (peak: one source tensor, its fp32 copy and its quantized form). Output goes to a temporary file or
+folder next to the destination and is renamed into place only when complete; provenance (source sha256, scheme,
+component, skip patterns, lightq version) is recorded in the safetensors header metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__
+from ..errors import CheckpointError
+from ..models.layouts import QUANTIZABLE
+from ..quant import schemes as S
+from ..quant.linear import selected
+from . import formats as F
+from .io import SafetensorsWriter, TensorSource, commit, mmap_safetensors, refuse_overwrite, sources_sha256
+
+LAYOUTS = ("single", "chunked", "blocks", "lightx2v", "comfyui")
+LIGHTX2V_PTH = {
+    "t5": "models_t5_umt5-xxl-enc-{}.pth",
+    "clip": "models_clip_open-clip-xlm-roberta-large-vit-huge-14-{}.pth",
+}
+LIGHTX2V_CLIP_DROPPED = "textual."
+INDEX_STEM = {"dit": "diffusion_pytorch_model", "t5": "t5", "clip": "clip"}
+BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Entry:
+    """One output tensor: its key, dtype and shape, and how to make it."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
+def convert(source: TensorSource, *, component: str, scheme: str, output: str | os.PathLike, layout: str = "single",
+            skip: tuple[str, ...] | list[str] = (), overwrite: bool = False, float_dtype: str | None = None,
+            shard_bytes: int = 4 << 30, progress: bool = True) -> Path:
+    """Convert ``source`` and write it to ``output`` in ``layout``; returns the path written (file or folder)."""
+    if component not in QUANTIZABLE:
+        raise CheckpointError(f"component '{component}': choose one of {', '.join(QUANTIZABLE)}")
+    if scheme not in S.SCHEMES:
+        raise CheckpointError(f"scheme '{scheme}': choose one of {', '.join(S.SCHEMES)}")
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"layout '{layout}': choose one of {', '.join(LAYOUTS)}")
+    if layout == "lightx2v" and scheme not in ("fp8", "int8"):
+        raise CheckpointError(f"layout=lightx2v holds fp8 or int8 per-channel weights only, not {scheme}: use "
+                              "layout=single (lightq's own format) for it")
+    if layout == "comfyui" and scheme != "fp8":
+        raise CheckpointError(f"layout=comfyui is scaled fp8 only, not {scheme}")
+    if F.layout_of(source) != "float":
+        raise CheckpointError(f"{source.name} is already quantized ({F.layout_of(source)} layout); convert from the "
+                              "bf16 / fp32 original")
+    if float_dtype is not None and float_dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"float_dtype '{float_dtype}': choose one of {', '.join(FLOAT_DTYPES)} or null")
+    out = _output_path(Path(output), component, scheme, layout)
+    refuse_overwrite(out, overwrite)
+    cast = FLOAT_DTYPES[float_dtype] if float_dtype else (torch.float32 if layout == "lightx2v" else None)
+    entries = _plan(source, component, scheme, tuple(skip), layout, cast)
+    meta = _provenance(source, component, scheme, tuple(skip), layout)
+    bar = _bar(len(entries), progress, out.name)
+    try:
+        if layout in ("single", "comfyui") or (layout == "lightx2v" and component == "dit"):
+            _write_file(out, entries, meta, overwrite, bar)
+        elif layout == "lightx2v":
+            _write_pth(out, entries, overwrite, bar)
+        else:
+            _write_folder(out, entries, meta, layout, INDEX_STEM[component], shard_bytes, overwrite, bar)
+    finally:
+        bar.close()
+    return out
+
+
+def _output_path(output: Path, component: str, scheme: str, layout: str) -> Path:
+    if layout == "lightx2v" and component in LIGHTX2V_PTH:
+        return output if output.suffix == ".pth" else output / LIGHTX2V_PTH[component].format(scheme)
+    if layout in ("single", "comfyui", "lightx2v"):
+        if output.suffix != ".safetensors":
+            raise CheckpointError(f"output '{output}': layout={layout} writes one file, name it *.safetensors")
+        return output
+    if output.suffix:
+        raise CheckpointError(f"output '{output}': layout={layout} writes a folder, give a folder name")
+    return output
+
+
+def _plan(source: TensorSource, component: str, scheme: str, skip: tuple[str, ...], layout: str,
+          cast: torch.dtype | None) -> list[Entry]:
+    include = QUANTIZABLE[component]
+    entries: list[Entry] = []
+    for key in source:
+        if layout == "lightx2v" and component == "clip" and key.startswith(LIGHTX2V_CLIP_DROPPED):
+            continue
+        prefix, _, leaf = key.rpartition(".")
+        shape, dtype = tuple(source.shape(key)), source.dtype(key)
+        if leaf == "weight" and len(shape) == 2 and selected(prefix, include, skip):
+            if not dtype.is_floating_point:
+                raise CheckpointError(f"{source.file_of(key)}: '{key}' is {dtype}, expected a float weight")
+            S.check_quantizable(scheme, shape, key)
+            entries.extend(_quantized_entries(source, key, prefix, scheme, shape, layout))
+        else:
+            out_dtype = cast if (cast is not None and dtype.is_floating_point) else dtype
+            entries.append(Entry(key, out_dtype, shape, _copy(source, key, out_dtype)))
+    return entries
+
+
+def _quantized_entries(source: TensorSource, key: str, prefix: str, scheme: str, shape: tuple[int, int],
+                       layout: str) -> list[Entry]:
+    memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in memo:  # the weight entry computes, the scale entry right after it takes the result
+            w = source[key]
+            if layout == "comfyui":
+                memo[key] = F.quantize_fp8_per_tensor(w, key)
+            else:
+                qw = S.quantize_weight(w, scheme, key)
+                memo[key] = (qw.data, qw.scale)
+        return memo[key]
+
+    def data() -> torch.Tensor:
+        return compute()[0]
+
+    def scale() -> torch.Tensor:
+        return memo.pop(key)[1] if key in memo else compute()[1]
+
+    data_shape, data_dtype, scale_shape = S.expected_layout(scheme, *shape)
+    if layout == "comfyui":
+        return [Entry(key, S.FP8_DTYPE, shape, data), Entry(prefix + F.COMFY_SCALE, torch.float32, (), scale)]
+    return [Entry(key, data_dtype, tuple(data_shape), data),
+            Entry(prefix + F.SCALE, torch.float32, tuple(scale_shape), scale)]
+
+
+def _copy(source: TensorSource, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    return lambda: source[key].to(dtype)
+
+
+def _provenance(source: TensorSource, component: str, scheme: str, skip: tuple[str, ...], layout: str
+                ) -> dict[str, str]:
+    meta = {
+        "lightq.component": component,
+        "lightq.source": Path(source.name).name,
+        "lightq.source_sha256": sources_sha256(source.files) if source.files else "",
+        "lightq.version": __version__,
+        "lightq.skip": json.dumps(list(skip)),
+        "lightq.layout": layout,
+    }
+    if layout == "comfyui":  # per-tensor scales: not one of lightq's schemes, ComfyUI's marker says what it is
+        meta["lightq.comfyui"] = "scaled_fp8"
+    else:
+        meta["lightq.scheme"] = scheme
+        meta["lightq.granularity"] = F.GRANULARITY[scheme]
+    return meta
+
+
+def _stream(path: Path, entries: list[Entry], meta: dict[str, str] | None, overwrite: bool, bar) -> None:
+    layout = [(e.key, e.dtype, e.shape) for e in entries]
+    with SafetensorsWriter(path, layout, meta, overwrite=overwrite) as w:
+        for e in entries:
+            w.write(e.key, e.make())
+            bar.update(1)
+
+
+def _write_file(out: Path, entries: list[Entry], meta: dict[str, str], overwrite: bool, bar) -> None:
+    if meta.get("lightq.comfyui"):
+        marker = Entry(F.COMFY_MARKER, S.FP8_DTYPE, (2,), lambda: torch.zeros(2, dtype=S.FP8_DTYPE))
+        entries = entries + [marker]
+    _stream(out, entries, meta, overwrite, bar)
+
+
+def _write_pth(out: Path, entries: list[Entry], overwrite: bool, bar) -> None:
+    """Stream into a temporary safetensors file, then ``torch.save`` its memory-mapped tensors and rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        staged = tmp_dir / "staged.safetensors"
+        _stream(staged, entries, None, False, bar)
+        tmp_pth = tmp_dir / out.name
+        with open(tmp_pth, "wb") as f:
+            torch.save(mmap_safetensors(staged), f)
+            f.flush()
+            os.fsync(f.fileno())
+        refuse_overwrite(out, overwrite)
+        commit(tmp_pth, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _write_folder(out: Path, entries: list[Entry], meta: dict[str, str], layout: str, stem: str, shard_bytes: int,
+                  overwrite: bool, bar) -> None:
+    groups = _blocks(entries) if layout == "blocks" else _shards(entries, stem, shard_bytes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        weight_map, total = {}, 0
+        for fname, group in groups.items():
+            _stream(tmp / fname, group, meta, False, bar)
+            weight_map.update({e.key: fname for e in group})
+            total += (tmp / fname).stat().st_size
+        index = {"metadata": {"total_size": total, **meta}, "weight_map": weight_map}
+        (tmp / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        refuse_overwrite(out, overwrite)
+        commit(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _blocks(entries: list[Entry]) -> dict[str, list[Entry]]:
+    groups: dict[str, list[Entry]] = {"non_block.safetensors": []}
+    for e in entries:
+        m = BLOCK_RE.search(e.key)
+        groups.setdefault(f"block_{m.group(1)}.safetensors" if m else "non_block.safetensors", []).append(e)
+    return groups
+
+
+def _shards(entries: list[Entry], stem: str, shard_bytes: int) -> dict[str, list[Entry]]:
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        nbytes = _nbytes(e)
+        if shards[-1] and size + nbytes > shard_bytes and not e.key.endswith((F.SCALE, F.COMFY_SCALE)):
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    n = len(shards)
+    return {f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors": s for i, s in enumerate(shards)}
+
+
+def _nbytes(e: Entry) -> int:
+    n = torch.empty((), dtype=e.dtype).element_size()
+    for d in e.shape:
+        n *= d
+    return n
+
+
+def _bar(total: int, progress: bool, name: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"converting -> {name}", unit="tensor", disable=not progress or not sys.stderr.isatty())
