@@ -210,3 +210,22 @@ def test_unknown_and_bad_arch():
         ClipArch(image_size=225)
     with pytest.raises(LightqError, match="not divisible by num_heads"):
         ClipArch(width=100, num_heads=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_and_fp8_torch_match_cpu_reference(tiny_model, dtype):
+    x = images()
+    with torch.no_grad():
+        want = reference_forward(tiny_model.state_dict(), TINY, x)
+    model = ClipVisual(TINY).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.to("cuda", dtype)
+    with torch.no_grad():
+        half = model(x.cuda()).float().cpu()
+    assert (half - want).norm() / want.norm() < 0.03
+    swap_linears(model, QUANTIZABLE["clip"], (), TORCH_SPEC.load(), "fp8")
+    with torch.no_grad():
+        fp8 = model(x.cuda()).float().cpu()
+    assert (fp8 - want).norm() / want.norm() < 0.1

@@ -397,3 +397,22 @@ def test_real_umt5_tokenizer():
     assert mask[1].all() and ids[1, -1] == EOS_ID  # truncated, EOS kept
     assert torch.equal(tok(["A cat walks & runs"])[0][0], ids[0])  # whitespace + HTML cleaning
     assert int(ids.max()) < T5_ARCHS["umt5-xxl"].vocab
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_cuda_bf16_and_fp8_torch_match_cpu_reference(tiny_model):
+    ids, mask = tokens()
+    with torch.no_grad():
+        want = reference_forward(tiny_model.state_dict(), TINY, ids, mask) * mask[..., None]
+    model = UMT5Encoder(TINY).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    model = model.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        bf16 = model(ids.cuda(), mask.cuda()).float().cpu()
+    assert (bf16 - want).norm() / want.norm() < 0.03
+    swap_linears(model, QUANTIZABLE["t5"], (), TORCH_SPEC.load(), "fp8")
+    with torch.no_grad():
+        fp8 = model(ids.cuda(), mask.cuda()).float().cpu()
+    assert (fp8 - want).norm() / want.norm() < 0.1
+    assert torch.count_nonzero(fp8[1, 7:]) == 0
