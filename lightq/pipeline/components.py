@@ -27,6 +27,7 @@ def save_atomic(obj, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -65,22 +66,30 @@ def model_folder(model_cfg) -> Path | None:
         return ensure_tiny(model_cfg.name)
     if Path(w).expanduser().is_dir():
         return Path(w).expanduser()
-    from ..checkpoints.hub import resolve_model_folder
+    from ..checkpoints.hub import resolve
 
-    return resolve_model_folder(w)
+    return resolve(w)
 
 
 def _source(component: str, quant_cfg, folder: Path | None, scheme: str | None):
-    """The TensorSource of one component: its ``ckpt`` if given, else its file in the model folder."""
-    from ..checkpoints.hub import resolve_checkpoint
+    """The TensorSource of one component: its ``ckpt`` if given, else its file in the model folder — the
+    pre-quantized one of the mode's scheme when the folder has it, else the bf16 original (quantized at load)."""
+    from ..checkpoints.hub import resolve
     from ..checkpoints.io import open_source
     from ..checkpoints.locate import find_component_file
+    from ..errors import CheckpointError
 
     if quant_cfg is not None and quant_cfg.ckpt:
-        return open_source(resolve_checkpoint(quant_cfg.ckpt))
+        return open_source(resolve(quant_cfg.ckpt))
     if folder is None:
         return "random"
-    return open_source(find_component_file(folder, component, scheme))
+    if scheme is not None:
+        try:
+            return open_source(find_component_file(folder, component, scheme))
+        except CheckpointError as exc:
+            if "several" in str(exc).lower():
+                raise
+    return open_source(find_component_file(folder, component, None))
 
 
 def _load(component: str, build, cfg, plan: ComponentPlan | None, folder, device, dtype, progress,
@@ -95,7 +104,7 @@ def _load(component: str, build, cfg, plan: ComponentPlan | None, folder, device
     model = load_component(build, source, include=QUANTIZABLE.get(component, ()),
                            skip=tuple(quant_cfg.skip) if quant_cfg is not None else (), scheme=scheme,
                            backend=backend, device=device, dtype=dtype, ignore_prefixes=ignore_prefixes,
-                           progress=progress, seed=cfg.seed)
+                           progress=progress, seed=cfg.seed, component=component)
     return model.eval().requires_grad_(False)
 
 

@@ -64,7 +64,7 @@ def _progress() -> bool:
 
 def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan]) -> Generated:
     """Load, encode, denoise, decode. Everything but the outputs is freed on return."""
-        from .sampler import sample
+    from .sampler import guide_scale_of, sample, timesteps
 
     device = torch.device("cuda" if hw.is_cuda else "cpu")
     dtype = DTYPES[cfg.model.dtype]
@@ -81,6 +81,10 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan]) -> Generated:
     for name, module in (("t5", t5), ("clip", clip), ("dit", dit), ("vae", vae)):
         if module is not None:
             comps[name] = C.describe(module, plans.get(name))
+            p = plans.get(name)
+            log.info("loaded %s: %s (%s), %d quantized linears, %.1f MiB", name, p.mode if p else "fp32",
+                     p.reason if p else "VAE is never quantized", comps[name]["quantized_layers"],
+                     comps[name]["weight_bytes"] / 2**20)
 
     scfg = C.sampler_config(cfg)
     m = cfg.model
@@ -105,12 +109,14 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan]) -> Generated:
         return dit(x.to(dtype), t, context, **extra).float()
 
     with timer("denoise"), offload.active(dit):
-        latents = sample(velocity, noise, scfg, cond, uncond if scfg.guide_scale != 1.0 else None, _progress())
+        latents = sample(velocity, noise, scfg, cond, uncond if guide_scale_of(scfg) != 1.0 else None, _progress(),
+                         generator=torch.Generator(device).manual_seed(cfg.seed))
     offload.release(dit)
     with timer("decode"), offload.active(vae):
         video = vae.decode(latents.float())[0].transpose(0, 1)  # [F, 3, H, W]
     timings = dict(timer.times)
-    timings["denoise_per_step"] = round(timings["denoise"] / scfg.steps, 4)
+    log.info("stage times (s): %s", timings)
+    timings["denoise_per_step"] = round(timings["denoise"] / len(timesteps(scfg).timesteps), 4)
     return Generated(latents[0].float().cpu(), video.float().clamp(-1, 1).cpu(), timings, comps)
 
 
