@@ -1,0 +1,102 @@
+"""Finding a component's checkpoint in a model folder by name, as LightX2V does.
+
+``find_component_file(folder, component, scheme)``:
+
+- ``t5``:   ``models_t5_umt5-xxl-enc-{fp8,int8}.pth`` for a quantized scheme, ``models_t5_umt5-xxl-enc-bf16.pth``
+            for ``None`` (bf16);
+- ``clip``: ``models_clip_open-clip-xlm-roberta-large-vit-huge-14-{fp8,int8}.pth``, the bf16 original
+            ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``;
+- ``vae``:  ``Wan2.1_VAE.pth``;
+- ``dit``:  the folder's DiT checkpoints — the official ``diffusion_pytorch_model*.safetensors`` (with its index:
+            the folder itself is returned), a block split, and every other ``*.safetensors`` in the folder — are
+            classified by the scheme they hold (header metadata, else the dtype and scale shape of the first
+            quantizable linear, read from the header only); exactly one must hold the requested scheme.
+
+For the encoders, a lightq-converted file ``<component>-<scheme>.safetensors`` is accepted too.
+Nothing found, or several DiT candidates, is one CheckpointError listing what the folder holds.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..models.layouts import QUANTIZABLE
+from . import formats as F
+from .io import BLOCK_FILE, NON_BLOCK_FILE, open_source
+
+T5_QUANT = "models_t5_umt5-xxl-enc-{}.pth"
+T5_BF16 = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP_QUANT = "models_clip_open-clip-xlm-roberta-large-vit-huge-14-{}.pth"
+CLIP_BF16 = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+VAE_FILE = "Wan2.1_VAE.pth"
+DIT_INDEX_GLOB = "diffusion_pytorch_model*.safetensors.index.json"
+
+
+def find_component_file(folder: str | Path, component: str, scheme: str | None) -> Path:
+    """The file (or, for a chunked / block-split DiT, the folder) holding ``component`` in ``scheme``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    if component == "vae":
+        return _named(folder, [VAE_FILE], component, scheme)
+    if component in ("t5", "clip"):
+        quant, bf16 = (T5_QUANT, T5_BF16) if component == "t5" else (CLIP_QUANT, CLIP_BF16)
+        names = [bf16] if scheme is None else [quant.format(scheme), f"{component}-{scheme}.safetensors"]
+        return _named(folder, names, component, scheme)
+    if component == "dit":
+        return _find_dit(folder, scheme)
+    raise CheckpointError(f"unknown component '{component}': choose dit, t5, clip or vae")
+
+
+def _named(folder: Path, names: list[str], component: str, scheme: str | None) -> Path:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    have = sorted(p.name for p in folder.iterdir() if p.suffix in (".pth", ".safetensors"))
+    raise CheckpointError(f"{folder}: no {component} checkpoint for {scheme or 'bf16'} (looked for "
+                          f"{' or '.join(names)}; the folder has {', '.join(have) or 'no checkpoints'}); pass its "
+                          "path as the mode's ckpt")
+
+
+def dit_candidates(folder: Path) -> list[Path]:
+    """Every DiT checkpoint in ``folder``: an indexed or block-split set (the folder) and standalone files."""
+    found: list[Path] = []
+    chunk_files: set[str] = set()
+    if list(folder.glob("*.safetensors.index.json")) or (folder / NON_BLOCK_FILE).is_file():
+        found.append(folder)
+        src = open_source(folder)
+        chunk_files = {f.name for f in src.files}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name not in chunk_files and not fnmatchcase(f.name, BLOCK_FILE.format("*")):
+            found.append(f)
+    return found
+
+
+def scheme_of(path: Path) -> str | None:
+    """The scheme a DiT checkpoint holds (None: high precision), from its header only."""
+    src = open_source(path)
+    if "lightq.scheme" in src.metadata:
+        return src.metadata["lightq.scheme"]
+    for key in src:
+        prefix, _, leaf = key.rpartition(".")
+        if leaf == "weight" and any(fnmatchcase(prefix, p) for p in QUANTIZABLE["dit"]):
+            kind = F.file_scheme(src, prefix)
+            return None if kind == "float" else kind
+    raise CheckpointError(f"{path}: holds no DiT block linear (blocks.*.self_attn.q.weight ...): not a Wan DiT "
+                          "checkpoint")
+
+
+def _find_dit(folder: Path, scheme: str | None) -> Path:
+    candidates = dit_candidates(folder)
+    classified = [(p, scheme_of(p)) for p in candidates]
+    matching = [p for p, s in classified if s == scheme]
+    if len(matching) == 1:
+        return matching[0]
+    listing = ", ".join(f"{p.name or p} ({s or 'bf16'})" for p, s in classified) or "none"
+    if not matching:
+        raise CheckpointError(f"{folder}: no DiT checkpoint holds {scheme or 'bf16'} weights (found: {listing}); "
+                              "convert one with python -m lightq.convert or pass the mode's ckpt")
+    raise CheckpointError(f"{folder}: {len(matching)} DiT checkpoints hold {scheme or 'bf16'} weights "
+                          f"({', '.join(p.name for p in matching)}); pass the one to use as the mode's ckpt")
