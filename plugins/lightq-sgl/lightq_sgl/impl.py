@@ -1,0 +1,78 @@
+"""sglang-kernel's CUTLASS kernels for the ``fp8`` and ``int8`` schemes.
+
+    x_q, s_x = per-token dynamic quantization of x:
+               fp8  ``sgl_per_token_quant_fp8``: s_x = max|x_m| / 448 (sgl-kernel's own CUDA kernel)
+               int8 lightq's reference quantizer (``lightq.quant.schemes.quantize_activation``, eager torch):
+                    sglang-kernel 0.4.6 has no per-token int8 quantizer; its per-token-group kernel only takes
+                    groups of 128 elements, which is not this scheme. The int8-sgl activation quantization is
+                    therefore as slow as eager torch; ``gemm_only`` times the sgl GEMM alone.
+    y        = fp8_scaled_mm / int8_scaled_mm(x_q [M, K], W_q^T [K, N] column-major, s_x [M, 1], s_w [N, 1],
+               out_dtype, bias)  =  (s_x s_w^T) * (x_q @ W_q^T) + bias, one final rounding
+
+The column-major ``[K, N]`` operand is the free transpose view of the row-major ``[N, K]`` checkpoint tensor, so
+``pack`` keeps the checkpoint tensors unchanged. The kernels need K a multiple of 16 and N a multiple of 16 (fp8;
+8 for int8): declared in the spec.
+"""
+
+from __future__ import annotations
+
+import sgl_kernel  # any failure here becomes BackendUnavailable in BackendSpec.load()
+import torch
+
+from lightq.backends.base import Backend
+from lightq.errors import QuantizationError
+from lightq.quant.schemes import FP8_DTYPE, QuantizedWeight, quantize_activation
+
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class SglBackend(Backend):
+    """``fp8`` / ``int8``: per-token activations x per-channel weights on sglang-kernel's GEMMs."""
+
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        return version("sglang-kernel")
+
+    def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        _check_scheme(self, qw.scheme)
+        return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
+
+    def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token quantization of a contiguous ``[M, K]`` bf16/fp16 tensor: (x_q ``[M, K]``, s_x ``[M, 1]`` fp32)."""
+        if scheme == "int8":
+            return quantize_activation(x2, "int8")
+        xq = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
+        sx = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x2.device)
+        sgl_kernel.sgl_per_token_quant_fp8(x2, xq, sx)
+        return xq, sx
+
+    def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """The scaled GEMM alone (bias fused) on an already quantized activation; ``[M, N]`` in ``out_dtype``."""
+        b = None if bias is None else bias.to(out_dtype)
+        gemm = sgl_kernel.fp8_scaled_mm if xq.dtype == FP8_DTYPE else sgl_kernel.int8_scaled_mm
+        return gemm(xq, packed["data"].t(), sx, packed["scale"], out_dtype, b)
+
+    def apply(self, x, packed, scheme, bias):
+        x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
+        xq, sx = self.quantize_activation(x2, scheme)
+        return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def _check_scheme(backend: Backend, scheme: str) -> None:
+    if scheme not in backend.spec.schemes:
+        raise QuantizationError(f"backend '{backend.name}' does not implement scheme '{scheme}' "
+                                f"(it has: {', '.join(backend.spec.schemes)}); choose another mode")
+
+
+def _flat_input(backend: Backend, x: torch.Tensor, in_features: int, scheme: str) -> torch.Tensor:
+    """``x`` ``[..., K]`` as a contiguous ``[M, K]`` tensor, after checking scheme, dtype and K."""
+    _check_scheme(backend, scheme)
+    if x.dtype not in _ACT_DTYPES:
+        raise QuantizationError(f"backend '{backend.name}' takes bf16 or fp16 activations, got {x.dtype}; "
+                                "run the model in bf16 / fp16")
+    if x.shape[-1] != in_features:
+        raise QuantizationError(f"backend '{backend.name}': input has {x.shape[-1]} features but the weight "
+                                f"expects {in_features}; check the layer's input shape")
+    return x.reshape(-1, in_features).contiguous()

@@ -1,0 +1,73 @@
+"""vLLM's CUTLASS kernels for the ``fp8`` and ``int8`` schemes.
+
+    x_q, s_x = per-token dynamic quantization of x  (``scaled_fp8_quant(use_per_token_if_dynamic=True)``:
+               s_x = max|x_m| / 448;  ``scaled_int8_quant``: s_x = max|x_m| / 127, round to nearest even)
+    y        = cutlass_scaled_mm(x_q [M, K], W_q^T [K, N], s_x [M, 1], s_w [N, 1], out_dtype, bias)
+             = (s_x s_w^T) * (x_q @ W_q^T) + bias      fp32 (fp8) / exact int32 (int8) accumulation, the scales
+                                                       and the bias applied in the epilogue, one final rounding
+
+``cutlass_scaled_mm`` wants its second operand column-major ``[K, N]``: that is the transpose *view* of the row-major
+``[N, K]`` checkpoint tensor, so ``pack`` keeps the checkpoint tensors as they are (one checkpoint for every backend)
+and ``gemm_only`` passes ``data.t()``, which costs nothing. CUTLASS needs K and N to be multiples of 16 (vLLM
+otherwise silently switches to a Triton kernel); the spec declares it so ``can_implement`` rejects such layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm import _custom_ops as ops  # any failure here becomes BackendUnavailable in BackendSpec.load()
+
+from lightq.backends.base import Backend
+from lightq.errors import QuantizationError
+from lightq.quant.schemes import QuantizedWeight
+
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class VllmBackend(Backend):
+    """``fp8`` / ``int8``: per-token activations x per-channel weights on vLLM's CUTLASS GEMM."""
+
+    def version(self) -> str:
+        import vllm
+
+        return vllm.__version__
+
+    def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        _check_scheme(self, qw.scheme)
+        return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
+
+    def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token quantization of a contiguous ``[M, K]`` bf16/fp16 tensor: (x_q ``[M, K]``, s_x ``[M, 1]`` fp32)."""
+        if scheme == "fp8":
+            return ops.scaled_fp8_quant(x2, use_per_token_if_dynamic=True)
+        xq, sx, _ = ops.scaled_int8_quant(x2)
+        return xq, sx
+
+    def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """The scaled GEMM alone (bias fused) on an already quantized activation; ``[M, N]`` in ``out_dtype``."""
+        b = None if bias is None else bias.to(out_dtype)
+        return ops.cutlass_scaled_mm(xq, packed["data"].t(), sx, packed["scale"], out_dtype, b)
+
+    def apply(self, x, packed, scheme, bias):
+        x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
+        xq, sx = self.quantize_activation(x2, scheme)
+        return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def _check_scheme(backend: Backend, scheme: str) -> None:
+    if scheme not in backend.spec.schemes:
+        raise QuantizationError(f"backend '{backend.name}' does not implement scheme '{scheme}' "
+                                f"(it has: {', '.join(backend.spec.schemes)}); choose another mode")
+
+
+def _flat_input(backend: Backend, x: torch.Tensor, in_features: int, scheme: str) -> torch.Tensor:
+    """``x`` ``[..., K]`` as a contiguous ``[M, K]`` tensor, after checking scheme, dtype and K."""
+    _check_scheme(backend, scheme)
+    if x.dtype not in _ACT_DTYPES:
+        raise QuantizationError(f"backend '{backend.name}' takes bf16 or fp16 activations, got {x.dtype}; "
+                                "run the model in bf16 / fp16")
+    if x.shape[-1] != in_features:
+        raise QuantizationError(f"backend '{backend.name}': input has {x.shape[-1]} features but the weight "
+                                f"expects {in_features}; check the layer's input shape")
+    return x.reshape(-1, in_features).contiguous()
