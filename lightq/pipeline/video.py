@@ -84,15 +84,14 @@ def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: float = 16, cr
         "-f", "mp4", str(tmp),
     ]
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, bufsize=0)
         try:
             try:
                 for pixels in _uint8_frames(frames, pad_to_even=True):
                     proc.stdin.write(pixels.tobytes())
+                proc.stdin.close()  # end of input: ffmpeg finishes the file and exits
             except BrokenPipeError:
                 pass  # ffmpeg exited early; its return code and log say why
-            finally:
-                proc.stdin.close()
             code = proc.wait()
             if code != 0:
                 log.seek(0)
@@ -106,6 +105,7 @@ def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: float = 16, cr
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            proc.stdin.close()
             tmp.unlink(missing_ok=True)
             raise
     return path

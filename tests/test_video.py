@@ -1,0 +1,184 @@
+"""The video writer (mp4 / PNG, atomic) and the quality metrics, checked against hand-computed values."""
+
+import math
+import subprocess
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lightq.pipeline.video as video_io
+from lightq.errors import LightqError
+from lightq.pipeline.video import cosine, psnr, read_mp4, ssim, write_frames, write_mp4
+
+
+def _gradient_frames(frames: int, height: int, width: int) -> torch.Tensor:
+    """Smooth frames (H.264 keeps them nearly exact): horizontal ramp in R, vertical in G, per-frame level in B."""
+    ramp_x = torch.linspace(-0.8, 0.8, width).expand(height, width)
+    ramp_y = torch.linspace(-0.6, 0.6, height)[:, None].expand(height, width)
+    return torch.stack([
+        torch.stack([ramp_x, ramp_y, torch.full((height, width), -0.5 + 0.1 * f)]) for f in range(frames)
+    ])
+
+
+def _as_uint8(frames: torch.Tensor) -> np.ndarray:
+    return ((frames + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _stream_info(path) -> str:
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
+                           capture_output=True, text=True)
+    return next(line for line in probe.stderr.splitlines() if "Video:" in line)
+
+
+# ---------------------------------------------------------------------------------------------- mp4
+
+
+def test_mp4_round_trip(tmp_path):
+    frames = _gradient_frames(9, 48, 64)
+    path = write_mp4(frames, tmp_path / "out" / "video.mp4", fps=16)
+    assert path == tmp_path / "out" / "video.mp4"
+    back = read_mp4(path)
+    assert back.shape == (9, 48, 64, 3) and back.dtype == np.uint8
+    # yuv420p halves chroma resolution and quantises the RGB -> YUV conversion: a few levels off, no more
+    error = np.abs(back.astype(int) - _as_uint8(frames).astype(int))
+    assert error.mean() < 2.5 and error.max() <= 12
+    info = _stream_info(path)
+    assert "h264" in info and "yuv420p" in info and "16 fps" in info
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["video.mp4"]  # no temp file left
+
+
+def test_odd_sizes_padded_to_even(tmp_path):
+    frames = _gradient_frames(5, 33, 47)
+    back = read_mp4(write_mp4(frames, tmp_path / "odd.mp4"))
+    assert back.shape == (5, 34, 48, 3)
+    expected = _as_uint8(frames).astype(int)
+    assert np.abs(back[:, :33, :47].astype(int) - expected).mean() < 3
+    # the added row / column repeat the last ones
+    assert np.abs(back[:, 33, :47].astype(int) - expected[:, 32]).mean() < 4
+    assert np.abs(back[:, :33, 47].astype(int) - expected[:, :, 46]).mean() < 4
+
+
+def test_rgb_channel_order(tmp_path):
+    frames = -torch.ones(3, 3, 16, 16)
+    for index in range(3):
+        frames[index, index] = 1.0  # red, green, blue frames
+    back = read_mp4(write_mp4(frames, tmp_path / "rgb.mp4")).astype(int)
+    for index in range(3):
+        mean_rgb = back[index].mean(axis=(0, 1))
+        assert mean_rgb[index] > 230 and np.delete(mean_rgb, index).max() < 25
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    real = video_io._uint8_frames
+
+    def interrupted(frames, pad_to_even):
+        for index, pixels in enumerate(real(frames, pad_to_even)):
+            if index == 3:
+                raise KeyboardInterrupt
+            yield pixels
+
+    monkeypatch.setattr(video_io, "_uint8_frames", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_mp4(_gradient_frames(9, 32, 32), tmp_path / "video.mp4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = write_mp4(_gradient_frames(5, 32, 32), tmp_path / "video.mp4")
+    before = path.read_bytes()
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: "false")  # an encoder that fails at once
+    with pytest.raises(LightqError, match=r"ffmpeg could not write .*\(exit 1"):
+        write_mp4(_gradient_frames(9, 32, 32), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["video.mp4"]
+
+
+@pytest.mark.parametrize("frames, fragment", [
+    (torch.zeros(1, 3, 9, 32, 32), "[frames, 3, height, width]"),
+    (torch.zeros(9, 4, 32, 32), "[frames, 3, height, width]"),
+    (torch.full((2, 3, 32, 32), math.nan), "NaN"),
+])
+def test_bad_frames_rejected(tmp_path, frames, fragment):
+    with pytest.raises(LightqError) as err:
+        write_mp4(frames, tmp_path / "video.mp4")
+    assert fragment in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_missing_file(tmp_path):
+    with pytest.raises(LightqError, match="no video file"):
+        read_mp4(tmp_path / "absent.mp4")
+
+
+def test_png_frames_exact(tmp_path):
+    frames = torch.rand(3, 3, 17, 23, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    paths = write_frames(frames, tmp_path / "frames")
+    assert [p.name for p in paths] == ["frame_00000.png", "frame_00001.png", "frame_00002.png"]
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [p.name for p in paths]
+    for path, expected in zip(paths, _as_uint8(frames)):
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_psnr_hand_values():
+    a = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert psnr(a, a) == math.inf
+    signs = torch.where(torch.arange(a.numel()) % 2 == 0, 1.0, -1.0).reshape(a.shape)
+    noisy = a + 0.1 * signs  # mean squared error exactly 0.01
+    assert psnr(a, noisy, data_range=2.0) == pytest.approx(10 * math.log10(4 / 0.01))  # 26.02 dB
+    assert psnr(a, noisy, data_range=1.0) == pytest.approx(20.0)
+    assert psnr(np.zeros(4), np.full(4, 255.0), data_range=255.0) == pytest.approx(0.0)
+
+
+def test_ssim_identical_and_constant_images():
+    a = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    assert ssim(a, a) == pytest.approx(1.0)
+    # constant images: no variance, so SSIM is the luminance term (2 c1 c2 + C1) / (c1^2 + c2^2 + C1)
+    c1, c2, big_c1 = 0.2, 0.5, (0.01 * 1.0) ** 2
+    expected = (2 * c1 * c2 + big_c1) / (c1**2 + c2**2 + big_c1)
+    got = ssim(torch.full((1, 3, 12, 12), c1, dtype=torch.float64), torch.full((1, 3, 12, 12), c2, dtype=torch.float64), data_range=1.0)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_ssim_of_a_constant_shift_matches_direct_window_sums():
+    # A shift leaves every local (co)variance unchanged (contrast-structure term = 1), so each window's SSIM is
+    # (2 m (m + d) + C1) / (m^2 + (m + d)^2 + C1) with m its Gaussian-weighted mean, computed here window by window.
+    rng = np.random.default_rng(3)
+    image, shift, data_range = rng.random((13, 14)), 0.15, 1.0
+    offsets = np.arange(11) - 5
+    g = np.exp(-(offsets**2) / (2 * 1.5**2))
+    weights = np.outer(g, g) / np.outer(g, g).sum()
+    big_c1 = (0.01 * data_range) ** 2
+    values = []
+    for top in range(13 - 10):
+        for left in range(14 - 10):
+            m = float((weights * image[top:top + 11, left:left + 11]).sum())
+            values.append((2 * m * (m + shift) + big_c1) / (m**2 + (m + shift) ** 2 + big_c1))
+    got = ssim(image, image + shift, data_range=data_range)
+    assert got == pytest.approx(float(np.mean(values)), rel=1e-10)
+    assert got == pytest.approx(ssim(image + shift, image, data_range=data_range), rel=1e-12)  # symmetric
+
+
+def test_ssim_falls_with_noise_and_needs_a_window():
+    a = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(5))
+    mild, strong = ssim(a, a + 0.05 * noise, data_range=1.0), ssim(a, a + 0.3 * noise, data_range=1.0)
+    assert 1.0 > mild > strong > 0.0
+    with pytest.raises(LightqError, match="at least 11x11"):
+        ssim(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+
+
+def test_cosine_hand_values():
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert cosine(a, a) == pytest.approx(1.0)
+    assert cosine(a, -2 * a) == pytest.approx(-1.0)
+    assert cosine(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])) == 0.0
+    assert cosine(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == pytest.approx(1 / math.sqrt(2))
+    assert math.isnan(cosine(torch.zeros(3), torch.ones(3)))
+    with pytest.raises(LightqError, match="shapes"):
+        cosine(torch.zeros(3), torch.zeros(4))
