@@ -3,6 +3,8 @@
 Layouts (``<p>`` is a linear's key prefix, ``[N, K]`` = ``[out, in]``):
 
 ``lightx2v``  ``<p>.weight`` int8 / float8_e4m3fn ``[N, K]`` + ``<p>.weight_scale`` fp32 ``[N, 1]``; W = data * scale.
+              LightX2V's converter computes scales in the source dtype, so files made from the bf16 release
+              carry bf16 scales: those are accepted (bf16 -> fp32 is exact); any other non-fp32 scale is refused.
 ``lightq``    the same keys for every scheme of ``lightq.quant.schemes`` (fp8-b128 scale ``[ceil(N/128),
               ceil(K/128)]``, int4-g128 uint8 ``[N, K/2]`` + scale ``[K/128, N]``), and the header metadata
               ``lightq.scheme``, ``lightq.granularity``, ``lightq.component``, ``lightq.source_sha256``,
@@ -60,12 +62,14 @@ def is_quantized(source: TensorSource, prefix: str) -> bool:
 def file_scheme(source: TensorSource, prefix: str) -> str:
     """The scheme the file stores linear ``prefix`` in (from metadata, dtype and scale shape)."""
     key = prefix + ".weight"
+    kind = QUANT_DTYPES.get(source.dtype(key), "float")
+    if kind == "float" and not aux_keys(source, prefix):
+        return "float"
     meta = source.metadata.get("lightq.scheme")
     if meta:
         return meta
     if prefix + COMFY_SCALE in source:
         return "fp8"
-    kind = QUANT_DTYPES.get(source.dtype(key), "float")
     if kind == "fp8" and prefix + SCALE in source:
         n, k = source.shape(key)
         if tuple(source.shape(prefix + SCALE)) == (-(-n // S.BLOCK), -(-k // S.BLOCK)) and n > 1:
@@ -105,7 +109,7 @@ def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[
     if key not in source:
         raise CheckpointError(f"{source.name}: missing tensor '{key}'")
     have = file_scheme(source, prefix)
-    if have == "float":
+    if have == "float" or source.dtype(key) in FLOAT_DTYPES:
         raise CheckpointError(f"{source.file_of(key)}: '{key}' is not quantized ({source.dtype(key)}) but the mode "
                               f"expects {scheme} and the rest of the file is pre-quantized; add '{prefix}' to the "
                               "mode's skip patterns or convert again")
@@ -127,7 +131,7 @@ def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[
         if scale_key not in source:
             raise CheckpointError(f"{source.file_of(key)}: '{key}' is {data_dtype} but its scale '{scale_key}' is "
                                   "missing; the file is incomplete, convert again")
-        _check_scale_layout(source, scale_key, scale_shape)
+        _check_scale_layout(source, scale_key, scale_shape, bf16_ok="lightq.scheme" not in source.metadata)
         data = source[key].to(device)
         scale = source[scale_key].to(device)
         _check_scale_values(source, scale_key, scale)
@@ -138,10 +142,10 @@ def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[
     return S.QuantizedWeight(scheme, data.contiguous(), scale.float().contiguous(), n, k)
 
 
-def _check_scale_layout(source: TensorSource, scale_key: str, want: tuple) -> None:
+def _check_scale_layout(source: TensorSource, scale_key: str, want: tuple, bf16_ok: bool) -> None:
     dtype, shape = source.dtype(scale_key), tuple(source.shape(scale_key))
     where = source.file_of(scale_key)
-    if dtype != torch.float32:
+    if dtype != torch.float32 and not (bf16_ok and dtype == torch.bfloat16):
         raise CheckpointError(f"{where}: scale '{scale_key}' is {dtype}, lightq needs float32 scales; convert again "
                               "with python -m lightq.convert")
     if shape != tuple(want):

@@ -1,0 +1,271 @@
+"""load_component and conversion round trips on the tiny models; published layouts; corruption errors."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lightq.checkpoints.conversion import convert
+from lightq.checkpoints.io import DictSource, open_source, save_safetensors_atomic
+from lightq.checkpoints.loader import load_component
+from lightq.errors import CheckpointError
+from lightq.models import clip, layouts, t5, wan_dit
+from lightq.models.tiny import ensure_tiny
+from lightq.quant.linear import QLinear, swap_linears
+from lightq.quant.schemes import FP8_DTYPE, QuantizedWeight
+
+DIT = layouts.QUANTIZABLE["dit"]
+
+
+def build_dit():
+    return wan_dit.WanDiT(wan_dit.DIT_ARCHS["tiny-i2v"])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    return ensure_tiny("tiny-i2v")
+
+
+@pytest.fixture(scope="module")
+def dit_src(tiny_dir):
+    return open_source(tiny_dir)
+
+
+def _run(model):
+    """One deterministic forward of the tiny I2V DiT."""
+    torch.manual_seed(1)
+    arch = wan_dit.DIT_ARCHS["tiny-i2v"]
+    x = torch.randn(1, arch.out_dim, 1, 4, 4)
+    y = torch.randn(1, arch.in_dim - arch.out_dim, 1, 4, 4)
+    ctx = torch.randn(1, 8, arch.text_dim)
+    clip_fea = torch.randn(1, 257, arch.clip_dim)
+    with torch.no_grad():
+        return model(x.bfloat16(), torch.tensor([500.0]), ctx.bfloat16(), clip_fea=clip_fea.bfloat16(),
+                     y=y.bfloat16())
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and torch.equal(sa[k].reshape(-1).view(torch.uint8), sb[k].reshape(-1).view(torch.uint8))
+        for k in sa)
+
+
+@pytest.mark.parametrize("scheme, layouts_", [
+    ("fp8", ["single", "chunked", "blocks", "lightx2v"]),
+    ("int8", ["single", "blocks", "lightx2v"]),
+    ("fp8-b128", ["single", "chunked"]),
+    ("int4-g128", ["single", "blocks"]),
+])
+def test_dit_convert_then_load_equals_load_time_quantization(tmp_path, dit_src, scheme, layouts_):
+    reference = load_component(build_dit, dit_src, include=DIT, scheme=scheme, component="dit")
+    assert isinstance(reference.blocks[0].cross_attn.k_img, QLinear)
+    ref_out = _run(reference)
+    for layout in layouts_:
+        out = tmp_path / (layout if layout in ("chunked", "blocks") else f"{layout}.safetensors")
+        written = convert(dit_src, component="dit", scheme=scheme, output=out, layout=layout, shard_bytes=150_000,
+                          progress=False)
+        loaded = load_component(build_dit, open_source(written), include=DIT, scheme=scheme, component="dit")
+        assert _same_state(loaded, reference), layout
+        assert torch.equal(_run(loaded), ref_out), layout
+
+
+def test_skip_patterns_keep_linears_high_precision(tmp_path, dit_src):
+    skip = ["blocks.0.*", "*.ffn.2"]
+    out = convert(dit_src, component="dit", scheme="int8", output=tmp_path / "m.safetensors", skip=skip,
+                  progress=False)
+    meta = open_source(out).metadata
+    assert meta["lightq.skip"] == '["blocks.0.*", "*.ffn.2"]' and meta["lightq.scheme"] == "int8"
+    assert meta["lightq.source_sha256"] and meta["lightq.component"] == "dit" and meta["lightq.version"]
+    m = load_component(build_dit, open_source(out), include=DIT, skip=skip, scheme="int8")
+    assert isinstance(m.blocks[0].self_attn.q, nn.Linear) and isinstance(m.blocks[1].ffn[2], nn.Linear)
+    assert isinstance(m.blocks[1].ffn[0], QLinear)
+    # a skipped layer in the file is loaded as the mode's skip asks; dropping the skip then finds a float weight
+    with pytest.raises(CheckpointError, match=r"'blocks.0.self_attn.q.weight' is not quantized .* skip patterns"):
+        load_component(build_dit, open_source(out), include=DIT, scheme="int8")
+
+
+@pytest.mark.parametrize("component, scheme", [("t5", "int8"), ("t5", "fp8"), ("clip", "fp8"), ("clip", "int8")])
+def test_encoders_lightx2v_pth_round_trip(tmp_path, tiny_dir, component, scheme):
+    if component == "t5":
+        build, file = (lambda: t5.UMT5Encoder(t5.T5_ARCHS["tiny"])), "models_t5_umt5-xxl-enc-bf16.pth"
+        ignore = ()
+    else:
+        build, file = (lambda: clip.ClipVisual(clip.CLIP_ARCHS["tiny"])), \
+            "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+        ignore = clip.IGNORED_PREFIXES
+    src = open_source(tiny_dir / file)
+    inc = layouts.QUANTIZABLE[component]
+    out = convert(src, component=component, scheme=scheme, output=tmp_path, layout="lightx2v", progress=False)
+    assert out.name.endswith(f"-{scheme}.pth")
+    raw = torch.load(out, weights_only=True)
+    qkeys = [k for k in raw if k.endswith(".weight_scale")]
+    assert qkeys and all(raw[k].dtype == torch.float32 and raw[k].shape[1] == 1 for k in qkeys)
+    assert all(raw[k[: -len("_scale")]].dtype == (FP8_DTYPE if scheme == "fp8" else torch.int8) for k in qkeys)
+    assert not any(k.startswith("textual.") for k in raw)
+    assert all(v.dtype in (torch.float32, torch.int8, FP8_DTYPE) for v in raw.values())  # LightX2V: rest in fp32
+    ref = load_component(build, src, include=inc, scheme=scheme, ignore_prefixes=ignore, dtype=torch.float32)
+    got = load_component(build, open_source(out), include=inc, scheme=scheme, ignore_prefixes=ignore,
+                         dtype=torch.float32)
+    assert _same_state(got, ref)
+
+
+# --- files written the way LightX2V's converter and ComfyUI write them, independently of lightq.convert ---
+
+def _lightx2v_file(state: dict, dtype: torch.dtype) -> dict:
+    """LightX2V tools/convert: 2-D keys whose 3rd part is self_attn/cross_attn/ffn are quantized per row in the
+    source dtype (scale = amax.clamp(1e-5) / qmax, int8 clamp [-128, 127]) as ``key`` + ``key_scale``; the rest
+    is cast to fp32."""
+    out = {}
+    for k, w in state.items():
+        parts = k.split(".")
+        if w.dim() == 2 and len(parts) > 2 and parts[2] in ("self_attn", "cross_attn", "ffn"):
+            amax = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+            if dtype == torch.int8:
+                s = amax / 127
+                q = torch.clamp(torch.round(w / s), -128, 127).to(torch.int8)
+            else:
+                s = amax / torch.finfo(FP8_DTYPE).max
+                q = torch.clip(w / s, -448, 448).float().to(FP8_DTYPE)
+            out[k], out[k + "_scale"] = q, s.view(w.shape[0], -1)
+        else:
+            out[k] = w.float()
+    return out
+
+
+def _expected_from(file: dict, scheme: str):
+    """The reference: the DiT with exactly the file's (data, scale) put into QLinears by hand."""
+    torch.manual_seed(0)
+    model = build_dit()
+    model.load_state_dict({k: v for k, v in file.items() if not k.endswith(("_scale", ".scale_weight"))
+                           and k != "scaled_fp8" and k in model.state_dict() and v.dtype.is_floating_point
+                           and v.dtype != FP8_DTYPE}, strict=False)
+    model = model.to(torch.bfloat16)
+
+    def weight_for(name, lin):
+        d = file[name + ".weight"]
+        s = file[name + ".weight_scale"] if name + ".weight_scale" in file else \
+            file[name + ".scale_weight"].reshape(()).expand(d.shape[0], 1)
+        return QuantizedWeight(scheme, d, s.float().contiguous(), d.shape[0], d.shape[1])
+
+    from lightq.backends.registry import specs
+    swap_linears(model, DIT, (), specs()["torch"].load(), scheme, weight_for)
+    return model.eval()
+
+
+@pytest.mark.parametrize("qdtype, scheme", [(torch.int8, "int8"), (FP8_DTYPE, "fp8")])
+def test_lightx2v_converter_file_loads_and_matches(tmp_path, dit_src, qdtype, scheme):
+    state = {k: dit_src[k] for k in dit_src}
+    file = _lightx2v_file(state, qdtype)
+    assert any(v.dtype == torch.bfloat16 for k, v in file.items() if k.endswith("_scale"))
+    save_file(file, tmp_path / "wan_lightx2v.safetensors")
+    got = load_component(build_dit, open_source(tmp_path / "wan_lightx2v.safetensors"), include=DIT, scheme=scheme)
+    assert torch.equal(_run(got), _run(_expected_from(file, scheme)))
+
+
+def test_comfyui_scaled_fp8_file_loads_exactly(tmp_path, dit_src):
+    """ComfyUI scaled fp8: ``scale_weight`` fp32 scalar per tensor, optional ``scale_input``, ``scaled_fp8`` marker."""
+    file = {}
+    for k in dit_src:
+        w = dit_src[k]
+        prefix = k[: -len(".weight")]
+        if k.endswith(".weight") and any(__import__("fnmatch").fnmatchcase(prefix, p) for p in DIT):
+            s = w.float().abs().amax() / 448
+            file[k] = (w.float() / s).to(FP8_DTYPE)
+            file[prefix + ".scale_weight"] = s.reshape(())
+            file[prefix + ".scale_input"] = torch.tensor(1.0)
+        else:
+            file[k] = w
+    file["scaled_fp8"] = torch.zeros(2, dtype=FP8_DTYPE)
+    save_file(file, tmp_path / "wan2.1_fp8_scaled.safetensors")
+    src = open_source(tmp_path / "wan2.1_fp8_scaled.safetensors")
+    got = load_component(build_dit, src, include=DIT, scheme="fp8")
+    assert torch.equal(_run(got), _run(_expected_from(file, "fp8")))
+    with pytest.raises(CheckpointError, match="stored as fp8 but the mode expects int8"):
+        load_component(build_dit, src, include=DIT, scheme="int8")
+    # lightq's own comfyui writer produces the same conventions and loads too
+    out = convert(dit_src, component="dit", scheme="fp8", output=tmp_path / "c.safetensors", layout="comfyui",
+                  progress=False)
+    raw = load_file(out)
+    assert raw["scaled_fp8"].dtype == FP8_DTYPE and raw["scaled_fp8"].shape == (2,)
+    assert raw["blocks.0.self_attn.q.scale_weight"].shape == () and raw["blocks.0.self_attn.q.scale_weight"].dtype == torch.float32
+    load_component(build_dit, open_source(out), include=DIT, scheme="fp8")
+
+
+# --- corruption and mismatch: each its own clear error ---
+
+@pytest.fixture(scope="module")
+def fp8_file(tmp_path_factory, dit_src):
+    out = tmp_path_factory.mktemp("fp8") / "m.safetensors"
+    return convert(dit_src, component="dit", scheme="fp8", output=out, progress=False)
+
+
+def _edit(fp8_file, tmp_path, change, metadata=None):
+    t = load_file(fp8_file)
+    change(t)
+    p = tmp_path / "bad.safetensors"
+    save_safetensors_atomic(t, p, metadata if metadata is not None else open_source(fp8_file).metadata)
+    return open_source(p)
+
+
+Q = "blocks.1.ffn.0"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop(Q + ".weight_scale"), rf"its scale '{Q}.weight_scale' is missing"),
+    (lambda t: t.__setitem__(Q + ".weight_scale", t[Q + ".weight_scale"].t().contiguous()), r"\(it is transposed\)"),
+    (lambda t: t.__setitem__(Q + ".weight_scale", t[Q + ".weight_scale"].half()), r"is torch.float16, lightq needs float32"),
+    (lambda t: t.__setitem__(Q + ".weight_scale", t[Q + ".weight_scale"].bfloat16()), r"is torch.bfloat16, lightq needs float32"),
+    (lambda t: t[Q + ".weight"].view(torch.uint8)[0, 0].fill_(0x7F), rf"'{Q}.weight' holds 1 NaN values"),
+    (lambda t: t[Q + ".weight_scale"].__setitem__((0, 0), float("inf")), r"holds NaN/Inf values"),
+    (lambda t: t[Q + ".weight_scale"].__setitem__((0, 0), 0.0), r"zero or negative"),
+    (lambda t: t.__setitem__(Q + ".weight", t[Q + ".weight"].float()), rf"'{Q}.weight' is not quantized"),
+])
+def test_corrupt_quantized_tensors(tmp_path, fp8_file, change, message):
+    src = _edit(fp8_file, tmp_path, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_component(build_dit, src, include=DIT, scheme="fp8")
+
+
+def test_mode_file_mismatch(fp8_file):
+    with pytest.raises(CheckpointError, match="holds scheme 'fp8' .* mode expects 'int8'"):
+        load_component(build_dit, open_source(fp8_file), include=DIT, scheme="int8")
+    with pytest.raises(CheckpointError, match="quantized .* mode is 'none'"):
+        load_component(build_dit, open_source(fp8_file), include=DIT, scheme=None)
+    with pytest.raises(CheckpointError, match="'dit' checkpoint .* not 't5'"):
+        load_component(build_dit, open_source(fp8_file), include=DIT, scheme="fp8", component="t5")
+
+
+def test_lightx2v_layout_mismatch_without_metadata(tmp_path, fp8_file):
+    src = _edit(fp8_file, tmp_path, lambda t: None, metadata={})  # no lightq header: detected from dtypes
+    with pytest.raises(CheckpointError, match=r"'blocks.0.self_attn.q.weight' is stored as fp8 but the mode expects int8"):
+        load_component(build_dit, src, include=DIT, scheme="int8")
+
+
+def test_nan_weight_in_float_checkpoint(dit_src):
+    t = {k: dit_src[k].clone() for k in dit_src}
+    t["blocks.1.self_attn.v.weight"][3, 2] = float("nan")
+    with pytest.raises(Exception, match=r"blocks.1.self_attn.v.weight: 1 NaN/Inf"):
+        load_component(build_dit, DictSource(t), include=DIT, scheme="int8")
+
+
+def test_key_errors_are_listed(dit_src):
+    t = {k: dit_src[k] for k in dit_src}
+    missing = [k for k in t if k.startswith("blocks.1.")]
+    for k in missing:
+        del t[k]
+    t["extra.thing"] = torch.zeros(1)
+    t["head.head.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError) as err:
+        load_component(build_dit, DictSource(t, "ckpt"), include=DIT, scheme="fp8")
+    msg = str(err.value)
+    assert f"and {len(missing) - 5} more" in msg and "unexpected: extra.thing" in msg
+    assert "mis-shaped: head.head.weight (file (3, 3)" in msg
+
+
+def test_random_weights_are_seeded_and_real_architecture():
+    a = load_component(build_dit, "random", include=DIT, scheme="int8", seed=3)
+    b = load_component(build_dit, "random", include=DIT, scheme="int8", seed=3)
+    c = load_component(build_dit, "random", include=DIT, scheme="int8", seed=4)
+    assert _same_state(a, b) and not _same_state(a, c)
+    assert isinstance(a.blocks[0].self_attn.q, QLinear) and torch.isfinite(_run(a).float()).all()
