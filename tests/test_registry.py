@@ -230,7 +230,7 @@ def test_cli_table_for_a_gpu_profile(fake_site):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("lightq backends on H100 (profile) (sm90) (hardware=sm90)\n")
     rows = table_rows(proc.stdout)
-    assert set(rows) == {"torch", "goodgpu", "missingkernel", "raising", "brokenentry"}
+    assert {"torch", "goodgpu", "missingkernel", "raising", "brokenentry"} <= set(rows)  # plus any installed
     import torch
 
     assert torch.__version__ in rows["torch"]
