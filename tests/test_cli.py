@@ -1,0 +1,86 @@
+"""``python -m lightq`` end to end in a subprocess, as a user runs it, on the embedded tiny models (CPU)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightq.pipeline.video import read_mp4
+
+
+def only_job(cwd: Path) -> Path:
+    results = list((cwd / "outputs").rglob("result.json"))
+    assert len(results) == 1, results
+    return results[0].parent
+
+
+def test_default_run_writes_video_latents_and_record(run_lightq, tmp_path):
+    proc = run_lightq()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = only_job(tmp_path)
+    res = json.loads((job / "result.json").read_text())
+    assert res["status"] == "ok"
+    assert res["choices"]["model"] == "tiny" and res["choices"]["dit_quant"] == "none"
+    assert set(res["components"]) == {"t5", "dit", "vae"}
+    for stage in ("load", "encode_text", "denoise", "denoise_per_step", "decode", "write", "total"):
+        assert res["timings_s"][stage] >= 0
+    assert res["memory"]["peak_host_bytes"] > 0
+    assert res["quality"]["baseline"] == "this run is the bf16 baseline"
+    frames = read_mp4(job / "video.mp4")
+    assert frames.shape == (9, 64, 64, 3)
+    assert frames.std() > 1, "the decoded video is not a flat image"
+    assert (job / "latents.pt").is_file() and (job / "config_resolved.yaml").is_file()
+    assert (job / ".hydra" / "config.yaml").is_file() and (job / "lightq.log").read_text().strip()
+
+
+@pytest.mark.parametrize("mode", ["fp8-torch", "int8-torch", "int4-g128-torch", "fp8-b128-torch"])
+def test_portable_mode_i2v_all_three_components(run_lightq, tmp_path, mode):
+    proc = run_lightq("model=tiny-i2v", f"dit_quant={mode}", f"t5_quant={mode}", f"clip_quant={mode}",
+                      "model.frames=5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = only_job(tmp_path)
+    res = json.loads((job / "result.json").read_text())
+    assert res["status"] == "ok"
+    for comp in ("dit", "t5", "clip"):
+        assert res["components"][comp]["mode"] == mode and res["components"][comp]["backend"] == "torch"
+        assert res["components"][comp]["quantized_layers"] > 0
+    assert res["components"]["vae"]["quantized_layers"] == 0
+    assert "encode_image" in res["timings_s"]
+    q = res["quality"]
+    assert q["baseline"] == "bf16 baseline computed in this job" or q["baseline"].startswith("cached bf16 baseline")
+    assert 15 < q["psnr_db"] < 90 and 0.5 < q["latent_cosine"] < 1.0
+    assert read_mp4(job / "video.mp4").shape == (5, 64, 64, 3)
+
+
+def test_unavailable_mode_exits_2_with_one_line(run_lightq, tmp_path):
+    proc = run_lightq("dit_quant=fp8-sgl", "t5_quant=int8-vllm")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "dit_quant=fp8-sgl" in lines[0] and "t5_quant=int8-vllm" in lines[0]
+    assert "install" in lines[0] and "dit_quant=fp8-torch" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    res = json.loads((only_job(tmp_path) / "result.json").read_text())
+    assert res["status"] == "skipped" and not (only_job(tmp_path) / "video.mp4").exists()
+
+
+def test_unknown_mode_lists_valid_modes(run_lightq):
+    proc = run_lightq("dit_quant=bogus")
+    assert proc.returncode != 0
+    for mode in ("fp8-sgl", "int8-vllm", "fp8-torch", "int4-g128-marlin"):
+        assert mode in proc.stderr
+
+
+def test_bad_image_is_one_clear_error(run_lightq, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("hello")
+    proc = run_lightq("model=tiny-i2v", f"image={bad}")
+    assert proc.returncode == 2
+    assert "cannot read it as an image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hardware_cpu_forced(run_lightq, tmp_path):
+    proc = run_lightq("hardware=cpu", "dit_quant=int8-torch", "model.frames=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((only_job(tmp_path) / "result.json").read_text())
+    assert res["hardware"]["device"] == "cpu"
