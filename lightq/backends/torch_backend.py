@@ -9,13 +9,13 @@ It is the reference every plugin is checked against, and the portable fallback (
              (and in TF32), accumulated in fp32, then scaled.
 - int8:      ``torch._int_mm`` (exact int32 accumulation) then both scales; M is padded to 17 rows on CUDA, where
              ``_int_mm`` needs M > 16. Where it cannot run (CUDA, K or N not a multiple of 8) the integer sum is
-             computed exactly in float64 (|sum| <= 127**2 K < 2**53) and converted exactly as ``_int_mm``'s would be.
+             computed exactly in float64 (|sum| <= 127**2 K < 2**53), so the result is bitwise the ``_int_mm`` one.
 - fp8-b128:  emulated the way block-scaled kernels compute: for each 128-wide group g along K, the exact fp8 partial
              product ``xq_g @ wq_g^T`` is scaled by ``sx[:, g] * sw[n // 128, g]`` and accumulated in fp32.
 - int4-g128: weight-only: the weight is dequantized to the activation dtype, then one ``linear`` (bias fused).
 
-Bias is added in fp32 (rounded once with the output) except on the ``_scaled_mm`` and int4 paths, whose output
-is already in 16 bits.
+Bias is added in fp32 and rounded once with the output, except on the ``_scaled_mm`` path (added to its bf16
+output) and the int4 path (fused into the ``linear`` in ``x.dtype``).
 """
 
 from __future__ import annotations
