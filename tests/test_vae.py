@@ -106,6 +106,8 @@ def test_no_buffers_and_latent_constants():
     assert len(LATENT_MEAN) == len(LATENT_STD) == 16
     assert LATENT_MEAN[7] == 1.5508 and LATENT_STD[8] == 3.2687
     assert VAE_ARCHS["tiny"].z_dim == 16 and VAE_ARCHS["wan2.1"] == VAEArch()
+    with pytest.raises(LightqError, match="z_dim=16"):
+        _meta_model(VAEArch(dim=8, z_dim=4))
 
 
 # ---------------------------------------------------------------------------------------------- numerics
@@ -190,3 +192,40 @@ def test_bad_latent_shape(tiny):
     with pytest.raises(LightqError) as err:
         tiny.decode(torch.zeros(1, 15, 2, 4, 4))
     assert "[batch, 16, frames, height, width]" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+
+
+@needs_cuda
+def test_gpu_matches_cpu(tiny):
+    gpu = WanVAE(VAE_ARCHS["tiny"]).to("cuda").eval()
+    gpu.load_state_dict(tiny.state_dict())
+    video = _video(5, 32, seed=9)
+    latents = tiny.encode(video)
+    torch.testing.assert_close(gpu.encode(video.cuda()).cpu(), latents, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.decode(latents.cuda()).cpu(), tiny.decode(latents), atol=1e-4, rtol=1e-4)
+    half = gpu.to(torch.bfloat16)
+    decoded = half.decode(latents.cuda()).cpu()
+    assert torch.nn.functional.cosine_similarity(decoded.flatten(), tiny.decode(latents).flatten(), dim=0) > 0.99
+
+
+@needs_cuda
+def test_gpu_chunked_decode_memory_does_not_grow_with_frames():
+    torch.manual_seed(0)
+    model = WanVAE().to("cuda", torch.bfloat16).eval()  # the real Wan2.1 size, random weights
+    activation_peaks = {}
+    for latent_frames in (2, 6):
+        latents = torch.randn(1, 16, latent_frames, 30, 52, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        video = model.decode(latents)
+        torch.cuda.synchronize()
+        assert video.shape == (1, 3, 1 + 4 * (latent_frames - 1), 240, 416)
+        output_bytes = video.numel() * video.element_size()
+        activation_peaks[latent_frames] = torch.cuda.max_memory_allocated() - before - output_bytes
+        del video
+    assert activation_peaks[6] < 1.1 * activation_peaks[2], activation_peaks

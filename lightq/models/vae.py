@@ -290,6 +290,9 @@ class WanVAE(nn.Module):
 
     def __init__(self, arch: VAEArch = VAEArch()):
         super().__init__()
+        if arch.z_dim != len(LATENT_MEAN):
+            raise LightqError(f"VAE z_dim {arch.z_dim} has no latent statistics: Wan2.1's VAE uses "
+                              f"z_dim={len(LATENT_MEAN)} (the DiT's latent channels); keep it in the VAEArch")
         self.arch = arch
         self.encoder = Encoder3d(arch)
         self.conv1 = CausalConv3d(2 * arch.z_dim, 2 * arch.z_dim, 1)
