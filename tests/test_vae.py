@@ -17,6 +17,15 @@ def _shapes(model: WanVAE) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The suite runs two xdist workers on two cores: a second OpenMP thread per worker only spins (2x CPU time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny() -> WanVAE:
     torch.manual_seed(0)
