@@ -1,0 +1,54 @@
+"""GPU parity of the ``torchao`` backend (int8-torchao) against torchao's own rule and lightq's torch reference.
+
+torchao quantizes activations by its own rule (``lightq_torchao.impl`` doc): t = max|x| / 127.5 rounded to the
+activation dtype, x_q = clamp(round(x * (1/t)), -128, 127). The quantizer test checks that rule, emulated here
+independently; the GEMM test checks torchao's compiled int8 GEMM exactly on those codes (two roundings into the
+activation dtype, as torchao rounds before applying the weight scales); the full ``apply`` (compiled) must stay
+within rho = 2 of ``int8-torch``'s own activation quantization error (two different grids), and equal the eager
+torchao path to its rounding. Shapes are narrowed to K in {1536, 5120}: every (K, dtype, bias) compiles a graph.
+"""
+
+import pytest
+import torch
+
+from lightq_torchao import SPEC
+
+pytestmark = pytest.mark.gpu
+SCHEME = "int8"
+CASES = [(m, n, k) for m in (1, 257, 512) for n, k in ((1536, 1536), (8960, 1536), (5120, 5120), (13824, 5120))] \
+    + [(32760, 5120, 5120)]
+QUANT_CASES = [(m, k) for m in (1, 257, 512, 32760) for k in (1536, 5120, 13824)]
+
+
+def torchao_rule(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao 0.18's symmetric per-row int8 activation quantization, written out."""
+    t = (x.abs().amax(dim=-1, keepdim=True) / 127.5).clamp_min(torch.finfo(torch.float32).eps).float()
+    q = torch.clamp(torch.round(x.float() * (1.0 / t)), -128, 127).to(torch.int8)
+    return q, t
+
+
+def test_activation_quantizer_is_torchaos_rule(parity, qcase, dtype):
+    parity.check_quantizer(parity.load(SPEC, SCHEME), SCHEME, *qcase, dtype, reference=torchao_rule)
+
+
+def test_gemm_exact_given_same_quantized_inputs(parity, case, dtype, with_bias):
+    parity.check_gemm(parity.load(SPEC, SCHEME), SCHEME, *case, dtype, with_bias, roundings=(dtype, dtype))
+
+
+def test_apply_matches_torch_backend(parity, case, dtype, with_bias):
+    parity.check_apply(parity.load(SPEC, SCHEME), SCHEME, *case, dtype, with_bias, rho=2.0)
+
+
+@pytest.mark.parametrize("m", (257, 4096))
+def test_compiled_equals_eager_torchao(parity, m, dtype):
+    backend = parity.load(SPEC, SCHEME)
+    qw, bias = parity.weight(SCHEME, 5120, 5120)
+    packed = backend.pack(qw)
+    x = parity.activation(m, 5120, dtype)
+    compiled = backend.apply(x, packed, SCHEME, bias)
+    eager = backend.apply_eager(x, packed, SCHEME, bias)
+    parity.assert_relative_fro(compiled, eager.double(), 4 * 2.0 ** -8, "compiled vs eager torchao")
+
+
+def test_tiny_dit_matches_torch_mode(parity):
+    parity.check_dit(parity.load(SPEC, SCHEME), SCHEME, rho=2.0)

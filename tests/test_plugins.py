@@ -1,0 +1,132 @@
+"""CPU checks of the six kernel plugins (``plugins/lightq-*``), as CI sees them: installed editable with --no-deps.
+
+Each plugin must register its spec under ``lightq.backends``, declare its kernel library as a dependency, explain
+on the CPU (without raising) why it cannot run, with the install command, import nothing heavy at package import,
+and turn a missing library into one BackendUnavailable naming the install command.
+Install them first: ``pip install --no-deps -e plugins/lightq-vllm -e plugins/lightq-sgl ...`` (see plugins/*/README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from lightq.backends.registry import GROUP, specs
+from lightq.errors import BackendUnavailable
+from lightq.hardware import PROFILES
+
+ROOT = Path(__file__).resolve().parents[1]
+# plugin name -> (import name of the package, kernel library import name, pip requirement prefix or None)
+PLUGINS = {
+    "vllm": ("lightq_vllm", "vllm", "vllm"),
+    "sgl": ("lightq_sgl", "sgl_kernel", "sglang-kernel"),
+    "torchao": ("lightq_torchao", "torchao", "torchao"),
+    "deepgemm": ("lightq_deepgemm", "vllm", "vllm"),
+    "marlin": ("lightq_marlin", "vllm", "vllm"),
+    "q8f": ("lightq_q8f", "q8_kernels", None),  # not on the package index: documented install, no dependency
+}
+KERNEL_MODULES = ("vllm", "sgl_kernel", "torchao", "deep_gemm", "q8_kernels", "q8_kernels_cuda")
+
+
+def _library_missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(PLUGINS[name][1]) is None
+    except Exception:  # a broken install counts as missing
+        return True
+
+
+def test_every_plugin_is_registered_under_the_entry_point_group():
+    registered = {ep.name for ep in entry_points(group=GROUP)}
+    missing = sorted(set(PLUGINS) - registered)
+    assert not missing, ("plugins not installed: " + ", ".join(missing) + "; run pip install --no-deps "
+                         + " ".join(f"-e plugins/lightq-{m}" for m in missing))
+
+
+def test_registry_lists_the_torch_backend_and_all_six_plugins():
+    specs.cache_clear()
+    assert set(specs()) >= {"torch", *PLUGINS}
+    for name in PLUGINS:
+        spec = specs()[name]
+        assert spec.schemes, f"{name}: entry point failed to load ({spec.description})"
+
+
+@pytest.mark.parametrize("name", sorted(PLUGINS))
+def test_pyproject_declares_entry_point_and_kernel_dependency(name):
+    meta = tomllib.loads((ROOT / "plugins" / f"lightq-{name}" / "pyproject.toml").read_text())
+    package, _, requirement = PLUGINS[name]
+    assert meta["project"]["entry-points"][GROUP] == {name: f"{package}:SPEC"}
+    deps = meta["project"]["dependencies"]
+    assert "lightq" in deps
+    if requirement is not None:
+        assert any(d.startswith(requirement) for d in deps), f"{name} must depend on {requirement}: {deps}"
+
+
+@pytest.mark.parametrize("name", sorted(PLUGINS))
+def test_cpu_rejection_explains_itself_without_raising(name):
+    spec = specs()[name]
+    cpu = PROFILES["cpu"]
+    ok, why = spec.is_available(cpu)
+    assert ok is False and why
+    for scheme in spec.schemes:
+        ok, why = spec.can_implement(scheme, cpu, (1536, 1536))
+        assert ok is False and why
+        if _library_missing(name):
+            assert spec.install in why and "install" in why
+        else:
+            assert "CUDA" in why
+    if _library_missing(name):  # also on a GPU profile: the missing library is named first
+        ok, why = spec.can_implement(next(iter(spec.schemes)), PROFILES["sm90"])
+        assert ok is False and spec.install in why
+
+
+@pytest.mark.parametrize("name", sorted(PLUGINS))
+def test_importing_the_plugin_imports_no_kernel_library(name):
+    package = PLUGINS[name][0]
+    code = (f"import sys, {package}; heavy = [m for m in {KERNEL_MODULES!r} if m in sys.modules]; "
+            f"print(','.join(heavy)); assert {package}.SPEC.name == {name!r}")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "", f"importing {package} imported {run.stdout.strip()}"
+
+
+@pytest.mark.parametrize("name", sorted(PLUGINS))
+def test_load_without_the_library_is_one_backend_unavailable(name):
+    if not _library_missing(name):
+        pytest.skip(f"{PLUGINS[name][1]} is installed here")
+    spec = specs()[name]
+    with pytest.raises(BackendUnavailable) as err:
+        spec.load()
+    assert name in str(err.value) and spec.install in str(err.value)
+
+
+# Declared hardware and shape rules, checked with the library requirement lifted (the specs are plain data).
+WAN_NK = [(1536, 1536), (8960, 1536), (1536, 8960), (5120, 5120), (13824, 5120), (5120, 13824), (128, 256)]
+EXPECTED = {  # (name, scheme): (lowest profile that runs it, a profile that must not)
+    ("vllm", "fp8"): ("sm89", "sm80"), ("vllm", "int8"): ("sm80", None),
+    ("sgl", "fp8"): ("sm89", "sm80"), ("sgl", "int8"): ("sm80", None),
+    ("torchao", "int8"): ("sm80", None),
+    ("deepgemm", "fp8-b128"): ("sm90", "sm100"),
+    ("marlin", "int4-g128"): ("sm80", None),
+    ("q8f", "fp8"): ("sm89", "sm90"), ("q8f", "int8"): ("sm89", "sm90"),
+}
+
+
+@pytest.mark.parametrize("name,scheme", sorted(EXPECTED))
+def test_declared_capabilities_and_wan_shapes(name, scheme):
+    spec = dataclasses.replace(specs()[name], requires=())
+    runs_on, refused_on = EXPECTED[(name, scheme)]
+    for n, k in WAN_NK:
+        ok, why = spec.can_implement(scheme, PROFILES[runs_on], (n, k))
+        assert ok, f"{name} {scheme} [{n}, {k}] on {runs_on}: {why}"
+    if refused_on is not None:
+        ok, why = spec.can_implement(scheme, PROFILES[refused_on], (1536, 1536))
+        assert not ok and why
+    ok, why = spec.can_implement(scheme, PROFILES[runs_on], (100, 100))
+    assert not ok and "100" in why, f"{name} must refuse a [100, 100] weight"
