@@ -41,7 +41,13 @@ def open_component_source(ref: str, component: str):
 
 
 def run(cfg) -> Path:
+    from omegaconf import OmegaConf
+
     from .checkpoints.conversion import convert
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise LightqError(f"missing {', '.join(k + '=...' for k in missing)}: pass it on the command line")
 
     source = open_component_source(str(cfg.source), cfg.component)
     return convert(source, component=cfg.component, scheme=cfg.scheme, output=cfg.output, layout=cfg.layout,
@@ -50,14 +56,8 @@ def run(cfg) -> Path:
 
 
 def _task(cfg) -> None:
-    from omegaconf.errors import MissingMandatoryValue
-
     try:
         out = run(cfg)
-    except MissingMandatoryValue as exc:
-        key = getattr(exc, "full_key", "") or str(exc)
-        print(f"lightq.convert: missing {key}=...: pass it on the command line", file=sys.stderr)
-        sys.exit(2)
     except LightqError as exc:
         print(f"lightq.convert: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -1,8 +1,27 @@
 """Checkpoints: lazy reading of every published layout, streamed atomic writing, loading into modules.
 
-- ``io``       ``TensorSource`` / ``open_source`` (safetensors, chunked, block split, .pth), atomic writers
+- ``io``              ``TensorSource`` / ``open_source`` (safetensors, chunked, block split, .pth), atomic writers
+- ``formats``         pre-quantized layouts (lightq, LightX2V, ComfyUI scaled fp8): detection and validation
+- ``loader``          ``load_component``: meta-device build, tensor-by-tensor fill, QLinear swap
+- ``conversion``      streaming quantized conversion behind ``python -m lightq.convert``
+- ``hub``             Hugging Face Hub references (``owner/repo[/file]``), offline-aware
+- ``locate``          ``find_component_file``: a component's file in a model folder, by LightX2V's names
+- ``lightx2v_config`` LightX2V JSON config -> lightq Hydra overrides
+
+Names are imported lazily, so ``hub`` and ``lightx2v_config`` work without importing torch.
 """
 
-from .io import TensorSource, open_source, save_safetensors_atomic
+from importlib import import_module
 
-__all__ = ["TensorSource", "open_source", "save_safetensors_atomic"]
+_EXPORTS = {
+    "TensorSource": "io", "open_source": "io", "save_safetensors_atomic": "io",
+    "load_component": "loader", "find_component_file": "locate", "overrides_from_lightx2v": "lightx2v_config",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,198 @@
+"""python -m lightq.convert end to end, interrupted writes, Hub offline errors, LightX2V config and file locating."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lightq.checkpoints.io import open_source
+from lightq.checkpoints.lightx2v_config import overrides_from_lightx2v
+from lightq.checkpoints.locate import find_component_file
+from lightq.errors import CheckpointError, LightqError
+from lightq.models.tiny import ensure_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _convert(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "lightq.convert", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=120)
+
+
+def _cfg(*args):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "convert.yaml"), OmegaConf.from_dotlist(list(args)))
+    cfg.pop("defaults")
+    cfg.pop("hydra")
+    return cfg
+
+
+def test_cli_converts_and_refuses_to_overwrite(tmp_path):
+    from lightq.convert import run
+
+    out = tmp_path / "dit-int8.safetensors"
+    r = _convert("component=dit", "scheme=int8", "source=tiny", f"output={out}", "skip=[blocks.0.ffn.2]",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    meta = open_source(out).metadata
+    assert meta["lightq.scheme"] == "int8" and meta["lightq.skip"] == '["blocks.0.ffn.2"]'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # Hydra wrote no outputs/ folder
+    before = out.read_bytes()
+    r = _convert("component=dit", "scheme=fp8", "source=tiny", f"output={out}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "overwrite=true" in r.stderr, r.stderr
+    assert out.read_bytes() == before
+    run(_cfg("component=dit", "scheme=fp8", "source=tiny", f"output={out}", "overwrite=true", "progress=false"))
+    assert open_source(out).metadata["lightq.scheme"] == "fp8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["scheme=fp4", "source=tiny", "output=x.safetensors"], "scheme 'fp4'"),
+    (["layout=lightx2v", "scheme=int4-g128", "source=tiny", "output=x.safetensors"], "fp8 or int8 per-channel"),
+    (["source=tiny"], "missing output=..."),
+    (["source=/nope/model.safetensors", "output=x.safetensors"], "checkpoint not found"),
+    (["layout=comfyui", "scheme=int8", "source=tiny", "output=x.safetensors"], "comfyui is scaled fp8 only"),
+    (["layout=chunked", "source=tiny", "output=x.safetensors"], "writes a folder"),
+])
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, args, message):
+    from lightq.convert import run
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LightqError, match=message) as err:
+        run(_cfg(*args))
+    assert str(err.value).count("\n") == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+SLOW_WRITER = """
+import sys, time
+from lightq.checkpoints import io
+_write = io.SafetensorsWriter.write
+def slow(self, key, tensor):
+    _write(self, key, tensor)
+    self._file.flush()
+    time.sleep(0.05)
+io.SafetensorsWriter.write = slow
+from lightq.convert import main
+sys.argv = ["lightq.convert"] + sys.argv[1:]
+main()
+"""
+
+
+def test_killed_conversion_leaves_nothing_that_looks_complete(tmp_path, layout="blocks", name="m_blocks"):
+    """SIGKILL in the middle of writing (the writer is slowed down by the test, not by lightq)."""
+    script = tmp_path / "slow_convert.py"
+    script.write_text(SLOW_WRITER)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), "component=dit", "scheme=fp8", "source=tiny",
+                             f"layout={layout}", f"output={work / name}"], cwd=work,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        partial = [p for p in work.rglob("*.partial") if p.is_file() and p.stat().st_size > 0]
+        if partial:
+            break
+        time.sleep(0.01)
+    else:
+        proc.kill()
+        pytest.fail("the conversion never started writing")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / name).exists()
+    leftovers = [p.name for p in work.iterdir()]
+    assert leftovers and all(n.startswith(".") and n.endswith(".partial") for n in leftovers)
+    with pytest.raises(CheckpointError):
+        open_source(work / name)
+
+
+def test_hub_offline_uncached_is_one_clear_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    code = ("from lightq.checkpoints.hub import resolve\n"
+            "try:\n    resolve('lightx2v/Encoders-Lightx2v/models_t5_umt5-xxl-enc-fp8.pth')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("CheckpointError 'lightx2v/Encoders-Lightx2v/models_t5_umt5-xxl-enc-fp8.pth' is not "
+                               "in the Hugging Face cache and offline mode is on"), r.stdout + r.stderr
+
+
+def test_hub_cached_file_resolves_offline(tmp_path):
+    """A file already in the HF cache layout is found with HF_HUB_OFFLINE=1."""
+    hub = tmp_path / "hf" / "hub" / "models--me--enc"
+    snap = hub / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("a" * 40)
+    torch.save({"x": torch.ones(2)}, snap / "enc.pth")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    code = "from lightq.checkpoints.hub import resolve; print(resolve('me/enc/enc.pth'))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip().endswith("enc.pth"), r.stderr
+
+
+def test_find_component_file_like_lightx2v(tmp_path):
+    tiny = ensure_tiny("tiny-i2v")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny.iterdir():
+        (folder / f.name).symlink_to(f)
+    assert find_component_file(folder, "dit", None) == folder
+    assert find_component_file(folder, "t5", None).name == "models_t5_umt5-xxl-enc-bf16.pth"
+    assert find_component_file(folder, "vae", None).name == "Wan2.1_VAE.pth"
+    with pytest.raises(CheckpointError, match="no DiT checkpoint holds fp8 .*found: model \\(bf16\\)"):
+        find_component_file(folder, "dit", "fp8")
+    with pytest.raises(CheckpointError, match="models_t5_umt5-xxl-enc-int8.pth"):
+        find_component_file(folder, "t5", "int8")
+    from lightq.convert import run
+    run(_cfg("component=dit", "scheme=fp8", f"source={folder}", f"output={folder / 'wan_fp8.safetensors'}"))
+    assert find_component_file(folder, "dit", "fp8").name == "wan_fp8.safetensors"
+    run(_cfg("component=t5", "scheme=int8", f"source={folder}", "layout=lightx2v", f"output={folder}"))
+    assert find_component_file(folder, "t5", "int8").name == "models_t5_umt5-xxl-enc-int8.pth"
+    src = open_source(folder / "wan_fp8.safetensors")
+    save_file({k: src[k] for k in src}, folder / "copy_fp8.safetensors")  # a second fp8 file: ambiguous
+    with pytest.raises(CheckpointError, match="2 DiT checkpoints hold fp8 weights"):
+        find_component_file(folder, "dit", "fp8")
+
+
+def _json(tmp_path, cfg):
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def test_lightx2v_config_mapping(tmp_path):
+    cfg = {"infer_steps": 4, "target_video_length": 81, "target_height": 480, "target_width": 832, "seed": 42,
+           "sample_shift": 5.0, "sample_guide_scale": 5, "enable_cfg": False,
+           "denoising_step_list": [1000, 750, 500, 250],
+           "dit_quantized": True, "dit_quant_scheme": "fp8-sgl", "dit_quantized_ckpt": "/m/wan fp8.safetensors",
+           "t5_quantized": True, "t5_quant_scheme": "int8-vllm", "clip_quantized": False,
+           "cpu_offload": True, "offload_granularity": "phase", "lazy_load": True}
+    got = overrides_from_lightx2v(_json(tmp_path, cfg))
+    assert got == ["dit_quant=fp8-sgl", "dit_quant.ckpt='/m/wan fp8.safetensors'", "t5_quant=int8-vllm",
+                   "clip_quant=none", "offload=phase", "offload.lazy_load=true", "sampler.steps=4",
+                   "sampler.shift=5.0", "sampler.guide_scale=5", "model.frames=81", "model.height=480",
+                   "model.width=832", "seed=42", "sampler=distill", "sampler.denoising_steps=[1000,750,500,250]",
+                   "sampler.guide_scale=1.0"]
+    assert overrides_from_lightx2v(_json(tmp_path, {"dit_quantized": True, "dit_quant_scheme": "int8-triton"})) \
+        == ["dit_quant=int8-torch"]
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"self_attn_1_type": "flash_attn3"}, "does not support: self_attn_1_type"),
+    ({"dit_quantized": True, "dit_quant_scheme": "nvfp4"}, "dit_quant_scheme='nvfp4' is not a lightq dit mode"),
+    ({"t5_quantized": True, "t5_quant_scheme": "fp8-vllm"}, "t5_quant_scheme='fp8-vllm' is not a lightq t5 mode"),
+    ({"dit_quantized": True}, "'dit_quant_scheme' is missing"),
+    ({"lazy_load": True}, "lazy_load needs cpu_offload"),
+    ({"cpu_offload": True, "offload_granularity": "layer"}, "offload_granularity='layer'"),
+])
+def test_lightx2v_config_errors_name_the_key(tmp_path, cfg, message):
+    with pytest.raises(CheckpointError, match=message):
+        overrides_from_lightx2v(_json(tmp_path, cfg))
