@@ -1,7 +1,6 @@
-"""Shared helpers for the plugins' GPU parity tests (``plugins/lightq-*/tests/test_gpu_parity.py``).
+"""Shared helpers for the plugins' GPU parity tests (``plugins/lightq-*/tests/test_gpu_parity_*.py``).
 
-Every plugin's test file has the same name, so run them with ``--import-mode=importlib``. The helpers reach the
-tests through the ``parity`` fixture. Tolerances come from the formats (u = unit roundoff, 2**-8 for bf16 and
+The helpers reach the tests through the ``parity`` fixture (test files cannot import this module by name). Tolerances come from the formats (u = unit roundoff, 2**-8 for bf16 and
 2**-11 for fp16):
 
 * quantizers: a plugin's activation quantizer must give the reference's scales to fp32 rounding (relative 2**-20)
