@@ -56,7 +56,7 @@ def _mib(n) -> float | None:
 
 def _is_baseline(res: dict) -> bool:
     comps = res.get("components") or {}
-    return bool(comps) and all(c.get("scheme") == "none" for c in comps.values())
+    return bool(comps) and all(c.get("scheme", "none") == "none" for c in comps.values())
 
 
 def row(job: str, res: dict, base_denoise: dict[str, float]) -> dict:

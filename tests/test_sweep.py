@@ -1,0 +1,84 @@
+"""Sweeps: every combination runs, unavailable ones are skipped, failures don't stop the sweep, tables rebuilt."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def sweep(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "lightq", "-m", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def mode_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    proc = sweep(tmp, "dit_quant=none,fp8-torch,int8-torch,int4-g128-torch,fp8-sgl", "model.frames=5")
+    return tmp / "sweep", proc
+
+
+def test_sweep_layout_and_statuses(mode_sweep):
+    root, proc = mode_sweep
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == sorted(f"dit_quant={m},model.frames=5" for m in
+                          ("none", "fp8-torch", "int8-torch", "int4-g128-torch", "fp8-sgl"))
+    status = {}
+    for job in jobs:
+        res = json.loads((root / job / "result.json").read_text())
+        status[res["choices"]["dit_quant"]] = res["status"]
+        assert (root / job / "config_resolved.yaml").is_file() and (root / job / ".hydra").is_dir()
+        if res["status"] == "ok":
+            assert (root / job / "video.mp4").stat().st_size > 0
+    assert status == {"none": "ok", "fp8-torch": "ok", "int8-torch": "ok", "int4-g128-torch": "ok",
+                      "fp8-sgl": "skipped"}
+    for name in ("results.jsonl", "results.csv", "results.md", "results.svg"):
+        assert (root / name).stat().st_size > 0
+    assert "1 skipped, 0 failed" in proc.stdout
+
+
+def test_table_quality_ranks_as_the_numerics_imply(mode_sweep):
+    root, _ = mode_sweep
+    rows = {r["dit_mode"]: r for r in csv.DictReader((root / "results.csv").open())}
+    assert rows["none"]["psnr_db"] == "baseline" and float(rows["none"]["speedup"]) == 1.0
+    assert rows["fp8-sgl"]["status"] == "skipped" and "install" in rows["fp8-sgl"]["reason"]
+    psnr = {m: float(rows[m]["psnr_db"]) for m in ("fp8-torch", "int8-torch", "int4-g128-torch")}
+    cos = {m: float(rows[m]["latent_cosine"]) for m in psnr}
+    # 8-bit formats lose far less than 4-bit weights; none of them is lossless
+    assert min(psnr["fp8-torch"], psnr["int8-torch"]) > psnr["int4-g128-torch"]
+    assert min(cos["fp8-torch"], cos["int8-torch"]) > cos["int4-g128-torch"]
+    assert max(cos.values()) < 1.0
+    for m in psnr:
+        assert float(rows[m]["speedup"]) > 0 and float(rows[m]["dit_weight_mib"]) < float(rows["none"]["dit_weight_mib"])
+    md = (root / "results.md").read_text()
+    assert md.count("\n") == 2 + 5 and "int4-g128-torch" in md
+
+
+def test_report_rebuilds_tables(mode_sweep):
+    root, _ = mode_sweep
+    (root / "results.md").unlink()
+    proc = subprocess.run([sys.executable, "-m", "lightq.report", str(root)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "fp8-torch" in proc.stdout
+    assert (root / "results.md").is_file()
+
+
+def test_failed_job_does_not_stop_the_sweep(tmp_path):
+    proc = sweep(tmp_path, "model.frames=5,6")
+    assert proc.returncode != 0, "a failed job makes the sweep exit non-zero"
+    rows = {r["job"]: r for r in csv.DictReader((tmp_path / "sweep" / "results.csv").open())}
+    assert rows["model.frames=5"]["status"] == "ok"
+    assert rows["model.frames=6"]["status"] == "failed" and "4k+1" in rows["model.frames=6"]["reason"]
+    assert "failed jobs: model.frames=6" in proc.stderr
+
+
+def test_resume_skips_succeeded_jobs(tmp_path):
+    first = sweep(tmp_path, "dit_quant=none,int8-torch", "model.frames=5")
+    assert first.returncode == 0, first.stderr[-2000:]
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("video.mp4")}
+    second = sweep(tmp_path, "dit_quant=none,int8-torch", "model.frames=5", "resume=true")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("video.mp4")} == stamp
