@@ -1,0 +1,171 @@
+"""The DiT block's norm + modulation fused with the per-token quantization of the next linear's input, and the
+q/k RMSNorm fused with RoPE. Each kernel reads its input once and writes only what the next op consumes.
+
+``norm_quant`` / ``add_norm_quant`` (one program per token row of ``x`` fp32 ``[M, K]``, ``M = B * L``)::
+
+    x'   = x + res * mod[b, gate]           (add_norm_quant only; written out: the new residual stream)
+    h    = (x' - mean) / sqrt(var + eps)     (LayerNorm in fp32, biased variance)
+    h    = h * weight + bias                 (affine LayerNorm, if given)
+    h    = h * (1 + mod[b, scale]) + mod[b, shift]      (modulation, if given; b = row // L)
+    h    = round(h to round_dtype)           (the bf16 activation the unfused block would hand to the linear)
+    q, s = per-token quantization of h       (exactly ``quantize_activation``, see ``act_quant``)
+
+The unfused block's bf16 ``h`` is never written. The reduction order of mean / variance differs from
+``F.layer_norm``'s, so ``h`` may differ from the unfused one by an fp32 ulp before its bf16 rounding: a code then
+differs by one step on the rare element that sits on a rounding boundary.
+
+``rms_rope`` (one program per row of ``t`` ``[M, K]``, any row stride, e.g. a slice of the fused q/k/v output)::
+
+    n = round(t * rsqrt(mean(t^2) + eps) * weight)        RMSNorm over the whole row, rounded to t's dtype
+    pairs (n[2j], n[2j+1]) rotated by the angle of pair j % (head_dim / 2) at position row % L (RoPE tables fp32)
+    out = round(rotated) in t's dtype, contiguous [M, K]   (without tables: the RMSNorm alone)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import ROW_CONFIGS, Tuned, interpreting
+from .act_quant import MAX_K, quantize_store_row
+from .rounding import round_to, soft_rounding
+
+TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _norm_quant_kernel(x_ptr, res_ptr, xout_ptr, w_ptr, b_ptr, mod_ptr, q_ptr, s_ptr,
+                       L, K, stride_mod_b, eps, SHIFT: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr,
+                       HAS_RES: tl.constexpr, HAS_AFFINE: tl.constexpr, IS_FP8: tl.constexpr,
+                       ROUND_DTYPE: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    mod_row = mod_ptr + (row // L) * stride_mod_b
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    x = tl.load(x_ptr + row * K + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * K + cols, mask=mask, other=0.0).to(tl.float32)
+        if GATE >= 0:
+            r = r * tl.load(mod_row + GATE * K + cols, mask=mask, other=0.0)
+        x = x + r
+        tl.store(xout_ptr + row * K + cols, x, mask=mask)
+    mean = tl.sum(x, axis=0) / K
+    d = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(d * d, axis=0) / K
+    h = d * tl.rsqrt(var + eps)
+    if HAS_AFFINE:
+        h = h * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) \
+            + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if SCALE >= 0:
+        h = h * (1.0 + tl.load(mod_row + SCALE * K + cols, mask=mask, other=0.0))
+    if SHIFT >= 0:
+        h = h + tl.load(mod_row + SHIFT * K + cols, mask=mask, other=0.0)
+    h = tl.where(mask, round_to(h, ROUND_DTYPE, SOFT), 0.0)
+    quantize_store_row(h, q_ptr + row * K, s_ptr + row, cols, mask, IS_FP8)
+
+
+_norm_quant = Tuned(_norm_quant_kernel, ROW_CONFIGS, key=["K", "HAS_RES", "HAS_AFFINE", "IS_FP8"])
+
+
+def _launch_norm_quant(x, res, xout, weight, bias, mod, shift, scale, gate, seq_len, eps, fp8, round_dtype):
+    m, k = x.shape
+    if x.dtype != torch.float32 or not x.is_contiguous() or k > MAX_K:
+        raise ValueError(f"norm_quant takes a contiguous fp32 [M, K <= {MAX_K}] residual stream, got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    if mod is not None and (mod.dtype != torch.float32 or mod.stride(-1) != 1 or mod.stride(-2) != k):
+        raise ValueError("norm_quant: the modulation must be fp32 [B, C, K] with contiguous [C, K] rows")
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        _norm_quant[(m,)](x, x if res is None else res, x if xout is None else xout,
+                          x if weight is None else weight, x if bias is None else bias, x if mod is None else mod,
+                          q, s, seq_len, k, 0 if mod is None else mod.stride(0), eps,
+                          SHIFT=shift, SCALE=scale, GATE=gate, HAS_RES=res is not None,
+                          HAS_AFFINE=weight is not None, IS_FP8=fp8, ROUND_DTYPE=TL_DTYPES[round_dtype],
+                          SOFT=soft_rounding(round_dtype), BLOCK=triton.next_power_of_2(k))
+    return q, s
+
+
+@torch.library.custom_op("lightq::norm_quant", mutates_args=())
+def norm_quant(x: torch.Tensor, seq_len: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               mod: Optional[torch.Tensor], shift: int, scale: int, eps: float, fp8: bool,
+               round_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of ``round(LN(x)[*w+b] * (1 + mod[:, scale]) + mod[:, shift])``; index -1 = not applied."""
+    return _launch_norm_quant(x, None, None, weight, bias, mod, shift, scale, -1, seq_len, eps, fp8, round_dtype)
+
+
+@norm_quant.register_fake
+def _(x, seq_len, weight, bias, mod, shift, scale, eps, fp8, round_dtype):
+    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn if fp8 else torch.int8),
+            x.new_empty((x.shape[0], 1), dtype=torch.float32))
+
+
+@torch.library.custom_op("lightq::add_norm_quant", mutates_args=())
+def add_norm_quant(x: torch.Tensor, res: torch.Tensor, seq_len: int, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], mod: Optional[torch.Tensor], shift: int, scale: int, gate: int,
+                   eps: float, fp8: bool, round_dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x + res * mod[:, gate], codes, scales): ``norm_quant`` of the updated residual stream, which is returned."""
+    if res.shape != x.shape or not res.is_contiguous():
+        raise ValueError(f"add_norm_quant: residual {tuple(res.shape)} must be contiguous and match x {tuple(x.shape)}")
+    xout = torch.empty_like(x)
+    q, s = _launch_norm_quant(x, res, xout, weight, bias, mod, shift, scale, gate, seq_len, eps, fp8, round_dtype)
+    return xout, q, s
+
+
+@add_norm_quant.register_fake
+def _(x, res, seq_len, weight, bias, mod, shift, scale, gate, eps, fp8, round_dtype):
+    return (torch.empty_like(x), x.new_empty(x.shape, dtype=torch.float8_e4m3fn if fp8 else torch.int8),
+            x.new_empty((x.shape[0], 1), dtype=torch.float32))
+
+
+@triton.jit
+def _rms_rope_kernel(t_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, K, stride_t, HALF_HEAD, eps,
+                     HAS_ROPE: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    t = tl.load(t_ptr + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(t * t, axis=0) / K + eps)
+    n = round_to(t * rstd * w, t_ptr.dtype.element_ty, SOFT)
+    if HAS_ROPE:
+        even, odd = tl.split(tl.reshape(n, [BLOCK // 2, 2]))
+        pair = tl.arange(0, BLOCK // 2)
+        table = (row % L) * HALF_HEAD + pair % HALF_HEAD
+        pmask = pair < K // 2
+        c = tl.load(cos_ptr + table, mask=pmask, other=0.0)
+        s = tl.load(sin_ptr + table, mask=pmask, other=0.0)
+        n = tl.interleave(even * c - odd * s, even * s + odd * c)
+        n = round_to(n, t_ptr.dtype.element_ty, SOFT)
+    tl.store(out_ptr + row * K + cols, n.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_rms_rope = Tuned(_rms_rope_kernel, ROW_CONFIGS, key=["K", "HAS_ROPE"])
+
+
+@torch.library.custom_op("lightq::rms_rope", mutates_args=())
+def rms_rope(t: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+             seq_len: int, head_dim: int, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of ``t`` ``[M, K]`` (then RoPE when tables ``[L, 1, head_dim/2]`` are given)."""
+    m, k = t.shape
+    if t.stride(1) != 1 or k > MAX_K or k % 2:
+        raise ValueError(f"rms_rope takes [M, K] rows with unit column stride and even K <= {MAX_K}, got "
+                         f"{tuple(t.shape)} strides {t.stride()}")
+    out = torch.empty((m, k), dtype=t.dtype, device=t.device)
+    if m:
+        _rms_rope[(m,)](t, weight, t if cos is None else cos, t if sin is None else sin, out, seq_len, k,
+                        t.stride(0), head_dim // 2, eps, HAS_ROPE=cos is not None, SOFT=soft_rounding(t.dtype),
+                        BLOCK=triton.next_power_of_2(k))
+    return out
+
+
+@rms_rope.register_fake
+def _(t, weight, cos, sin, seq_len, head_dim, eps):
+    return t.new_empty(t.shape)
+
+
+__all__ = ["norm_quant", "add_norm_quant", "rms_rope", "interpreting"]
