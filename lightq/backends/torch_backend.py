@@ -20,6 +20,8 @@ output) and the int4 path (fused into the ``linear`` in ``x.dtype``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import QuantizationError
@@ -35,11 +37,25 @@ SPEC = BackendSpec(
 )
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch build's CPU ``_scaled_mm`` takes row-wise scales (2.13 does; 2.11 only per-tensor)."""
+    a = torch.ones(16, 16).to(S.FP8_DTYPE)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except RuntimeError:
+        return False
+
+
 def _scaled_mm_ok(device: torch.device, n: int, k: int) -> bool:
-    """``_scaled_mm`` needs K and N multiples of 16, and fp8 tensor cores (sm89+) on CUDA."""
+    """``_scaled_mm`` with row-wise scales: K and N multiples of 16, fp8 tensor cores (sm89+) on CUDA, and on
+    CPU a torch build that supports row-wise scaling."""
     if n % 16 or k % 16:
         return False
-    return device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9)
+    if device.type == "cpu":
+        return _cpu_rowwise_scaled_mm()
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _int_mm_ok(device: torch.device, n: int, k: int) -> bool:

@@ -104,8 +104,12 @@ def _check_finite(w: torch.Tensor, name: str) -> None:
 
 def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """amax / qmax, with 1 where that is 0 (an all-zero row quantizes to zeros and dequantizes exactly; an amax
-    so small that amax / qmax underflows would otherwise divide by zero)."""
-    scale = amax / qmax
+    so small that amax / qmax underflows would otherwise divide by zero).
+
+    The divisor is a tensor on amax's device on purpose: CUDA divides by a Python scalar as a multiplication by
+    its reciprocal (1/448 is inexact), which would make GPU scales differ from CPU scales by an ulp and flip
+    rounding ties; a tensor divisor is a true IEEE division on every device, so CPU and GPU agree bit for bit."""
+    scale = amax / torch.full_like(amax, qmax)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
