@@ -72,19 +72,20 @@ def _task(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from . import sweep
+    from .worker import job_choices
+
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
-    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
-    choices["overrides"] = list(hc.overrides.task)
+    choices = job_choices(hc)
+    multirun = hc.mode == RunMode.MULTIRUN
     previous = results.read_result(out) if cfg.resume else None
     if previous and previous.get("status") == "ok":
         log.info("resume: %s already succeeded, not run again", out)
         result = previous
     else:
-        result = execute(cfg, out, choices)
-    if hc.mode == RunMode.MULTIRUN:
-        from . import sweep
-
+        result = sweep.run_job(cfg, out, choices, multirun)
+    if multirun:
         sweep.record(Path(hc.sweep.dir), out, result)
         return exit_code(result)
     code = exit_code(result)
@@ -98,8 +99,15 @@ def _task(cfg: DictConfig) -> int:
 def main() -> None:
     import hydra
 
+    from .sweep import check_launcher
+
     config.register()
     sys.argv = _expand_lightx2v(sys.argv)
+    try:
+        check_launcher(sys.argv[1:])
+    except LightqError as exc:
+        print(f"lightq: {exc}", file=sys.stderr)
+        sys.exit(2)
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
 
 

@@ -4,7 +4,7 @@
 is merged onto these dataclasses: a misspelt key or a value of the wrong type fails at compose time, before
 anything runs. Values that need more than a type check (scheme names, shapes) are checked by ``validate``.
 
-Groups: ``model``, ``dit_quant``, ``t5_quant``, ``clip_quant``, ``offload``, ``hardware``, ``sampler``.
+Groups: ``model``, ``dit_quant``, ``t5_quant``, ``clip_quant``, ``offload``, ``hardware``, ``sampler``, ``tracking``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from .errors import LightqError
 
 SCHEMES = ("none", "fp8", "int8", "fp8-b128", "int4-g128")
 COMPONENTS = ("dit", "t5", "clip")
+TRACKERS = ("none", "mlflow")
+ISOLATE = ("auto", "always", "never")
 
 
 @dataclass
@@ -76,11 +78,19 @@ class SamplerConfig:
 
 @dataclass
 class OffloadConfig:
-    """``mode``: none | model | block | phase; ``lazy_load`` streams blocks from a block-split checkpoint."""
+    """``mode``: none | model | block | phase; ``lazy_load`` streams blocks from a block-split checkpoint.
+
+    ``buffers``: device slots for streamed blocks (the one computing + those copied ahead); ``lazy_ahead``: blocks
+    the disk reader keeps ready; ``pin_memory``: page-locked host copies on CUDA (asynchronous transfers);
+    ``max_gpu_gib``: refuse, before loading, a run whose weights cannot fit this many GiB of GPU memory.
+    """
 
     mode: str = "none"
     lazy_load: bool = False
     buffers: int = 2
+    lazy_ahead: int = 2
+    pin_memory: bool = True
+    max_gpu_gib: Optional[float] = None
 
 
 @dataclass
@@ -102,6 +112,29 @@ class QualityConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking of every job: ``name`` none | mlflow (see lightq.tracking).
+
+    ``uri``: the MLflow tracking URI (``conf/tracking/mlflow.yaml``: an SQLite file under ``./mlruns``);
+    ``artifact_root``: where a new experiment keeps its artifacts; ``experiment``: the experiment's name;
+    ``log_video``: upload video.mp4 with the other artifacts.
+    """
+
+    name: str = "none"
+    uri: Optional[str] = None
+    artifact_root: Optional[str] = None
+    experiment: str = "lightq"
+    log_video: bool = True
+
+
+@dataclass
+class SweepConfig:
+    """How a sweep (``-m``) runs each job. ``isolate``: auto (a fresh process per job on CUDA) | always | never."""
+
+    isolate: str = "auto"
+
+
+@dataclass
 class LightqConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dit_quant: QuantConfig = field(default_factory=QuantConfig)
@@ -111,6 +144,8 @@ class LightqConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     prompt: str = "A cat walks on the grass, realistic style."
     negative_prompt: str = ""
     image: Optional[str] = None
@@ -139,6 +174,10 @@ def validate(cfg: Any) -> None:
         raise LightqError(f"sampler.name='{cfg.sampler.name}': choose unipc, dpm++, euler or distill")
     if cfg.quality.baseline not in ("auto", "always", "never"):
         raise LightqError(f"quality.baseline='{cfg.quality.baseline}': choose auto, always or never")
+    if cfg.tracking.name not in TRACKERS:
+        raise LightqError(f"tracking.name='{cfg.tracking.name}': choose one of {', '.join(TRACKERS)}")
+    if cfg.sweep.isolate not in ISOLATE:
+        raise LightqError(f"sweep.isolate='{cfg.sweep.isolate}': choose one of {', '.join(ISOLATE)}")
     m = cfg.model
     if (m.frames - 1) % 4:
         raise LightqError(f"model.frames={m.frames}: Wan needs 4k+1 frames (e.g. 81, 33, 9)")

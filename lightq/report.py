@@ -1,7 +1,10 @@
 """Sweep tables: ``results.jsonl``, ``results.csv``, ``results.md`` and ``results.svg`` from the jobs' result.json.
 
 ``build(sweep_dir)`` scans every ``result.json`` below ``sweep_dir`` and rewrites the four files (each atomically),
-so the tables are whole after every job, whichever jobs failed. ``python -m lightq.report <dir>`` does the same
+so the tables are whole after every job, whichever jobs failed. Jobs that finish at once in other processes
+(the joblib and SLURM launchers) rebuild under an exclusive lock on ``<sweep_dir>/.results.lock``: each rebuild's
+scan and writes happen together, so the last rebuild sees every result written before it and no rebuild
+overwrites a newer table with an older scan. ``python -m lightq.report <dir>`` does the same
 by hand. Speedup is the bf16 job's denoising time over this job's, when the sweep holds a bf16 job of the same
 model (else the job's own comparison with its cached baseline).
 """
@@ -9,16 +12,19 @@ model (else the job's own comparison with its cached baseline).
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .results import RESULT_FILE
 
+LOCK_FILE = ".results.lock"
 COLUMNS = [
     "job", "status", "reason", "model",
     "dit_mode", "dit_backend", "t5_mode", "t5_backend", "clip_mode", "clip_backend",
@@ -28,11 +34,27 @@ COLUMNS = [
 ]
 
 
+@contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive advisory lock (flock) on ``path`` (created if missing) for the ``with`` block."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the tables are for everyone who can read the sweep
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def collect(sweep_dir: Path) -> list[tuple[str, dict]]:
@@ -125,8 +147,13 @@ def _svg(rows: list[dict]) -> str:
 
 
 def build(sweep_dir: Path) -> list[dict]:
-    """Rebuild results.jsonl / .csv / .md / .svg in ``sweep_dir``; returns the rows."""
+    """Rebuild results.jsonl / .csv / .md / .svg in ``sweep_dir`` under the sweep's lock; returns the rows."""
     sweep_dir = Path(sweep_dir)
+    with file_lock(sweep_dir / LOCK_FILE):
+        return _build_locked(sweep_dir)
+
+
+def _build_locked(sweep_dir: Path) -> list[dict]:
     jobs = collect(sweep_dir)
     base_denoise = {}
     for _, res in jobs:

@@ -1,20 +1,76 @@
-"""Sweeps (``python -m lightq -m ...``): per-job bookkeeping and the end-of-sweep status.
+"""Running jobs and sweeps (``python -m lightq -m ...``): where a job runs, its tracking, the tables, the exit.
 
-- After every job, ``record`` rebuilds the sweep's tables (lightq.report), so they are whole even when a job
-  failed (Hydra skips its end-of-multirun callbacks in that case; lightq does not rely on them for the tables).
-- ``SweepStatus`` is a Hydra callback: at the end of a multirun it rebuilds the tables once more and exits 1 if
-  any job failed (skipped jobs — combinations that cannot run here — do not fail the sweep).
+- ``run_job`` runs one job: it opens the job's tracker (``tracking=``), then runs the pipeline in this process,
+  or, in a sweep with ``sweep.isolate`` (auto: on CUDA), in a fresh ``python -m lightq.worker`` process; it
+  returns the job's result (a setup error becomes a ``failed`` result.json like any other).
+- After every job, ``record`` rebuilds the sweep's tables (lightq.report, under the sweep's file lock, so jobs
+  finishing at once in other processes cannot lose a row), so they are whole even when a job failed.
+- ``SweepStatus`` is a Hydra callback: at the end of a multirun (in the launching process, whichever launcher ran
+  the jobs) it rebuilds the tables once more and exits 1 if any job failed (skipped jobs — combinations that
+  cannot run here — do not fail the sweep).
+- ``check_launcher`` turns ``hydra/launcher=<lightq launcher>`` without its Hydra plugin into one clear error.
 - ``resume=true`` skips jobs whose folder already holds a successful result (see ``lightq.app``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
-from . import report
+from . import report, results
+from .errors import LightqError
+
+# launcher option (conf/hydra/launcher/ or the plugin's own) -> (the Hydra plugin's module, lightq extra)
+LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
+    "joblib_local": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+}
+
+
+def check_launcher(argv: list[str]) -> None:
+    """Raise LightqError when the command line picks a launcher whose Hydra plugin is not installed."""
+    for arg in argv:
+        key, _, option = arg.lstrip("+~").partition("=")
+        if key != "hydra/launcher" or option not in LAUNCHER_PLUGINS:
+            continue
+        module, extra = LAUNCHER_PLUGINS[option]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            raise LightqError(f"hydra/launcher={option} needs the Hydra plugin {module.split('.')[-1]}: "
+                              f"pip install lightq[{extra}]")
+
+
+def run_job(cfg: DictConfig, out: Path, choices: dict, multirun: bool) -> dict:
+    """Run one job into ``out`` (see module doc) and return its result, always also left in out/result.json."""
+    from . import tracking, worker
+    from .app import execute
+
+    try:
+        isolated = multirun and worker.should_isolate(cfg)
+        tracker = tracking.start(cfg, out, choices)
+    except LightqError as exc:
+        return _setup_failure(out, choices, exc)
+    result = worker.run_in_subprocess(out, choices) if isolated else execute(cfg, out, choices)
+    return tracker.finish(out, result)
+
+
+def _setup_failure(out: Path, choices: dict, exc: LightqError) -> dict:
+    """The job could not start (bad sweep option, tracker unavailable): a failed result, nothing else ran."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"status": "failed", "reason": str(exc), "error_kind": "input", "choices": choices,
+              "timings_s": {"total": 0.0}, "memory": {"peak_host_bytes": results.peak_host_bytes()}}
+    results.write_json_atomic(out / results.RESULT_FILE, result)
+    return result
 
 
 def record(sweep_dir: Path, job_dir: Path, result: dict) -> None:

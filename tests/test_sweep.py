@@ -2,11 +2,14 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from lightq.errors import LightqError
 
 
 def sweep(tmp_path, *args):
@@ -82,3 +85,72 @@ def test_resume_skips_succeeded_jobs(tmp_path):
     second = sweep(tmp_path, "dit_quant=none,int8-torch", "model.frames=5", "resume=true")
     assert second.returncode == 0, second.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("video.mp4")} == stamp
+
+
+# Loaded by every Python process of the isolation test through PYTHONPATH: the worker of the job named in
+# LIGHTQ_TEST_KILL_JOB writes a line to stderr and SIGKILLs itself as the pipeline starts to load, the way the
+# kernel's OOM killer would; other processes and jobs are untouched.
+KILL_HOOK = '''
+import os, signal, sys
+
+def _kill_worker(event, args):
+    if (event == "import" and args[0] == "lightq.pipeline.graph" and sys.argv[0].endswith("worker.py")
+            and os.environ["LIGHTQ_TEST_KILL_JOB"] in sys.argv[-1]):
+        print("test hook: killing this worker", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(_kill_worker)
+'''
+
+
+def test_isolated_jobs_run_in_fresh_processes_and_a_killed_one_is_recorded(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p),
+           "LIGHTQ_TEST_KILL_JOB": "dit_quant=fp8-torch"}
+    proc = subprocess.run([sys.executable, "-m", "lightq", "-m", "dit_quant=none,int8-torch,fp8-torch",
+                           "model.frames=5", "sweep.isolate=always", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    res = {r["choices"]["dit_quant"]: (p.parent, r) for p in (tmp_path / "sweep").glob("*/result.json")
+           for r in [json.loads(p.read_text())]}
+    assert sorted(res) == ["fp8-torch", "int8-torch", "none"]
+    for mode in ("none", "int8-torch"):
+        job, r = res[mode]
+        assert r["status"] == "ok" and r["worker"]["exit_code"] == 0, r.get("reason")
+        assert "stage times" in (job / "lightq.log").read_text(), "the worker logs into the job's lightq.log"
+    assert res["none"][1]["worker"]["pid"] != res["int8-torch"][1]["worker"]["pid"]
+    assert res["int8-torch"][1]["quality"]["psnr_db"] > 20, "quality is measured in the worker too"
+    job, killed = res["fp8-torch"]
+    assert killed["status"] == "failed" and killed["worker"]["signal"] == "SIGKILL"
+    assert "killed by SIGKILL" in killed["reason"] and "test hook: killing this worker" in killed["error"]
+    assert killed["choices"]["dit_quant"] == "fp8-torch" and not (job / "video.mp4").exists()
+    rows = {r["dit_mode"] or r["job"]: r for r in csv.DictReader((tmp_path / "sweep" / "results.csv").open())}
+    assert [r["status"] for r in rows.values()].count("ok") == 2 and len(rows) == 3
+    assert "failed jobs: dit_quant=fp8-torch" in proc.stderr
+
+
+def _cfg(**over):
+    from omegaconf import OmegaConf
+
+    from lightq.config import LightqConfig
+
+    return OmegaConf.merge(OmegaConf.structured(LightqConfig), over)
+
+
+def test_isolation_policy():
+    from lightq.worker import should_isolate
+
+    assert should_isolate(_cfg(sweep={"isolate": "always"}, hardware={"name": "cpu"}))
+    assert not should_isolate(_cfg(sweep={"isolate": "never"}))
+    assert not should_isolate(_cfg(sweep={"isolate": "auto"}, hardware={"name": "cpu"}))
+    with pytest.raises(LightqError, match="sweep.isolate='sometimes'"):
+        should_isolate(_cfg(sweep={"isolate": "sometimes"}))
+
+
+def test_worker_refuses_a_folder_that_is_not_a_job(tmp_path, capsys):
+    from lightq.worker import main
+
+    assert main([str(tmp_path)]) == 2
+    assert "not a lightq job folder" in capsys.readouterr().err
