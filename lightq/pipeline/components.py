@@ -101,6 +101,8 @@ def _load(component: str, build, cfg, plan: ComponentPlan | None, folder, device
     scheme = plan.scheme if plan is not None and plan.scheme != "none" else None
     backend = specs()[plan.backend].load() if scheme else None
     source = _source(component, quant_cfg, folder, scheme)
+    if component == "dit" and cfg.offload.lazy_load:
+        from ..offload import load_lazy as load_component  # blocks stream from disk while the DiT runs
     model = load_component(build, source, include=QUANTIZABLE.get(component, ()),
                            skip=tuple(quant_cfg.skip) if quant_cfg is not None else (), scheme=scheme,
                            backend=backend, device=device, dtype=dtype, ignore_prefixes=ignore_prefixes,
@@ -213,24 +215,46 @@ def i2v_condition(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 class Offload:
-    """``offload=model``: components live on the CPU and move to the device only while they run.
-    ``none``: everything lives on the device. Block / phase streaming are separate (lightq.offload)."""
+    """Where components live while the pipeline runs (``offload.mode``), carried out by ``lightq.offload``.
 
-    def __init__(self, offload_cfg, device: torch.device):
-        if offload_cfg.mode in ("block", "phase"):
-            raise LightqError(f"offload={offload_cfg.mode} is not available yet: use offload=model or none")
-        self.device = device
-        self.mode = offload_cfg.mode
-        self.home = torch.device("cpu") if offload_cfg.mode == "model" else device
+    ``none``: everything on the device. ``model``: components in (pinned) host memory, copied to the device only
+    while they run. ``block`` / ``phase``: the DiT and umT5 stream their blocks (or block phases) through
+    ``offload.buffers`` device slots, the rest of them resident while they run; CLIP and the VAE as ``model``.
+    With ``run_cfg``, ``offload.max_gpu_gib`` is checked before anything is loaded.
+    """
+
+    def __init__(self, offload_cfg, device: torch.device, run_cfg=None):
+        if offload_cfg.lazy_load and offload_cfg.mode not in ("block", "phase"):
+            raise LightqError(f"offload.lazy_load=true streams DiT blocks from disk, which offload={offload_cfg.mode} "
+                              "does not do: use offload=block or offload=phase")
+        if offload_cfg.buffers < 1 or offload_cfg.lazy_ahead < 1:
+            raise LightqError(f"offload.buffers={offload_cfg.buffers}, offload.lazy_ahead={offload_cfg.lazy_ahead}: "
+                              "both must be at least 1")
+        if run_cfg is not None:
+            from ..offload import check_budget
+
+            check_budget(run_cfg)
+        self.cfg, self.device, self.mode = offload_cfg, device, offload_cfg.mode
+        self.home = torch.device("cpu") if self.mode != "none" else device
+        self._placed: dict[int, object] = {}
+
+    def _placement(self, module: nn.Module):
+        from ..offload import place
+
+        if id(module) not in self._placed:
+            pin = bool(self.cfg.pin_memory) and self.device.type == "cuda"
+            self._placed[id(module)] = place(module, self.mode, self.device, self.cfg.buffers, pin,
+                                             self.cfg.lazy_ahead)
+        return self._placed[id(module)]
 
     @contextmanager
     def active(self, module: nn.Module | None):
-        if module is not None and self.home != self.device:
-            module.to(self.device)
+        if module is not None and self.mode != "none":
+            self._placement(module).start()
         yield
 
     def release(self, module: nn.Module | None) -> None:
-        if module is not None and self.home != self.device:
-            module.to(self.home)
+        if module is not None and self.mode != "none":
+            self._placement(module).stop()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -69,7 +69,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan]) -> Generated:
     device = torch.device("cuda" if hw.is_cuda else "cpu")
     dtype = DTYPES[cfg.model.dtype]
     timer = StageTimer(device)
-    offload = C.Offload(cfg.offload, device)
+    offload = C.Offload(cfg.offload, device, cfg)
     comps = {}
     with timer("load"):
         folder = C.model_folder(cfg.model)

@@ -1,0 +1,116 @@
+"""The GPU memory budget (``offload.max_gpu_gib``), checked from the architectures before anything is loaded.
+
+Weight bytes are counted on models built on the meta device: a linear the mode quantizes counts its quantized
+data + scale (``schemes.expected_layout``), every other float tensor counts in the model's dtype (the VAE in fp32),
+each tensor rounded up to the packing alignment. What must be on the GPU at once:
+
+    none         every component
+    model        the largest component
+    block/phase  per component, the largest of: DiT / umT5 tensors outside the blocks + ``buffers`` streamed units
+                 (a block, or the largest phase); CLIP and the VAE whole
+
+Activations come on top and are not counted: the check refuses budgets that the weights alone cannot meet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LightqError
+from ..models.layouts import QUANTIZABLE
+from ..quant.linear import selected
+from ..quant.schemes import expected_layout
+from .binding import ALIGN, refs_of, refs_outside
+from .units import unit_specs
+
+GIB = 1 << 30
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class _Sizer:
+    """Bytes of tensor refs of one meta-built component once loaded in ``scheme`` (``None``: high precision)."""
+
+    def __init__(self, model: nn.Module, component: str, scheme: str | None, skip, dtype: torch.dtype):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.include, self.skip = QUANTIZABLE.get(component, ()), tuple(skip)
+        self.scheme, self.dtype = scheme, dtype
+
+    def __call__(self, refs) -> int:
+        total = 0
+        for r in refs:
+            t = r.get()
+            name = self.names[id(r.owner)]
+            if (self.scheme and r.name == "weight" and isinstance(r.owner, nn.Linear)
+                    and selected(name, self.include, self.skip)):
+                data_shape, data_dtype, scale_shape = expected_layout(self.scheme, *t.shape)
+                total += _aligned(_numel(data_shape) * data_dtype.itemsize) + _aligned(_numel(scale_shape) * 4)
+            else:
+                itemsize = self.dtype.itemsize if t.is_floating_point() else t.dtype.itemsize
+                total += _aligned(t.numel() * itemsize)
+        return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _components(cfg) -> dict[str, tuple[nn.Module, str | None, tuple, torch.dtype]]:
+    from ..models.clip import CLIP_ARCHS, ClipVisual
+    from ..models.t5 import T5_ARCHS, UMT5Encoder
+    from ..models.vae import VAE_ARCHS, WanVAE
+    from ..models.wan_dit import DIT_ARCHS, WanDiT
+
+    m, dtype = cfg.model, DTYPES[cfg.model.dtype]
+
+    def quant(c):
+        q = cfg[f"{c}_quant"]
+        return (None if q.scheme == "none" else q.scheme), tuple(q.skip)
+
+    with torch.device("meta"):
+        out = {"t5": (UMT5Encoder(T5_ARCHS[m.t5_arch]), *quant("t5"), dtype)}
+        if m.task == "i2v":
+            out["clip"] = (ClipVisual(CLIP_ARCHS[m.clip_arch]), *quant("clip"), dtype)
+        out["dit"] = (WanDiT(DIT_ARCHS[m.dit_arch]), *quant("dit"), dtype)
+        out["vae"] = (WanVAE(VAE_ARCHS[m.vae_arch]), None, (), torch.float32)
+    return out
+
+
+def gpu_weight_need(cfg) -> tuple[int, str]:
+    """(bytes of weights on the GPU at once under ``cfg.offload``, a breakdown naming where they come from)."""
+    mode, buffers = cfg.offload.mode, cfg.offload.buffers
+    needs = {}
+    for comp, (model, scheme, skip, dtype) in _components(cfg).items():
+        size = _Sizer(model, comp, scheme, skip, dtype)
+        total = size(refs_of(model))
+        if mode in ("block", "phase") and comp in ("dit", "t5"):
+            units = [size(s.refs) for block in model.blocks for s in unit_specs(block, mode)]
+            slots = min(buffers, len(units))
+            outside = size(refs_outside(model, model.blocks))
+            needs[comp] = (outside + slots * max(units),
+                           f"{comp}: {outside / GIB:.2f} GiB outside the blocks + {slots} x {max(units) / GIB:.2f} "
+                           f"GiB {mode} buffers")
+        else:
+            needs[comp] = (total, f"{comp}: {total / GIB:.2f} GiB")
+    if mode == "none":
+        return sum(n for n, _ in needs.values()), "; ".join(d for _, d in needs.values())
+    return max(needs.values())
+
+
+def check_budget(cfg) -> None:
+    """Raise a LightqError, before anything is loaded, when ``offload.max_gpu_gib`` cannot hold the weights."""
+    limit = cfg.offload.max_gpu_gib
+    if limit is None:
+        return
+    need, detail = gpu_weight_need(cfg)
+    if need > limit * GIB:
+        raise LightqError(f"offload.max_gpu_gib={limit}: offload={cfg.offload.mode} needs {need / GIB:.2f} GiB of "
+                          f"weights on the GPU at once ({detail}), activations not counted; raise the budget, use "
+                          "offload=block or phase, fewer offload.buffers, or a quantized mode")

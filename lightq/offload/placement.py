@@ -1,0 +1,97 @@
+"""Where a component's weights are while it runs, per offload mode (``place`` picks the placement).
+
+- ``WholeOffload`` (``offload=model``, and CLIP / VAE under block / phase): the component's tensors live in one
+  flat (pinned) host buffer; ``start`` copies it to the device in one non-blocking transfer and binds the module
+  to it, ``stop`` binds the module back to the host buffer (weights never change, so nothing is copied back).
+- ``BlockOffload`` (``offload=block|phase`` for the Wan DiT and the umT5 encoder): everything outside
+  ``model.blocks`` (embeddings, head, final norm) is resident on the device while active; the blocks stream
+  through a ``Streamer`` driven by forward hooks on each unit's start and end module. A model loaded by
+  ``load_lazy`` gets its blocks from the disk reader instead of host memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .binding import Pack, refs_of, refs_outside
+from .lazy import LazyBlocks
+from .streaming import ResidentUnits, Streamer
+from .units import unit_specs
+
+
+class WholeOffload:
+    def __init__(self, module: nn.Module, device: torch.device, pin: bool):
+        self.device = device
+        self.pack = Pack(refs_of(module), pin)
+        self.on_device: torch.Tensor | None = None
+
+    def start(self) -> None:
+        self.on_device = self.pack.to_device(self.device)
+        self.pack.bind(self.on_device)
+
+    def stop(self) -> None:
+        self.pack.bind_host()
+        self.on_device = None
+
+
+class BlockOffload:
+    def __init__(self, model: nn.Module, granularity: str, device: torch.device, buffers: int, pin: bool,
+                 ahead: int = 2):
+        self.model, self.granularity, self.device = model, granularity, device
+        self.buffers, self.pin, self.ahead = buffers, pin, ahead
+        self.outside = Pack(refs_outside(model, model.blocks), pin)
+        self.lazy: LazyBlocks | None = getattr(model, "lazy_blocks", None)
+        self.resident = None
+        if self.lazy is None:
+            self.specs = [unit_specs(block, granularity) for block in model.blocks]
+            self.resident = ResidentUnits([Pack(s.refs, pin) for specs in self.specs for s in specs])
+        self.streamer: Streamer | None = None
+        self.handles: list = []
+        self.on_device: torch.Tensor | None = None
+
+    def _hook(self, specs, k0: int) -> list:
+        """Forward hooks acquiring / releasing units k0, k0+1, ... (a lazily read block's die with its module)."""
+        handles = []
+        for j, spec in enumerate(specs):
+            k = k0 + j
+            handles.append(spec.start.register_forward_pre_hook(lambda m, a, k=k: self.streamer.acquire(k)))
+            handles.append(spec.end.register_forward_hook(lambda m, a, o, k=k: self.streamer.release(k)))
+        return handles
+
+    def start(self) -> None:
+        self.on_device = self.outside.to_device(self.device)
+        self.outside.bind(self.on_device)
+        if self.lazy is not None:
+            source = self.lazy.open(self.granularity, self.pin, self.ahead, self._hook)
+        else:
+            source = self.resident
+            for b, specs in enumerate(self.specs):
+                self.handles += self._hook(specs, b * len(specs))
+        self.streamer = Streamer(source, self.device, self.buffers)
+
+    def stop(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.streamer.close()
+        if self.lazy is not None:
+            self.lazy.close(self.streamer.source)
+        self.streamer = None
+        self.outside.bind_host()
+        self.on_device = None
+
+
+def streams_blocks(module: nn.Module) -> bool:
+    """Components whose blocks ``offload=block|phase`` streams: the Wan DiT and the umT5 encoder."""
+    from ..models.t5 import UMT5Encoder
+    from ..models.wan_dit import WanDiT
+
+    return isinstance(module, (WanDiT, UMT5Encoder))
+
+
+def place(module: nn.Module, mode: str, device: torch.device, buffers: int, pin: bool, ahead: int = 2):
+    """The placement of ``module`` under offload ``mode`` (model | block | phase)."""
+    if mode in ("block", "phase") and streams_blocks(module):
+        return BlockOffload(module, mode, device, buffers, pin, ahead)
+    return WholeOffload(module, device, pin)
