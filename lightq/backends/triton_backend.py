@@ -1,0 +1,122 @@
+"""The ``triton`` backend: lightq's own fast path for ``fp8`` and ``int8`` (per-channel weights x per-token
+activations), on CUDA.
+
+    x_q, s_x = lightq.kernels.act_quant          one pass over x, bit-identical to ``quantize_activation``
+    fp8:  y  = torch._scaled_mm(x_q, W_q^T, s_x, s_w^T, bias, bf16)     row-wise scales, bias fused (CUTLASS)
+    int8: y  = lightq.kernels.int8_gemm          Triton int8 GEMM, scales and bias fused in the epilogue
+
+``_scaled_mm``'s row-wise path outputs bf16 only: for fp16 activations the bias is added in fp32 after it and the
+result rounded to fp16 (two roundings, as the torch backend does). ``gemm_only(x_q, s_x, packed, bias, out_dtype)``
+is the GEMM alone, and is what the fused DiT block (``lightq.kernels.fused_block``) calls after its fused
+norm + modulation + quantization kernels.
+
+Loading the backend compiles and runs each kernel once on a tiny input and compares it with the torch reference:
+a kernel that fails to build or disagrees on this GPU makes the load fail with ``BackendUnavailable`` naming the
+kernel, instead of crashing a run half-way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BackendUnavailable, QuantizationError
+from ..quant import schemes as S
+from .base import Backend
+from .spec import BackendSpec
+
+SPEC = BackendSpec(
+    name="triton",
+    schemes={"fp8": 8.9, "int8": 8.0},
+    impl="lightq.backends.triton_backend:TritonBackend",
+    requires=("triton",),
+    install="pip install triton (CUDA builds of torch ship it)",
+    description="lightq's Triton kernels: fused per-token quant + torch._scaled_mm (fp8) / Triton int8 GEMM; "
+                "fused LayerNorm+modulation+quant and RMSNorm+RoPE in the DiT block",
+    k_multiple=16,
+    n_multiple=16,
+)
+
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class TritonBackend(Backend):
+    """``fp8`` / ``int8`` on lightq's Triton kernels (see the module docstring)."""
+
+    def __init__(self, spec: BackendSpec):
+        super().__init__(spec)
+        import triton  # noqa: F401  (a failure here is reported by BackendSpec.load)
+
+        from ..kernels import act_quant, int8_gemm  # noqa: F401  (registers the torch.ops.lightq ops)
+
+        if torch.cuda.is_available():
+            self._self_test()
+
+    def version(self) -> str:
+        import triton
+
+        return triton.__version__
+
+    def pack(self, qw: S.QuantizedWeight) -> dict[str, torch.Tensor]:
+        _check_scheme(self, qw.scheme)
+        return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
+
+    def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token quantization of ``[M, K]`` (unit column stride): (codes, fp32 scales ``[M, 1]``)."""
+        return torch.ops.lightq.act_quant(x2, scheme == "fp8", False)
+
+    def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """``(x_q @ W_q^T) * s_x * s_w^T + bias`` as ``[M, N]`` in ``out_dtype``, on already quantized ``x_q``."""
+        w, sw = packed["data"], packed["scale"]
+        if w.dtype == torch.int8:
+            return torch.ops.lightq.int8_scaled_mm(xq, w, sx, sw, bias, out_dtype)
+        fused_bias = bias is not None and out_dtype == torch.bfloat16
+        y = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16,
+                             bias=bias.to(torch.bfloat16) if fused_bias else None)
+        if bias is not None and not fused_bias:
+            return (y.float() + bias.float()).to(out_dtype)
+        return y.to(out_dtype)
+
+    def apply(self, x, packed, scheme, bias):
+        _check_scheme(self, scheme)
+        if x.dtype not in _ACT_DTYPES:
+            raise QuantizationError(f"backend 'triton' takes bf16 or fp16 activations, got {x.dtype}; run the model "
+                                    "in bf16 / fp16")
+        k = packed["data"].shape[1]
+        if x.shape[-1] != k:
+            raise QuantizationError(f"backend 'triton': input has {x.shape[-1]} features but the weight expects {k}; "
+                                    "check the layer's input shape")
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        xq, sx = self.quantize_activation(x2, scheme)
+        return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
+
+    def _self_test(self) -> None:
+        """Run each kernel this GPU supports once on a small input against the torch reference."""
+        cap = torch.cuda.get_device_capability()
+        schemes = [s for s, need in self.spec.schemes.items() if cap[0] + cap[1] / 10 >= need]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(33, 64, device="cuda", generator=gen).to(torch.bfloat16)
+        w = torch.randn(48, 64, device="cuda", generator=gen)
+        for scheme in schemes:
+            try:
+                xq, sx = self.quantize_activation(x, scheme)
+                rq, rs = S.quantize_activation(x, scheme)
+                if not (torch.equal(xq.view(torch.int8), rq.view(torch.int8)) and torch.equal(sx, rs)):
+                    raise RuntimeError("activation codes differ from quantize_activation")
+                qw = S.quantize_weight(w, scheme)
+                y = self.gemm_only(xq, sx, self.pack(qw), None, torch.float32 if scheme == "int8" else torch.bfloat16)
+                ref = (xq.float() @ qw.data.float().t()) * sx * qw.scale.t()
+                if not torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item()):
+                    raise RuntimeError("GEMM result differs from the float reference")
+            except Exception as exc:
+                raise BackendUnavailable(f"backend 'triton': the {scheme} kernels fail on this GPU "
+                                         f"({type(exc).__name__}: {exc}); use mode {scheme}-torch or another "
+                                         f"{scheme} backend") from exc
+
+
+def _check_scheme(backend: Backend, scheme: str) -> None:
+    if scheme not in backend.spec.schemes:
+        raise QuantizationError(f"backend '{backend.name}' does not implement scheme '{scheme}' "
+                                f"(it has: {', '.join(backend.spec.schemes)}); choose another mode")

@@ -1,0 +1,143 @@
+"""The Wan2.1 DiT block on lightq's fused kernels, for blocks whose linears run on the ``triton`` backend.
+
+``fuse_dit_blocks(model)`` turns, in place, every block of a ``WanDiT`` whose linears (self-attention q/k/v/o,
+cross-attention q/o, ffn.0/2) are ``triton`` QLinears of one scheme into a ``FusedBlock`` (a ``Block`` subclass:
+same parameters, same state-dict keys; nothing is copied). Its forward computes what ``Block.forward`` computes,
+with the quantization moved into the kernels that produce each linear's input:
+
+    xq, sx = norm_quant(x; shift1, scale1)                      LayerNorm + modulation + bf16 rounding + quant
+    qkv    = one GEMM over the concatenated [3 dim, dim] q/k/v weight (per-channel scales concatenate), bias fused
+    q, k   = rms_rope(qkv[:, :dim]), rms_rope(qkv[:, dim:2 dim])  RMSNorm + RoPE in one pass each; v is a view
+    y      = o(attention(q, k, v))
+    x, xq, sx = add_norm_quant(x, y; gate1; norm3 affine)       residual update + LayerNorm + quant (cross q)
+    y      = cross_attn.o(attention(rms(q_gemm(xq, sx)), norm_k(k(text)), v(text)))   (+ the I2V image branch)
+    x, xq, sx = add_norm_quant(x, y; shift2, scale2)            residual update + LayerNorm + modulation + quant
+    y      = ffn.2(gemm_only(act_quant_gelu(ffn.0(xq, sx))))    GELU fused into the quantization of ffn.2's input
+    x      = x + y * gate2
+
+so no bf16 normalised activation is written and re-read, q/k/v are quantized once for one GEMM, and the RMSNorm /
+RoPE chain (7 elementwise passes in fp32 in the unfused block) is one kernel per tensor. The numerics are the
+unfused block's up to reduction order (see ``fused_norm_quant``). The q/k/v QLinears keep their buffers as views of
+the concatenated weight, so a fused model holds no second copy (moving it to another device materialises the views
+separately: fuse after placing the model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.wan_dit import Block, _attention
+from ..quant.linear import QLinear
+from . import act_quant, fused_norm_quant, int8_gemm  # noqa: F401  (register the torch.ops.lightq ops)
+
+FUSED_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o",
+                 "ffn.0", "ffn.2")
+
+
+def fusable(block: nn.Module) -> tuple[bool, str]:
+    """(ok, why not): can ``block`` run as a ``FusedBlock``?"""
+    if not isinstance(block, Block):
+        return False, f"not a Wan DiT Block ({type(block).__name__})"
+    schemes = set()
+    for name in FUSED_LINEARS:
+        lin = block.get_submodule(name)
+        if not isinstance(lin, QLinear) or lin.backend.name != "triton":
+            return False, f"{name} is not a triton-backend quantized linear"
+        schemes.add(lin.scheme)
+    if len(schemes) != 1:
+        return False, f"its linears mix schemes {sorted(schemes)}"
+    return True, "ok"
+
+
+def fuse_dit_blocks(model: nn.Module) -> int:
+    """Make every fusable block of ``model.blocks`` a ``FusedBlock`` (in place); returns how many were fused."""
+    fused = 0
+    for block in model.blocks:
+        if isinstance(block, FusedBlock):
+            fused += 1
+        elif fusable(block)[0]:
+            FusedBlock.convert(block)
+            fused += 1
+    return fused
+
+
+def _gemm(lin: QLinear, xq: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return lin.backend.gemm_only(xq, sx, lin.packed(), lin.bias, dtype)
+
+
+class FusedBlock(Block):
+    """A ``Block`` whose forward runs on the fused kernels (module docstring). Build with ``convert``."""
+
+    @classmethod
+    def convert(cls, block: Block) -> "FusedBlock":
+        ok, why = fusable(block)
+        if not ok:
+            raise ValueError(f"cannot fuse this DiT block: {why}")
+        attn = block.self_attn
+        parts = (attn.q, attn.k, attn.v)
+        dim = attn.q.out_features
+        data = torch.cat([p.data for p in parts])
+        scale = torch.cat([p.scale for p in parts])
+        biases = [p.bias for p in parts]
+        bias = None
+        if any(b is not None for b in biases):
+            ref = next(b for b in biases if b is not None)
+            bias = torch.cat([b.detach() if b is not None else torch.zeros_like(ref) for b in biases])
+        for i, part in enumerate(parts):  # the separate codes become views of the concatenation: no second copy
+            part.data = data[i * dim:(i + 1) * dim]
+            part.scale = scale[i * dim:(i + 1) * dim]
+        block.register_buffer("qkv_data", data, persistent=False)
+        block.register_buffer("qkv_scale", scale, persistent=False)
+        block.register_buffer("qkv_bias", bias, persistent=False)
+        block.__class__ = cls
+        return block
+
+    @property
+    def fp8(self) -> bool:
+        return self.self_attn.q.scheme == "fp8"
+
+    def norm_qkv(self, x2: torch.Tensor, mod: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[M, 3 dim]`` q/k/v projections of ``LN(x) * (1 + scale1) + shift1`` (fused norm + quant, one GEMM)."""
+        xq, sx = torch.ops.lightq.norm_quant(x2, seq_len, None, None, mod, 0, 1, self.norm1.eps, self.fp8, dtype)
+        packed = {"data": self.qkv_data, "scale": self.qkv_scale}
+        return self.self_attn.q.backend.gemm_only(xq, sx, packed, self.qkv_bias, dtype)
+
+    def forward(self, x, e0, rope, text, image, dtype):
+        b, seq_len, dim = x.shape
+        mod = (self.modulation.float() + e0).contiguous()  # [B, 6, dim]: shift1 scale1 gate1 shift2 scale2 gate2
+        x2 = x.reshape(b * seq_len, dim).contiguous()
+        y = self._self_attention(self.norm_qkv(x2, mod, seq_len, dtype), b, seq_len, rope)
+        x2, xq, sx = torch.ops.lightq.add_norm_quant(x2, y, seq_len, self.norm3.weight, self.norm3.bias, mod, -1, -1,
+                                                     2, self.norm3.eps, self.fp8, dtype)
+        y = self._cross_attention(xq, sx, b, seq_len, text, image, dtype)
+        x2, xq, sx = torch.ops.lightq.add_norm_quant(x2, y, seq_len, None, None, mod, 3, 4, -1, self.norm2.eps,
+                                                     self.fp8, dtype)
+        ffn0, ffn2 = self.ffn[0], self.ffn[2]
+        hq, hs = torch.ops.lightq.act_quant(_gemm(ffn0, xq, sx, dtype), self.fp8, True)
+        y = _gemm(ffn2, hq, hs, dtype)
+        return x2.view(b, seq_len, dim) + y.view(b, seq_len, dim).float() * mod[:, 5:6]
+
+    def _self_attention(self, qkv: torch.Tensor, b: int, seq_len: int, rope) -> torch.Tensor:
+        attn = self.self_attn
+        dim, heads = attn.q.out_features, (attn.num_heads, attn.head_dim)
+        cos, sin = rope
+        q = torch.ops.lightq.rms_rope(qkv[:, :dim], attn.norm_q.weight, cos, sin, seq_len, attn.head_dim,
+                                      attn.norm_q.eps)
+        k = torch.ops.lightq.rms_rope(qkv[:, dim:2 * dim], attn.norm_k.weight, cos, sin, seq_len, attn.head_dim,
+                                      attn.norm_k.eps)
+        v = qkv[:, 2 * dim:]
+        out = _attention(q.view(b, seq_len, *heads), k.view(b, seq_len, *heads), v.view(b, seq_len, *heads))
+        return attn.o(out).reshape(b * seq_len, dim).contiguous()
+
+    def _cross_attention(self, xq, sx, b, seq_len, text, image, dtype) -> torch.Tensor:
+        ca = self.cross_attn
+        dim, heads = ca.q.out_features, (ca.num_heads, ca.head_dim)
+        q = torch.ops.lightq.rms_rope(_gemm(ca.q, xq, sx, dtype), ca.norm_q.weight, None, None, seq_len,
+                                      ca.head_dim, ca.norm_q.eps).view(b, seq_len, *heads)
+        k = ca.norm_k(ca.k(text)).unflatten(-1, heads)
+        out = _attention(q, k, ca.v(text).unflatten(-1, heads))
+        if image is not None:
+            k_img = ca.norm_k_img(ca.k_img(image)).unflatten(-1, heads)
+            out = out + _attention(q, k_img, ca.v_img(image).unflatten(-1, heads))
+        return ca.o(out).reshape(b * seq_len, dim).contiguous()
