@@ -23,18 +23,7 @@ from ..errors import BackendUnavailable, QuantizationError
 from ..quant import schemes as S
 from .base import Backend
 from .spec import BackendSpec
-
-SPEC = BackendSpec(
-    name="triton",
-    schemes={"fp8": 8.9, "int8": 8.0},
-    impl="lightq.backends.triton_backend:TritonBackend",
-    requires=("triton",),
-    install="pip install triton (CUDA builds of torch ship it)",
-    description="lightq's Triton kernels: fused per-token quant + torch._scaled_mm (fp8) / Triton int8 GEMM; "
-                "fused LayerNorm+modulation+quant and RMSNorm+RoPE in the DiT block",
-    k_multiple=16,
-    n_multiple=16,
-)
+from .triton_spec import SPEC  # noqa: F401  (re-exported for callers that build the backend directly)
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 

@@ -1,0 +1,207 @@
+"""``python -m lightq.bench step``: one Wan2.1 DiT block and one denoising step at 480p, per mode.
+
+For each model size and mode (``none`` = bf16, then every installed fp8 / int8 per-channel mode), the DiT is built
+with random weights through ``load_component`` (the same seeded weights for every mode, quantized at load), with
+the ``triton`` backend's blocks fused (``lightq.kernels.fused_block``). Measured in one run:
+
+    block     one block forward on [1, 32760, dim] tokens: ms, and relative L2 error of its update vs bf16
+    norm+qkv  LayerNorm + modulation + q/k/v projections: the fused kernel + one GEMM (fused blocks) or the
+              unfused eager norm + three linears, vs the bf16 eager norm + three F.linear
+    step      one full forward (patch embed, time/text embedding, all built blocks, head): ms, peak memory,
+              relative L2 error of the output vs bf16
+
+A 14B model is built with ``--layers`` blocks (default 4, not 40: quantizing 40 blocks at load takes minutes);
+the step time is then also reported extrapolated to all layers as embed/head + layers x block, and says so.
+``--profile`` prints where a block's time goes (torch.profiler, CUDA time per op) for bf16 and each fused mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+from ..checkpoints.loader import load_component
+from ..errors import LightqError
+from ..hardware import detect
+from ..models.layouts import QUANTIZABLE
+from ..models.rope import rope_tables
+from ..models.wan_dit import DIT_ARCHS, WanDiT
+from . import timing
+from .linear import Backends, discover_modes
+
+LATENT_480P = (21, 60, 104)  # 81 frames at 832x480 -> 21 x 60 x 104 latents -> 32,760 tokens with 1x2x2 patches
+DEFAULT_LAYERS = {"14b": 4, "1.3b": 30}
+
+
+@dataclasses.dataclass
+class StepRow:
+    model: str
+    mode: str
+    layers: int
+    block_ms: float | None = None
+    block_err: float | None = None
+    norm_qkv_ms: float | None = None
+    norm_qkv_bf16_ms: float | None = None
+    step_ms: float | None = None
+    step_full_ms: float | None = None
+    peak_gib: float | None = None
+    step_err: float | None = None
+    fused_blocks: int = 0
+    note: str = ""
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def build(arch, mode, scheme, backend):
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"] if scheme else (),
+                           skip=(), scheme=scheme, backend=backend, device="cuda", dtype=torch.bfloat16,
+                           progress=False)
+    fused = 0
+    if backend is not None and backend.name == "triton":
+        from ..kernels.fused_block import fuse_dit_blocks
+
+        fused = fuse_dit_blocks(model)
+    return model.requires_grad_(False), fused
+
+
+def inputs(arch, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    f, h, w = LATENT_480P
+    latents = torch.randn(1, arch.in_dim, f, h, w, device="cuda", generator=gen)
+    context = torch.randn(1, 512, arch.text_dim, device="cuda", generator=gen)
+    tokens = torch.randn(1, f * (h // 2) * (w // 2), arch.dim, device="cuda", generator=gen)
+    e0 = torch.randn(1, 6, arch.dim, device="cuda", generator=gen) * 0.1
+    text = torch.randn(1, 512, arch.dim, device="cuda", generator=gen).to(torch.bfloat16)
+    rope = rope_tables((f, h // 2, w // 2), arch.head_dim, torch.device("cuda"))
+    return latents, torch.tensor([500.0], device="cuda"), context, (tokens, e0, rope, text)
+
+
+def norm_qkv_fn(block, tokens, e0, dtype):
+    """LayerNorm + modulation + q/k/v as this block computes them (fused or eager)."""
+    from ..kernels.fused_block import FusedBlock
+
+    if isinstance(block, FusedBlock):
+        mod = (block.modulation.float() + e0).contiguous()
+        x2 = tokens.reshape(-1, tokens.shape[-1]).contiguous()
+        return lambda: block.norm_qkv(x2, mod, tokens.shape[1], dtype)
+    shift, scale = (block.modulation.float() + e0).chunk(6, dim=1)[:2]
+    attn = block.self_attn
+
+    def eager():
+        h = (block.norm1(tokens) * (1 + scale) + shift).to(dtype)
+        return attn.q(h), attn.k(h), attn.v(h)
+    return eager
+
+
+def profile_block(block, args, label: str, rows: int = 14) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    block(*args)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        block(*args)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    return f"### where one block's time goes: {label}\n" + events.table(sort_by=key, row_limit=rows)
+
+
+def measure_model(name, layers, modes, backends, iters, profile):
+    arch = dataclasses.replace(DIT_ARCHS[name], num_layers=layers)
+    latents, t, context, (tokens, e0, rope, text) = inputs(arch)
+    args = (tokens, e0, rope, text, None, torch.bfloat16)
+    rows, reports = [], []
+    ref_step = ref_block = None
+    for mode, scheme, spec in [("none", None, None)] + modes:
+        row = StepRow(name, mode, layers)
+        rows.append(row)
+        backend = None
+        if spec is not None:
+            backend, why = backends.get(spec)
+            ok, reason = spec.can_implement(scheme, detect())
+            if backend is None or not ok:
+                row.note = f"unavailable: {why or reason}"
+                continue
+        try:
+            model, row.fused_blocks = build(arch, mode, scheme, backend)
+            block = model.blocks[0]
+            with torch.no_grad():
+                y_block = block(*args)
+                row.block_ms = timing.time_ms(lambda: block(*args), iters)
+                row.norm_qkv_ms = timing.time_ms(norm_qkv_fn(block, tokens, e0, torch.bfloat16), iters)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                out = model(latents, t, context)
+                row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+                row.step_ms = timing.time_ms(lambda: model(latents, t, context), max(3, iters // 4), warmup=1)
+                if profile and (spec is None or row.fused_blocks):
+                    reports.append(profile_block(block, args, f"{name} {mode}"))
+            update = y_block - tokens
+            if spec is None:
+                ref_step, ref_block = out, update
+            else:
+                row.block_err, row.step_err = rel_err(update, ref_block), rel_err(out, ref_step)
+            full = DIT_ARCHS[name].num_layers
+            row.step_full_ms = row.step_ms + (full - layers) * row.block_ms
+            del model, block, out, y_block
+            torch.cuda.empty_cache()
+        except Exception as exc:  # one failing mode must not lose the rest of the table
+            row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            torch.cuda.empty_cache()
+    base = rows[0]
+    for row in rows:
+        row.norm_qkv_bf16_ms = base.norm_qkv_ms
+    return rows, reports
+
+
+def markdown(rows: list[StepRow], info: dict) -> str:
+    out = [f"Device: {timing.describe(info)}. 480p (32,760 tokens), batch 1, random weights. Ratios: bf16 ms / "
+           "mode ms, same run. 'step (all layers)' = measured step + (model layers - built layers) x block: an "
+           "extrapolation wherever fewer layers were built.", "",
+           "| model | mode | block ms | block vs bf16 | block err | norm+qkv ms | norm+qkv vs bf16 | layers built | "
+           "step ms | step (all layers) ms | step vs bf16 | peak GiB | step err | fused blocks | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    for r in rows:
+        if r.mode == "none":
+            base[r.model] = r
+        b = base.get(r.model)
+        err = lambda e: f"{e:.2e}" if e is not None else "-"  # noqa: E731
+        out.append(f"| {r.model} | {r.mode} | {timing.fmt_ms(r.block_ms)} | {timing.ratio(b.block_ms, r.block_ms)} | "
+                   f"{err(r.block_err)} | {timing.fmt_ms(r.norm_qkv_ms)} | "
+                   f"{timing.ratio(r.norm_qkv_bf16_ms, r.norm_qkv_ms)} | {r.layers} | {timing.fmt_ms(r.step_ms)} | "
+                   f"{timing.fmt_ms(r.step_full_ms)} | {timing.ratio(b.step_full_ms, r.step_full_ms)} | "
+                   f"{r.peak_gib:.1f} | {err(r.step_err)} | {r.fused_blocks} | {r.note} |"
+                   if r.peak_gib is not None else
+                   f"| {r.model} | {r.mode} | - | - | - | - | - | {r.layers} | - | - | - | - | - | 0 | {r.note} |")
+    return "\n".join(out)
+
+
+def run(models: list[str], modes: list[str] | None, layers: int | None, iters: int, profile: bool,
+        json_path: str | None) -> list[StepRow]:
+    if not torch.cuda.is_available():
+        raise LightqError("python -m lightq.bench needs a CUDA GPU; none is visible here")
+    unknown = set(models) - {"14b", "1.3b"}
+    if unknown:
+        raise LightqError(f"unknown --models {', '.join(sorted(unknown))}: choose from 14b, 1.3b")
+    wanted = None if modes is None else [m for m in modes if m != "none"]
+    per_channel = [m for m in discover_modes(wanted) if m[1] in ("fp8", "int8")]
+    backends, info = Backends(), timing.device_info()
+    rows, reports = [], []
+    for name in models:
+        n = layers or DEFAULT_LAYERS[name]
+        got, text = measure_model(name, n, per_channel, backends, iters, profile)
+        rows += got
+        reports += text
+        print(f"  measured {name}", flush=True)
+    for report in reports:
+        print(report)
+    print(markdown(rows, info))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"device": info, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+    return rows
