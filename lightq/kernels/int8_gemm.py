@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import Tuned
+from .rounding import round_to, soft_rounding
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
@@ -34,7 +35,7 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32
 
 @triton.jit
 def _int8_mm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K: tl.constexpr, M_BUCKET,
-                    stride_am, stride_wn, stride_cm, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                    stride_am, stride_wn, stride_cm, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, SOFT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -70,6 +71,7 @@ def _int8_mm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K: tl.c
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+    y = round_to(y, c_ptr.dtype.element_ty, SOFT)
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
@@ -96,7 +98,7 @@ def int8_scaled_mm(a: torch.Tensor, w: torch.Tensor, sa: torch.Tensor, sw: torch
         bucket = triton.next_power_of_2(m) if m <= 4096 else 8192
         _int8_mm[_grid(m, n)](a, w, sa.contiguous(), sw.contiguous(), a if bias is None else bias, c, m, n, k,
                               bucket, a.stride(0), w.stride(0), c.stride(0), HAS_BIAS=bias is not None,
-                              EVEN_K=k % 128 == 0)
+                              EVEN_K=k % 128 == 0, SOFT=soft_rounding(out_dtype))
     return c
 
 

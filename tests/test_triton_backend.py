@@ -1,0 +1,325 @@
+"""CPU checks of the ``triton`` backend: its spec and registration, the benchmark CLI, and — through Triton's CPU
+interpreter (``TRITON_INTERPRET=1``, set here before the kernels are imported) — the kernels themselves on tiny
+shapes against lightq's torch reference.
+
+The interpreter (Triton 3.6) casts fp32 -> bf16 by truncation and fp32 -> fp8 with two known faults (a rounding
+carry into the exponent is lost; ties round away from even). The kernels round to bf16 in integer arithmetic under
+the interpreter, so bf16 / int8 results are checked bit for bit; fp8 codes are checked to differ from the
+reference only in those two ways. tests/gpu/test_triton_gpu.py checks the compiled kernels bit for bit on the GPU.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from lightq.backends.registry import choose, specs
+from lightq.errors import LightqError, QuantizationError
+from lightq.hardware import PROFILES
+from lightq.quant import schemes as S
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if HAVE_TRITON and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+needs_interpreter = pytest.mark.skipif(
+    not HAVE_TRITON or torch.cuda.is_available(),
+    reason="needs triton (pip install triton) and no CUDA: on a GPU tests/gpu/test_triton_gpu.py covers the kernels")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel modules, provided they were imported in interpreter mode (else the CPU cannot run them)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from lightq.kernels import act_quant, fused_block, fused_norm_quant, int8_gemm
+
+    if not isinstance(act_quant._act_quant_kernel, InterpretedFunction):
+        pytest.skip("lightq.kernels was imported before TRITON_INTERPRET=1 was set in this process")
+    return act_quant, fused_norm_quant, int8_gemm, fused_block
+
+
+# --- spec, registry, modes (no triton needed) ---------------------------------------------------------------------
+
+def test_spec_is_registered_and_declares_its_schemes():
+    spec = specs()["triton"]
+    assert spec.schemes == {"fp8": 8.9, "int8": 8.0}
+    assert spec.impl == "lightq.backends.triton_backend:TritonBackend"
+
+
+def test_spec_module_imports_neither_torch_nor_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, lightq.backends.triton_spec; print('torch' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_capability_rules():
+    spec = specs()["triton"]
+    ok, why = spec.can_implement("fp8", PROFILES["cpu"])
+    assert not ok and "CUDA" in why
+    assert spec.can_implement("int8", PROFILES["sm80"]) == (HAVE_TRITON, "ok" if HAVE_TRITON else
+                                                            spec.is_available(PROFILES["sm80"])[1])
+    if HAVE_TRITON:
+        ok, why = spec.can_implement("fp8", PROFILES["sm80"])
+        assert not ok and "8.9" in why
+        assert spec.can_implement("fp8", PROFILES["sm90"]) == (True, "ok")
+        assert not spec.can_implement("fp8", PROFILES["sm90"], (5120, 5000))[0]  # K not a multiple of 16
+    assert not spec.can_implement("fp8-b128", PROFILES["sm90"])[0]
+
+
+def test_requesting_triton_on_cpu_names_the_reason():
+    spec, why = choose("int8", "triton", PROFILES["cpu"])
+    assert spec is None and "triton" in why
+
+
+def test_mode_files_exist_for_every_component():
+    from lightq.paths import conf_dir
+
+    for group in ("dit_quant", "t5_quant", "clip_quant"):
+        for scheme in ("fp8", "int8"):
+            text = (conf_dir() / group / f"{scheme}-triton.yaml").read_text()
+            assert "backend: triton" in text and f"scheme: {scheme}" in text
+
+
+def test_bench_cli_without_gpu_exits_2_with_one_line(capsys):
+    from lightq.bench.__main__ import main
+
+    assert main(["linear", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "CUDA" in err
+
+
+def test_bench_mode_discovery():
+    from lightq.bench.linear import discover_modes
+
+    names = [m for m, _, _ in discover_modes()]
+    assert "fp8-torch" in names and "int8-triton" in names and "fp8-triton" in names
+    assert "fp8-b128-torch" not in names  # an emulation: only when asked for
+    assert [m for m, _, _ in discover_modes(["fp8-b128-torch"])] == ["fp8-b128-torch"]
+    with pytest.raises(LightqError, match="fp8-nope"):
+        discover_modes(["fp8-nope"])
+
+
+def test_bench_shapes_cover_the_wan_models():
+    from lightq.bench.linear import QUICK, SHAPES
+
+    dit14 = {(m, n, k) for _, m, n, k in SHAPES["dit14b"]}
+    assert (32760, 5120, 5120) in dit14 and (75600, 5120, 13824) in dit14
+    assert {(m, n, k) for _, m, n, k in SHAPES["clip"]} >= {(257, 1280, 1280), (257, 1280, 5120)}
+    for family, labels in QUICK.items():
+        assert set(labels) <= {label for label, *_ in SHAPES[family]}
+
+
+def test_step_tokens_are_480p():
+    from lightq.bench.step import LATENT_480P
+
+    f, h, w = LATENT_480P
+    assert f * (h // 2) * (w // 2) == 32760
+
+
+# --- kernels under the interpreter ---------------------------------------------------------------------------------
+
+def fp8_codes_match_up_to_interpreter_casts(q, ref_q, v):
+    """Codes equal, or differ only where the interpreter's fp32 -> fp8 cast errs (module docstring)."""
+    k, r = q.float(), ref_q.float()
+    bad = k != r
+    lost_carry = (k * 2 == r) & (r.abs().log2() == r.abs().log2().round())
+    tie = (v - k).abs() == (v - r).abs()
+    assert bool((~bad | lost_carry | tie).all()), "fp8 codes differ beyond the interpreter's cast faults"
+    assert bad.float().mean() < 0.1
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_act_quant_matches_quantize_activation(kernels, dtype):
+    act_quant = kernels[0]
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(6, 300, generator=gen) * 4).to(dtype)
+    x[2] = 0  # an all-zero token: scale 1, codes 0
+    q, s = act_quant.quantize_per_token(x, "int8")
+    rq, rs = S.quantize_activation(x, "int8")
+    assert torch.equal(s, rs) and torch.equal(q, rq) and s[2].item() == 1.0
+    q, s = act_quant.quantize_per_token(x, "fp8")
+    rq, rs = S.quantize_activation(x, "fp8")
+    assert torch.equal(s, rs) and q.dtype == torch.float8_e4m3fn
+    fp8_codes_match_up_to_interpreter_casts(q, rq, x.float() / rs)
+
+
+@needs_interpreter
+def test_act_quant_takes_row_strided_views_and_refuses_bad_layouts(kernels):
+    act_quant = kernels[0]
+    x = torch.randn(4, 96).to(torch.bfloat16)
+    q, s = act_quant.quantize_per_token(x[:, 32:], "int8")
+    rq, rs = S.quantize_activation(x[:, 32:], "int8")
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    with pytest.raises(ValueError, match="row-major"):
+        act_quant.quantize_per_token(x.t(), "int8")
+
+
+@needs_interpreter
+def test_gelu_fused_quant_matches_gelu_then_quantize(kernels):
+    act_quant = kernels[0]
+    x = (torch.randn(5, 128, generator=torch.Generator().manual_seed(2)) * 3).to(torch.bfloat16)
+    q, s = act_quant.quantize_per_token(x, "int8", gelu=True)
+    rq, rs = S.quantize_activation(torch.nn.functional.gelu(x, approximate="tanh"), "int8")
+    assert torch.equal(s, rs)
+    assert (q.int() - rq.int()).abs().max() <= 1 and (q != rq).float().mean() < 0.01
+
+
+def _layer_norm_reference(x, mod, seq_len, shift, scale, weight=None, bias=None):
+    b = mod.shape[0]
+    h = torch.nn.functional.layer_norm(x, (x.shape[1],), weight, bias, eps=1e-6).view(b, seq_len, -1)
+    if scale >= 0:
+        h = h * (1 + mod[:, scale:scale + 1])
+    if shift >= 0:
+        h = h + mod[:, shift:shift + 1]
+    return h.reshape(x.shape).to(torch.bfloat16)
+
+
+def _close_codes(q, rq, s, rs):
+    assert ((s - rs).abs() <= rs * 2 ** -8).all()
+    assert (q.int() - rq.int()).abs().max() <= 1 and (q != rq).float().mean() < 0.01
+
+
+@needs_interpreter
+def test_norm_modulate_quant_matches_the_unfused_path(kernels):
+    gen = torch.Generator().manual_seed(3)
+    b, seq_len, k = 2, 5, 96
+    x = torch.randn(b * seq_len, k, generator=gen) * 2
+    mod = torch.randn(b, 6, k, generator=gen) * 0.3
+    q, s = torch.ops.lightq.norm_quant(x, seq_len, None, None, mod, 0, 1, 1e-6, False, torch.bfloat16)
+    rq, rs = S.quantize_activation(_layer_norm_reference(x, mod, seq_len, 0, 1), "int8")
+    _close_codes(q, rq, s, rs)
+
+
+@needs_interpreter
+def test_residual_gate_affine_norm_quant(kernels):
+    gen = torch.Generator().manual_seed(4)
+    b, seq_len, k = 2, 4, 64
+    x = torch.randn(b * seq_len, k, generator=gen)
+    res = torch.randn(b * seq_len, k, generator=gen).to(torch.bfloat16)
+    mod = torch.randn(b, 6, k, generator=gen) * 0.3
+    w, bias = torch.randn(k, generator=gen), torch.randn(k, generator=gen)
+    x_new, q, s = torch.ops.lightq.add_norm_quant(x, res, seq_len, w, bias, mod, -1, -1, 2, 1e-6, False,
+                                                  torch.bfloat16)
+    ref_x = x + (res.float().view(b, seq_len, k) * mod[:, 2:3]).reshape(x.shape)
+    assert torch.allclose(x_new, ref_x, rtol=2 ** -22, atol=0)
+    rq, rs = S.quantize_activation(_layer_norm_reference(ref_x, mod, seq_len, -1, -1, w, bias), "int8")
+    _close_codes(q, rq, s, rs)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("with_rope", [True, False])
+def test_rms_rope_matches_rmsnorm_then_rope(kernels, with_rope):
+    from lightq.models.rope import apply_rope, rope_tables
+    from lightq.models.wan_dit import RMSNorm
+
+    gen = torch.Generator().manual_seed(5)
+    b, heads, head_dim, grid = 2, 3, 24, (1, 2, 3)
+    seq_len, dim = 6, 3 * 24
+    qkv = torch.randn(b * seq_len, 3 * dim, generator=gen).to(torch.bfloat16)
+    t = qkv[:, dim:2 * dim]  # a strided slice, as the fused q/k/v output hands it over
+    norm = RMSNorm(dim, 1e-6)
+    norm.weight.data = torch.randn(dim, generator=gen)
+    cos, sin = rope_tables(grid, head_dim, torch.device("cpu"))
+    out = torch.ops.lightq.rms_rope(t, norm.weight, cos if with_rope else None, sin if with_rope else None,
+                                    seq_len, head_dim, 1e-6)
+    ref = norm(t)
+    if with_rope:
+        ref = apply_rope(ref.view(b, seq_len, heads, head_dim), cos, sin).to(torch.bfloat16).reshape(t.shape)
+    ulp = ref.float().abs().clamp_min(2 ** -126) * 2 ** -7
+    assert ((out.float() - ref.float()).abs() <= ulp).all() and (out != ref).float().mean() < 0.01
+
+
+@needs_interpreter
+@pytest.mark.parametrize("m,n,k", [(5, 48, 64), (33, 40, 96)])
+def test_int8_gemm_is_exact_with_fused_scales_and_bias(kernels, m, n, k):
+    gen = torch.Generator().manual_seed(m)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    sa, sw = torch.rand(m, 1, generator=gen) + 0.1, torch.rand(n, 1, generator=gen) + 0.1
+    bias = torch.randn(n, generator=gen)
+    acc = (a.double() @ w.double().t()).float()
+    y = torch.ops.lightq.int8_scaled_mm(a, w, torch.ones(m, 1), torch.ones(n, 1), None, torch.float32)
+    assert torch.equal(y, acc)  # the integer sum, exactly
+    y = torch.ops.lightq.int8_scaled_mm(a, w, sa, sw, bias, torch.float32)
+    ref = acc * sa * sw.t() + bias
+    assert torch.allclose(y, ref, rtol=2 ** -21, atol=0)
+
+
+@needs_interpreter
+def test_backend_apply_matches_the_torch_backend(kernels):
+    from lightq.backends.torch_backend import TorchBackend
+    from lightq.backends.triton_backend import TritonBackend
+
+    triton_be, torch_be = TritonBackend(specs()["triton"]), TorchBackend(specs()["torch"])
+    gen = torch.Generator().manual_seed(6)
+    qw = S.quantize_weight(torch.randn(48, 64, generator=gen), "int8")
+    bias = torch.randn(48, generator=gen).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64, generator=gen).to(torch.bfloat16)
+    y = triton_be.apply(x, triton_be.pack(qw), "int8", bias)
+    ref = torch_be.apply(x, torch_be.pack(qw), "int8", bias)
+    assert y.shape == (2, 3, 48) and y.dtype == torch.bfloat16
+    assert torch.equal(y, ref)
+    with pytest.raises(QuantizationError, match="bf16 or fp16"):
+        triton_be.apply(x.float(), triton_be.pack(qw), "int8", bias)
+    with pytest.raises(QuantizationError, match="features"):
+        triton_be.apply(x[..., :32], triton_be.pack(qw), "int8", bias)
+    with pytest.raises(QuantizationError, match="fp8-b128"):
+        triton_be.pack(S.quantize_weight(torch.randn(48, 128), "fp8-b128"))
+
+
+@needs_interpreter
+def test_fused_block_matches_the_unfused_block(kernels, monkeypatch):
+    from lightq.backends.triton_backend import TritonBackend
+    from lightq.checkpoints.loader import load_component
+    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.rope import rope_tables
+    from lightq.models.wan_dit import Block, DiTArch, WanDiT
+
+    fused_block = kernels[3]
+    arch = DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=1, text_dim=128)
+    backend = TritonBackend(specs()["triton"])
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"], scheme="int8",
+                           backend=backend, dtype=torch.bfloat16, progress=False)
+    gen = torch.Generator().manual_seed(7)
+    for name, p in model.named_parameters():  # non-trivial norms, modulation and biases
+        if name.endswith("modulation") or name.endswith("bias"):
+            p.data = (torch.randn(p.shape, generator=gen) * 0.1).to(p.dtype)
+    block = model.blocks[0]
+    b, grid = 1, (2, 2, 4)
+    seq_len = 16
+    args = (torch.randn(b, seq_len, 128, generator=gen), torch.randn(b, 6, 128, generator=gen) * 0.1,
+            rope_tables(grid, 64, torch.device("cpu")), torch.randn(b, 8, 128, generator=gen).to(torch.bfloat16),
+            None, torch.bfloat16)
+    unfused = block(*args)
+    q_data = block.self_attn.q.data.clone()
+    assert fused_block.fuse_dit_blocks(model) == 1 and isinstance(block, fused_block.FusedBlock)
+    assert torch.equal(block.self_attn.q.data, q_data)  # now a view of the concatenated q/k/v weight
+    assert block.self_attn.q.data.data_ptr() == block.qkv_data.data_ptr()
+    monkeypatch.setattr(Block, "forward", lambda *a: pytest.fail("the fused block fell back to Block.forward"))
+    fused = block(*args)
+    x = args[0]
+    err = ((fused - unfused).norm() / (unfused - x).norm()).item()
+    assert err < 1e-3, f"fused block update differs from the unfused one by {err:.2e} (relative L2)"
+
+
+@needs_interpreter
+def test_blocks_on_other_backends_are_not_fused(kernels):
+    from lightq.checkpoints.loader import load_component
+    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.wan_dit import DiTArch, WanDiT
+
+    fused_block = kernels[3]
+    arch = DiTArch(dim=64, ffn_dim=128, num_heads=1, num_layers=1, text_dim=64)
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"], scheme="int8",
+                           dtype=torch.bfloat16, progress=False)  # torch backend
+    ok, why = fused_block.fusable(model.blocks[0])
+    assert not ok and "triton" in why
+    assert fused_block.fuse_dit_blocks(model) == 0
+    with pytest.raises(ValueError, match="cannot fuse"):
+        fused_block.FusedBlock.convert(model.blocks[0])
