@@ -1,0 +1,261 @@
+"""The ``triton`` backend and the fused DiT block on the GPU, against lightq's torch reference.
+
+Run on the GPU machine: ``python -m pytest tests/gpu/test_triton_gpu.py -q -n 0``. Skipped without CUDA / triton.
+
+- activation quantization (and GELU + quantization): bit-identical codes and scales to ``quantize_activation``
+  at Wan shapes, bf16 and fp16 (GELU: libdevice tanh vs torch's may differ by an fp32 ulp, which moves the bf16
+  value only at rounding ties: at most one code step on a tiny fraction);
+- ``apply`` vs the torch backend: the same quantized activation, the same integer (int8) / ``_scaled_mm`` (fp8)
+  product; they differ only in where the bias is rounded, so by at most one ulp of the output dtype (plus, for
+  fp16, the bf16 rounding ``_scaled_mm`` imposes on both);
+- norm + modulation + quant, residual + affine norm + quant, RMSNorm + RoPE vs the unfused ops: the mean / variance
+  reduction order differs, so the bf16 value feeding the quantizer may differ by one bf16 ulp on a few elements;
+  codes then differ by at most one step on under 0.1% of elements (int8; fp8 at most one fp8 step);
+- the fused block vs the unfused fp8 block of the same random weights: its error vs bf16 is no larger (within
+  5%) than the unfused block's; ``torch.compile`` and CUDA-graph replay of a fused block give its eager output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lightq.backends.registry import specs
+from lightq.quant import schemes as S
+
+CUDA = torch.cuda.is_available()
+CAP = torch.cuda.get_device_capability() if CUDA else (0, 0)
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)"),
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
+SCHEMES = [s for s, need in (("int8", (8, 0)), ("fp8", (8, 9))) if CAP >= need]
+WAN_M = [1, 257, 32760]
+WAN_K = [1536, 5120, 13824]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return specs()["triton"].load()  # runs the load-time self-test
+
+
+def randn(*shape, seed=0, dtype=torch.float32, scale=1.0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
+
+
+def as_int(q):
+    return q.view(torch.int8) if q.dtype == torch.int8 else q.float()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("m", WAN_M)
+@pytest.mark.parametrize("k", WAN_K)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_act_quant_is_bit_identical(backend, scheme, m, k, dtype):
+    x = randn(m, k, seed=m + k, dtype=dtype, scale=3.0)
+    if m > 1:
+        x[m // 2] = 0
+    q, s = backend.quantize_activation(x, scheme)
+    rq, rs = S.quantize_activation(x, scheme)
+    assert torch.equal(s, rs)
+    assert torch.equal(q.view(torch.int8), rq.view(torch.int8))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("m,k", [(257, 8960), (32760, 13824)])
+def test_gelu_quant_matches_gelu_then_quantize(backend, scheme, m, k):
+    x = randn(m, k, seed=3, dtype=torch.bfloat16, scale=2.0)
+    q, s = torch.ops.lightq.act_quant(x, scheme == "fp8", True)
+    rq, rs = S.quantize_activation(torch.nn.functional.gelu(x, approximate="tanh"), scheme)
+    assert ((s - rs).abs() <= rs * 2 ** -8).all()
+    diff = (q != rq) if scheme == "int8" else (q.float() != rq.float())
+    assert diff.float().mean() < 1e-3
+    if scheme == "int8":
+        assert (q.int() - rq.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("m", WAN_M)
+@pytest.mark.parametrize("n,k", [(5120, 5120), (13824, 5120), (1536, 8960)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_apply_matches_the_torch_backend(backend, scheme, m, n, k, dtype, with_bias):
+    torch_be = specs()["torch"].load()
+    qw = S.quantize_weight(randn(n, k, seed=n, scale=k ** -0.5), scheme)
+    bias = randn(n, seed=1, dtype=dtype, scale=0.1) if with_bias else None
+    x = randn(m, k, seed=m, dtype=dtype)
+    y = backend.apply(x, backend.pack(qw), scheme, bias)
+    ref = torch_be.apply(x, torch_be.pack(qw), scheme, bias)
+    assert y.shape == ref.shape and y.dtype == dtype
+    # one ulp of the output apart (of bf16 whenever _scaled_mm's bf16 output is involved), plus the fp32 ulp of an
+    # FMA-contracted epilogue under cancellation
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 or scheme == "fp8" else 2.0 ** -10
+    tol = ulp * ref.float().abs() + 1e-6 * ref.float().abs().max()
+    assert ((y.float() - ref.float()).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_int8_gemm_only_is_exact_in_fp32(backend, scheme):
+    if scheme != "int8":
+        pytest.skip("integer accumulation only")
+    a = torch.randint(-127, 128, (4099, 5120), dtype=torch.int8, device="cuda")
+    w = torch.randint(-127, 128, (1536, 5120), dtype=torch.int8, device="cuda")
+    ones_a, ones_w = torch.ones(4099, 1, device="cuda"), torch.ones(1536, 1, device="cuda")
+    y = torch.ops.lightq.int8_scaled_mm(a, w, ones_a, ones_w, None, torch.float32)
+    ref = torch._int_mm(a, w.t()).float()
+    assert torch.equal(y, ref)
+
+
+def _mod_reference(x, mod, seq_len, shift, scale, weight=None, bias=None):
+    h = torch.nn.functional.layer_norm(x, (x.shape[1],), weight, bias, eps=1e-6).view(mod.shape[0], seq_len, -1)
+    if scale >= 0:
+        h = h * (1 + mod[:, scale:scale + 1])
+    if shift >= 0:
+        h = h + mod[:, shift:shift + 1]
+    return h.reshape(x.shape).to(torch.bfloat16)
+
+
+def _assert_codes_close(q, rq, s, rs, scheme):
+    assert ((s - rs).abs() <= rs * 2 ** -8).all()
+    if scheme == "int8":
+        assert (q.int() - rq.int()).abs().max() <= 1
+        assert (q != rq).float().mean() < 1e-3
+    else:
+        deq, ref = q.float(), rq.float()
+        assert ((deq - ref).abs() <= ref.abs() * 2 ** -3 + 2 ** -9).all()  # one fp8 step
+        assert (deq != ref).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dim", [1536, 5120])
+def test_norm_modulate_quant_matches_unfused(scheme, dim):
+    b, seq_len = 2, 4096
+    x = randn(b * seq_len, dim, seed=dim, scale=2.0)
+    mod = randn(b, 6, dim, seed=1, scale=0.3)
+    q, s = torch.ops.lightq.norm_quant(x, seq_len, None, None, mod, 0, 1, 1e-6, scheme == "fp8", torch.bfloat16)
+    rq, rs = S.quantize_activation(_mod_reference(x, mod, seq_len, 0, 1), scheme)
+    _assert_codes_close(q, rq, s, rs, scheme)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_residual_affine_norm_quant_matches_unfused(scheme):
+    b, seq_len, dim = 1, 8192, 5120
+    x = randn(b * seq_len, dim, seed=2)
+    res = randn(b * seq_len, dim, seed=3, dtype=torch.bfloat16)
+    mod = randn(b, 6, dim, seed=4, scale=0.3)
+    w, bias = randn(dim, seed=5, dtype=torch.bfloat16), randn(dim, seed=6, dtype=torch.bfloat16)
+    x_new, q, s = torch.ops.lightq.add_norm_quant(x, res, seq_len, w, bias, mod, -1, -1, 2, 1e-6, scheme == "fp8",
+                                                  torch.bfloat16)
+    ref_x = x + (res.float().view(b, seq_len, dim) * mod[:, 2:3]).reshape(x.shape)
+    assert torch.allclose(x_new, ref_x, rtol=2 ** -22, atol=0)
+    rq, rs = S.quantize_activation(_mod_reference(ref_x, mod, seq_len, -1, -1, w.float(), bias.float()), scheme)
+    _assert_codes_close(q, rq, s, rs, scheme)
+
+
+@pytest.mark.parametrize("dim,heads", [(1536, 12), (5120, 40)])
+def test_rms_rope_matches_unfused(dim, heads):
+    from lightq.models.rope import apply_rope, rope_tables
+    from lightq.models.wan_dit import RMSNorm
+
+    import lightq.kernels.fused_norm_quant  # noqa: F401
+
+    grid, head_dim = (21, 30, 52), dim // heads
+    seq_len = 21 * 30 * 52
+    qkv = randn(seq_len, 3 * dim, seed=7, dtype=torch.bfloat16)
+    t = qkv[:, :dim]
+    norm = RMSNorm(dim, 1e-6).cuda()
+    norm.weight.data = randn(dim, seed=8) * 0.2 + 1
+    cos, sin = rope_tables(grid, head_dim, torch.device("cuda"))
+    out = torch.ops.lightq.rms_rope(t, norm.weight, cos, sin, seq_len, head_dim, 1e-6)
+    ref = apply_rope(norm(t).view(1, seq_len, heads, head_dim), cos, sin).to(torch.bfloat16).reshape(t.shape)
+    ulp = ref.float().abs() * 2 ** -7 + 1e-30
+    assert ((out.float() - ref.float()).abs() <= ulp).all()
+    assert (out != ref).float().mean() < 1e-3
+
+
+def _dit(scheme, backend_name, dim=1536, heads=12, layers=1):
+    from lightq.checkpoints.loader import load_component
+    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.wan_dit import DiTArch, WanDiT
+
+    arch = DiTArch(dim=dim, ffn_dim=4 * dim, num_heads=heads, num_layers=layers)
+    backend = specs()[backend_name].load() if scheme else None
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"] if scheme else (),
+                           scheme=scheme, backend=backend, device="cuda", dtype=torch.bfloat16, progress=False)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    for name, p in model.named_parameters():  # non-trivial modulation and biases (the loader's are zero)
+        if name.endswith("modulation") or name.endswith("bias"):
+            p.data = (torch.randn(p.shape, device="cuda", generator=gen) * 0.05).to(p.dtype)
+    return model, arch
+
+
+def _block_args(arch, seq_grid=(4, 30, 52)):
+    from lightq.models.rope import rope_tables
+
+    seq_len = seq_grid[0] * seq_grid[1] * seq_grid[2]
+    return (randn(1, seq_len, arch.dim, seed=20), randn(1, 6, arch.dim, seed=21, scale=0.1),
+            rope_tables(seq_grid, arch.head_dim, torch.device("cuda")),
+            randn(1, 512, arch.dim, seed=22, dtype=torch.bfloat16), None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fused_block_has_no_error_regression(scheme):
+    from lightq.kernels.fused_block import FusedBlock, fuse_dit_blocks
+
+    ref_model, arch = _dit(None, "torch")
+    unfused_model, _ = _dit(scheme, "torch")
+    fused_model, _ = _dit(scheme, "triton")
+    assert fuse_dit_blocks(fused_model) == 1 and isinstance(fused_model.blocks[0], FusedBlock)
+    args = _block_args(arch)
+    x = args[0]
+    with torch.no_grad():
+        ref = ref_model.blocks[0](*args) - x
+        unfused = unfused_model.blocks[0](*args) - x
+        fused = fused_model.blocks[0](*args) - x
+    err = lambda a: ((a - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(fused) <= 1.05 * err(unfused) + 1e-4, f"fused {err(fused):.3e} vs unfused {err(unfused):.3e}"
+    assert ((fused - unfused).norm() / unfused.norm()).item() < 2 * err(unfused) + 1e-3
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_full_dit_forward_with_fused_blocks(scheme):
+    from lightq.kernels.fused_block import fuse_dit_blocks
+
+    ref_model, arch = _dit(None, "torch", dim=512, heads=4, layers=2)
+    model, _ = _dit(scheme, "triton", dim=512, heads=4, layers=2)
+    assert fuse_dit_blocks(model) == 2
+    latents = randn(1, 16, 5, 16, 16, seed=30)
+    context = randn(1, 77, arch.text_dim, seed=31)
+    t = torch.tensor([700.0], device="cuda")
+    with torch.no_grad():
+        y, ref = model(latents, t, context), ref_model(latents, t, context)
+    assert torch.isfinite(y).all()
+    assert ((y - ref).norm() / ref.norm()).item() < 0.1
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fused_block_under_torch_compile_and_cuda_graphs(scheme):
+    from lightq.kernels.fused_block import fuse_dit_blocks
+
+    model, arch = _dit(scheme, "triton")
+    fuse_dit_blocks(model)
+    block = model.blocks[0]
+    args = _block_args(arch, (2, 30, 52))
+    with torch.no_grad():
+        eager = block(*args)
+        compiled = torch.compile(block)(*args)
+        assert ((compiled - eager).norm() / eager.norm()).item() < 1e-3
+        block(*args)  # warm-up: autotuning happens outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = block(*args)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+
+
+def test_load_self_test_reports_instead_of_crashing(backend):
+    assert backend.name == "triton" and backend.version()
