@@ -148,6 +148,21 @@ def markdown(rows: list[Row], info: dict, copy_gbps: float) -> str:
     return "\n".join(out)
 
 
+def targets(rows: list[Row], copy_gbps: float) -> str:
+    """The issue-8 target lines: fp8 linear at 32760x5120x5120 (>= 1.55x bf16), activation quant (>= 80% of HBM)."""
+    out = ["", "Targets at 32760x5120x5120 (issue 8): fp8 linear >= 1.55x bf16; activation quant >= 80% of HBM bandwidth"]
+    for r in rows:
+        if (r.m, r.n, r.k) != (32760, 5120, 5120) or r.linear_ms is None or r.mode.startswith("none"):
+            continue
+        line = f"- {r.mode}: linear {timing.ratio(r.bf16_ms, r.linear_ms)} bf16"
+        if r.quant_ms is not None:
+            gbps = r.quant_bw_pct * copy_gbps / 100
+            line += (f"; quant {r.quant_ms:.3f} ms = {gbps:.0f} GB/s = {r.quant_bw_pct:.0f}% of measured copy, "
+                     f"{gbps / (timing.H100_SXM_HBM_TBPS * 10):.0f}% of {timing.H100_SXM_HBM_TBPS} TB/s")
+        out.append(line)
+    return "\n".join(out)
+
+
 def run(families: list[str], modes: list[str] | None, iters: int, quick: bool, json_path: str | None) -> list[Row]:
     if not torch.cuda.is_available():
         raise LightqError("python -m lightq.bench needs a CUDA GPU; none is visible here")
@@ -165,6 +180,7 @@ def run(families: list[str], modes: list[str] | None, iters: int, quick: bool, j
             rows += measure_shape(family, label, m, n, k, chosen, backends, hw, iters, copy_gbps)
             print(f"  measured {family} {label} {m}x{n}x{k}", flush=True)
     print(markdown(rows, info, copy_gbps))
+    print(targets(rows, copy_gbps))
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": info, "copy_gbps": copy_gbps, "iters": iters, "rows": [asdict(r) for r in rows]},

@@ -121,10 +121,11 @@ def measure_model(name, layers, modes, backends, iters, profile):
         rows.append(row)
         backend = None
         if spec is not None:
-            backend, why = backends.get(spec)
-            ok, reason = spec.can_implement(scheme, detect())
-            if backend is None or not ok:
-                row.note = f"unavailable: {why or reason}"
+            ok, why = spec.can_implement(scheme, detect())
+            if ok:
+                backend, why = backends.get(spec)
+            if backend is None:
+                row.note = f"unavailable: {why}"
                 continue
         try:
             model, row.fused_blocks = build(arch, mode, scheme, backend)
@@ -181,6 +182,21 @@ def markdown(rows: list[StepRow], info: dict) -> str:
     return "\n".join(out)
 
 
+def targets(rows: list[StepRow]) -> str:
+    """The issue-8 target lines: fused norm+qkv >= 1.7x bf16, block / step >= 1.2x lightq's bf16 path."""
+    out = ["", "Targets (issue 8): norm+mod+qkv >= 1.7x bf16; block and step >= 1.2x lightq bf16, no error regression"]
+    base = {r.model: r for r in rows if r.mode == "none"}
+    for r in rows:
+        b = base.get(r.model)
+        if r.mode == "none" or b is None or r.block_ms is None:
+            continue
+        out.append(f"- {r.model} {r.mode}: norm+qkv {timing.ratio(r.norm_qkv_bf16_ms, r.norm_qkv_ms)}, block "
+                   f"{timing.ratio(b.block_ms, r.block_ms)}, step (all layers) "
+                   f"{timing.ratio(b.step_full_ms, r.step_full_ms)}, block err {r.block_err:.2e}"
+                   f"{' (fused)' if r.fused_blocks else ''}")
+    return "\n".join(out)
+
+
 def run(models: list[str], modes: list[str] | None, layers: int | None, iters: int, profile: bool,
         json_path: str | None) -> list[StepRow]:
     if not torch.cuda.is_available():
@@ -201,6 +217,7 @@ def run(models: list[str], modes: list[str] | None, layers: int | None, iters: i
     for report in reports:
         print(report)
     print(markdown(rows, info))
+    print(targets(rows))
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"device": info, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
