@@ -11,7 +11,7 @@ from lightq.backends import registry
 from lightq.hardware import PROFILES
 from lightq.paths import conf_dir
 
-PLUGIN_LIBS = {"vllm", "sgl_kernel", "torchao", "deep_gemm", "q8_kernels"}
+PLUGIN_LIBS = {"vllm", "sgl_kernel", "torchao", "deep_gemm", "q8_kernels", "triton"}
 
 
 def load_options(group):
@@ -21,17 +21,27 @@ def load_options(group):
 DIT, T5, CLIP = load_options("dit_quant"), load_options("t5_quant"), load_options("clip_quant")
 
 
-@pytest.fixture
-def libraries_present(monkeypatch):
-    """Pretend the kernel libraries are installed (find_spec only; nothing is imported by planning)."""
+def pretend_libraries(monkeypatch, present: bool):
+    """Make the kernel libraries look installed or absent, whatever this machine has (find_spec only: planning
+    imports nothing)."""
     real = importlib.util.find_spec
 
     def fake(name, *args, **kwargs):
         if name.split(".")[0] in PLUGIN_LIBS:
-            return importlib.machinery.ModuleSpec(name, None)
+            return importlib.machinery.ModuleSpec(name, None) if present else None
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", fake)
+
+
+@pytest.fixture
+def libraries_present(monkeypatch):
+    pretend_libraries(monkeypatch, True)
+
+
+@pytest.fixture
+def libraries_absent(monkeypatch):
+    pretend_libraries(monkeypatch, False)
 
 
 def test_all_backends_are_registered():
@@ -57,9 +67,8 @@ def _expected(mode, hw, libs: bool):
 
 @pytest.mark.parametrize("profile", list(PROFILES))
 @pytest.mark.parametrize("libs", [False, True])
-def test_every_combination_on_every_profile(profile, libs, request):
-    if libs:
-        request.getfixturevalue("libraries_present")
+def test_every_combination_on_every_profile(profile, libs, monkeypatch):
+    pretend_libraries(monkeypatch, libs)
     hw = PROFILES[profile]
     count = 0
     for (dn, d), (tn, t), (cn, c) in product(DIT.items(), T5.items(), CLIP.items()):
@@ -108,6 +117,6 @@ def test_auto_prefers_measured_fastest(libraries_present):
     assert cpu.backend == "torch" and "vllm" in cpu.reason, "auto explains every rejection"
 
 
-def test_missing_libraries_name_the_install_command():
+def test_missing_libraries_name_the_install_command(libraries_absent):
     p = plan.plan_component("dit", DIT["fp8-sgl"], PROFILES["sm90"])
     assert not p.ok and "install" in p.reason and "sgl" in p.reason

@@ -54,6 +54,21 @@ class BackendSpec:
 
     def is_available(self, hw: Hardware) -> Check:
         """Can this backend run at all here (packages present, device kind right)? Never raises."""
+        try:
+            return self._is_available(hw)
+        except Exception as exc:  # a malformed spec or hardware record must not take planning down
+            return False, f"cannot check availability ({type(exc).__name__}: {exc})"
+
+    def can_implement(self, scheme: str, hw: Hardware, shape: tuple[int, int] | None = None) -> Check:
+        """Does it implement ``scheme`` on ``hw`` (and, if given, for a weight of ``shape`` = (N, K))? Never raises."""
+        try:
+            return self._can_implement(scheme, hw, shape)
+        except Exception as exc:
+            return False, f"cannot check '{scheme}' ({type(exc).__name__}: {exc})"
+
+    def _is_available(self, hw: Hardware) -> Check:
+        if not self.schemes:
+            return False, f"unusable: {self.description or 'declares no scheme'}"
         for mod in self.requires:
             try:
                 found = importlib.util.find_spec(mod) is not None
@@ -64,14 +79,15 @@ class BackendSpec:
         needs_gpu = all(cap is not None for cap in self.schemes.values())
         if needs_gpu and not hw.is_cuda:
             return False, "needs a CUDA GPU, this run is on the CPU"
+        if hw.is_cuda and hw.capability is None:
+            return False, "the GPU's compute capability is unknown"
         if hw.is_cuda and self.max_capability is not None and hw.capability > self.max_capability:
             return False, f"built for compute capability <= {self.max_capability}, this GPU is {hw.describe()}"
         return True, "available"
 
-    def can_implement(self, scheme: str, hw: Hardware, shape: tuple[int, int] | None = None) -> Check:
-        """Does it implement ``scheme`` on ``hw`` (and, if given, for a weight of ``shape`` = (N, K))? Never raises."""
-        if scheme not in self.schemes:
-            return False, f"does not implement scheme '{scheme}' (it has: {', '.join(self.schemes)})"
+    def _can_implement(self, scheme: str, hw: Hardware, shape: tuple[int, int] | None) -> Check:
+        if not isinstance(scheme, str) or scheme not in self.schemes:
+            return False, f"does not implement scheme '{scheme}' (it has: {', '.join(self.schemes) or 'none'})"
         ok, why = self.is_available(hw)
         if not ok:
             return ok, why
@@ -82,6 +98,8 @@ class BackendSpec:
             if hw.capability < cap:
                 return False, f"scheme '{scheme}' needs compute capability >= {cap}, this GPU is {hw.describe()}"
         if shape is not None:
+            if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
+                return False, f"weight shape must be (out_features, in_features) positive ints, got {shape!r}"
             n, k = shape
             if k % self.k_multiple or n % self.n_multiple:
                 return False, (f"needs in_features % {self.k_multiple} == 0 and out_features % {self.n_multiple} == 0,"

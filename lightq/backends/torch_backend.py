@@ -27,14 +27,8 @@ import torch
 from ..errors import QuantizationError
 from ..quant import schemes as S
 from .base import Backend
-from .spec import BackendSpec
+from .torch_spec import SPEC  # noqa: F401  (re-exported: the implementation's spec)
 
-SPEC = BackendSpec(
-    name="torch",
-    schemes={"fp8": None, "int8": None, "fp8-b128": None, "int4-g128": None},
-    impl="lightq.backends.torch_backend:TorchBackend",
-    description="portable reference: torch._scaled_mm / torch._int_mm where available, exact emulation otherwise",
-)
 
 
 @functools.lru_cache(maxsize=None)
