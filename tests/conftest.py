@@ -9,6 +9,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under xdist each worker gets one torch thread: two workers x two threads on two cores only thrash."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _lightq_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("lightq-cache")

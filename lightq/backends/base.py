@@ -24,6 +24,10 @@ class Backend:
         """``x @ W^T + bias`` for ``x`` ``[..., K]``; output in ``x.dtype`` with the same leading shape."""
         raise NotImplementedError
 
+    # Optional, for backends that quantize activations (benchmarks time the two halves separately):
+    #   quantize_activation(x2, scheme) -> (xq, sx)        the backend's own activation quantizer on [M, K]
+    #   gemm_only(xq, sx, packed, bias, out_dtype) -> y    the GEMM (+ bias) on an already-quantized activation
+
     def version(self) -> str:
         """Version of the kernel library behind this backend ("" if none)."""
         return ""
