@@ -42,7 +42,7 @@ def quantize_store_row(xf, q_row_ptr, s_ptr, cols, mask, IS_FP8: tl.constexpr):
     amax = tl.max(tl.abs(xf), axis=0)
     scale = tl.div_rn(amax, QMAX)
     scale = tl.where(scale > 0.0, scale, 1.0)
-    v = tl.div_rn(xf, scale)
+    v = tl.div_rn(xf, tl.broadcast_to(scale, xf.shape))  # div_rn does not broadcast a scalar by itself
     if IS_FP8:
         q = tl.clamp(v, -QMAX, QMAX).to(q_row_ptr.dtype.element_ty)
     else:
