@@ -55,6 +55,10 @@ class _Sizer:
         return total
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.1f} MiB"
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -95,13 +99,13 @@ def gpu_weight_need(cfg) -> tuple[int, str]:
             slots = min(buffers, len(units))
             outside = size(refs_outside(model, model.blocks))
             needs[comp] = (outside + slots * max(units),
-                           f"{comp}: {outside / GIB:.2f} GiB outside the blocks + {slots} x {max(units) / GIB:.2f} "
-                           f"GiB {mode} buffers")
+                           f"{comp}: {_size(outside)} outside the blocks + {slots} x {_size(max(units))} {mode} buffers")
         else:
-            needs[comp] = (total, f"{comp}: {total / GIB:.2f} GiB")
+            needs[comp] = (total, f"{comp}: {_size(total)}")
+    detail = "; ".join(d for _, d in needs.values())
     if mode == "none":
-        return sum(n for n, _ in needs.values()), "; ".join(d for _, d in needs.values())
-    return max(needs.values())
+        return sum(n for n, _ in needs.values()), detail
+    return max(n for n, _ in needs.values()), f"the largest of {detail}"
 
 
 def check_budget(cfg) -> None:
@@ -111,6 +115,6 @@ def check_budget(cfg) -> None:
         return
     need, detail = gpu_weight_need(cfg)
     if need > limit * GIB:
-        raise LightqError(f"offload.max_gpu_gib={limit}: offload={cfg.offload.mode} needs {need / GIB:.2f} GiB of "
+        raise LightqError(f"offload.max_gpu_gib={limit}: offload={cfg.offload.mode} needs {_size(need)} of "
                           f"weights on the GPU at once ({detail}), activations not counted; raise the budget, use "
                           "offload=block or phase, fewer offload.buffers, or a quantized mode")
