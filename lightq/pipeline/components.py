@@ -128,7 +128,12 @@ def load_dit(cfg, plan, folder, device, dtype, progress):
     from ..models.wan_dit import DIT_ARCHS, WanDiT
 
     arch = DIT_ARCHS[cfg.model.dit_arch]
-    return _load("dit", lambda: WanDiT(arch), cfg, plan, folder, device, dtype, progress)
+    model = _load("dit", lambda: WanDiT(arch), cfg, plan, folder, device, dtype, progress)
+    if plan is not None and plan.backend == "triton" and cfg.dit_quant.options.get("fuse", True):
+        from ..kernels.fused_block import fuse_dit_blocks  # norm+modulation+quant, fused q/k/v, GELU+quant
+
+        fuse_dit_blocks(model)
+    return model
 
 
 def load_vae(cfg, folder, device):
