@@ -149,6 +149,8 @@ def load_tokenizer_for(model_cfg, folder: Path | None):
 
     arch = T5_ARCHS[model_cfg.t5_arch]
     where = model_cfg.tokenizer
+    if model_cfg.weights == "random":  # random weights have no vocabulary to honour: no tokenizer files needed
+        where = BYTE_TOKENIZER
     if where != BYTE_TOKENIZER and folder is not None:
         where = folder / model_cfg.tokenizer if (folder / model_cfg.tokenizer).exists() else folder
     return load_tokenizer(where, arch.text_len, arch.vocab)
