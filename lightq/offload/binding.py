@@ -76,19 +76,34 @@ def _entry(t: torch.Tensor, offset: int) -> _Entry:
     return _Entry(offset, t.dtype, tuple(t.shape), tuple(t.stride()), t.numel())
 
 
-class Pack:
-    """A group of tensors in one flat host buffer (``host``, pinned when ``pin``); the modules are bound to it."""
+def _layout(refs: list[TensorRef]) -> tuple[list[_Entry], int]:
+    entries, offset = [], 0
+    for ref in refs:
+        e = _entry(ref.get(), offset)
+        entries.append(e)
+        offset += -(-e.extent * e.dtype.itemsize // ALIGN) * ALIGN
+    return entries, offset
 
-    def __init__(self, refs: list[TensorRef], pin: bool = False):
+
+def layout_bytes(refs: list[TensorRef]) -> int:
+    """Bytes a ``Pack`` of ``refs`` occupies (a multiple of ``ALIGN``)."""
+    return _layout(refs)[1]
+
+
+class Pack:
+    """A group of tensors in one flat host buffer (``host``); the modules are bound to it.
+
+    ``host`` is a new buffer (pinned when ``pin``), or the given ``arena`` slice of at least ``layout_bytes(refs)``
+    bytes (one pinned allocation for many packs: the pinned-memory cache rounds every allocation up to a power of
+    two, which per-block buffers would pay each time).
+    """
+
+    def __init__(self, refs: list[TensorRef], pin: bool = False, arena: torch.Tensor | None = None):
         self.refs = list(refs)
-        entries, offset = [], 0
-        for ref in self.refs:
-            t = ref.get()
-            entries.append(_entry(t, offset))
-            offset += -(-entries[-1].extent * t.dtype.itemsize // ALIGN) * ALIGN
-        self.entries: list[_Entry] = entries
-        self.nbytes = offset
-        self.host = torch.empty(max(offset, 1), dtype=torch.uint8, pin_memory=pin)
+        self.entries, self.nbytes = _layout(self.refs)
+        if arena is None:
+            arena = torch.empty(max(self.nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+        self.host = arena
         for ref, view in zip(self.refs, self.views(self.host)):
             view.copy_(ref.get())
             ref.set(view)

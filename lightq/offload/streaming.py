@@ -66,6 +66,8 @@ class Streamer:
         s = self.next_slot
         self.next_slot = (s + 1) % self.nbuf
         if self.slots[s] is None or self.slots[s].numel() < pack.nbytes:
+            if self.cuda and self.slots[s] is not None:  # a copy into the old slot may still be running
+                self._compute_stream().wait_stream(self.copy_stream)
             self.slots[s] = None
             self.slots[s] = torch.empty(max(pack.nbytes, 1), dtype=torch.uint8, device=self.device)
             if self.cuda:
