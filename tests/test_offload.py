@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from lightq import config, hardware, plan
 from lightq.checkpoints.conversion import convert
-from lightq.checkpoints.io import NON_BLOCK_FILE, open_source, save_safetensors_atomic
+from lightq.checkpoints.io import NON_BLOCK_FILE, save_safetensors_atomic
 from lightq.convert import open_component_source
 from lightq.errors import LightqError
 from lightq.offload import gpu_weight_need
@@ -180,7 +180,7 @@ def test_forward_that_raises_midway_leaves_streaming_consistent(cfg_of, tmp_path
     base_cfg = cfg_of("dit_quant=int8-torch")
     plain, inputs = dit_and_inputs(base_cfg)
     reference = plain(*inputs)
-    extra = [f"offload.lazy_load=true", f"dit_quant.ckpt={block_split('tiny', 'int8-torch', tmp_path / 's')}"] \
+    extra = ["offload.lazy_load=true", f"dit_quant.ckpt={block_split('tiny', 'int8-torch', tmp_path / 's')}"] \
         if lazy else []
     cfg = cfg_of("dit_quant=int8-torch", "offload=phase", *extra)
     dit, _ = dit_and_inputs(cfg)
