@@ -46,7 +46,7 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
             return result
         from .pipeline.graph import run_pipeline  # torch and the models load only for a job that runs
 
-        result.update(run_pipeline(cfg, hw, plans, out))
+        run_pipeline(cfg, hw, plans, out, result)
         result["status"] = "ok"
     except LightqError as exc:
         result.update(status="failed", reason=str(exc), error_kind="input")

@@ -160,18 +160,27 @@ def _baseline(cfg, hw, plans, gen: Generated) -> tuple[dict | None, str]:
     return data, "bf16 baseline computed in this job"
 
 
-def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path) -> dict:
+def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, record: dict) -> None:
+    """Generate, write the outputs, compare with the baseline; fills ``record`` (result.json fields) as it goes,
+    so a failure while writing keeps what was measured."""
     from .quality import compare
     from .video import write_frames, write_mp4
 
     if hw.is_cuda:
         torch.cuda.reset_peak_memory_stats()
     gen = generate(cfg, hw, plans)
-    memory = {"peak_gpu_bytes": torch.cuda.max_memory_allocated() if hw.is_cuda else 0}
+    record["memory"] = {**record.get("memory", {}),
+                        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if hw.is_cuda else 0}
+    record["components"] = {name: {**(plans[name].as_dict() if name in plans else {}), **desc}
+                            for name, desc in gen.components.items()}
+    record["timings_s"] = gen.timings
+    record["frames"] = int(gen.video.shape[0])
     t0 = time.perf_counter()
-    outputs = {"video": "video.mp4", "latents": "latents.pt"}
-    write_mp4(gen.video, out / "video.mp4", fps=cfg.model.fps)
+    outputs = record.setdefault("outputs", {})
     C.save_atomic(gen.latents, out / "latents.pt")
+    outputs["latents"] = "latents.pt"
+    write_mp4(gen.video, out / "video.mp4", fps=cfg.model.fps)
+    outputs["video"] = "video.mp4"
     if cfg.save_frames:
         write_frames(gen.video, out / "frames")
         outputs["frames"] = "frames/"
@@ -181,7 +190,4 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path) 
     if base is not None:
         quality.update(compare(gen.video, base["video"], gen.latents, base["latents"]))
         quality["speedup_denoise"] = round(base["timings"]["denoise"] / gen.timings["denoise"], 4)
-    components = {name: {**(plans[name].as_dict() if name in plans else {}), **desc}
-                  for name, desc in gen.components.items()}
-    return {"components": components, "timings_s": gen.timings, "memory": memory, "quality": quality,
-            "outputs": outputs, "frames": int(gen.video.shape[0])}
+    record["quality"] = quality
