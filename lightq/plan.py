@@ -44,7 +44,7 @@ def plan_component(component: str, quant, hw: Hardware) -> ComponentPlan:
     """Resolve one component's mode. ``quant`` is a QuantConfig (or anything with name/scheme/backend)."""
     if quant.scheme == "none":
         return ComponentPlan(component, quant.name, "none", None, True, "bf16, not quantized")
-    spec, why = registry.choose(quant.scheme, quant.backend, hw)
+    spec, why = registry.choose(quant.scheme, quant.backend, hw, component=component)
     if spec is not None:
         return ComponentPlan(component, quant.name, quant.scheme, spec.name, True, why)
     hint = ""

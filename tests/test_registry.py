@@ -53,12 +53,12 @@ def test_auto_on_cpu_picks_torch_and_explains_every_rejection(installed):
     assert reason.startswith("auto: torch (")
     assert f"vllm: '{MISSING}' is not installed; install: pip install lightq-vllm" in reason
     assert "sgl: needs a CUDA GPU, this run is on the CPU" in reason
-    assert reason.index("vllm:") < reason.index("sgl:")  # in preference order
+    assert reason.index("sgl:") < reason.index("vllm:")  # in preference order (fp8: sgl first outside the DiT)
 
 
 @pytest.mark.parametrize("profile,scheme,expected,rejected", [
     ("sm80", "fp8", "torch", "sgl: scheme 'fp8' needs compute capability >= 8.9, this GPU is A100 (profile) (sm80)"),
-    ("sm89", "fp8", "sgl", f"vllm: '{MISSING}' is not installed"),
+    ("sm89", "fp8", "sgl", None),
     ("sm90", "int8", "sgl", "vllm:"),
     ("sm89", "fp8-b128", "torch", "deepgemm: scheme 'fp8-b128' needs compute capability >= 9.0"),
     ("sm90", "fp8-b128", "deepgemm", None),
@@ -102,7 +102,8 @@ def test_no_backend_for_scheme(installed):
 def test_candidates_follow_preference_then_name(installed):
     extra = BackendSpec(name="aaa", schemes={"fp8": None}, impl="json:JSONDecoder")
     installed(TORCH_SPEC, VLLM, SGL, extra)
-    assert [s.name for s in registry.candidates("fp8")] == ["vllm", "sgl", "torch", "aaa"]
+    assert [s.name for s in registry.candidates("fp8")] == ["sgl", "vllm", "torch", "aaa"]
+    assert [s.name for s in registry.candidates("fp8", "dit")] == ["vllm", "sgl", "torch", "aaa"]
 
 
 ODD_SCHEMES = [None, 42, "", "FP8", "fp4", ("fp8",)]

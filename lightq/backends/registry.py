@@ -14,14 +14,29 @@ from .spec import BackendSpec
 
 GROUP = "lightq.backends"
 
-# Order ``backend: auto`` tries, per scheme: fastest first, as measured on the H100 (docs/BACKENDS.md,
-# ../shared/DESIGN.md: full linear incl. activation quant at 32760x5120x5120). Backends not named come last.
+# Order ``backend: auto`` tries, per scheme, fastest first, as measured on the H100 by ``python -m lightq.bench``
+# (docs/BACKENDS.md, docs/BENCHMARKS.md). Backends not named come last. The DiT has its own order: its linears
+# run at M = 32760+ tokens inside blocks where lightq's triton backend fuses the activation quantization into the
+# norm/modulation/GELU that produce it (14B block 1.36x bf16 vs sgl 1.09x, vLLM 0.85x), and where Marlin's
+# int4 kernel is slower than dequantize + bf16 matmul (0.40-0.50x vs 0.86-0.98x bf16). T5 and CLIP (M = 512 /
+# 257) take the fastest standalone linear.
 PREFERENCE: dict[str, tuple[str, ...]] = {
-    "fp8": ("vllm", "sgl", "q8f", "torch"),
-    "int8": ("vllm", "sgl", "q8f", "torchao", "torch"),
+    "fp8": ("sgl", "vllm", "triton", "q8f", "torch"),
+    "int8": ("vllm", "sgl", "triton", "q8f", "torchao", "torch"),
     "fp8-b128": ("deepgemm", "torch"),
     "int4-g128": ("marlin", "torch"),
 }
+COMPONENT_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
+    "dit": {
+        "fp8": ("triton", "vllm", "sgl", "q8f", "torch"),
+        "int8": ("triton", "vllm", "sgl", "q8f", "torchao", "torch"),
+        "int4-g128": ("torch", "marlin"),
+    },
+}
+
+
+def preference(scheme: str, component: str | None = None) -> tuple[str, ...]:
+    return COMPONENT_PREFERENCE.get(component or "", {}).get(scheme, PREFERENCE.get(scheme, ()))
 
 
 @lru_cache(maxsize=1)
@@ -38,15 +53,15 @@ def specs() -> dict[str, BackendSpec]:
     return found
 
 
-def candidates(scheme: str) -> list[BackendSpec]:
-    """Installed backends that declare ``scheme``, in ``auto`` preference order."""
-    order = PREFERENCE.get(scheme, ())
+def candidates(scheme: str, component: str | None = None) -> list[BackendSpec]:
+    """Installed backends that declare ``scheme``, in ``auto`` preference order (for ``component``)."""
+    order = preference(scheme, component)
     have = [s for s in specs().values() if scheme in s.schemes]
     return sorted(have, key=lambda s: (order.index(s.name) if s.name in order else len(order), s.name))
 
 
-def choose(scheme: str, backend: str, hw: Hardware, shape: tuple[int, int] | None = None
-           ) -> tuple[BackendSpec | None, str]:
+def choose(scheme: str, backend: str, hw: Hardware, shape: tuple[int, int] | None = None,
+           component: str | None = None) -> tuple[BackendSpec | None, str]:
     """(spec, reason): the backend for ``scheme`` (``backend`` a name or ``auto``), or (None, why not)."""
     if backend != "auto":
         spec = specs().get(backend)
@@ -55,7 +70,7 @@ def choose(scheme: str, backend: str, hw: Hardware, shape: tuple[int, int] | Non
         ok, why = spec.can_implement(scheme, hw, shape)
         return (spec, f"requested: {backend}") if ok else (None, f"backend '{backend}' {why}")
     rejected = []
-    for spec in candidates(scheme):
+    for spec in candidates(scheme, component):
         ok, why = spec.can_implement(scheme, hw, shape)
         if ok:
             note = f"auto: {spec.name}" + (f" ({'; '.join(rejected)})" if rejected else "")
