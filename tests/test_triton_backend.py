@@ -150,6 +150,25 @@ def test_act_quant_matches_quantize_activation(kernels, dtype):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("rows,chunk", [(4, 64), (2, 128), (8, 32)])
+def test_act_quant_tiling_is_exact_for_every_row_and_chunk_split(kernels, rows, chunk):
+    """Several rows per program (M not a multiple of ROWS) and a K that is no multiple of the chunk."""
+    act_quant = kernels[0]
+    m, k = 7, 300
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(8)) * 3).to(torch.bfloat16)
+    rq, rs = S.quantize_activation(x, "int8")
+    q, s = torch.empty_like(rq), torch.empty_like(rs)
+    act_quant._act_quant_kernel[(triton_cdiv(m, rows),)](x, q, s, m, k, x.stride(0), q.stride(0), IS_FP8=False,
+                                                         GELU=False, INTERPRETED=True, SOFT=True, ROWS=rows,
+                                                         CHUNK=chunk)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@needs_interpreter
 def test_act_quant_takes_row_strided_views_and_refuses_bad_layouts(kernels):
     act_quant = kernels[0]
     x = torch.randn(4, 96).to(torch.bfloat16)
@@ -233,6 +252,37 @@ def test_rms_rope_matches_rmsnorm_then_rope(kernels, with_rope):
         ref = apply_rope(ref.view(b, seq_len, heads, head_dim), cos, sin).to(torch.bfloat16).reshape(t.shape)
     ulp = ref.float().abs().clamp_min(2 ** -126) * 2 ** -7
     assert ((out.float() - ref.float()).abs() <= ulp).all() and (out != ref).float().mean() < 0.01
+
+
+@needs_interpreter
+def test_qkv_rms_rope_is_rms_rope_of_each_third_and_a_copy_of_v(kernels):
+    from lightq.models.rope import rope_tables
+
+    gen = torch.Generator().manual_seed(9)
+    seq_len, dim, head_dim = 6, 48, 24
+    qkv = torch.randn(2 * seq_len, 3 * dim, generator=gen).to(torch.bfloat16)
+    wq, wk = torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
+    cos, sin = rope_tables((1, 2, 3), head_dim, torch.device("cpu"))
+    out = torch.ops.lightq.qkv_rms_rope(qkv, wq, wk, cos, sin, seq_len, head_dim, 1e-6)
+    assert out.shape == (3, 2 * seq_len, dim) and out.is_contiguous()
+    assert torch.equal(out[0], torch.ops.lightq.rms_rope(qkv[:, :dim], wq, cos, sin, seq_len, head_dim, 1e-6))
+    assert torch.equal(out[1], torch.ops.lightq.rms_rope(qkv[:, dim:2 * dim], wk, cos, sin, seq_len, head_dim, 1e-6))
+    assert torch.equal(out[2], qkv[:, 2 * dim:])
+    with pytest.raises(ValueError, match="3 dim"):
+        torch.ops.lightq.qkv_rms_rope(qkv[:, :3 * dim - 2], wq, wk, cos, sin, seq_len, head_dim, 1e-6)
+
+
+@needs_interpreter
+def test_backend_options_are_checked_and_copied(kernels):
+    from lightq.backends.triton_backend import TritonBackend
+
+    base = TritonBackend(specs()["triton"])
+    fast = base.with_options({"fast_accum": True})
+    assert fast.options == {"fast_accum": True, "fuse_bias": True} and base.options["fast_accum"] is False
+    with pytest.raises(LightqError, match="no option fast"):
+        base.with_options({"fast": True})
+    with pytest.raises(LightqError, match="true / false"):
+        base.with_options({"fuse_bias": "yes"})
 
 
 @needs_interpreter

@@ -5,6 +5,12 @@ activations), on CUDA.
     fp8:  y  = torch._scaled_mm(x_q, W_q^T, s_x, s_w^T, bias, bf16)     row-wise scales, bias fused (CUTLASS)
     int8: y  = lightq.kernels.int8_gemm          Triton int8 GEMM, scales and bias fused in the epilogue
 
+Options (``with_options``; a mode's ``options`` in the config): ``fast_accum`` (default False) lets ``_scaled_mm``
+accumulate in the fp8 tensor cores' reduced-precision accumulator instead of promoting partial sums to fp32 every
+few k-blocks: faster, less accurate (``scripts/diag/scaled_mm_variants.py`` measures both on the GPU);
+``fuse_bias`` (default True) adds the bias in ``_scaled_mm``'s fp32 epilogue (one rounding) instead of to its
+bf16 output.
+
 ``_scaled_mm``'s row-wise path outputs bf16 only: for fp16 activations the bias is added in fp32 after it and the
 result rounded to fp16 (two roundings, as the torch backend does). ``gemm_only(x_q, s_x, packed, bias, out_dtype)``
 is the GEMM alone, and is what the fused DiT block (``lightq.kernels.fused_block``) calls after its fused
@@ -17,15 +23,18 @@ kernel, instead of crashing a run half-way.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from ..errors import BackendUnavailable, QuantizationError
+from ..errors import BackendUnavailable, LightqError, QuantizationError
 from ..quant import schemes as S
 from .base import Backend
 from .spec import BackendSpec
 from .triton_spec import SPEC  # noqa: F401  (re-exported for callers that build the backend directly)
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
+OPTIONS = {"fast_accum": False, "fuse_bias": True}
 
 
 class TritonBackend(Backend):
@@ -33,12 +42,26 @@ class TritonBackend(Backend):
 
     def __init__(self, spec: BackendSpec):
         super().__init__(spec)
+        self.options = dict(OPTIONS)
         import triton  # noqa: F401  (a failure here is reported by BackendSpec.load)
 
         from ..kernels import act_quant, int8_gemm  # noqa: F401  (registers the torch.ops.lightq ops)
 
         if torch.cuda.is_available():
             self._self_test()
+
+    def with_options(self, options: dict) -> "TritonBackend":
+        """A copy of this backend with ``options`` (keys of ``OPTIONS``, bool values) applied; others untouched."""
+        unknown = set(options) - set(OPTIONS)
+        if unknown:
+            raise LightqError(f"backend 'triton' has no option {', '.join(sorted(unknown))}; its options are "
+                              f"{', '.join(OPTIONS)}")
+        bad = {k: v for k, v in options.items() if not isinstance(v, bool)}
+        if bad:
+            raise LightqError(f"backend 'triton': options take true / false, got {bad}")
+        other = copy.copy(self)
+        other.options = {**self.options, **options}
+        return other
 
     def version(self) -> str:
         import triton
@@ -59,9 +82,10 @@ class TritonBackend(Backend):
         w, sw = packed["data"], packed["scale"]
         if w.dtype == torch.int8:
             return torch.ops.lightq.int8_scaled_mm(xq, w, sx, sw, bias, out_dtype)
-        fused_bias = bias is not None and out_dtype == torch.bfloat16
-        y = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16,
-                             bias=bias.to(torch.bfloat16) if fused_bias else None)
+        fused_bias = bias is not None and out_dtype == torch.bfloat16 and self.options["fuse_bias"]
+        y = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw.reshape(1, -1), out_dtype=torch.bfloat16,
+                             bias=bias.to(torch.bfloat16) if fused_bias else None,
+                             use_fast_accum=self.options["fast_accum"])
         if bias is not None and not fused_bias:
             return (y.float() + bias.float()).to(out_dtype)
         return y.to(out_dtype)

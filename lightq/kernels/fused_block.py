@@ -7,7 +7,8 @@ with the quantization moved into the kernels that produce each linear's input:
 
     xq, sx = norm_quant(x; shift1, scale1)                      LayerNorm + modulation + bf16 rounding + quant
     qkv    = one GEMM over the concatenated [3 dim, dim] q/k/v weight (per-channel scales concatenate), bias fused
-    q, k   = rms_rope(qkv[:, :dim]), rms_rope(qkv[:, dim:2 dim])  RMSNorm + RoPE in one pass each; v is a view
+    q, k, v = qkv_rms_rope(qkv)                                  RMSNorm + RoPE of q and k, v copied: one kernel,
+                                                                  three contiguous [B, L, heads, head_dim] tensors
     y      = o(attention(q, k, v))
     x, xq, sx = add_norm_quant(x, y; gate1; norm3 affine)       residual update + LayerNorm + quant (cross q)
     y      = cross_attn.o(attention(rms(q_gemm(xq, sx)), norm_k(k(text)), v(text)))   (+ the I2V image branch)
@@ -120,15 +121,12 @@ class FusedBlock(Block):
 
     def _self_attention(self, qkv: torch.Tensor, b: int, seq_len: int, rope) -> torch.Tensor:
         attn = self.self_attn
-        dim, heads = attn.q.out_features, (attn.num_heads, attn.head_dim)
+        heads = (attn.num_heads, attn.head_dim)
         cos, sin = rope
-        q = torch.ops.lightq.rms_rope(qkv[:, :dim], attn.norm_q.weight, cos, sin, seq_len, attn.head_dim,
-                                      attn.norm_q.eps)
-        k = torch.ops.lightq.rms_rope(qkv[:, dim:2 * dim], attn.norm_k.weight, cos, sin, seq_len, attn.head_dim,
-                                      attn.norm_k.eps)
-        v = qkv[:, 2 * dim:]
-        out = _attention(q.view(b, seq_len, *heads), k.view(b, seq_len, *heads), v.view(b, seq_len, *heads))
-        return attn.o(out).reshape(b * seq_len, dim).contiguous()
+        q, k, v = torch.ops.lightq.qkv_rms_rope(qkv, attn.norm_q.weight, attn.norm_k.weight, cos, sin, seq_len,
+                                                attn.head_dim, attn.norm_q.eps).view(3, b, seq_len, *heads)
+        out = _attention(q, k, v)
+        return attn.o(out).reshape(b * seq_len, -1).contiguous()
 
     def _cross_attention(self, xq, sx, b, seq_len, text, image, dtype) -> torch.Tensor:
         ca = self.cross_attn

@@ -19,6 +19,11 @@ differs by one step on the rare element that sits on a rounding boundary.
     n = round(t * rsqrt(mean(t^2) + eps) * weight)        RMSNorm over the whole row, rounded to t's dtype
     pairs (n[2j], n[2j+1]) rotated by the angle of pair j % (head_dim / 2) at position row % L (RoPE tables fp32)
     out = round(rotated) in t's dtype, contiguous [M, K]   (without tables: the RMSNorm alone)
+
+``qkv_rms_rope`` does that for the q and k thirds of the fused q/k/v projection in one pass and copies v, into one
+contiguous ``[3, M, dim]``: attention then gets q, k and v with unit head-dim stride and ``dim`` row stride, as in
+the unfused block (with v a strided view of the ``[M, 3 dim]`` GEMM output, the fused block's cuDNN attention
+measured 40 ms vs the bf16 block's 34 ms on an H100 at 14B / 480p).
 """
 
 from __future__ import annotations
@@ -123,28 +128,57 @@ def _(x, res, seq_len, weight, bias, mod, shift, scale, gate, eps, fp8, round_dt
 
 
 @triton.jit
-def _rms_rope_kernel(t_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, K, stride_t, HALF_HEAD, eps,
-                     HAS_ROPE: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rms_rope_row(t_row, w_ptr, cos_ptr, sin_ptr, out_row, pos, K, HALF_HEAD, eps,
+                  HAS_ROPE: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):
+    """RMSNorm (+ RoPE at sequence position ``pos``) of the ``K`` values at ``t_row``, stored at ``out_row``."""
     cols = tl.arange(0, BLOCK)
     mask = cols < K
-    t = tl.load(t_ptr + row * stride_t + cols, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(t * t, axis=0) / K + eps)
-    n = round_to(t * rstd * w, t_ptr.dtype.element_ty, SOFT)
+    n = round_to(t * rstd * w, t_row.dtype.element_ty, SOFT)
     if HAS_ROPE:
         even, odd = tl.split(tl.reshape(n, [BLOCK // 2, 2]))
         pair = tl.arange(0, BLOCK // 2)
-        table = (row % L) * HALF_HEAD + pair % HALF_HEAD
+        table = pos * HALF_HEAD + pair % HALF_HEAD
         pmask = pair < K // 2
         c = tl.load(cos_ptr + table, mask=pmask, other=0.0)
         s = tl.load(sin_ptr + table, mask=pmask, other=0.0)
         n = tl.interleave(even * c - odd * s, even * s + odd * c)
-        n = round_to(n, t_ptr.dtype.element_ty, SOFT)
-    tl.store(out_ptr + row * K + cols, n.to(out_ptr.dtype.element_ty), mask=mask)
+        n = round_to(n, t_row.dtype.element_ty, SOFT)
+    tl.store(out_row + cols, n.to(out_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_rope_kernel(t_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, L, K, stride_t, HALF_HEAD, eps,
+                     HAS_ROPE: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    _rms_rope_row(t_ptr + row * stride_t, w_ptr, cos_ptr, sin_ptr, out_ptr + row * K, row % L, K, HALF_HEAD, eps,
+                  HAS_ROPE, SOFT, BLOCK)
+
+
+@triton.jit
+def _qkv_rms_rope_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, out_ptr, M, L, K, stride_qkv, HALF_HEAD, eps,
+                         SOFT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    src = qkv_ptr + row * stride_qkv
+    pos = row % L
+    _rms_rope_row(src, wq_ptr, cos_ptr, sin_ptr, out_ptr + row * K, pos, K, HALF_HEAD, eps, True, SOFT, BLOCK)
+    _rms_rope_row(src + K, wk_ptr, cos_ptr, sin_ptr, out_ptr + (M + row) * K, pos, K, HALF_HEAD, eps, True, SOFT,
+                  BLOCK)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    tl.store(out_ptr + (2 * M + row) * K + cols, tl.load(src + 2 * K + cols, mask=mask), mask=mask)
 
 
 _rms_rope = Tuned(_rms_rope_kernel, ROW_CONFIGS, key=["K", "HAS_ROPE"])
+_qkv_rms_rope = Tuned(_qkv_rms_rope_kernel, ROW_CONFIGS, key=["K"])
+
+
+def _check_rows(t: torch.Tensor, k: int, what: str) -> None:
+    if t.dim() != 2 or t.stride(1) != 1 or k > MAX_K or k % 2:
+        raise ValueError(f"{what} takes [M, K] rows with unit column stride and even K <= {MAX_K}, got "
+                         f"{tuple(t.shape)} strides {t.stride()}")
 
 
 @torch.library.custom_op("lightq::rms_rope", mutates_args=())
@@ -152,9 +186,7 @@ def rms_rope(t: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor],
              seq_len: int, head_dim: int, eps: float) -> torch.Tensor:
     """RMSNorm of each row of ``t`` ``[M, K]`` (then RoPE when tables ``[L, 1, head_dim/2]`` are given)."""
     m, k = t.shape
-    if t.stride(1) != 1 or k > MAX_K or k % 2:
-        raise ValueError(f"rms_rope takes [M, K] rows with unit column stride and even K <= {MAX_K}, got "
-                         f"{tuple(t.shape)} strides {t.stride()}")
+    _check_rows(t, k, "rms_rope")
     out = torch.empty((m, k), dtype=t.dtype, device=t.device)
     if m:
         _rms_rope[(m,)](t, weight, t if cos is None else cos, t if sin is None else sin, out, seq_len, k,
@@ -168,4 +200,27 @@ def _(t, weight, cos, sin, seq_len, head_dim, eps):
     return t.new_empty(t.shape)
 
 
-__all__ = ["norm_quant", "add_norm_quant", "rms_rope", "interpreting"]
+@torch.library.custom_op("lightq::qkv_rms_rope", mutates_args=())
+def qkv_rms_rope(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, seq_len: int, head_dim: int, eps: float) -> torch.Tensor:
+    """``[3, M, dim]`` contiguous (q, k, v) from the fused projection ``qkv`` ``[M, 3 dim]``: ``rms_rope`` of the
+    q and k thirds (own norm weights, one RoPE), v copied. Each of q / k / v is then a contiguous ``[B, L, heads,
+    head_dim]`` view, the layout the unfused block hands to attention."""
+    m, k3 = qkv.shape
+    if k3 % 3:
+        raise ValueError(f"qkv_rms_rope takes [M, 3 dim] rows, got {tuple(qkv.shape)}")
+    k = k3 // 3
+    _check_rows(qkv, k, "qkv_rms_rope")
+    out = torch.empty((3, m, k), dtype=qkv.dtype, device=qkv.device)
+    if m:
+        _qkv_rms_rope[(m,)](qkv, weight_q, weight_k, cos, sin, out, m, seq_len, k, qkv.stride(0), head_dim // 2, eps,
+                            SOFT=soft_rounding(qkv.dtype), BLOCK=triton.next_power_of_2(k))
+    return out
+
+
+@qkv_rms_rope.register_fake
+def _(qkv, weight_q, weight_k, cos, sin, seq_len, head_dim, eps):
+    return qkv.new_empty((3, qkv.shape[0], qkv.shape[1] // 3))
+
+
+__all__ = ["norm_quant", "add_norm_quant", "rms_rope", "qkv_rms_rope", "interpreting"]

@@ -40,6 +40,15 @@ def backend():
     return specs()["triton"].load()  # runs the load-time self-test
 
 
+@pytest.fixture(scope="module")
+def fused_ops():
+    """Registers the fused-block ops (torch.ops.lightq.norm_quant, ...): importing their module does that, and the
+    backend alone imports only act_quant and int8_gemm."""
+    from lightq.kernels import fused_norm_quant
+
+    return fused_norm_quant
+
+
 def randn(*shape, seed=0, dtype=torch.float32, scale=1.0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
@@ -61,6 +70,23 @@ def test_act_quant_is_bit_identical(backend, scheme, m, k, dtype):
     rq, rs = S.quantize_activation(x, scheme)
     assert torch.equal(s, rs)
     assert torch.equal(q.view(torch.int8), rq.view(torch.int8))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_act_quant_config_is_bit_identical(backend, scheme):
+    """Autotuning picks one config per K: run each of them directly (M not a multiple of any ROWS)."""
+    from lightq.kernels import act_quant as aq
+
+    m, k = 257, 5120
+    x = randn(m, k, seed=5, dtype=torch.bfloat16, scale=3.0)
+    rq, rs = S.quantize_activation(x, scheme)
+    for config in aq._ACT_CONFIGS:
+        q, s = torch.empty_like(rq), torch.empty_like(rs)
+        aq._act_quant_kernel[aq._grid(m)(config.kwargs)](x, q, s, m, k, x.stride(0), q.stride(0),
+                                                         IS_FP8=scheme == "fp8", GELU=False, INTERPRETED=False,
+                                                         SOFT=False, num_warps=config.num_warps, **config.kwargs)
+        assert torch.equal(s, rs), config
+        assert torch.equal(q.view(torch.int8), rq.view(torch.int8)), config
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -89,11 +115,34 @@ def test_apply_matches_the_torch_backend(backend, scheme, m, n, k, dtype, with_b
     y = backend.apply(x, backend.pack(qw), scheme, bias)
     ref = torch_be.apply(x, torch_be.pack(qw), scheme, bias)
     assert y.shape == ref.shape and y.dtype == dtype
-    # one ulp of the output apart (of bf16 whenever _scaled_mm's bf16 output is involved), plus the fp32 ulp of an
-    # FMA-contracted epilogue under cancellation
-    ulp = 2.0 ** -7 if dtype == torch.bfloat16 or scheme == "fp8" else 2.0 ** -10
-    tol = ulp * ref.float().abs() + 1e-6 * ref.float().abs().max()
-    assert ((y.float() - ref.float()).abs() <= tol).all()
+    y, ref = y.float(), ref.float()
+    if bias is None or scheme == "int8":
+        # one ulp of the output apart (of bf16 whenever _scaled_mm's bf16 output is involved), plus the fp32 ulp of
+        # an FMA-contracted epilogue under cancellation
+        ulp = 2.0 ** -7 if dtype == torch.bfloat16 or scheme == "fp8" else 2.0 ** -10
+        tol = ulp * ref.abs() + 1e-6 * ref.abs().max()
+    else:
+        tol = _fp8_bias_rounding_bound(y, ref, torch_be.apply(x, torch_be.pack(qw), scheme, None).float(), bias)
+    assert ((y - ref).abs() <= tol).all()
+
+
+def _fp8_bias_rounding_bound(y, ref, a_rounded, bias):
+    """How far the two fp8 paths may be apart when a bias is added, from the roundings alone.
+
+    Both compute the same fp32 product ``a``. The triton backend adds the bias in ``_scaled_mm``'s fp32 epilogue
+    and rounds once: ``y = rn(a + b)``. The torch backend rounds ``a`` to bf16 first, then adds the bias rounded to
+    bf16 and rounds again: ``ref = rn(rn_bf16(a) + rn_bf16(b))`` (for fp16 outputs the last rounding is bf16 then
+    fp16). With u = 2**-8 (bf16 unit roundoff, larger than fp16's) every rounding moves a value ``v`` by at most
+    ``u |v|``, so ``|y - ref| <= u (|a + b| + |a| + |b| + |a' + b'|) + u |ref|`` (the last term: the fp16 re-rounding),
+    and each exact quantity is bounded by the observed rounded one times ``1 / (1 - u)`` (twice where it was rounded
+    twice). The bias cancelling a
+    large product makes this much larger than one ulp of the result: that, not a kernel error, is what a
+    one-ulp-of-the-output tolerance failed on.
+    """
+    u = 2.0 ** -8
+    grow = 1 / (1 - u)
+    b = bias.float().abs()
+    return u * grow ** 2 * (y.abs() + a_rounded.abs() + b + 2 * ref.abs()) + 1e-6 * ref.abs().max()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -130,7 +179,7 @@ def _assert_codes_close(q, rq, s, rs, scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("dim", [1536, 5120])
-def test_norm_modulate_quant_matches_unfused(scheme, dim):
+def test_norm_modulate_quant_matches_unfused(fused_ops, scheme, dim):
     b, seq_len = 2, 4096
     x = randn(b * seq_len, dim, seed=dim, scale=2.0)
     mod = randn(b, 6, dim, seed=1, scale=0.3)
@@ -140,7 +189,7 @@ def test_norm_modulate_quant_matches_unfused(scheme, dim):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_residual_affine_norm_quant_matches_unfused(scheme):
+def test_residual_affine_norm_quant_matches_unfused(fused_ops, scheme):
     b, seq_len, dim = 1, 8192, 5120
     x = randn(b * seq_len, dim, seed=2)
     res = randn(b * seq_len, dim, seed=3, dtype=torch.bfloat16)
@@ -155,24 +204,50 @@ def test_residual_affine_norm_quant_matches_unfused(scheme):
 
 
 @pytest.mark.parametrize("dim,heads", [(1536, 12), (5120, 40)])
-def test_rms_rope_matches_unfused(dim, heads):
+def test_rms_rope_matches_unfused(fused_ops, dim, heads):
+    """RMSNorm alone: the kernel's fp32 sum of squares differs from torch's only in order, so a value differs by at
+    most one bf16 ulp (where the fp32 values straddle a rounding boundary). With RoPE that one-ulp difference of
+    an input pair ``(e, o)`` is rotated: the output moves by up to ``2**-7 (|e| |cos| + |o| |sin|) <= 2**-7 |(e, o)|``
+    before its own rounding, which exceeds one ulp of the output wherever the rotation cancels (output much
+    smaller than the pair): the bound is the pair's norm, not the output's magnitude."""
     from lightq.models.rope import apply_rope, rope_tables
     from lightq.models.wan_dit import RMSNorm
-
-    import lightq.kernels.fused_norm_quant  # noqa: F401
 
     grid, head_dim = (21, 30, 52), dim // heads
     seq_len = 21 * 30 * 52
     qkv = randn(seq_len, 3 * dim, seed=7, dtype=torch.bfloat16)
     t = qkv[:, :dim]
-    norm = RMSNorm(dim, 1e-6).cuda()
+    norm = RMSNorm(dim, 1e-6).cuda().requires_grad_(False)
     norm.weight.data = randn(dim, seed=8) * 0.2 + 1
     cos, sin = rope_tables(grid, head_dim, torch.device("cuda"))
+    normed = norm(t)
+    plain = torch.ops.lightq.rms_rope(t, norm.weight, None, None, seq_len, head_dim, 1e-6)
+    assert ((plain.float() - normed.float()).abs() <= normed.float().abs() * 2 ** -7).all()
+    assert (plain != normed).float().mean() < 1e-3
+
     out = torch.ops.lightq.rms_rope(t, norm.weight, cos, sin, seq_len, head_dim, 1e-6)
-    ref = apply_rope(norm(t).view(1, seq_len, heads, head_dim), cos, sin).to(torch.bfloat16).reshape(t.shape)
-    ulp = ref.float().abs() * 2 ** -7 + 1e-30
-    assert ((out.float() - ref.float()).abs() <= ulp).all()
+    ref = apply_rope(normed.view(1, seq_len, heads, head_dim), cos, sin).to(torch.bfloat16).reshape(t.shape)
+    pair_norm = normed.float().unflatten(-1, (-1, 2)).norm(dim=-1).repeat_interleave(2, dim=-1)
+    tol = 2 ** -7 * (1 + 2 ** -6) * (pair_norm + ref.float().abs())
+    assert ((out.float() - ref.float()).abs() <= tol).all()
     assert (out != ref).float().mean() < 1e-3
+
+
+def test_qkv_rms_rope_gives_contiguous_q_k_v(fused_ops):
+    """The fused-block op: q and k bit-identical to ``rms_rope`` of their thirds, v an exact copy, all contiguous."""
+    from lightq.models.rope import rope_tables
+
+    dim, heads, grid = 1536, 12, (4, 30, 52)
+    seq_len = 4 * 30 * 52
+    qkv = randn(2 * seq_len, 3 * dim, seed=9, dtype=torch.bfloat16)
+    wq, wk = randn(dim, seed=10) * 0.2 + 1, randn(dim, seed=11) * 0.2 + 1
+    cos, sin = rope_tables(grid, dim // heads, torch.device("cuda"))
+    out = torch.ops.lightq.qkv_rms_rope(qkv, wq, wk, cos, sin, seq_len, dim // heads, 1e-6)
+    assert out.shape == (3, 2 * seq_len, dim) and out.is_contiguous()
+    assert torch.equal(out[0], torch.ops.lightq.rms_rope(qkv[:, :dim], wq, cos, sin, seq_len, dim // heads, 1e-6))
+    assert torch.equal(out[1], torch.ops.lightq.rms_rope(qkv[:, dim:2 * dim], wk, cos, sin, seq_len, dim // heads,
+                                                         1e-6))
+    assert torch.equal(out[2], qkv[:, 2 * dim:])
 
 
 def _dit(scheme, backend_name, dim=1536, heads=12, layers=1):
