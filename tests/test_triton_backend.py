@@ -104,6 +104,39 @@ def test_bench_mode_discovery():
         discover_modes(["fp8-nope"])
 
 
+def test_bench_option_variants_of_a_mode():
+    from lightq.bench.linear import discover_modes
+
+    got = discover_modes(["fp8-triton", "fp8-triton+fast_accum"])
+    assert [m for m, _, _ in got] == ["fp8-triton", "fp8-triton+fast_accum"]
+    assert got[1][1] == "fp8" and got[1][2].name == "triton"
+    with pytest.raises(LightqError, match="fp8-nope"):
+        discover_modes(["fp8-nope+fast_accum"])
+
+
+def test_official_style_block_computes_the_same_block():
+    """The step benchmark's official-style reference (float64 complex RoPE, bf16 RMSNorm weight product) is the
+    same block as lightq's bf16 one up to those roundings."""
+    from lightq.bench.step import OfficialStyleBlock, rel_err
+    from lightq.models.rope import rope_tables
+    from lightq.models.wan_dit import DiTArch, WanDiT
+
+    torch.manual_seed(0)
+    arch = DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=1, text_dim=128)
+    model = WanDiT(arch).to(torch.bfloat16).requires_grad_(False)
+    for name, p in model.named_parameters():
+        if name.endswith("modulation") or name.endswith("bias"):
+            p.data = (torch.randn(p.shape) * 0.1).to(p.dtype)
+        elif "norm" in name and name.endswith("weight"):
+            p.data = (1 + torch.randn(p.shape) * 0.3).to(p.dtype)
+    block, grid = model.blocks[0], (2, 2, 4)
+    args = (torch.randn(1, 16, 128), torch.randn(1, 6, 128) * 0.1, rope_tables(grid, 64, torch.device("cpu")),
+            torch.randn(1, 8, 128).to(torch.bfloat16), None, torch.bfloat16)
+    ref = block(*args) - args[0]
+    official = OfficialStyleBlock(block, grid)(*args) - args[0]
+    assert 0 < rel_err(official, ref) < 2e-2
+
+
 def test_bench_shapes_cover_the_wan_models():
     from lightq.bench.linear import QUICK, SHAPES
 

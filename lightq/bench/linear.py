@@ -8,7 +8,9 @@ run here, measured side by side in one run (CUDA events, warm-up, median of ``it
     linear   ``backend.apply(x, packed, scheme, b)``: activation quantization + GEMM + bias
     quant    ``backend.quantize_activation(x)`` alone, with its bandwidth as a share of the measured copy bandwidth
 
-Emulated paths that exist only as references (``fp8-b128-torch``) run only when named in ``--modes``.
+Emulated paths that exist only as references (``fp8-b128-torch``) run only when named in ``--modes``. A mode
+named with ``+option`` suffixes (``fp8-triton+fast_accum``) runs its backend with those boolean options set true
+(``Backend.with_options``), so option variants are measured side by side with the default.
 """
 
 from __future__ import annotations
@@ -57,38 +59,49 @@ class Row:
 
 
 def discover_modes(wanted: list[str] | None = None) -> list[tuple[str, str, object]]:
-    """(mode, scheme, spec) for every scheme of every installed backend, in registry order; ``wanted`` filters."""
-    modes = []
+    """(mode, scheme, spec) for every scheme of every installed backend, in registry order; ``wanted`` filters and
+    may add ``+option`` variants of a mode (kept in the order given)."""
+    available = []
     for spec in specs().values():
         for scheme in spec.schemes:
-            mode = f"{scheme}-{spec.name}"
-            if wanted is not None and mode not in wanted:
-                continue
-            if wanted is None and mode in REFERENCE_ONLY:
-                continue
-            modes.append((mode, scheme, spec))
-    if wanted is not None:
-        unknown = set(wanted) - {m for m, _, _ in modes}
-        if unknown:
-            raise LightqError(f"unknown or not installed modes: {', '.join(sorted(unknown))}; "
-                              "run python -m lightq.backends to list them")
-    return modes
+            available.append((f"{scheme}-{spec.name}", scheme, spec))
+    if wanted is None:
+        return [m for m in available if m[0] not in REFERENCE_ONLY]
+    by_name = {mode: (scheme, spec) for mode, scheme, spec in available}
+    unknown = sorted(w for w in wanted if w.split("+")[0] not in by_name)
+    if unknown:
+        raise LightqError(f"unknown or not installed modes: {', '.join(unknown)}; "
+                          "run python -m lightq.backends to list them")
+    plain = [m for m in available if m[0] in wanted]
+    variants = [(w, *by_name[w.split("+")[0]]) for w in wanted if "+" in w]
+    return plain + variants
 
 
 class Backends:
-    """Loads each backend once; a backend that cannot load here is remembered with its reason."""
+    """Loads each backend once; a backend that cannot load here is remembered with its reason. ``get(spec,
+    mode)`` applies the mode's ``+option`` suffixes (module docstring)."""
 
     def __init__(self):
         self._loaded: dict[str, object] = {}
 
-    def get(self, spec) -> tuple[object | None, str]:
+    def get(self, spec, mode: str = "") -> tuple[object | None, str]:
         if spec.name not in self._loaded:
             try:
                 self._loaded[spec.name] = spec.load()
             except LightqError as exc:
                 self._loaded[spec.name] = str(exc)
         got = self._loaded[spec.name]
-        return (None, got) if isinstance(got, str) else (got, "")
+        if isinstance(got, str):
+            return None, got
+        options = mode.split("+")[1:]
+        if not options:
+            return got, ""
+        if not hasattr(got, "with_options"):
+            return None, f"backend '{spec.name}' takes no options"
+        try:
+            return got.with_options({name: True for name in options}), ""
+        except LightqError as exc:
+            return None, str(exc)
 
 
 def _quantizer(backend, scheme):
@@ -109,7 +122,7 @@ def measure_shape(family, label, m, n, k, modes, backends, hw, iters, copy_gbps)
         row = Row(family, label, m, n, k, mode, bf16_ms)
         rows.append(row)
         ok, why = spec.can_implement(scheme, hw, (n, k))
-        backend, load_error = backends.get(spec) if ok else (None, why)
+        backend, load_error = backends.get(spec, mode) if ok else (None, why)
         if backend is None:
             row.note = f"unavailable: {load_error}"
             continue
