@@ -126,6 +126,26 @@ def test_apply_matches_the_torch_backend(backend, scheme, m, n, k, dtype, with_b
     assert ((y - ref).abs() <= tol).all()
 
 
+@pytest.mark.skipif(CAP < (8, 9), reason="fp8 needs sm89+")
+def test_fp8_gemm_options(backend):
+    """``fuse_bias=False`` rounds like the torch backend (one bf16 ulp apart at most); ``fast_accum=True`` stays
+    close to the float product of the same codes (its accumulator error is far below fp8 quantization error)."""
+    torch_be = specs()["torch"].load()
+    m, n, k = 4096, 5120, 5120
+    qw = S.quantize_weight(randn(n, k, seed=n, scale=k ** -0.5), "fp8")
+    bias = randn(n, seed=1, dtype=torch.bfloat16, scale=0.1)
+    x = randn(m, k, seed=m, dtype=torch.bfloat16)
+    unfused = backend.with_options({"fuse_bias": False})
+    y = unfused.apply(x, unfused.pack(qw), "fp8", bias).float()
+    ref = torch_be.apply(x, torch_be.pack(qw), "fp8", bias).float()
+    assert ((y - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6 * ref.abs().max()).all()
+    fast = backend.with_options({"fast_accum": True})
+    xq, sx = backend.quantize_activation(x, "fp8")
+    exact = (xq.double() @ qw.data.double().t()) * sx.double() * qw.scale.double().t()
+    y_fast = fast.gemm_only(xq, sx, fast.pack(qw), None, torch.bfloat16).double()
+    assert ((y_fast - exact).norm() / exact.norm()).item() < 1e-2
+
+
 def _fp8_bias_rounding_bound(y, ref, a_rounded, bias):
     """How far the two fp8 paths may be apart when a bias is added, from the roundings alone.
 
