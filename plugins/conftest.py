@@ -13,15 +13,26 @@ The helpers reach the tests through the ``parity`` fixture (test files cannot im
   error must also stay under ``fro_tol`` (2**-7 fp8, 2**-8 int8, 2**-6 Marlin), far below what a layout or
   scale mistake produces.
 * full ``apply`` against the ``*-torch`` backend: both quantize the same activations, so their difference must be
-  small next to the activation quantization error itself: ||y_p - y_t|| <= rho ||y_t - y_f|| + 2u ||y_t||, y_f the
-  same linear without activation quantization (fp32). rho = 0.25 where the plugin follows lightq's quantization
-  rule (only isolated 1-ulp rounding differences), 2 where its rule differs (torchao: two independent grids differ
-  by about sqrt(2) quantization errors; Marlin: 3u weight rounding against the reference's u).
+  small next to the activation quantization error itself, plus what each side's own output roundings add:
+  ||y_p - y_t|| <= rho ||y_t - y_f|| + (u_p + u_t) ||y_t||, y_f the same linear without activation quantization
+  (fp32), u_p / u_t the summed unit roundoffs of the roundings the plugin / the reference apply to their results.
+  The reference's are not always one rounding into the activation dtype: its fp8 path (``torch._scaled_mm``)
+  returns bf16 and adds the bias in bf16, so for fp16 activations u_t = 2 * 2**-8 (with bias), 32 times fp16's
+  u. With a bias large next to x @ W^T (M = 1 of the test activations: one token of magnitude 0.01) those two bf16
+  roundings are most of ||y_t - y_f|| and of ||y_p - y_t||, whatever the plugin does (``reference_roundings``).
+  rho = 0.25 where the plugin follows lightq's quantization rule (only isolated 1-ulp rounding differences), 2
+  where its rule differs (torchao: two independent grids differ by about sqrt(2) quantization errors; Marlin: 3u
+  weight rounding against the reference's u).
+* a plugin that reads strided rows must give bit-identical results on a row-strided view and on its contiguous
+  copy (``check_strided_input``); a plugin built on vLLM must leave torch's attention backend switches as they
+  were after loading (``check_load_keeps_sdpa_switches``).
 """
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -29,6 +40,7 @@ import torch
 
 from lightq.backends.spec import BackendSpec
 from lightq.backends.torch_backend import SPEC as TORCH_SPEC
+from lightq.backends.torch_backend import _scaled_mm_ok
 from lightq.quant import schemes as S
 
 # Wan2.1 projection shapes (N, K): 1.3B (dim 1536, ffn 8960), 14B (5120, 13824), and 4096 / 10240.
@@ -44,6 +56,16 @@ UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.flo
 SUBNORMAL_HALF = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25, torch.float32: 2.0 ** -150}
 ACC_EPS = {"fp8": 2.0 ** -9, "fp8-b128": 2.0 ** -9, "int8": 2.0 ** -22}
 FRO_TOL = {"fp8": 2.0 ** -7, "fp8-b128": 2.0 ** -7, "int8": 2.0 ** -8, "int4-g128": 2.0 ** -6}
+
+def reference_roundings(scheme: str, dtype: torch.dtype, with_bias: bool, n: int, k: int,
+                        device: torch.device) -> tuple[torch.dtype, ...]:
+    """The roundings the ``torch`` backend applies to its result (``lightq.backends.torch_backend`` doc): on the
+    ``_scaled_mm`` fp8 path a bf16 GEMM output and a bf16 bias add (the final cast of a bf16 value to fp16 is exact
+    in fp16's normal range); everywhere else one rounding of the fp32 result into ``dtype``."""
+    if scheme == "fp8" and _scaled_mm_ok(device, n, k):
+        return (torch.bfloat16, torch.bfloat16) if with_bias else (torch.bfloat16,)
+    return (dtype,)
+
 
 def case_id(case) -> str:
     m, n, k = case
@@ -156,17 +178,19 @@ class Parity:
         rel = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         assert rel <= tol, f"{what}: relative Frobenius error {rel:.3g} > {tol:.3g}"
 
-    def assert_apply_close(self, y_p, y_t, y_f, rho: float, dtype: torch.dtype, what: str) -> None:
-        """||y_p - y_t|| <= rho ||y_t - y_f|| + 2u ||y_t||  (see the module doc)."""
+    @staticmethod
+    def assert_apply_close(y_p, y_t, y_f, rho: float, rounding_u: float, what: str) -> None:
+        """||y_p - y_t|| <= rho ||y_t - y_f|| + rounding_u ||y_t||, ``rounding_u`` = u_p + u_t (module doc)."""
         assert y_p.shape == y_t.shape and y_p.dtype == y_t.dtype, f"{what}: {y_p.shape}/{y_p.dtype} vs {y_t.shape}"
         assert torch.isfinite(y_p).all(), f"{what}: non-finite outputs"
         d = (y_p.double() - y_t.double()).norm().item()
         quant_err = (y_t.double() - y_f.double()).norm().item()
-        bound = rho * quant_err + 2 * UNIT_ROUNDOFF[dtype] * y_t.double().norm().item()
+        bound = rho * quant_err + rounding_u * y_t.double().norm().item()
         assert d <= bound, f"{what}: ||plugin - torch|| = {d:.4g} > {bound:.4g} (quantization error {quant_err:.4g})"
 
-    def check_apply(self, backend, scheme, m, n, k, dtype, with_bias, rho) -> None:
-        """``backend.apply`` on ``[1, M, K]`` against the torch backend, and zero tokens -> exactly the bias."""
+    def check_apply(self, backend, scheme, m, n, k, dtype, with_bias, rho, roundings=None) -> None:
+        """``backend.apply`` on ``[1, M, K]`` against the torch backend, and zero tokens -> exactly the bias.
+        ``roundings``: the dtypes the plugin rounds its result into (default: once into ``dtype``)."""
         qw, bias = self.weight(scheme, n, k)
         bias = bias if with_bias else None
         x = self.activation(m, k, dtype)[None]
@@ -175,7 +199,9 @@ class Parity:
         y_t = ref.apply(x, ref.pack(qw), scheme, bias)
         wd = S.dequantize_weight(qw)
         y_f = x.float() @ wd.t() + (0.0 if bias is None else bias.float())
-        self.assert_apply_close(y_p, y_t, y_f, rho, dtype, f"{backend.name} {scheme} apply")
+        plugin_u = sum(UNIT_ROUNDOFF[d] for d in (roundings or (dtype,)))
+        reference_u = sum(UNIT_ROUNDOFF[d] for d in reference_roundings(scheme, dtype, with_bias, n, k, x.device))
+        self.assert_apply_close(y_p, y_t, y_f, rho, plugin_u + reference_u, f"{backend.name} {scheme} apply")
         if m > 1:
             zero_row = y_p[0, m // 3].float()
             expect = torch.zeros_like(zero_row) if bias is None else bias.to(dtype).float()
@@ -194,8 +220,7 @@ class Parity:
         keep = nonzero.repeat_interleave(k // groups, 1) if groups > 1 else nonzero.expand(m, k)
         self.assert_codes_close(xq[keep], rq[keep], scheme)
         zero_part = (xq.float() * sx.float().reshape(m, groups).repeat_interleave(k // groups, 1))[~keep]
-        assert zero_part.abs().max().item() <= 2.0 ** -20 if zero_part.numel() else True, \
-            "an all-zero token must dequantize to zero"
+        assert torch.all(zero_part.abs() <= 2.0 ** -20), "an all-zero token must dequantize to zero"
 
     def check_gemm(self, backend, scheme, m, n, k, dtype, with_bias, roundings) -> None:
         """``backend.gemm_only`` on the backend's own quantized activation, against float64 (module doc).
@@ -222,6 +247,32 @@ class Parity:
         tol = (weight_roundings * u + 2.0 ** -20) * absref + u * (ref.abs() + b) + SUBNORMAL_HALF[dtype]
         self.assert_within(y, ref, tol, f"{backend.name} {scheme} vs float64")
         self.assert_relative_fro(y, ref, FRO_TOL[scheme], f"{backend.name} {scheme} vs float64")
+
+    def check_strided_input(self, backend, scheme: str, dtype: torch.dtype, n: int = 1536, k: int = 1536) -> None:
+        """``apply`` on a ``[2, 257, K]`` view whose rows are K + 64 apart (a slice of a wider tensor, as a fused QKV
+        output or a cross-attention slice gives) equals ``apply`` on its contiguous copy, bit for bit."""
+        qw, bias = self.weight(scheme, n, k)
+        packed = backend.pack(qw)
+        wide = self.activation(2 * 257, k + 64, dtype).reshape(2, 257, k + 64)
+        view = wide[..., 32: 32 + k]
+        assert not view.is_contiguous()
+        y_view = backend.apply(view, packed, scheme, bias)
+        y_copy = backend.apply(view.contiguous(), packed, scheme, bias)
+        assert y_view.shape == (2, 257, n), f"apply gave {tuple(y_view.shape)} for a [2, 257, {k}] input"
+        assert torch.equal(y_view, y_copy), (f"{backend.name} {scheme}: a strided input gives another result than "
+                                             f"its contiguous copy (max diff {(y_view - y_copy).abs().max().item():.3g})")
+
+    @staticmethod
+    def check_load_keeps_sdpa_switches(spec: BackendSpec, then: str = "") -> None:
+        """Loading the backend (in a fresh process, so that its libraries are really imported), and running the
+        statement ``then`` on it (bound to ``backend``), leaves torch's scaled_dot_product_attention backend
+        switches as they were: vLLM's import turns cuDNN attention off."""
+        code = ("import torch; from lightq_vllm.importing import sdpa_switches; before = sdpa_switches(); "
+                f"from {spec.impl.partition('.')[0]} import SPEC; backend = SPEC.load(); {then or 'pass'}; "
+                "after = sdpa_switches(); print(before, after); "
+                "assert before == after, 'loading changed the SDPA switches'")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{spec.name}: {run.stdout[-500:]} {run.stderr[-2000:]}"
 
     # --- the tiny DiT ----------------------------------------------------------------------------------------
 

@@ -130,3 +130,24 @@ def test_declared_capabilities_and_wan_shapes(name, scheme):
         assert not ok and why
     ok, why = spec.can_implement(scheme, PROFILES[runs_on], (100, 100))
     assert not ok and "100" in why, f"{name} must refuse a [100, 100] weight"
+
+
+@pytest.mark.parametrize("fails", (False, True), ids=("imports", "raises"))
+def test_import_vllm_restores_the_attention_backend_switches(tmp_path, monkeypatch, fails):
+    """vLLM's CUDA platform module turns cuDNN attention off when imported; ``import_vllm`` must undo that, also
+    when the import fails half-way. A stand-in module does what vLLM's does."""
+    from lightq_vllm.importing import import_vllm, sdpa_switches
+
+    (tmp_path / "flips_sdpa.py").write_text(
+        "import torch\ntorch.backends.cuda.enable_cudnn_sdp(False)\ntorch.backends.cuda.enable_flash_sdp(False)\n"
+        + ("raise ImportError('half-way')\n" if fails else "VALUE = 1\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flips_sdpa", raising=False)
+    before = sdpa_switches()
+    assert before[0] and before[3], "flash and cuDNN attention are on by default"
+    if fails:
+        with pytest.raises(ImportError, match="half-way"):
+            import_vllm("flips_sdpa")
+    else:
+        assert import_vllm("flips_sdpa").VALUE == 1
+    assert sdpa_switches() == before

@@ -5,7 +5,8 @@
                shape [M, K/128], strides (1, align(M, 4))
     y        = fp8_gemm_nt((x_q, s_x), (W_q, s_w), out)
              = sum_g (s_x[:, g] s_w[n/128, g]) * (x_q[:, g] @ W_q[:, g]^T)     promoted to fp32 per 128-wide group
-    out      bf16 [M, N] (DeepGEMM writes bf16 only); the bias is added after, then cast to x.dtype
+    out      bf16 [M, N] (DeepGEMM writes bf16 only, and has no bias epilogue); the bias is then added in one
+             elementwise pass that computes in fp32 and rounds once into x.dtype (in place when that is bf16)
 
 ``W_q`` [N, K] (row-major, "NT" = K-major operands) and its fp32 block scales ``[N/128, K/128]`` are the checkpoint
 tensors unchanged: DeepGEMM on sm90 reads fp32 128x128 weight scales as they are stored.
@@ -13,6 +14,12 @@ Why sm90 only: on sm100 DeepGEMM takes UE8M0 (power-of-two) scales and would rou
 of two, silently changing the checkpoint's numerics; ``disable_ue8m0_cast=True`` keeps sm90 on the fp32 path.
 Shapes: K a multiple of 128 (whole groups) and N a multiple of 64 (vLLM's rule for this kernel): in the spec.
 DeepGEMM JIT-compiles each kernel configuration with nvcc on first use (cached in ``$DG_JIT_CACHE_DIR``).
+
+Per call nothing is re-laid out: DeepGEMM on sm90 takes the fp32 ``[N/128, K/128]`` weight scales as stored (it
+only checks them), and the activation scales are written by the quantizer directly in the MN-major, TMA-aligned
+layout DeepGEMM would otherwise copy them into. So ``pack`` has nothing to re-lay out either, and ``apply`` is the
+quantizer, the GEMM and the one bias pass. vLLM is imported through ``lightq_vllm.importing`` so that its import
+does not switch off cuDNN attention for the rest of the process.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch
 from lightq.backends.base import Backend
 from lightq.errors import BackendUnavailable, QuantizationError
 from lightq.quant.schemes import FP8_DTYPE, FP8_MAX, GROUP, QuantizedWeight
+from lightq_vllm.importing import import_vllm
 
 
 def _require_nvcc() -> None:
@@ -42,12 +50,12 @@ def _import_deep_gemm():
     try:
         return importlib.import_module("deep_gemm")
     except ImportError:
-        return importlib.import_module("vllm.third_party.deep_gemm")
+        return import_vllm("vllm.third_party.deep_gemm")
 
 
 _require_nvcc()
 deep_gemm = _import_deep_gemm()  # any failure here becomes BackendUnavailable in BackendSpec.load()
-import vllm._custom_ops  # noqa: E402,F401  registers torch.ops._C.per_token_group_fp8_quant
+import_vllm("vllm._custom_ops")  # registers torch.ops._C.per_token_group_fp8_quant
 
 _EPS = 1e-10  # the kernel's floor on a group's max|x| (an all-zero group quantizes to zeros either way)
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
@@ -79,17 +87,25 @@ class DeepGemmBackend(Backend):
 
     def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-        """DeepGEMM on an already quantized activation; bias added after; ``[M, N]`` in ``out_dtype``."""
+        """DeepGEMM on an already quantized activation, then the bias in one pass; ``[M, N]`` in ``out_dtype``."""
         out = torch.empty((xq.shape[0], packed["data"].shape[0]), dtype=torch.bfloat16, device=xq.device)
         deep_gemm.fp8_gemm_nt((xq, sx), (packed["data"], packed["scale"]), out, disable_ue8m0_cast=True)
-        if bias is not None:
-            out = out.float().add_(bias.float())  # added in fp32 to the bf16 product, rounded once more
-        return out.to(out_dtype)
+        return _add_bias(out, bias, out_dtype)
 
     def apply(self, x, packed, scheme, bias):
         x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
         xq, sx = self.quantize_activation(x2)
         return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """bf16 ``out`` + ``bias`` in ``out_dtype``: the sum is computed in fp32 (an fp32 bias promotes the add; a bf16
+    or fp16 one is upcast inside the kernel) and rounded once. One read and one write of ``out``."""
+    if out_dtype == torch.bfloat16:
+        return out if bias is None else out.add_(bias)
+    if bias is None:
+        return out.to(out_dtype)
+    return torch.add(out, bias.float(), out=torch.empty_like(out, dtype=out_dtype))
 
 
 def _check_scheme(backend: Backend, scheme: str) -> None:

@@ -19,14 +19,17 @@ Shapes: K a multiple of 128 and N a multiple of 64 (Marlin's thread tiles), decl
 from __future__ import annotations
 
 import torch
-from vllm import _custom_ops as ops  # any failure here becomes BackendUnavailable in BackendSpec.load()
-from vllm.scalar_type import scalar_types
 
 from lightq.backends.base import Backend
 from lightq.errors import BackendUnavailable, QuantizationError
 from lightq.quant.schemes import QuantizedWeight
+from lightq_vllm.importing import import_vllm
 
 from .layout import gptq_words, marlin_group_scales
+
+# Through import_vllm: importing vLLM must not switch off cuDNN attention for the rest of the process.
+ops = import_vllm("vllm._custom_ops")  # any failure here becomes BackendUnavailable in BackendSpec.load()
+scalar_types = import_vllm("vllm.scalar_type").scalar_types
 
 _SCALE_KEYS = {torch.bfloat16: "scale_bf16", torch.float16: "scale_fp16"}
 

@@ -39,3 +39,8 @@ def test_pack_from_cpu_weight_returns_cpu_tensors(parity):
 
 def test_tiny_dit_matches_torch_mode(parity):
     parity.check_dit(parity.load(SPEC, SCHEME), SCHEME, rho=2.0)
+
+
+def test_loading_keeps_torch_attention_backends(parity):
+    parity.load(SPEC, SCHEME)
+    parity.check_load_keeps_sdpa_switches(SPEC)

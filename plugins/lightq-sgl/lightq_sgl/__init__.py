@@ -8,8 +8,8 @@ SPEC = BackendSpec(
     impl="lightq_sgl.impl:SglBackend",
     requires=("sgl_kernel",),
     install="pip install 'sglang-kernel>=0.4.6,<0.5'",
-    description="sglang-kernel: sgl_per_token_quant_fp8 (int8: lightq's per-token quantizer) + fp8_scaled_mm / "
-                "int8_scaled_mm (bias fused)",
+    description="sglang-kernel: sgl_per_token_quant_fp8 (int8: vLLM's scaled_int8_quant, else lightq's Triton "
+                "act_quant) + fp8_scaled_mm / int8_scaled_mm (bias fused)",
     k_multiple=16,
     n_multiple=16,
 )

@@ -1,20 +1,29 @@
 """sglang-kernel's CUTLASS kernels for the ``fp8`` and ``int8`` schemes.
 
     x_q, s_x = per-token dynamic quantization of x:
-               fp8  ``sgl_per_token_quant_fp8``: s_x = max|x_m| / 448 (sgl-kernel's own CUDA kernel)
-               int8 lightq's reference quantizer (``lightq.quant.schemes.quantize_activation``, eager torch):
-                    sglang-kernel 0.4.6 has no per-token int8 quantizer; its per-token-group kernel only takes
-                    groups of 128 elements, which is not this scheme. The int8-sgl activation quantization is
-                    therefore as slow as eager torch; ``gemm_only`` times the sgl GEMM alone.
+               fp8  ``sgl_per_token_quant_fp8`` (sgl-kernel's CUDA kernel): s_x = max|x_m| / 448 in fp32, bf16 and
+                    fp16 inputs alike
+               int8 sglang-kernel 0.4.6 has no per-token int8 quantizer (its per-token-group kernel takes groups of
+                    at most 128 elements, which is not this scheme), so the first fused one available is used, in
+                    this order: vLLM's ``scaled_int8_quant`` (when vLLM and lightq-vllm are installed), lightq's
+                    Triton ``act_quant`` (``torch.ops.lightq.act_quant``, when Triton is), else lightq's eager
+                    reference quantizer. All three follow lightq's ``int8`` rule (s_x = max|x_m| / 127); vLLM
+                    multiplies by 127 / max|x_m| instead of dividing, which can move a code by one.
+                    ``SglBackend.int8_quantizer`` names the one in use.
     y        = fp8_scaled_mm / int8_scaled_mm(x_q [M, K], W_q^T [K, N] column-major, s_x [M, 1], s_w [N, 1],
-               out_dtype, bias)  =  (s_x s_w^T) * (x_q @ W_q^T) + bias, one final rounding
+               out_dtype, bias)  =  (s_x s_w^T) * (x_q @ W_q^T) + bias: fp32 epilogue, the bias (in out_dtype)
+               added before the one final rounding into out_dtype (bf16 or fp16)
 
 The column-major ``[K, N]`` operand is the free transpose view of the row-major ``[N, K]`` checkpoint tensor, so
 ``pack`` keeps the checkpoint tensors unchanged. The kernels need K a multiple of 16 and N a multiple of 16 (fp8;
-8 for int8): declared in the spec.
+8 for int8): declared in the spec. sgl's fp8 quantizer reads rows at a fixed pitch of K elements, so ``apply``
+makes a non-contiguous input contiguous first (a no-op for the contiguous activations a model passes).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import sgl_kernel  # any failure here becomes BackendUnavailable in BackendSpec.load()
 import torch
@@ -22,6 +31,8 @@ import torch
 from lightq.backends.base import Backend
 from lightq.errors import QuantizationError
 from lightq.quant.schemes import FP8_DTYPE, QuantizedWeight, quantize_activation
+
+Int8Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -38,10 +49,15 @@ class SglBackend(Backend):
         _check_scheme(self, qw.scheme)
         return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
 
+    @property
+    def int8_quantizer(self) -> str:
+        """Which per-token int8 quantizer ``int8`` uses here (see the module doc)."""
+        return _int8_quantizer()[0]
+
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token quantization of a contiguous ``[M, K]`` bf16/fp16 tensor: (x_q ``[M, K]``, s_x ``[M, 1]`` fp32)."""
         if scheme == "int8":
-            return quantize_activation(x2, "int8")
+            return _int8_quantizer()[1](x2)
         xq = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
         sx = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x2.device)
         sgl_kernel.sgl_per_token_quant_fp8(x2, xq, sx)
@@ -58,6 +74,25 @@ class SglBackend(Backend):
         x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
         xq, sx = self.quantize_activation(x2, scheme)
         return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
+
+
+@functools.cache
+def _int8_quantizer() -> tuple[str, Int8Quantizer]:
+    """(name, function) of the fastest per-token int8 quantizer importable here; chosen once, on first use, so
+    that fp8-sgl never imports vLLM."""
+    try:
+        from lightq_vllm.importing import import_vllm
+
+        vllm_ops = import_vllm("vllm._custom_ops")
+        return "vllm scaled_int8_quant", lambda x2: vllm_ops.scaled_int8_quant(x2)[:2]
+    except Exception:  # lightq-vllm or vLLM missing or broken: not an error, the next quantizer serves
+        pass
+    try:
+        from lightq.kernels import act_quant  # noqa: F401  (imports Triton, registers torch.ops.lightq.act_quant)
+
+        return "lightq triton act_quant", lambda x2: torch.ops.lightq.act_quant(x2, False, False)
+    except Exception:  # no Triton here
+        return "lightq eager reference", lambda x2: quantize_activation(x2, "int8")
 
 
 def _check_scheme(backend: Backend, scheme: str) -> None:

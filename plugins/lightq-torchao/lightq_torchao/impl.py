@@ -18,7 +18,12 @@ matmul; under ``torch.compile`` inductor fuses the quantization and the scale mu
 (``force_fuse_int_mm_with_mul``). ``apply`` therefore always runs the compiled function (dynamic shapes: one graph
 per in_features, activation dtype and bias / no bias; the first call of each compiles, taking seconds). ``apply_eager`` runs
 the same code without compilation, for checks and benchmarks only. The inductor settings torchao recommends are
-passed as options of this compiled function only; no process-wide setting is changed.
+passed as options of this compiled function only; no process-wide setting is changed. ``quantize_activation``
+(torchao's quantizer alone, for benchmarks and checks) is compiled too, so its timing is the one users get.
+
+Small M: the compiled int8 matmul is ``torch._int_mm``, which on CUDA needs more than 16 rows. Inputs of at most 16
+rows are padded with zero rows to 17 (a zero row quantizes to zero codes) and the result is sliced back; the
+padded rows never reach the caller.
 """
 
 from __future__ import annotations
@@ -61,7 +66,16 @@ def _gemm(xq, sx, qdata, scale, bias, out_dtype):
 # hence the higher recompile limit applied around these calls only (past the limit dynamo would silently run eager).
 _compiled_linear = torch.compile(_linear, dynamic=True, options=_INDUCTOR_OPTIONS)
 _compiled_gemm = torch.compile(_gemm, dynamic=True, options=_INDUCTOR_OPTIONS)
+
+
+def _quantize(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    act = Int8Tensor.from_hp(x2, _ACT_QUANT.granularity, mapping_type=_ACT_QUANT.mapping_type)
+    return act.qdata, act.scale.reshape(-1, 1)
+
+
+_compiled_quantize = torch.compile(_quantize, dynamic=True, options=_INDUCTOR_OPTIONS)
 _MAX_GRAPHS = 64
+_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA: M > 16
 
 
 def _more_graphs():
@@ -89,23 +103,32 @@ class TorchaoBackend(Backend):
         return self._run(_linear, x, packed, scheme, bias)
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """torchao's per-token activation quantization (eager): (x_q ``[M, K]`` int8, t ``[M, 1]`` fp32)."""
+        """torchao's per-token activation quantization, compiled: (x_q ``[M, K]`` int8, t ``[M, 1]``)."""
         _check_scheme(self, scheme)
-        act = Int8Tensor.from_hp(x2, _ACT_QUANT.granularity, mapping_type=_ACT_QUANT.mapping_type)
-        return act.qdata, act.scale.reshape(-1, 1)
+        with _more_graphs():
+            return _compiled_quantize(x2)
 
     def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """torchao's scaled int8 GEMM (``int_scaled_matmul`` then the weight scales and bias), compiled."""
         b = None if bias is None else bias.to(out_dtype)
+        m = xq.shape[0]
         with _more_graphs():
-            return _compiled_gemm(xq, sx, packed["data"], packed["scale"], b, out_dtype)
+            y = _compiled_gemm(_pad_rows(xq), _pad_rows(sx), packed["data"], packed["scale"], b, out_dtype)
+        return y[:m]
 
     def _run(self, linear, x, packed, scheme, bias):
         x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
         b = None if bias is None else bias.to(x.dtype)
         weight = torchao_weight(packed["data"], packed["scale"], x.dtype)
-        return linear(x2, weight, b).reshape(*x.shape[:-1], -1)
+        return linear(_pad_rows(x2), weight, b)[: x2.shape[0]].reshape(*x.shape[:-1], -1)
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with zero rows appended up to 17 rows where ``torch._int_mm`` needs them (CUDA, at most 16 rows)."""
+    if t.is_cuda and t.shape[0] < _INT_MM_MIN_ROWS:
+        return torch.nn.functional.pad(t, (0, 0, 0, _INT_MM_MIN_ROWS - t.shape[0]))
+    return t
 
 
 def _check_scheme(backend: Backend, scheme: str) -> None:

@@ -10,16 +10,25 @@
 ``[N, K]`` checkpoint tensor, so ``pack`` keeps the checkpoint tensors as they are (one checkpoint for every backend)
 and ``gemm_only`` passes ``data.t()``, which costs nothing. CUTLASS needs K and N to be multiples of 16 (vLLM
 otherwise silently switches to a Triton kernel); the spec declares it so ``can_implement`` rejects such layers.
+
+Per call, ``apply`` launches the quantizer and the GEMM and nothing else: ``x`` is flattened to ``[M, K]`` as a
+view (the fp8 quantizer reads rows with any stride, so a sliced ``[B, L, K]`` input is not copied; vLLM's int8
+quantizer makes its own contiguous copy when it needs one), the weight and its scales are used as packed, and the
+bias is fused into the GEMM's epilogue. vLLM is imported through ``lightq_vllm.importing`` so that its import
+does not switch off cuDNN attention for the rest of the process.
 """
 
 from __future__ import annotations
 
 import torch
-from vllm import _custom_ops as ops  # any failure here becomes BackendUnavailable in BackendSpec.load()
 
 from lightq.backends.base import Backend
 from lightq.errors import QuantizationError
 from lightq.quant.schemes import QuantizedWeight
+
+from .importing import import_vllm
+
+ops = import_vllm("vllm._custom_ops")  # any failure here becomes BackendUnavailable in BackendSpec.load()
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -37,7 +46,8 @@ class VllmBackend(Backend):
         return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token quantization of a contiguous ``[M, K]`` bf16/fp16 tensor: (x_q ``[M, K]``, s_x ``[M, 1]`` fp32)."""
+        """Per-token quantization of an ``[M, K]`` bf16/fp16 tensor whose last dimension is contiguous (rows may be
+        strided): (x_q ``[M, K]`` contiguous, s_x ``[M, 1]`` fp32)."""
         if scheme == "fp8":
             return ops.scaled_fp8_quant(x2, use_per_token_if_dynamic=True)
         xq, sx, _ = ops.scaled_int8_quant(x2)
@@ -62,7 +72,8 @@ def _check_scheme(backend: Backend, scheme: str) -> None:
 
 
 def _flat_input(backend: Backend, x: torch.Tensor, in_features: int, scheme: str) -> torch.Tensor:
-    """``x`` ``[..., K]`` as a contiguous ``[M, K]`` tensor, after checking scheme, dtype and K."""
+    """``x`` ``[..., K]`` as an ``[M, K]`` tensor with unit stride along K (a view where ``reshape`` gives one, a
+    copy only otherwise), after checking scheme, dtype and K."""
     _check_scheme(backend, scheme)
     if x.dtype not in _ACT_DTYPES:
         raise QuantizationError(f"backend '{backend.name}' takes bf16 or fp16 activations, got {x.dtype}; "
@@ -70,4 +81,5 @@ def _flat_input(backend: Backend, x: torch.Tensor, in_features: int, scheme: str
     if x.shape[-1] != in_features:
         raise QuantizationError(f"backend '{backend.name}': input has {x.shape[-1]} features but the weight "
                                 f"expects {in_features}; check the layer's input shape")
-    return x.reshape(-1, in_features).contiguous()
+    x2 = x.reshape(-1, in_features)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()

@@ -2,7 +2,9 @@
 
 Bounds and their derivation: ``plugins/conftest.py``. Skipped without CUDA or without vLLM (with the reason).
 vLLM's per-token quantizers follow lightq's rule, so its full ``apply`` must sit within rho = 0.25 of the
-activation quantization error from ``*-torch``; cutlass_scaled_mm rounds once, into the activation dtype.
+activation quantization error from ``*-torch``; cutlass_scaled_mm rounds once, into the activation dtype. The fp8
+quantizer reads strided rows (``apply`` does not copy a sliced input): checked bit for bit against the contiguous
+copy. Loading the backend must not switch off cuDNN attention (vLLM's import does).
 """
 
 import pytest
@@ -31,3 +33,13 @@ def test_apply_matches_torch_backend(parity, scheme, case, dtype, with_bias):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_tiny_dit_matches_torch_mode(parity, scheme):
     parity.check_dit(parity.load(SPEC, scheme), scheme, rho=0.5)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_strided_input_equals_contiguous_copy(parity, scheme, dtype):
+    parity.check_strided_input(parity.load(SPEC, scheme), scheme, dtype)
+
+
+def test_loading_keeps_torch_attention_backends(parity):
+    parity.load(SPEC, "fp8")
+    parity.check_load_keeps_sdpa_switches(SPEC)
