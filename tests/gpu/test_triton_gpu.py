@@ -6,8 +6,8 @@ Run on the GPU machine: ``python -m pytest tests/gpu/test_triton_gpu.py -q -n 0`
   at Wan shapes, bf16 and fp16 (GELU: libdevice tanh vs torch's may differ by an fp32 ulp, which moves the bf16
   value only at rounding ties: at most one code step on a tiny fraction);
 - ``apply`` vs the torch backend: the same quantized activation, the same integer (int8) / ``_scaled_mm`` (fp8)
-  product; they differ only in where the bias is rounded, so by at most one ulp of the output dtype (plus, for
-  fp16, the bf16 rounding ``_scaled_mm`` imposes on both);
+  product; without a bias at most one ulp of the output apart; with one, fp8 differs in where the bias is added
+  (fp32 epilogue vs the bf16-rounded product), bounded by ``_fp8_bias_rounding_bound``;
 - norm + modulation + quant, residual + affine norm + quant, RMSNorm + RoPE vs the unfused ops: the mean / variance
   reduction order differs, so the bf16 value feeding the quantizer may differ by one bf16 ulp on a few elements;
   codes then differ by at most one step on under 0.1% of elements (int8; fp8 at most one fp8 step);
