@@ -257,8 +257,9 @@ def markdown(rows: list[StepRow], info: dict) -> str:
             base[r.model] = r
         b = base.get(r.model)
         if r.mode == OFFICIAL:
-            out.append(f"| {r.model} | {r.mode} | {timing.fmt_ms(r.block_ms)} | {timing.ratio(b.block_ms, r.block_ms)} | "
-                       f"{err(r.block_err)} | - | - | - | - | - | - | - | - | 0 | {r.note} |")
+            out.append(f"| {r.model} | {r.mode} | {timing.fmt_ms(r.block_ms)} | "
+                       f"{timing.ratio(b.block_ms, r.block_ms)} | {err(r.block_err)} | - | - | - | - | - | - | - | - | "
+                       f"0 | {r.note} |")
             continue
         out.append(f"| {r.model} | {r.mode} | {timing.fmt_ms(r.block_ms)} | {timing.ratio(b.block_ms, r.block_ms)} | "
                    f"{err(r.block_err)} | {timing.fmt_ms(r.norm_qkv_ms)} | "
