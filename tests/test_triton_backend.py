@@ -107,7 +107,7 @@ def test_bench_mode_discovery():
 def test_bench_option_variants_of_a_mode():
     from lightq.bench.linear import discover_modes
 
-    got = discover_modes(["fp8-triton", "fp8-triton+fast_accum"])
+    got = discover_modes(["none", "fp8-triton", "fp8-triton+fast_accum"])
     assert [m for m, _, _ in got] == ["fp8-triton", "fp8-triton+fast_accum"]
     assert got[1][1] == "fp8" and got[1][2].name == "triton"
     with pytest.raises(LightqError, match="fp8-nope"):

@@ -67,6 +67,7 @@ def discover_modes(wanted: list[str] | None = None) -> list[tuple[str, str, obje
             available.append((f"{scheme}-{spec.name}", scheme, spec))
     if wanted is None:
         return [m for m in available if m[0] not in REFERENCE_ONLY]
+    wanted = [w for w in wanted if w != "none"]  # bf16, the baseline, is always measured
     by_name = {mode: (scheme, spec) for mode, scheme, spec in available}
     unknown = sorted(w for w in wanted if w.split("+")[0] not in by_name)
     if unknown:
