@@ -19,7 +19,9 @@ matmul; under ``torch.compile`` inductor fuses the quantization and the scale mu
 per in_features, activation dtype and bias / no bias; the first call of each compiles, taking seconds). ``apply_eager`` runs
 the same code without compilation, for checks and benchmarks only. The inductor settings torchao recommends are
 passed as options of this compiled function only; no process-wide setting is changed. ``quantize_activation``
-(torchao's quantizer alone, for benchmarks and checks) is compiled too, so its timing is the one users get.
+(torchao's quantizer alone, a benchmark and test hook) stays eager, so that the test can hold it to torchao's rule
+exactly (inductor keeps intermediates in fp32, so a compiled quantizer need not round the scale to the activation
+dtype as eager torchao does); ``apply`` never calls it: there the quantization is fused into the compiled graph.
 
 Small M: the compiled int8 matmul is ``torch._int_mm``, which on CUDA needs more than 16 rows. Inputs of at most 16
 rows are padded with zero rows to 17 (a zero row quantizes to zero codes) and the result is sliced back; the
@@ -67,13 +69,6 @@ def _gemm(xq, sx, qdata, scale, bias, out_dtype):
 _compiled_linear = torch.compile(_linear, dynamic=True, options=_INDUCTOR_OPTIONS)
 _compiled_gemm = torch.compile(_gemm, dynamic=True, options=_INDUCTOR_OPTIONS)
 
-
-def _quantize(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    act = Int8Tensor.from_hp(x2, _ACT_QUANT.granularity, mapping_type=_ACT_QUANT.mapping_type)
-    return act.qdata, act.scale.reshape(-1, 1)
-
-
-_compiled_quantize = torch.compile(_quantize, dynamic=True, options=_INDUCTOR_OPTIONS)
 _MAX_GRAPHS = 64
 _INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA: M > 16
 
@@ -103,10 +98,10 @@ class TorchaoBackend(Backend):
         return self._run(_linear, x, packed, scheme, bias)
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """torchao's per-token activation quantization, compiled: (x_q ``[M, K]`` int8, t ``[M, 1]``)."""
+        """torchao's per-token activation quantization (eager): (x_q ``[M, K]`` int8, t ``[M, 1]`` fp32)."""
         _check_scheme(self, scheme)
-        with _more_graphs():
-            return _compiled_quantize(x2)
+        act = Int8Tensor.from_hp(x2, _ACT_QUANT.granularity, mapping_type=_ACT_QUANT.mapping_type)
+        return act.qdata, act.scale.reshape(-1, 1)
 
     def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
