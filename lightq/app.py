@@ -50,7 +50,7 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
         result["status"] = "ok"
     except LightqError as exc:
         result.update(status="failed", reason=str(exc), error_kind="input")
-        log.error("%s", exc)
+        log.info("failed: %s", exc)  # the console gets it once, as the exit line
     except Exception as exc:  # unexpected: keep the traceback for the record
         result.update(status="failed", reason=f"{type(exc).__name__}: {exc}", error=traceback.format_exc(),
                       error_kind="internal")

@@ -92,6 +92,20 @@ def _source(component: str, quant_cfg, folder: Path | None, scheme: str | None):
     return open_source(find_component_file(folder, component, None))
 
 
+PIPELINE_OPTIONS = ("fuse",)  # mode options the pipeline itself reads; the rest configure the backend
+
+
+def _configured(backend, quant_cfg):
+    """The backend with the mode's kernel options applied (``with_options``); options it cannot take are errors."""
+    options = {k: v for k, v in dict(quant_cfg.options or {}).items() if k not in PIPELINE_OPTIONS}
+    if not options:
+        return backend
+    if not hasattr(backend, "with_options"):
+        raise LightqError(f"{quant_cfg.name}: backend '{backend.name}' takes no options, got {sorted(options)}; "
+                          "remove them from the mode's options")
+    return backend.with_options(options)
+
+
 def _load(component: str, build, cfg, plan: ComponentPlan | None, folder, device, dtype, progress,
           ignore_prefixes=()) -> nn.Module:
     from ..backends.registry import specs
@@ -99,7 +113,7 @@ def _load(component: str, build, cfg, plan: ComponentPlan | None, folder, device
 
     quant_cfg = cfg[f"{component}_quant"] if component in ("dit", "t5", "clip") else None
     scheme = plan.scheme if plan is not None and plan.scheme != "none" else None
-    backend = specs()[plan.backend].load() if scheme else None
+    backend = _configured(specs()[plan.backend].load(), quant_cfg) if scheme else None
     source = _source(component, quant_cfg, folder, scheme)
     if component == "dit" and cfg.offload.lazy_load:
         from ..offload import load_lazy as load_component  # blocks stream from disk while the DiT runs
