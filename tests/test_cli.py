@@ -84,3 +84,10 @@ def test_hardware_cpu_forced(run_lightq, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((only_job(tmp_path) / "result.json").read_text())
     assert res["hardware"]["device"] == "cpu"
+
+
+def test_option_a_backend_cannot_take_is_one_clear_error(run_lightq):
+    proc = run_lightq("dit_quant=fp8-torch", "+dit_quant.options.fast_accum=true", "model.frames=5")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "lightq: fp8-torch: backend 'torch' takes no options, got ['fast_accum']; remove them from the mode's options"]

@@ -175,9 +175,11 @@ def describe(module: nn.Module, plan: ComponentPlan | None) -> dict:
     from ..quant.linear import QLinear
 
     qlinears = [m for m in module.modules() if isinstance(m, QLinear)]
-    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    nbytes += sum(b.numel() * b.element_size() for b in module.buffers())
-    return {"quantized_layers": len(qlinears), "weight_bytes": nbytes}
+    storages = {}  # by storage, so tensors that are views of one buffer (fused q/k/v) count once
+    for t in list(module.parameters()) + list(module.buffers()):
+        st = t.untyped_storage()
+        storages[(t.device, st.data_ptr())] = st.nbytes()
+    return {"quantized_layers": len(qlinears), "weight_bytes": sum(storages.values())}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
