@@ -277,3 +277,16 @@ def test_cli_detected_hardware_and_bad_profile(fake_site):
     assert "(hardware=auto)" in proc.stdout.splitlines()[0] and "torch" in table_rows(proc.stdout)
     proc = run_table(fake_site, "--hardware", "sm75")
     assert proc.returncode == 2 and "invalid choice: 'sm75'" in proc.stderr
+
+
+def test_loading_a_backend_keeps_the_attention_switches(tmp_path, monkeypatch):
+    """A kernel library that flips torch's SDPA switches on import (vLLM does) must not leak that into the run."""
+    import torch
+
+    (tmp_path / "flips_sdpa_impl.py").write_text(
+        "import torch\ntorch.backends.cuda.enable_cudnn_sdp(False)\ntorch.backends.cuda.enable_flash_sdp(False)\n"
+        "class Impl:\n    def __init__(self, spec):\n        self.spec = spec\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+    BackendSpec(name="flips", schemes={"fp8": None}, impl="flips_sdpa_impl:Impl").load()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
