@@ -27,13 +27,12 @@ import copy
 
 import torch
 
-from ..errors import BackendUnavailable, LightqError, QuantizationError
+from ..errors import BackendUnavailable, LightqError
 from ..quant import schemes as S
 from .base import Backend
 from .spec import BackendSpec
 from .triton_spec import SPEC  # noqa: F401  (re-exported for callers that build the backend directly)
 
-_ACT_DTYPES = (torch.bfloat16, torch.float16)
 OPTIONS = {"fast_accum": False, "fuse_bias": True}
 
 
@@ -69,7 +68,7 @@ class TritonBackend(Backend):
         return triton.__version__
 
     def pack(self, qw: S.QuantizedWeight) -> dict[str, torch.Tensor]:
-        _check_scheme(self, qw.scheme)
+        self.check_scheme(qw.scheme)
         return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,17 +90,7 @@ class TritonBackend(Backend):
         return y.to(out_dtype)
 
     def apply(self, x, packed, scheme, bias):
-        _check_scheme(self, scheme)
-        if x.dtype not in _ACT_DTYPES:
-            raise QuantizationError(f"backend 'triton' takes bf16 or fp16 activations, got {x.dtype}; run the model "
-                                    "in bf16 / fp16")
-        k = packed["data"].shape[1]
-        if x.shape[-1] != k:
-            raise QuantizationError(f"backend 'triton': input has {x.shape[-1]} features but the weight expects {k}; "
-                                    "check the layer's input shape")
-        x2 = x.reshape(-1, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = self.flat_input(x, packed["data"].shape[1], scheme, contiguous=False)
         xq, sx = self.quantize_activation(x2, scheme)
         return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
 
@@ -128,8 +117,3 @@ class TritonBackend(Backend):
                                          f"({type(exc).__name__}: {exc}); use mode {scheme}-torch or another "
                                          f"{scheme} backend") from exc
 
-
-def _check_scheme(backend: Backend, scheme: str) -> None:
-    if scheme not in backend.spec.schemes:
-        raise QuantizationError(f"backend '{backend.name}' does not implement scheme '{scheme}' "
-                                f"(it has: {', '.join(backend.spec.schemes)}); choose another mode")

@@ -31,7 +31,7 @@ import shutil
 import torch
 
 from lightq.backends.base import Backend
-from lightq.errors import BackendUnavailable, QuantizationError
+from lightq.errors import BackendUnavailable
 from lightq.quant.schemes import FP8_DTYPE, FP8_MAX, GROUP, QuantizedWeight
 from lightq_vllm.importing import import_vllm
 
@@ -58,7 +58,6 @@ deep_gemm = _import_deep_gemm()  # any failure here becomes BackendUnavailable i
 import_vllm("vllm._custom_ops")  # registers torch.ops._C.per_token_group_fp8_quant
 
 _EPS = 1e-10  # the kernel's floor on a group's max|x| (an all-zero group quantizes to zeros either way)
-_ACT_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _tma_aligned_scales(m: int, groups: int, device) -> torch.Tensor:
@@ -74,7 +73,7 @@ class DeepGemmBackend(Backend):
         return getattr(deep_gemm, "__version__", "")
 
     def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        _check_scheme(self, qw.scheme)
+        self.check_scheme(qw.scheme)
         return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str = "fp8-b128") -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +92,7 @@ class DeepGemmBackend(Backend):
         return _add_bias(out, bias, out_dtype)
 
     def apply(self, x, packed, scheme, bias):
-        x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
+        x2 = self.flat_input(x, packed["data"].shape[1], scheme)
         xq, sx = self.quantize_activation(x2)
         return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
 
@@ -108,19 +107,3 @@ def _add_bias(out: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dty
     return torch.add(out, bias.float(), out=torch.empty_like(out, dtype=out_dtype))
 
 
-def _check_scheme(backend: Backend, scheme: str) -> None:
-    if scheme not in backend.spec.schemes:
-        raise QuantizationError(f"backend '{backend.name}' does not implement scheme '{scheme}' "
-                                f"(it has: {', '.join(backend.spec.schemes)}); choose another mode")
-
-
-def _flat_input(backend: Backend, x: torch.Tensor, in_features: int, scheme: str) -> torch.Tensor:
-    """``x`` ``[..., K]`` as a contiguous ``[M, K]`` tensor, after checking scheme, dtype and K."""
-    _check_scheme(backend, scheme)
-    if x.dtype not in _ACT_DTYPES:
-        raise QuantizationError(f"backend '{backend.name}' takes bf16 or fp16 activations, got {x.dtype}; "
-                                "run the model in bf16 / fp16")
-    if x.shape[-1] != in_features:
-        raise QuantizationError(f"backend '{backend.name}': input has {x.shape[-1]} features but the weight "
-                                f"expects {in_features}; check the layer's input shape")
-    return x.reshape(-1, in_features).contiguous()

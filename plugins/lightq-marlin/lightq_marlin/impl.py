@@ -65,16 +65,11 @@ class MarlinBackend(Backend):
         return {name: t.to(home) for name, t in packed.items()}
 
     def apply(self, x, packed, scheme, bias):
-        if scheme not in self.spec.schemes:
-            raise QuantizationError(f"backend 'marlin' implements int4-g128 only, not '{scheme}'")
-        if x.dtype not in _SCALE_KEYS:
-            raise QuantizationError(f"backend 'marlin' takes bf16 or fp16 activations, got {x.dtype}")
-        qweight, scales = packed["qweight"], packed[_SCALE_KEYS[x.dtype]]
-        k, n = qweight.shape[0] * 16, scales.shape[1]
-        if x.shape[-1] != k:
-            raise QuantizationError(f"backend 'marlin': input has {x.shape[-1]} features but the weight expects {k}; "
-                                    "check the layer's input shape")
-        x2 = x.reshape(-1, k).contiguous()
+        qweight = packed["qweight"]
+        k = qweight.shape[0] * 16
+        x2 = self.flat_input(x, k, scheme)
+        scales = packed[_SCALE_KEYS[x.dtype]]
+        n = scales.shape[1]
         empty = torch.empty(0, dtype=torch.int32, device=x.device)
         y = ops.marlin_gemm(x2, None, qweight, None, scales, None, None, empty, empty, empty,
                             self._workspace(x.device), scalar_types.uint4b8, size_m=x2.shape[0], size_n=n,

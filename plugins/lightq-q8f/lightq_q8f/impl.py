@@ -22,10 +22,8 @@ from q8_kernels.functional.linear import fp8_linear, q8_linear  # failure -> Bac
 from q8_kernels.functional.quantizer import quantize, quantize_fp8
 
 from lightq.backends.base import Backend
-from lightq.errors import QuantizationError
 from lightq.quant.schemes import QuantizedWeight
 
-_ACT_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class Q8fBackend(Backend):
@@ -40,7 +38,7 @@ class Q8fBackend(Backend):
             return ""
 
     def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        _check_scheme(self, qw.scheme)
+        self.check_scheme(qw.scheme)
         return {"data": qw.data.contiguous(), "scale": qw.scale.float().reshape(-1).contiguous()}
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,24 +58,8 @@ class Q8fBackend(Backend):
         return y.reshape(xq.shape[0], -1).to(out_dtype)
 
     def apply(self, x, packed, scheme, bias):
-        x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
+        x2 = self.flat_input(x, packed["data"].shape[1], scheme)
         xq, sx = self.quantize_activation(x2, scheme)
         return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def _check_scheme(backend: Backend, scheme: str) -> None:
-    if scheme not in backend.spec.schemes:
-        raise QuantizationError(f"backend '{backend.name}' does not implement scheme '{scheme}' "
-                                f"(it has: {', '.join(backend.spec.schemes)}); choose another mode")
-
-
-def _flat_input(backend: Backend, x: torch.Tensor, in_features: int, scheme: str) -> torch.Tensor:
-    """``x`` ``[..., K]`` as a contiguous ``[M, K]`` tensor, after checking scheme, dtype and K."""
-    _check_scheme(backend, scheme)
-    if x.dtype not in _ACT_DTYPES:
-        raise QuantizationError(f"backend '{backend.name}' takes bf16 or fp16 activations, got {x.dtype}; "
-                                "run the model in bf16 / fp16")
-    if x.shape[-1] != in_features:
-        raise QuantizationError(f"backend '{backend.name}': input has {x.shape[-1]} features but the weight "
-                                f"expects {in_features}; check the layer's input shape")
-    return x.reshape(-1, in_features).contiguous()

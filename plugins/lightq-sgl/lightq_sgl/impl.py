@@ -29,12 +29,10 @@ import sgl_kernel  # any failure here becomes BackendUnavailable in BackendSpec.
 import torch
 
 from lightq.backends.base import Backend
-from lightq.errors import QuantizationError
 from lightq.quant.schemes import FP8_DTYPE, QuantizedWeight, quantize_activation
 
 Int8Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-_ACT_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class SglBackend(Backend):
@@ -46,7 +44,7 @@ class SglBackend(Backend):
         return version("sglang-kernel")
 
     def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        _check_scheme(self, qw.scheme)
+        self.check_scheme(qw.scheme)
         return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
 
     @property
@@ -71,7 +69,7 @@ class SglBackend(Backend):
         return gemm(xq, packed["data"].t(), sx, packed["scale"], out_dtype, b)
 
     def apply(self, x, packed, scheme, bias):
-        x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
+        x2 = self.flat_input(x, packed["data"].shape[1], scheme)
         xq, sx = self.quantize_activation(x2, scheme)
         return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
 
@@ -95,19 +93,3 @@ def _int8_quantizer() -> tuple[str, Int8Quantizer]:
         return "lightq eager reference", lambda x2: quantize_activation(x2, "int8")
 
 
-def _check_scheme(backend: Backend, scheme: str) -> None:
-    if scheme not in backend.spec.schemes:
-        raise QuantizationError(f"backend '{backend.name}' does not implement scheme '{scheme}' "
-                                f"(it has: {', '.join(backend.spec.schemes)}); choose another mode")
-
-
-def _flat_input(backend: Backend, x: torch.Tensor, in_features: int, scheme: str) -> torch.Tensor:
-    """``x`` ``[..., K]`` as a contiguous ``[M, K]`` tensor, after checking scheme, dtype and K."""
-    _check_scheme(backend, scheme)
-    if x.dtype not in _ACT_DTYPES:
-        raise QuantizationError(f"backend '{backend.name}' takes bf16 or fp16 activations, got {x.dtype}; "
-                                "run the model in bf16 / fp16")
-    if x.shape[-1] != in_features:
-        raise QuantizationError(f"backend '{backend.name}': input has {x.shape[-1]} features but the weight "
-                                f"expects {in_features}; check the layer's input shape")
-    return x.reshape(-1, in_features).contiguous()

@@ -37,10 +37,8 @@ from torchao.quantization import Int8Tensor, MappingType, PerRow
 from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
 
 from lightq.backends.base import Backend
-from lightq.errors import QuantizationError
 from lightq.quant.schemes import QuantizedWeight
 
-_ACT_DTYPES = (torch.bfloat16, torch.float16)
 # Int8DynamicActivationInt8WeightConfig() defaults: symmetric per-row activations, full int8 range.
 _ACT_QUANT = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC)
 _INDUCTOR_OPTIONS = {"force_fuse_int_mm_with_mul": True, "coordinate_descent_tuning": True,
@@ -86,7 +84,7 @@ class TorchaoBackend(Backend):
         return torchao.__version__
 
     def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        _check_scheme(self, qw.scheme)
+        self.check_scheme(qw.scheme)
         return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
 
     def apply(self, x, packed, scheme, bias):
@@ -99,7 +97,7 @@ class TorchaoBackend(Backend):
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
         """torchao's per-token activation quantization (eager): (x_q ``[M, K]`` int8, t ``[M, 1]`` fp32)."""
-        _check_scheme(self, scheme)
+        self.check_scheme(scheme)
         act = Int8Tensor.from_hp(x2, _ACT_QUANT.granularity, mapping_type=_ACT_QUANT.mapping_type)
         return act.qdata, act.scale.reshape(-1, 1)
 
@@ -113,7 +111,7 @@ class TorchaoBackend(Backend):
         return y[:m]
 
     def _run(self, linear, x, packed, scheme, bias):
-        x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
+        x2 = self.flat_input(x, packed["data"].shape[1], scheme)
         b = None if bias is None else bias.to(x.dtype)
         weight = torchao_weight(packed["data"], packed["scale"], x.dtype)
         return linear(_pad_rows(x2), weight, b)[: x2.shape[0]].reshape(*x.shape[:-1], -1)
@@ -126,19 +124,3 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _check_scheme(backend: Backend, scheme: str) -> None:
-    if scheme not in backend.spec.schemes:
-        raise QuantizationError(f"backend '{backend.name}' does not implement scheme '{scheme}' "
-                                f"(it has: {', '.join(backend.spec.schemes)}); choose another mode")
-
-
-def _flat_input(backend: Backend, x: torch.Tensor, in_features: int, scheme: str) -> torch.Tensor:
-    """``x`` ``[..., K]`` as a contiguous ``[M, K]`` tensor, after checking scheme, dtype and K."""
-    _check_scheme(backend, scheme)
-    if x.dtype not in _ACT_DTYPES:
-        raise QuantizationError(f"backend '{backend.name}' takes bf16 or fp16 activations, got {x.dtype}; "
-                                "run the model in bf16 / fp16")
-    if x.shape[-1] != in_features:
-        raise QuantizationError(f"backend '{backend.name}': input has {x.shape[-1]} features but the weight "
-                                f"expects {in_features}; check the layer's input shape")
-    return x.reshape(-1, in_features).contiguous()

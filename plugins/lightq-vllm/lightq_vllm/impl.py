@@ -23,14 +23,12 @@ from __future__ import annotations
 import torch
 
 from lightq.backends.base import Backend
-from lightq.errors import QuantizationError
 from lightq.quant.schemes import QuantizedWeight
 
 from .importing import import_vllm
 
 ops = import_vllm("vllm._custom_ops")  # any failure here becomes BackendUnavailable in BackendSpec.load()
 
-_ACT_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class VllmBackend(Backend):
@@ -42,7 +40,7 @@ class VllmBackend(Backend):
         return vllm.__version__
 
     def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-        _check_scheme(self, qw.scheme)
+        self.check_scheme(qw.scheme)
         return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,26 +58,8 @@ class VllmBackend(Backend):
         return ops.cutlass_scaled_mm(xq, packed["data"].t(), sx, packed["scale"], out_dtype, b)
 
     def apply(self, x, packed, scheme, bias):
-        x2 = _flat_input(self, x, packed["data"].shape[1], scheme)
+        x2 = self.flat_input(x, packed["data"].shape[1], scheme, contiguous=False)
         xq, sx = self.quantize_activation(x2, scheme)
         return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def _check_scheme(backend: Backend, scheme: str) -> None:
-    if scheme not in backend.spec.schemes:
-        raise QuantizationError(f"backend '{backend.name}' does not implement scheme '{scheme}' "
-                                f"(it has: {', '.join(backend.spec.schemes)}); choose another mode")
-
-
-def _flat_input(backend: Backend, x: torch.Tensor, in_features: int, scheme: str) -> torch.Tensor:
-    """``x`` ``[..., K]`` as an ``[M, K]`` tensor with unit stride along K (a view where ``reshape`` gives one, a
-    copy only otherwise), after checking scheme, dtype and K."""
-    _check_scheme(backend, scheme)
-    if x.dtype not in _ACT_DTYPES:
-        raise QuantizationError(f"backend '{backend.name}' takes bf16 or fp16 activations, got {x.dtype}; "
-                                "run the model in bf16 / fp16")
-    if x.shape[-1] != in_features:
-        raise QuantizationError(f"backend '{backend.name}': input has {x.shape[-1]} features but the weight "
-                                f"expects {in_features}; check the layer's input shape")
-    x2 = x.reshape(-1, in_features)
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
