@@ -17,26 +17,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-
 import torch
 
+from lightq.bench.timing import time_ms as median_ms
 from lightq.quant import schemes as S
 
-
-def median_ms(fn, iters=20, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def kernel_name(fn) -> str:
