@@ -120,47 +120,6 @@ class SafetensorsSource(TensorSource):
         return next(f for f in self.files if f.name == fname)
 
 
-class PthSource(TensorSource):
-    """A ``torch.save``d flat dict of tensors, loaded with ``weights_only=True`` and memory-mapped when possible."""
-
-    def __init__(self, path: Path):
-        self.name, self.files, self.metadata = str(path), (path,), {}
-        try:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                # legacy (non-zip) torch.save format cannot be memory-mapped: read it whole
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot load as a weights-only torch file ({type(exc).__name__}: "
-                                  f"{_first_line(exc)}); the file is corrupt or not a plain tensor dict") from exc
-        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in obj.items()):
-            raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, got {type(obj).__name__}"
-                                  " with other contents; save the state_dict itself")
-        self._tensors: dict[str, torch.Tensor] = obj
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __contains__(self, key) -> bool:
-        return key in self._tensors
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._tensors[key].dtype
-
-
 class DictSource(TensorSource):
     """Tensors already in memory (tests, random weights), behind the same interface."""
 
@@ -186,6 +145,29 @@ class DictSource(TensorSource):
 
     def dtype(self, key: str) -> torch.dtype:
         return self._tensors[key].dtype
+
+
+class PthSource(DictSource):
+    """A ``torch.save``d flat dict of tensors, loaded with ``weights_only=True`` and memory-mapped when possible."""
+
+    def __init__(self, path: Path):
+        try:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # legacy (non-zip) torch.save format cannot be memory-mapped: read it whole
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot load as a weights-only torch file ({type(exc).__name__}: "
+                                  f"{_first_line(exc)}); the file is corrupt or not a plain tensor dict") from exc
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in obj.items()):
+            raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, got {type(obj).__name__}"
+                                  " with other contents; save the state_dict itself")
+        super().__init__(obj, name=str(path))
+        self.files = (path,)
 
 
 def open_source(path: str | os.PathLike) -> TensorSource:
