@@ -7,9 +7,10 @@ For each row ``x`` of an ``[M, K]`` bf16 / fp16 / fp32 tensor, exactly ``lightq.
     fp8:   q = fp8_e4m3(clamp(x / s, -448, 448))          round-to-nearest-even cast
     int8:  q = clamp(rint(x / s), -127, 127)              rint = round half to even
 
-``x / s`` is ``tl.div_rn`` (correctly rounded), not Triton's default approximate division, and ``rint`` is the
-``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact round-half-even for |v| < 2**22), so the codes and scales are
-bit-identical to the torch reference. With ``gelu=True`` the row is first passed through GELU (tanh form) in fp32
+``x / s`` is correctly rounded (``divide``: the row's correctly rounded reciprocal and one FMA correction,
+Markstein's division, branch-free; ``tl.div_rn`` per element costs whole-row kernels half their bandwidth), and
+``rint`` is the ``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact round-half-even for |v| < 2**22), so the codes
+and scales are bit-identical to the torch reference. With ``gelu=True`` the row is first passed through GELU (tanh form) in fp32
 and rounded back to ``x``'s dtype, as ``nn.GELU(approximate="tanh")`` does on a bf16 tensor, so the FFN's inner
 activation is quantized without being written out (GELU's tanh may differ from torch's by an fp32 ulp, which
 changes the rounded value only at bf16 rounding ties).
@@ -44,10 +45,29 @@ def row_scale(amax, qmax):
 
 
 @triton.jit
-def quantize_values(xf, scale, out_dtype: tl.constexpr, IS_FP8: tl.constexpr):
-    """Codes of fp32 ``xf`` for a ``scale`` of ``xf``'s shape: ``fp8(clamp(x / s))`` or ``clamp(rint(x / s))``."""
+def divide(x, s, inv, INTERPRETED: tl.constexpr):
+    """``x / s`` correctly rounded, given ``inv`` = ``1 / s`` correctly rounded (all of ``x``'s shape).
+
+    Markstein: ``q0 = x * inv`` is within an ulp of ``x / s``, so ``e = x - q0 s`` is exact in one FMA and
+    ``q0 + e inv`` rounds to ``x / s``, wherever ``e`` is not subnormal (|x| >= 2**-100; smaller |x| give code 0
+    either way in rows with amax > 2**-84). The GPU tests check it against IEEE division for every bf16 ``x``.
+    ``e == 0`` keeps ``q0``, and so the sign of a zero. The interpreter's FMA is not fused: there this is
+    ``div_rn``."""
+    if INTERPRETED:
+        q = tl.div_rn(x, s)
+    else:
+        q0 = x * inv
+        e = tl.fma(-q0, s, x)
+        q = tl.where(e == 0.0, q0, tl.fma(e, inv, q0))
+    return q
+
+
+@triton.jit
+def quantize_values(xf, scale, inv, out_dtype: tl.constexpr, IS_FP8: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Codes of fp32 ``xf`` for ``scale`` and its reciprocal ``inv`` (both of ``xf``'s shape): ``fp8(clamp(x / s))``
+    or ``clamp(rint(x / s))``."""
     QMAX: tl.constexpr = 448.0 if IS_FP8 else 127.0
-    v = tl.div_rn(xf, scale)
+    v = divide(xf, scale, inv, INTERPRETED)
     if IS_FP8:
         q = tl.clamp(v, -QMAX, QMAX).to(out_dtype)
     else:
@@ -56,12 +76,14 @@ def quantize_values(xf, scale, out_dtype: tl.constexpr, IS_FP8: tl.constexpr):
 
 
 @triton.jit
-def quantize_store_row(xf, q_row_ptr, s_ptr, cols, mask, IS_FP8: tl.constexpr):
+def quantize_store_row(xf, q_row_ptr, s_ptr, cols, mask, IS_FP8: tl.constexpr, INTERPRETED: tl.constexpr):
     """Quantize one fp32 row ``xf`` held whole in registers (masked lanes hold 0), store its codes at
     ``q_row_ptr + cols`` and its scale at ``s_ptr``. Used by the kernels that end a row-wise norm in a quantization."""
     QMAX: tl.constexpr = 448.0 if IS_FP8 else 127.0
     scale = row_scale(tl.max(tl.abs(xf), axis=0), QMAX)  # a scalar over a constant: no broadcast needed
-    q = quantize_values(xf, tl.broadcast_to(scale, xf.shape), q_row_ptr.dtype.element_ty, IS_FP8)
+    inv = tl.div_rn(1.0, scale)
+    q = quantize_values(xf, tl.broadcast_to(scale, xf.shape), tl.broadcast_to(inv, xf.shape),
+                        q_row_ptr.dtype.element_ty, IS_FP8, INTERPRETED)
     tl.store(q_row_ptr + cols, q, mask=mask)
     tl.store(s_ptr, scale)
 
@@ -107,19 +129,22 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, stride
         amax = tl.maximum(amax, tl.abs(xf))
     scale = row_scale(tl.max(amax, axis=1), tl.full((ROWS,), QMAX, tl.float32))
     tl.store(s_ptr + rows, scale, mask=row_ok)
-    scale_tile = tl.broadcast_to(scale[:, None], (ROWS, CHUNK))  # div_rn does not broadcast by itself
+    scale_tile = tl.broadcast_to(scale[:, None], (ROWS, CHUNK))  # div_rn / fma do not broadcast by themselves
+    inv_tile = tl.broadcast_to(tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None], (ROWS, CHUNK))
     q_rows = (rows * stride_qm)[:, None]
     for k0 in range(0, K, CHUNK):  # pass 2: codes
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
         xf = _load_rows(x_ptr, x_rows + k0 + cols[None, :], mask, GELU, INTERPRETED, SOFT, "evict_first")
-        q = quantize_values(xf, scale_tile, q_ptr.dtype.element_ty, IS_FP8)
+        q = quantize_values(xf, scale_tile, inv_tile, q_ptr.dtype.element_ty, IS_FP8, INTERPRETED)
         tl.store(q_ptr + q_rows + k0 + cols[None, :], q, mask=mask)
 
 
-# The first config is the one the interpreter runs (small, so the CPU tests stay fast).
+# The first config is the one the interpreter runs (small, so the CPU tests stay fast). The rest: the fastest
+# found by scripts/diag/act_quant_variants.py on an H100 (one row per program, 512-2048 wide chunks reach the copy
+# bandwidth at K = 5120 and 13824; many rows per program did not), and neighbours for other K.
 _ACT_CONFIGS = [triton.Config({"ROWS": r, "CHUNK": c}, num_warps=w)
-                for r, c, w in ((1, 256, 4), (1, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 512, 8),
-                                (2, 2048, 8), (4, 2048, 8), (8, 1024, 8), (16, 256, 4), (1, 2048, 4))]
+                for r, c, w in ((1, 256, 4), (1, 512, 4), (1, 1024, 8), (1, 1024, 16), (1, 2048, 8), (1, 2048, 16),
+                                (2, 512, 4), (2, 1024, 8), (2, 2048, 16), (4, 512, 8), (4, 256, 4))]
 _act_quant = Tuned(_act_quant_kernel, _ACT_CONFIGS, key=["K", "IS_FP8", "GELU"])
 
 

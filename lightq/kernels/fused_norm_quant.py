@@ -45,7 +45,8 @@ TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 def _norm_quant_kernel(x_ptr, res_ptr, xout_ptr, w_ptr, b_ptr, mod_ptr, q_ptr, s_ptr,
                        L, K, stride_mod_b, eps, SHIFT: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr,
                        HAS_RES: tl.constexpr, HAS_AFFINE: tl.constexpr, IS_FP8: tl.constexpr,
-                       ROUND_DTYPE: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):
+                       ROUND_DTYPE: tl.constexpr, SOFT: tl.constexpr, INTERPRETED: tl.constexpr,
+                       BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     mod_row = mod_ptr + (row // L) * stride_mod_b
     cols = tl.arange(0, BLOCK)
@@ -69,7 +70,7 @@ def _norm_quant_kernel(x_ptr, res_ptr, xout_ptr, w_ptr, b_ptr, mod_ptr, q_ptr, s
     if SHIFT >= 0:
         h = h + tl.load(mod_row + SHIFT * K + cols, mask=mask, other=0.0)
     h = tl.where(mask, round_to(h, ROUND_DTYPE, SOFT), 0.0)
-    quantize_store_row(h, q_ptr + row * K, s_ptr + row, cols, mask, IS_FP8)
+    quantize_store_row(h, q_ptr + row * K, s_ptr + row, cols, mask, IS_FP8, INTERPRETED)
 
 
 _norm_quant = Tuned(_norm_quant_kernel, ROW_CONFIGS, key=["K", "HAS_RES", "HAS_AFFINE", "IS_FP8"])
@@ -90,7 +91,8 @@ def _launch_norm_quant(x, res, xout, weight, bias, mod, shift, scale, gate, seq_
                           q, s, seq_len, k, 0 if mod is None else mod.stride(0), eps,
                           SHIFT=shift, SCALE=scale, GATE=gate, HAS_RES=res is not None,
                           HAS_AFFINE=weight is not None, IS_FP8=fp8, ROUND_DTYPE=TL_DTYPES[round_dtype],
-                          SOFT=soft_rounding(round_dtype), BLOCK=triton.next_power_of_2(k))
+                          SOFT=soft_rounding(round_dtype), INTERPRETED=interpreting(),
+                          BLOCK=triton.next_power_of_2(k))
     return q, s
 
 

@@ -72,6 +72,53 @@ def test_act_quant_is_bit_identical(backend, scheme, m, k, dtype):
     assert torch.equal(q.view(torch.int8), rq.view(torch.int8))
 
 
+def _divide_kernel():
+    import triton
+    import triton.language as tl
+
+    from lightq.kernels.act_quant import divide
+
+    @triton.jit
+    def kernel(a_ptr, s_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        a = tl.load(a_ptr + row.to(tl.int64) * N + cols, mask=mask, other=0.0)
+        s = tl.load(s_ptr + row + cols * 0)
+        inv = tl.div_rn(tl.full((BLOCK,), 1.0, tl.float32), s)
+        tl.store(out_ptr + row.to(tl.int64) * N + cols, divide(a, s, inv, False), mask=mask)
+    return kernel
+
+
+def test_divide_is_ieee_division(backend):
+    """The quantizers' reciprocal + FMA division equals IEEE ``a / s`` (torch's CUDA division) bit for bit, for
+    every bf16 ``a`` and for random fp32 ``a`` with ``2**-100 <= |a| <= amax``, against scales ``s = amax / qmax``
+    (qmax 448 and 127) for every bf16 mantissa of ``amax`` over exponents 2**-80 .. 2**60. (Below 2**-100 the
+    FMA residual is subnormal; such ``a`` give code 0 either way in rows with amax > 2**-84.)"""
+    kernel = _divide_kernel()
+    bits = torch.arange(-32768, 32768, dtype=torch.int32, device="cuda").to(torch.int16)
+    every_bf16 = bits.view(torch.bfloat16).float()
+    every_bf16 = every_bf16[every_bf16.isfinite()]
+    mantissas = 1.0 + torch.arange(128, device="cuda", dtype=torch.float32) / 128
+    exponents = torch.tensor([-80, -30, -8, -1, 0, 1, 5, 12, 60], device="cuda", dtype=torch.float32)
+    amax = (mantissas[None, :] * torch.exp2(exponents)[:, None]).flatten()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for qmax in (448.0, 127.0):
+        s = amax / torch.full_like(amax, qmax)
+        for a in (every_bf16[None, :].expand(len(s), -1).contiguous(),
+                  (torch.rand(len(s), 1 << 16, device="cuda", generator=gen) * 2 - 1) * amax[:, None]):
+            out = torch.empty_like(a)
+            kernel[(len(s), triton_cdiv(a.shape[1], 1024))](a, s, out, a.shape[1], BLOCK=1024)
+            ref = a / s[:, None]
+            domain = (a.abs() <= amax[:, None]) & (a.abs() >= 2.0 ** -100)  # |x| <= amax in a quantizer row
+            same = (out.view(torch.int32) == ref.view(torch.int32)) | ~domain
+            assert same.all(), (a[~same][:5], s[(~same).nonzero()[:5, 0]], out[~same][:5], ref[~same][:5])
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_every_act_quant_config_is_bit_identical(backend, scheme):
     """Autotuning picks one config per K: run each of them directly (M not a multiple of any ROWS)."""
