@@ -16,10 +16,10 @@ activation is quantized without being written out (GELU's tanh may differ from t
 changes the rounded value only at bf16 rounding ties).
 
 Each program quantizes ``ROWS`` rows in two passes over ``K`` in ``CHUNK``-wide pieces: pass 1 reduces the row
-amax, pass 2 re-reads the row (from L1 / L2: the first read asks the cache to keep it) and writes the codes. No
-lane works on padding except in a row's last chunk (one row per program with a power-of-two block wasted 37.5%
-of the lanes, and their divisions, at K = 5120), and several rows per program keep enough bytes in flight.
-``ROWS`` / ``CHUNK`` / warps are autotuned per (K, scheme, GELU).
+amax, pass 2 re-reads the row (from L1 / L2: the first read asks the cache to keep it) and writes the codes; on
+an H100 this moves the bytes at the device's copy bandwidth. With GELU (``K <= MAX_K``) a one-pass kernel holds
+whole rows in registers instead, so the tanh is evaluated once per element. Rows / chunk / warps are autotuned
+per (K, scheme, GELU).
 Bytes moved: ``M K (elt + 1) + 4 M``: the HBM floor at M = 32760, K = 5120 (bf16) is 0.15 ms on an H100 SXM.
 """
 
@@ -49,8 +49,9 @@ def divide(x, s, inv, INTERPRETED: tl.constexpr):
     """``x / s`` correctly rounded, given ``inv`` = ``1 / s`` correctly rounded (all of ``x``'s shape).
 
     Markstein: ``q0 = x * inv`` is within an ulp of ``x / s``, so ``e = x - q0 s`` is exact in one FMA and
-    ``q0 + e inv`` rounds to ``x / s``, wherever ``e`` is not subnormal (|x| >= 2**-100; smaller |x| give code 0
-    either way in rows with amax > 2**-84). The GPU tests check it against IEEE division for every bf16 ``x``.
+    ``q0 + e inv`` rounds to ``x / s`` wherever ``e`` and the quotient are normal (|x| >= 2**-100,
+    |x / s| >= 2**-125); elsewhere, in rows with amax >= 2**-80, both quotients are below 2**-11 and the code is 0
+    either way. The GPU tests check this against IEEE division for every bf16 ``x``.
     ``e == 0`` keeps ``q0``, and so the sign of a zero. The interpreter's FMA is not fused: there this is
     ``div_rn``."""
     if INTERPRETED:
@@ -139,6 +140,28 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, stride
         tl.store(q_ptr + q_rows + k0 + cols[None, :], q, mask=mask)
 
 
+@triton.jit
+def _act_quant_row_kernel(x_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, stride_qm,
+                          IS_FP8: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr, SOFT: tl.constexpr,
+                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass: ``ROWS`` whole rows (``BLOCK`` = next power of two of K) held in registers while their amax is
+    reduced, so GELU is evaluated once per element (the two-pass kernel evaluates it twice)."""
+    QMAX: tl.constexpr = 448.0 if IS_FP8 else 127.0
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    cols = tl.arange(0, BLOCK)
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    xf = _load_rows(x_ptr, (rows * stride_xm)[:, None] + cols[None, :], mask, GELU, INTERPRETED, SOFT,
+                    "evict_first")
+    scale = row_scale(tl.max(tl.abs(xf), axis=1), tl.full((ROWS,), QMAX, tl.float32))
+    tl.store(s_ptr + rows, scale, mask=row_ok)
+    inv = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
+    tile = (ROWS, BLOCK)
+    q = quantize_values(xf, tl.broadcast_to(scale[:, None], tile), tl.broadcast_to(inv[:, None], tile),
+                        q_ptr.dtype.element_ty, IS_FP8, INTERPRETED)
+    tl.store(q_ptr + (rows * stride_qm)[:, None] + cols[None, :], q, mask=mask)
+
+
 # The first config is the one the interpreter runs (small, so the CPU tests stay fast). The rest: the fastest
 # found by scripts/diag/act_quant_variants.py on an H100 (one row per program, 512-2048 wide chunks reach the copy
 # bandwidth at K = 5120 and 13824; many rows per program did not), and neighbours for other K.
@@ -146,6 +169,8 @@ _ACT_CONFIGS = [triton.Config({"ROWS": r, "CHUNK": c}, num_warps=w)
                 for r, c, w in ((1, 256, 4), (1, 512, 4), (1, 1024, 8), (1, 1024, 16), (1, 2048, 8), (1, 2048, 16),
                                 (2, 512, 4), (2, 1024, 8), (2, 2048, 16), (4, 512, 8), (4, 256, 4))]
 _act_quant = Tuned(_act_quant_kernel, _ACT_CONFIGS, key=["K", "IS_FP8", "GELU"])
+_ROW_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16))]
+_act_quant_row = Tuned(_act_quant_row_kernel, _ROW_CONFIGS, key=["K", "IS_FP8", "GELU"])
 
 
 def _grid(m: int):
@@ -166,8 +191,12 @@ def act_quant(x: torch.Tensor, fp8: bool, gelu: bool) -> tuple[torch.Tensor, tor
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        _act_quant[_grid(m)](x, q, s, m, k, x.stride(0), q.stride(0), IS_FP8=fp8, GELU=gelu,
-                             INTERPRETED=interpreting(), SOFT=soft_rounding(x.dtype))
+        flags = dict(IS_FP8=fp8, GELU=gelu, INTERPRETED=interpreting(), SOFT=soft_rounding(x.dtype))
+        if gelu and k <= MAX_K:
+            _act_quant_row[_grid(m)](x, q, s, m, k, x.stride(0), q.stride(0), BLOCK=triton.next_power_of_2(k),
+                                     **flags)
+        else:
+            _act_quant[_grid(m)](x, q, s, m, k, x.stride(0), q.stride(0), **flags)
     return q, s
 
 

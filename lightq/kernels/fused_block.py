@@ -14,7 +14,7 @@ with the quantization moved into the kernels that produce each linear's input:
     y      = cross_attn.o(attention(rms(q_gemm(xq, sx)), norm_k(k(text)), v(text)))   (+ the I2V image branch)
     x, xq, sx = add_norm_quant(x, y; shift2, scale2)            residual update + LayerNorm + modulation + quant
     y      = ffn.2(gemm_only(act_quant_gelu(ffn.0(xq, sx))))    GELU fused into the quantization of ffn.2's input
-    x      = x + y * gate2                                       one elementwise pass (addcmul, bf16 y read as is)
+    x      = add_gated(x, y; gate2)                              one pass over x, y and the gate
 
 so no bf16 normalised activation is written and re-read, q/k/v are quantized once for one GEMM, and the RMSNorm /
 RoPE chain (7 elementwise passes in fp32 in the unfused block) is one kernel per tensor. The numerics are the
@@ -117,7 +117,7 @@ class FusedBlock(Block):
         ffn0, ffn2 = self.ffn[0], self.ffn[2]
         hq, hs = torch.ops.lightq.act_quant(_gemm(ffn0, xq, sx, dtype), self.fp8, True)
         y = _gemm(ffn2, hq, hs, dtype)
-        return torch.addcmul(x2.view(b, seq_len, dim), y.view(b, seq_len, dim), mod[:, 5:6])  # one pass, fp32
+        return torch.ops.lightq.add_gated(x2, y, mod, 5, seq_len).view(b, seq_len, dim)
 
     def _self_attention(self, qkv: torch.Tensor, b: int, seq_len: int, rope) -> torch.Tensor:
         attn = self.self_attn

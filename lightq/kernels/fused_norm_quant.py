@@ -14,6 +14,8 @@ The unfused block's bf16 ``h`` is never written. The reduction order of mean / v
 ``F.layer_norm``'s, so ``h`` may differ from the unfused one by an fp32 ulp before its bf16 rounding: a code then
 differs by one step on the rare element that sits on a rounding boundary.
 
+``add_gated``: ``x + res * mod[b, gate]`` in fp32, one pass (the block's last residual update).
+
 ``rms_rope`` (one program per row of ``t`` ``[M, K]``, any row stride, e.g. a slice of the fused q/k/v output)::
 
     n = round(t * rsqrt(mean(t^2) + eps) * weight)        RMSNorm over the whole row, rounded to t's dtype
@@ -130,6 +132,50 @@ def _(x, res, seq_len, weight, bias, mod, shift, scale, gate, eps, fp8, round_dt
 
 
 @triton.jit
+def _add_gated_kernel(x_ptr, res_ptr, mod_ptr, out_ptr, M, L, K: tl.constexpr, stride_mod_b, GATE: tl.constexpr,
+                      ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    cols = tl.arange(0, CHUNK)
+    gate_rows = mod_ptr + ((rows // L) * stride_mod_b + GATE * K)[:, None]
+    base = (rows * K)[:, None]
+    for k0 in range(0, K, CHUNK):
+        mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+        offs = base + k0 + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gate_rows + k0 + cols[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + offs, x + r * g, mask=mask)
+
+
+_ADD_CONFIGS = [triton.Config({"ROWS": r, "CHUNK": c}, num_warps=w)
+                for r, c, w in ((1, 256, 4), (1, 1024, 4), (1, 2048, 8), (2, 1024, 8), (4, 512, 4), (4, 1024, 8))]
+_add_gated = Tuned(_add_gated_kernel, _ADD_CONFIGS, key=["K"])
+
+
+@torch.library.custom_op("lightq::add_gated", mutates_args=())
+def add_gated(x: torch.Tensor, res: torch.Tensor, mod: torch.Tensor, gate: int, seq_len: int) -> torch.Tensor:
+    """``x + res * mod[b, gate]`` in fp32, one pass: ``x`` fp32 ``[M, K]``, ``res`` ``[M, K]`` any float dtype,
+    ``mod`` fp32 ``[B, C, K]``, ``b = row // seq_len`` (the block's last residual update)."""
+    m, k = x.shape
+    if x.dtype != torch.float32 or not x.is_contiguous() or res.shape != x.shape or not res.is_contiguous():
+        raise ValueError(f"add_gated takes contiguous fp32 x and a contiguous residual of its shape, got {x.dtype} "
+                         f"{tuple(x.shape)} and {res.dtype} {tuple(res.shape)}")
+    if mod.dtype != torch.float32 or mod.stride(-1) != 1 or mod.stride(-2) != k:
+        raise ValueError("add_gated: the modulation must be fp32 [B, C, K] with contiguous [C, K] rows")
+    out = torch.empty_like(x)
+    if m:
+        grid = lambda meta: (triton.cdiv(m, meta["ROWS"]),)  # noqa: E731
+        _add_gated[grid](x, res, mod, out, m, seq_len, k, mod.stride(0), GATE=gate)
+    return out
+
+
+@add_gated.register_fake
+def _(x, res, mod, gate, seq_len):
+    return torch.empty_like(x)
+
+
+@triton.jit
 def _rms_rope_row(t_row, w_ptr, cos_ptr, sin_ptr, out_row, pos, K, HALF_HEAD, eps,
                   HAS_ROPE: tl.constexpr, SOFT: tl.constexpr, BLOCK: tl.constexpr):
     """RMSNorm (+ RoPE at sequence position ``pos``) of the ``K`` values at ``t_row``, stored at ``out_row``."""
@@ -225,4 +271,4 @@ def _(qkv, weight_q, weight_k, cos, sin, seq_len, head_dim, eps):
     return qkv.new_empty((3, qkv.shape[0], qkv.shape[1] // 3))
 
 
-__all__ = ["norm_quant", "add_norm_quant", "rms_rope", "qkv_rms_rope", "interpreting"]
+__all__ = ["norm_quant", "add_norm_quant", "add_gated", "rms_rope", "qkv_rms_rope", "interpreting"]

@@ -6,7 +6,8 @@ Variants, each over a grid of (rows per program, chunk width, warps), best confi
   two-pass div   the shipped structure (amax pass, then a re-read that writes codes), x / s correctly rounded
   two-pass mul   the same with x * (qmax / amax): one division per row instead of one per element
   whole-row      the row held in registers ([ROWS, next_pow2(K)] tile): one read, div or mul
-and, for the ceiling, a copy of the same bytes and vLLM's per-token quantizers if vLLM is importable.
+and, for the ceiling, a copy of the same bytes and vLLM's per-token quantizers if vLLM is importable; then the
+host time per call of each launch path (what a CUDA-event timing of one call also counts while the GPU waits).
 Bandwidth = (M K (2 + 1) + 4 M) bytes / time, also as a share of the torch copy bandwidth of this run.
 """
 
@@ -90,6 +91,35 @@ def _run(kernel, x, fp8, mul, rows, width, warps):
     return fn, q, s
 
 
+def host_overhead(x1: torch.Tensor, calls: int = 2000) -> None:
+    """Host time per call on a one-token input (the GPU work is negligible, so this is the launch path's cost):
+    a bare Triton launch, lightq's custom op (op dispatch + autotuner lookup + launch), and vLLM's quantizer."""
+    import time
+
+    from lightq.kernels.act_quant import quantize_per_token
+
+    q = torch.empty(x1.shape, dtype=torch.float8_e4m3fn, device=x1.device)
+    s = torch.empty((1, 1), dtype=torch.float32, device=x1.device)
+    fns = {"bare Triton launch (two-pass kernel)": lambda: _two_pass[(1,)](
+               x1, q, s, 1, x1.shape[1], IS_FP8=True, MUL=False, ROWS=1, CHUNK=1024, num_warps=8),
+           "lightq::act_quant custom op": lambda: quantize_per_token(x1, "fp8")}
+    try:
+        from vllm import _custom_ops as ops
+        fns["vLLM scaled_fp8_quant"] = lambda: ops.scaled_fp8_quant(x1, use_per_token_if_dynamic=True)
+    except Exception:  # noqa: BLE001 - vLLM absent: the others still print
+        pass
+    for name, fn in fns.items():
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host_us = (time.perf_counter() - t0) / calls * 1e6
+        torch.cuda.synchronize()
+        print(f"host time per call, {name:<40} {host_us:6.1f} us", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=32760)
@@ -137,6 +167,7 @@ def main() -> None:
     dst = torch.empty_like(src)
     report("copy of the same bytes (half read, half written)",
            time_ms(lambda: dst[: nbytes // 2].copy_(src[: nbytes // 2]), args.iters))
+    host_overhead(x[:1])
     try:
         from vllm import _custom_ops as ops
         report("vLLM scaled_fp8_quant per-token", time_ms(

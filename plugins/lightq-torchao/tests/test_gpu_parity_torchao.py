@@ -4,13 +4,14 @@ torchao quantizes activations by its own rule (``lightq_torchao.impl`` doc): t =
 activation dtype, x_q = clamp(round(x * (1/t)), -128, 127). The quantizer test checks that rule, emulated here
 independently; the GEMM test checks torchao's compiled int8 GEMM exactly on those codes (two roundings into the
 activation dtype, as torchao rounds before applying the weight scales); the full ``apply`` (compiled) must stay
-within rho = 2 of ``int8-torch``'s own activation quantization error (two different grids), and equal the eager
-torchao path to its rounding. Shapes are narrowed to K in {1536, 5120}: every (K, dtype, bias) compiles a graph.
+within rho = 2 of ``int8-torch``'s own activation quantization error (two different grids), and be no less
+accurate than the eager torchao path. Shapes are narrowed to K in {1536, 5120}: every (K, dtype, bias) compiles a graph.
 """
 
 import pytest
 import torch
 
+from lightq.quant import schemes as S
 from lightq_torchao import SPEC
 
 pytestmark = pytest.mark.gpu
@@ -42,14 +43,26 @@ def test_apply_matches_torch_backend(parity, case, dtype, with_bias):
 
 
 @pytest.mark.parametrize("m", (257, 4096))
-def test_compiled_equals_eager_torchao(parity, m, dtype):
+def test_compiled_is_as_accurate_as_eager_torchao(parity, m, dtype):
+    """The compiled path users get vs torchao eager, both against the exact product of the same quantized weight.
+    They are not bit-equal: Inductor keeps the scale and rescaling arithmetic in fp32 where eager rounds it to the
+    activation dtype (on the H100: 1.6e-2 relative apart in bf16). In fp16, eager overflows its intermediates to
+    inf on the large tokens of these activations while compiled stays finite; tokens eager gets finite are
+    compared."""
     backend = parity.load(SPEC, SCHEME)
     qw, bias = parity.weight(SCHEME, 5120, 5120)
     packed = backend.pack(qw)
     x = parity.activation(m, 5120, dtype)
     compiled = backend.apply(x, packed, SCHEME, bias)
     eager = backend.apply_eager(x, packed, SCHEME, bias)
-    parity.assert_relative_fro(compiled, eager.double(), 4 * 2.0 ** -8, "compiled vs eager torchao")
+    exact = x.double() @ S.dequantize_weight(qw).double().t() + bias.double()
+    assert compiled.isfinite().all()
+    rows = eager.isfinite().all(dim=-1)
+    assert rows.float().mean() > 0.5
+
+    def err(y):
+        return ((y[rows].double() - exact[rows]).norm() / exact[rows].norm()).item()
+    assert err(compiled) <= 1.1 * err(eager) + 2.0 ** -10, (err(compiled), err(eager))
 
 
 def test_tiny_dit_matches_torch_mode(parity):
