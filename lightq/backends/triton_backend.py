@@ -44,7 +44,10 @@ class TritonBackend(Backend):
         self.options = dict(OPTIONS)
         import triton  # noqa: F401  (a failure here is reported by BackendSpec.load)
 
-        from ..kernels import act_quant, int8_gemm  # noqa: F401  (registers the torch.ops.lightq ops)
+        from ..kernels.act_quant import act_quant
+        from ..kernels.int8_gemm import int8_scaled_mm
+
+        self._act_quant, self._int8_scaled_mm = act_quant, int8_scaled_mm
 
         if torch.cuda.is_available():
             self._self_test()
@@ -73,14 +76,14 @@ class TritonBackend(Backend):
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token quantization of ``[M, K]`` (unit column stride): (codes, fp32 scales ``[M, 1]``)."""
-        return torch.ops.lightq.act_quant(x2, scheme == "fp8", False)
+        return self._act_quant(x2, scheme == "fp8", False)
 
     def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """``(x_q @ W_q^T) * s_x * s_w^T + bias`` as ``[M, N]`` in ``out_dtype``, on already quantized ``x_q``."""
         w, sw = packed["data"], packed["scale"]
         if w.dtype == torch.int8:
-            return torch.ops.lightq.int8_scaled_mm(xq, w, sx, sw, bias, out_dtype)
+            return self._int8_scaled_mm(xq, w, sx, sw, bias, out_dtype)
         fused_bias = bias is not None and out_dtype == torch.bfloat16 and self.options["fuse_bias"]
         y = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw.reshape(1, -1), out_dtype=torch.bfloat16,
                              bias=bias.to(torch.bfloat16) if fused_bias else None,

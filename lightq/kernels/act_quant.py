@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import Tuned, interpreting
+from . import Tuned, interpreting, kernel_op
 from .rounding import round_to, soft_rounding
 
 MAX_K = 16384  # the whole-row kernels (norm + quant, RMSNorm + RoPE) hold a row in registers
@@ -156,9 +156,8 @@ def _act_quant_row_kernel(x_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, st
     scale = row_scale(tl.max(tl.abs(xf), axis=1), tl.full((ROWS,), QMAX, tl.float32))
     tl.store(s_ptr + rows, scale, mask=row_ok)
     inv = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
-    tile = (ROWS, BLOCK)
-    q = quantize_values(xf, tl.broadcast_to(scale[:, None], tile), tl.broadcast_to(inv[:, None], tile),
-                        q_ptr.dtype.element_ty, IS_FP8, INTERPRETED)
+    q = quantize_values(xf, tl.broadcast_to(scale[:, None], (ROWS, BLOCK)),
+                        tl.broadcast_to(inv[:, None], (ROWS, BLOCK)), q_ptr.dtype.element_ty, IS_FP8, INTERPRETED)
     tl.store(q_ptr + (rows * stride_qm)[:, None] + cols[None, :], q, mask=mask)
 
 
@@ -183,7 +182,7 @@ def _check_input(x: torch.Tensor) -> None:
                          f"strides {x.stride()}")
 
 
-@torch.library.custom_op("lightq::act_quant", mutates_args=())
+@kernel_op("act_quant")
 def act_quant(x: torch.Tensor, fp8: bool, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token quantization of ``x`` ``[M, K]`` (last dim contiguous): (codes ``[M, K]``, fp32 scales ``[M, 1]``)."""
     _check_input(x)
@@ -211,4 +210,4 @@ def quantize_per_token(x2: torch.Tensor, scheme: str, gelu: bool = False) -> tup
     """``quantize_activation(x2, scheme)`` for ``scheme`` in fp8 / int8, on the fused kernel."""
     if scheme not in ("fp8", "int8"):
         raise ValueError(f"per-token quantization is for fp8 / int8, not '{scheme}'")
-    return torch.ops.lightq.act_quant(x2, scheme == "fp8", gelu)
+    return act_quant(x2, scheme == "fp8", gelu)

@@ -30,7 +30,8 @@ from torch import nn
 
 from ..models.wan_dit import Block, _attention
 from ..quant.linear import QLinear
-from . import act_quant, fused_norm_quant, int8_gemm  # noqa: F401  (register the torch.ops.lightq ops)
+from .act_quant import act_quant
+from .fused_norm_quant import add_gated, add_norm_quant, norm_quant, qkv_rms_rope, rms_rope
 
 FUSED_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o",
                  "ffn.0", "ffn.2")
@@ -100,7 +101,7 @@ class FusedBlock(Block):
 
     def norm_qkv(self, x2: torch.Tensor, mod: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
         """``[M, 3 dim]`` q/k/v projections of ``LN(x) * (1 + scale1) + shift1`` (fused norm + quant, one GEMM)."""
-        xq, sx = torch.ops.lightq.norm_quant(x2, seq_len, None, None, mod, 0, 1, self.norm1.eps, self.fp8, dtype)
+        xq, sx = norm_quant(x2, seq_len, None, None, mod, 0, 1, self.norm1.eps, self.fp8, dtype)
         packed = {"data": self.qkv_data, "scale": self.qkv_scale}
         return self.self_attn.q.backend.gemm_only(xq, sx, packed, self.qkv_bias, dtype)
 
@@ -109,21 +110,21 @@ class FusedBlock(Block):
         mod = (self.modulation.float() + e0).contiguous()  # [B, 6, dim]: shift1 scale1 gate1 shift2 scale2 gate2
         x2 = x.reshape(b * seq_len, dim).contiguous()
         y = self._self_attention(self.norm_qkv(x2, mod, seq_len, dtype), b, seq_len, rope)
-        x2, xq, sx = torch.ops.lightq.add_norm_quant(x2, y, seq_len, self.norm3.weight, self.norm3.bias, mod, -1, -1,
+        x2, xq, sx = add_norm_quant(x2, y, seq_len, self.norm3.weight, self.norm3.bias, mod, -1, -1,
                                                      2, self.norm3.eps, self.fp8, dtype)
         y = self._cross_attention(xq, sx, b, seq_len, text, image, dtype)
-        x2, xq, sx = torch.ops.lightq.add_norm_quant(x2, y, seq_len, None, None, mod, 3, 4, -1, self.norm2.eps,
+        x2, xq, sx = add_norm_quant(x2, y, seq_len, None, None, mod, 3, 4, -1, self.norm2.eps,
                                                      self.fp8, dtype)
         ffn0, ffn2 = self.ffn[0], self.ffn[2]
-        hq, hs = torch.ops.lightq.act_quant(_gemm(ffn0, xq, sx, dtype), self.fp8, True)
+        hq, hs = act_quant(_gemm(ffn0, xq, sx, dtype), self.fp8, True)
         y = _gemm(ffn2, hq, hs, dtype)
-        return torch.ops.lightq.add_gated(x2, y, mod, 5, seq_len).view(b, seq_len, dim)
+        return add_gated(x2, y, mod, 5, seq_len).view(b, seq_len, dim)
 
     def _self_attention(self, qkv: torch.Tensor, b: int, seq_len: int, rope) -> torch.Tensor:
         attn = self.self_attn
         heads = (attn.num_heads, attn.head_dim)
         cos, sin = rope
-        q, k, v = torch.ops.lightq.qkv_rms_rope(qkv, attn.norm_q.weight, attn.norm_k.weight, cos, sin, seq_len,
+        q, k, v = qkv_rms_rope(qkv, attn.norm_q.weight, attn.norm_k.weight, cos, sin, seq_len,
                                                 attn.head_dim, attn.norm_q.eps).view(3, b, seq_len, *heads)
         out = _attention(q, k, v)
         return attn.o(out).reshape(b * seq_len, -1).contiguous()
@@ -131,7 +132,7 @@ class FusedBlock(Block):
     def _cross_attention(self, xq, sx, b, seq_len, text, image, dtype) -> torch.Tensor:
         ca = self.cross_attn
         dim, heads = ca.q.out_features, (ca.num_heads, ca.head_dim)
-        q = torch.ops.lightq.rms_rope(_gemm(ca.q, xq, sx, dtype), ca.norm_q.weight, None, None, seq_len,
+        q = rms_rope(_gemm(ca.q, xq, sx, dtype), ca.norm_q.weight, None, None, seq_len,
                                       ca.head_dim, ca.norm_q.eps).view(b, seq_len, *heads)
         k = ca.norm_k(ca.k(text)).unflatten(-1, heads)
         out = _attention(q, k, ca.v(text).unflatten(-1, heads))

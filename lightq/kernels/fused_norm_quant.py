@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ROW_CONFIGS, Tuned, interpreting
+from . import ROW_CONFIGS, Tuned, interpreting, kernel_op
 from .act_quant import MAX_K, quantize_store_row
 from .rounding import round_to, soft_rounding
 
@@ -98,7 +98,7 @@ def _launch_norm_quant(x, res, xout, weight, bias, mod, shift, scale, gate, seq_
     return q, s
 
 
-@torch.library.custom_op("lightq::norm_quant", mutates_args=())
+@kernel_op("norm_quant")
 def norm_quant(x: torch.Tensor, seq_len: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                mod: Optional[torch.Tensor], shift: int, scale: int, eps: float, fp8: bool,
                round_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +112,7 @@ def _(x, seq_len, weight, bias, mod, shift, scale, eps, fp8, round_dtype):
             x.new_empty((x.shape[0], 1), dtype=torch.float32))
 
 
-@torch.library.custom_op("lightq::add_norm_quant", mutates_args=())
+@kernel_op("add_norm_quant")
 def add_norm_quant(x: torch.Tensor, res: torch.Tensor, seq_len: int, weight: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], mod: Optional[torch.Tensor], shift: int, scale: int, gate: int,
                    eps: float, fp8: bool, round_dtype: torch.dtype
@@ -153,7 +153,7 @@ _ADD_CONFIGS = [triton.Config({"ROWS": r, "CHUNK": c}, num_warps=w)
 _add_gated = Tuned(_add_gated_kernel, _ADD_CONFIGS, key=["K"])
 
 
-@torch.library.custom_op("lightq::add_gated", mutates_args=())
+@kernel_op("add_gated")
 def add_gated(x: torch.Tensor, res: torch.Tensor, mod: torch.Tensor, gate: int, seq_len: int) -> torch.Tensor:
     """``x + res * mod[b, gate]`` in fp32, one pass: ``x`` fp32 ``[M, K]``, ``res`` ``[M, K]`` any float dtype,
     ``mod`` fp32 ``[B, C, K]``, ``b = row // seq_len`` (the block's last residual update)."""
@@ -229,7 +229,7 @@ def _check_rows(t: torch.Tensor, k: int, what: str) -> None:
                          f"{tuple(t.shape)} strides {t.stride()}")
 
 
-@torch.library.custom_op("lightq::rms_rope", mutates_args=())
+@kernel_op("rms_rope")
 def rms_rope(t: torch.Tensor, weight: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
              seq_len: int, head_dim: int, eps: float) -> torch.Tensor:
     """RMSNorm of each row of ``t`` ``[M, K]`` (then RoPE when tables ``[L, 1, head_dim/2]`` are given)."""
@@ -248,7 +248,7 @@ def _(t, weight, cos, sin, seq_len, head_dim, eps):
     return t.new_empty(t.shape)
 
 
-@torch.library.custom_op("lightq::qkv_rms_rope", mutates_args=())
+@kernel_op("qkv_rms_rope")
 def qkv_rms_rope(qkv: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, seq_len: int, head_dim: int, eps: float) -> torch.Tensor:
     """``[3, M, dim]`` contiguous (q, k, v) from the fused projection ``qkv`` ``[M, 3 dim]``: ``rms_rope`` of the

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import Tuned
+from . import Tuned, kernel_op
 from .rounding import round_to, soft_rounding
 
 _CONFIGS = [
@@ -83,7 +83,7 @@ def _grid(m: int, n: int):
     return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
 
-@torch.library.custom_op("lightq::int8_scaled_mm", mutates_args=())
+@kernel_op("int8_scaled_mm")
 def int8_scaled_mm(a: torch.Tensor, w: torch.Tensor, sa: torch.Tensor, sw: torch.Tensor,
                    bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """``(a @ w^T) * sa * sw^T + bias`` for int8 ``a`` ``[M, K]``, ``w`` ``[N, K]``, fp32 ``sa`` ``[M, 1]``, ``sw``

@@ -102,7 +102,8 @@ def host_overhead(x1: torch.Tensor, calls: int = 2000) -> None:
     s = torch.empty((1, 1), dtype=torch.float32, device=x1.device)
     fns = {"bare Triton launch (two-pass kernel)": lambda: _two_pass[(1,)](
                x1, q, s, 1, x1.shape[1], IS_FP8=True, MUL=False, ROWS=1, CHUNK=1024, num_warps=8),
-           "lightq::act_quant custom op": lambda: quantize_per_token(x1, "fp8")}
+           "lightq act_quant (eager: no dispatcher)": lambda: quantize_per_token(x1, "fp8"),
+           "torch.ops.lightq.act_quant (dispatcher)": lambda: torch.ops.lightq.act_quant(x1, True, False)}
     try:
         from vllm import _custom_ops as ops
         fns["vLLM scaled_fp8_quant"] = lambda: ops.scaled_fp8_quant(x1, use_per_token_if_dynamic=True)
@@ -118,6 +119,13 @@ def host_overhead(x1: torch.Tensor, calls: int = 2000) -> None:
         host_us = (time.perf_counter() - t0) / calls * 1e6
         torch.cuda.synchronize()
         print(f"host time per call, {name:<40} {host_us:6.1f} us", flush=True)
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [quantize_per_token(x1, "fp8") for _ in range(500)])
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
 def main() -> None:
