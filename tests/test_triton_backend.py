@@ -223,27 +223,6 @@ def test_gelu_fused_quant_matches_gelu_then_quantize(kernels):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("gelu", [False, True])
-def test_one_pass_row_kernel_equals_the_two_pass_kernel(kernels, gelu):
-    """The whole-row kernel (GELU rows) and the chunked two-pass kernel give the same codes and scales, for two
-    rows per program over an odd M and a K that is no power of two; without GELU both are the reference."""
-    act_quant = kernels[0]
-    m, k = 7, 300
-    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(9)) * 3).to(torch.bfloat16)
-    out = []
-    for kernel, tiling in ((act_quant._act_quant_row_kernel, dict(ROWS=2, BLOCK=512)),
-                           (act_quant._act_quant_kernel, dict(ROWS=2, CHUNK=128))):
-        q, s = torch.empty(m, k, dtype=torch.int8), torch.empty(m, 1)
-        kernel[(triton_cdiv(m, 2),)](x, q, s, m, k, x.stride(0), q.stride(0), IS_FP8=False, GELU=gelu,
-                                     INTERPRETED=True, SOFT=True, **tiling)
-        out.append((q, s))
-    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
-    if not gelu:
-        rq, rs = S.quantize_activation(x, "int8")
-        assert torch.equal(out[0][0], rq) and torch.equal(out[0][1], rs)
-
-
-@needs_interpreter
 def test_add_gated_is_the_gated_residual_update(kernels):
     gen = torch.Generator().manual_seed(6)
     b, seq_len, k = 2, 3, 300

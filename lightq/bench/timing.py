@@ -1,4 +1,4 @@
-"""Timing and device facts for the benchmarks: CUDA events around each call, warm-up, median.
+"""Timing and device facts for the benchmarks: CUDA events around each call, warm-up, median, host latency hidden.
 
 ``time_ms(fn)`` runs ``fn`` ``warmup`` times, then ``iters`` times each between two CUDA events, and returns the
 median in milliseconds. ``copy_bandwidth()`` measures the device's achievable memory bandwidth in the same run
@@ -14,14 +14,23 @@ import torch
 H100_SXM_HBM_TBPS = 3.35
 
 
+HOST_HEADSTART_CYCLES = 2_000_000  # about 1 ms of GPU spin at H100 clocks
+
+
 def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` CUDA-event-timed calls, after ``warmup`` calls."""
+    """Median milliseconds of ``fn()`` over ``iters`` CUDA-event-timed calls, after ``warmup`` calls.
+
+    Before each timed call the GPU is given a spin kernel of about 1 ms, so the host enqueues ``fn``'s kernels
+    while the GPU is busy, as it does in a running pipeline: the time is the GPU's, not the host's launch latency
+    (Python-launched Triton kernels cost tens of microseconds of host time per call; cuBLAS calls less), for every
+    mode and its bf16 baseline alike."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(HOST_HEADSTART_CYCLES)
         start.record()
         fn()
         end.record()

@@ -10,15 +10,15 @@ For each row ``x`` of an ``[M, K]`` bf16 / fp16 / fp32 tensor, exactly ``lightq.
 ``x / s`` is correctly rounded (``divide``: the row's correctly rounded reciprocal and one FMA correction,
 Markstein's division, branch-free; ``tl.div_rn`` per element costs whole-row kernels half their bandwidth), and
 ``rint`` is the ``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity (exact round-half-even for |v| < 2**22), so the codes
-and scales are bit-identical to the torch reference. With ``gelu=True`` the row is first passed through GELU (tanh form) in fp32
-and rounded back to ``x``'s dtype, as ``nn.GELU(approximate="tanh")`` does on a bf16 tensor, so the FFN's inner
-activation is quantized without being written out (GELU's tanh may differ from torch's by an fp32 ulp, which
-changes the rounded value only at bf16 rounding ties).
+and scales are bit-identical to the torch reference. With ``gelu=True`` the row is first passed through GELU
+(tanh form, ``gelu_tanh``) in fp32 and rounded back to ``x``'s dtype, as ``nn.GELU(approximate="tanh")`` does on
+a bf16 tensor, so the FFN's inner activation is quantized without being written out (the fp32 GELU may differ
+from torch's by a few ulps, which changes the rounded value only next to bf16 rounding ties).
 
 Each program quantizes ``ROWS`` rows in two passes over ``K`` in ``CHUNK``-wide pieces: pass 1 reduces the row
 amax, pass 2 re-reads the row (from L1 / L2: the first read asks the cache to keep it) and writes the codes; on
-an H100 this moves the bytes at the device's copy bandwidth. With GELU (``K <= MAX_K``) a one-pass kernel holds
-whole rows in registers instead, so the tanh is evaluated once per element. Rows / chunk / warps are autotuned
+an H100 this moves the bytes at the device's copy bandwidth. With GELU both passes evaluate it (cheap in the
+sigmoid form below; a one-pass whole-row kernel measured slower at K = 13824). Rows / chunk / warps are autotuned
 per (K, scheme, GELU).
 Bytes moved: ``M K (elt + 1) + 4 M``: the HBM floor at M = 32760, K = 5120 (bf16) is 0.15 ms on an H100 SXM.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from . import Tuned, interpreting, kernel_op
 from .rounding import round_to, soft_rounding
@@ -90,24 +89,21 @@ def quantize_store_row(xf, q_row_ptr, s_ptr, cols, mask, IS_FP8: tl.constexpr, I
 
 
 @triton.jit
-def gelu_tanh(x, INTERPRETED: tl.constexpr):
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in fp32, as torch computes it. ``tanh`` is libdevice's on
-    the GPU; the interpreter has no libdevice, so there it is 1 - 2 / (exp(2u) + 1)."""
+def gelu_tanh(x):
+    """GELU, tanh form, in fp32 as ``x * sigmoid(2u) = x / (1 + exp(-2u))``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``:
+    the same function as torch's ``0.5 x (1 + tanh(u))``, without libdevice's tanh (which made the GELU
+    quantizer compute-bound on an H100: about 1.4 ms at 32760 x 13824) and without the cancellation of ``1 + tanh`` for
+    negative x. Values agree with torch's to a few fp32 ulps where torch's own rounding is that good."""
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    if INTERPRETED:
-        t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-    else:
-        t = libdevice.tanh(u)
-    return 0.5 * x * (1.0 + t)
+    return x / (1.0 + tl.exp(-2.0 * u))
 
 
 @triton.jit
-def _load_rows(x_ptr, offs, mask, GELU: tl.constexpr, INTERPRETED: tl.constexpr, SOFT: tl.constexpr,
-               EVICT: tl.constexpr):
+def _load_rows(x_ptr, offs, mask, GELU: tl.constexpr, SOFT: tl.constexpr, EVICT: tl.constexpr):
     """fp32 values of a ``[ROWS, CHUNK]`` tile of ``x`` (after GELU rounded to ``x``'s dtype, if asked); 0 off-mask."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT)
     if GELU:
-        xf = round_to(gelu_tanh(x.to(tl.float32), INTERPRETED), x_ptr.dtype.element_ty, SOFT)
+        xf = round_to(gelu_tanh(x.to(tl.float32)), x_ptr.dtype.element_ty, SOFT)
         xf = tl.where(mask, xf, 0.0)
     else:
         xf = x.to(tl.float32)
@@ -126,7 +122,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, stride
     amax = tl.zeros((ROWS, CHUNK), dtype=tl.float32)
     for k0 in range(0, K, CHUNK):  # pass 1: row maxima; the tiles stay in cache for pass 2
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
-        xf = _load_rows(x_ptr, x_rows + k0 + cols[None, :], mask, GELU, INTERPRETED, SOFT, "evict_last")
+        xf = _load_rows(x_ptr, x_rows + k0 + cols[None, :], mask, GELU, SOFT, "evict_last")
         amax = tl.maximum(amax, tl.abs(xf))
     scale = row_scale(tl.max(amax, axis=1), tl.full((ROWS,), QMAX, tl.float32))
     tl.store(s_ptr + rows, scale, mask=row_ok)
@@ -135,30 +131,9 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, stride
     q_rows = (rows * stride_qm)[:, None]
     for k0 in range(0, K, CHUNK):  # pass 2: codes
         mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
-        xf = _load_rows(x_ptr, x_rows + k0 + cols[None, :], mask, GELU, INTERPRETED, SOFT, "evict_first")
+        xf = _load_rows(x_ptr, x_rows + k0 + cols[None, :], mask, GELU, SOFT, "evict_first")
         q = quantize_values(xf, scale_tile, inv_tile, q_ptr.dtype.element_ty, IS_FP8, INTERPRETED)
         tl.store(q_ptr + q_rows + k0 + cols[None, :], q, mask=mask)
-
-
-@triton.jit
-def _act_quant_row_kernel(x_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, stride_qm,
-                          IS_FP8: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr, SOFT: tl.constexpr,
-                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass: ``ROWS`` whole rows (``BLOCK`` = next power of two of K) held in registers while their amax is
-    reduced, so GELU is evaluated once per element (the two-pass kernel evaluates it twice)."""
-    QMAX: tl.constexpr = 448.0 if IS_FP8 else 127.0
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < M
-    cols = tl.arange(0, BLOCK)
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    xf = _load_rows(x_ptr, (rows * stride_xm)[:, None] + cols[None, :], mask, GELU, INTERPRETED, SOFT,
-                    "evict_first")
-    scale = row_scale(tl.max(tl.abs(xf), axis=1), tl.full((ROWS,), QMAX, tl.float32))
-    tl.store(s_ptr + rows, scale, mask=row_ok)
-    inv = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)
-    q = quantize_values(xf, tl.broadcast_to(scale[:, None], (ROWS, BLOCK)),
-                        tl.broadcast_to(inv[:, None], (ROWS, BLOCK)), q_ptr.dtype.element_ty, IS_FP8, INTERPRETED)
-    tl.store(q_ptr + (rows * stride_qm)[:, None] + cols[None, :], q, mask=mask)
 
 
 # The first config is the one the interpreter runs (small, so the CPU tests stay fast). The rest: the fastest
@@ -168,8 +143,6 @@ _ACT_CONFIGS = [triton.Config({"ROWS": r, "CHUNK": c}, num_warps=w)
                 for r, c, w in ((1, 256, 4), (1, 512, 4), (1, 1024, 8), (1, 1024, 16), (1, 2048, 8), (1, 2048, 16),
                                 (2, 512, 4), (2, 1024, 8), (2, 2048, 16), (4, 512, 8), (4, 256, 4))]
 _act_quant = Tuned(_act_quant_kernel, _ACT_CONFIGS, key=["K", "IS_FP8", "GELU"])
-_ROW_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 4), (1, 8), (1, 16), (2, 8), (2, 16))]
-_act_quant_row = Tuned(_act_quant_row_kernel, _ROW_CONFIGS, key=["K", "IS_FP8", "GELU"])
 
 
 def _grid(m: int):
@@ -190,12 +163,8 @@ def act_quant(x: torch.Tensor, fp8: bool, gelu: bool) -> tuple[torch.Tensor, tor
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        flags = dict(IS_FP8=fp8, GELU=gelu, INTERPRETED=interpreting(), SOFT=soft_rounding(x.dtype))
-        if gelu and k <= MAX_K:
-            _act_quant_row[_grid(m)](x, q, s, m, k, x.stride(0), q.stride(0), BLOCK=triton.next_power_of_2(k),
-                                     **flags)
-        else:
-            _act_quant[_grid(m)](x, q, s, m, k, x.stride(0), q.stride(0), **flags)
+        _act_quant[_grid(m)](x, q, s, m, k, x.stride(0), q.stride(0), IS_FP8=fp8, GELU=gelu,
+                             INTERPRETED=interpreting(), SOFT=soft_rounding(x.dtype))
     return q, s
 
 
