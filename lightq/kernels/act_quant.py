@@ -17,8 +17,9 @@ from torch's by a few ulps, which changes the rounded value only next to bf16 ro
 
 Each program quantizes ``ROWS`` rows in two passes over ``K`` in ``CHUNK``-wide pieces: pass 1 reduces the row
 amax, pass 2 re-reads the row (from L1 / L2: the first read asks the cache to keep it) and writes the codes; on
-an H100 this moves the bytes at the device's copy bandwidth. With GELU both passes evaluate it (cheap in the
-sigmoid form below; a one-pass whole-row kernel measured slower at K = 13824). Rows / chunk / warps are autotuned
+an H100 this moves the bytes at the device's copy bandwidth. With GELU, pass 1 reduces max x and evaluates GELU
+once per row (``_gelu_row_amax``), so GELU runs once per element, in pass 2 (a one-pass whole-row kernel
+measured slower at K = 13824). Rows / chunk / warps are autotuned
 per (K, scheme, GELU).
 Bytes moved: ``M K (elt + 1) + 4 M``: the HBM floor at M = 32760, K = 5120 (bf16) is 0.15 ms on an H100 SXM.
 """
@@ -111,6 +112,31 @@ def _load_rows(x_ptr, offs, mask, GELU: tl.constexpr, SOFT: tl.constexpr, EVICT:
 
 
 @triton.jit
+def _gelu_row_amax(x_ptr, x_rows, row_ok, cols, K: tl.constexpr, SOFT: tl.constexpr, ROWS: tl.constexpr,
+                   CHUNK: tl.constexpr):
+    """``max_k |round(GELU(x_k))|`` per row, evaluating GELU once per row where it can: GELU increases on
+    x >= -0.76 and lies in (-0.171, 0) below that, so if ``g = round(GELU(max x)) >= 0.25`` the row's amax is
+    ``g`` exactly (no negative value reaches it, no smaller x exceeds it: adjacent bf16 inputs move GELU by far
+    more than its fp32 rounding error there). Tiles with a row below that take the exact pass over GELU values."""
+    xmax = tl.full((ROWS, CHUNK), float("-inf"), tl.float32)
+    for k0 in range(0, K, CHUNK):
+        mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+        x = tl.load(x_ptr + x_rows + k0 + cols[None, :], mask=mask, other=float("-inf"),
+                    eviction_policy="evict_last")
+        xmax = tl.maximum(xmax, x.to(tl.float32))
+    top = tl.where(row_ok, tl.max(xmax, axis=1), 1.0)
+    row_amax = round_to(gelu_tanh(top), x_ptr.dtype.element_ty, SOFT)
+    if tl.min(row_amax, axis=0) < 0.25:
+        amax = tl.zeros((ROWS, CHUNK), dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):
+            mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+            xf = _load_rows(x_ptr, x_rows + k0 + cols[None, :], mask, True, SOFT, "evict_last")
+            amax = tl.maximum(amax, tl.abs(xf))
+        row_amax = tl.max(amax, axis=1)
+    return row_amax
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, stride_qm,
                       IS_FP8: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr, SOFT: tl.constexpr,
                       ROWS: tl.constexpr, CHUNK: tl.constexpr):
@@ -119,12 +145,16 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K: tl.constexpr, stride_xm, stride
     row_ok = rows < M
     cols = tl.arange(0, CHUNK)
     x_rows = (rows * stride_xm)[:, None]
-    amax = tl.zeros((ROWS, CHUNK), dtype=tl.float32)
-    for k0 in range(0, K, CHUNK):  # pass 1: row maxima; the tiles stay in cache for pass 2
-        mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
-        xf = _load_rows(x_ptr, x_rows + k0 + cols[None, :], mask, GELU, SOFT, "evict_last")
-        amax = tl.maximum(amax, tl.abs(xf))
-    scale = row_scale(tl.max(amax, axis=1), tl.full((ROWS,), QMAX, tl.float32))
+    if GELU:
+        row_amax = _gelu_row_amax(x_ptr, x_rows, row_ok, cols, K, SOFT, ROWS, CHUNK)
+    else:
+        amax = tl.zeros((ROWS, CHUNK), dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):  # pass 1: row maxima; the tiles stay in cache for pass 2
+            mask = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+            xf = _load_rows(x_ptr, x_rows + k0 + cols[None, :], mask, False, SOFT, "evict_last")
+            amax = tl.maximum(amax, tl.abs(xf))
+        row_amax = tl.max(amax, axis=1)
+    scale = row_scale(row_amax, tl.full((ROWS,), QMAX, tl.float32))
     tl.store(s_ptr + rows, scale, mask=row_ok)
     scale_tile = tl.broadcast_to(scale[:, None], (ROWS, CHUNK))  # div_rn / fma do not broadcast by themselves
     inv_tile = tl.broadcast_to(tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale)[:, None], (ROWS, CHUNK))
