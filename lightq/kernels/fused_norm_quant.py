@@ -1,7 +1,8 @@
 """The DiT block's norm + modulation fused with the per-token quantization of the next linear's input, and the
 q/k RMSNorm fused with RoPE. Each kernel reads its input once and writes only what the next op consumes.
 
-``norm_quant`` / ``add_norm_quant`` (one program per token row of ``x`` fp32 ``[M, K]``, ``M = B * L``)::
+``norm_quant`` / ``add_norm_quant`` (each program takes 1-8 consecutive token rows of ``x`` fp32 ``[M, K]``,
+``M = B * L``, one whole row at a time)::
 
     x'   = x + res * mod[b, gate]           (add_norm_quant only; written out: the new residual stream)
     h    = (x' - mean) / sqrt(var + eps)     (LayerNorm in fp32, biased variance)
@@ -44,20 +45,18 @@ TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 
 
 @triton.jit
-def _norm_quant_kernel(x_ptr, res_ptr, xout_ptr, w_ptr, b_ptr, mod_ptr, q_ptr, s_ptr,
-                       L, K, stride_mod_b, eps, SHIFT: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr,
-                       HAS_RES: tl.constexpr, HAS_AFFINE: tl.constexpr, IS_FP8: tl.constexpr,
-                       ROUND_DTYPE: tl.constexpr, SOFT: tl.constexpr, INTERPRETED: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _norm_quant_row(row, x_ptr, res_ptr, xout_ptr, w_ptr, b_ptr, mod_ptr, q_ptr, s_ptr, L, K, stride_mod_b, eps,
+                    SHIFT: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr, HAS_RES: tl.constexpr,
+                    HAS_AFFINE: tl.constexpr, IS_FP8: tl.constexpr, ROUND_DTYPE: tl.constexpr, SOFT: tl.constexpr,
+                    INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
     mod_row = mod_ptr + (row // L) * stride_mod_b
     cols = tl.arange(0, BLOCK)
     mask = cols < K
-    x = tl.load(x_ptr + row * K + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * K + cols, mask=mask, other=0.0, eviction_policy="evict_first")
     if HAS_RES:
-        r = tl.load(res_ptr + row * K + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(res_ptr + row * K + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         if GATE >= 0:
-            r = r * tl.load(mod_row + GATE * K + cols, mask=mask, other=0.0)
+            r = r * tl.load(mod_row + GATE * K + cols, mask=mask, other=0.0, eviction_policy="evict_last")
         x = x + r
         tl.store(xout_ptr + row * K + cols, x, mask=mask)
     mean = tl.sum(x, axis=0) / K
@@ -65,17 +64,36 @@ def _norm_quant_kernel(x_ptr, res_ptr, xout_ptr, w_ptr, b_ptr, mod_ptr, q_ptr, s
     var = tl.sum(d * d, axis=0) / K
     h = d * tl.rsqrt(var + eps)
     if HAS_AFFINE:
-        h = h * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) \
-            + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        h = h * tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32) \
+            + tl.load(b_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
     if SCALE >= 0:
-        h = h * (1.0 + tl.load(mod_row + SCALE * K + cols, mask=mask, other=0.0))
+        h = h * (1.0 + tl.load(mod_row + SCALE * K + cols, mask=mask, other=0.0, eviction_policy="evict_last"))
     if SHIFT >= 0:
-        h = h + tl.load(mod_row + SHIFT * K + cols, mask=mask, other=0.0)
+        h = h + tl.load(mod_row + SHIFT * K + cols, mask=mask, other=0.0, eviction_policy="evict_last")
     h = tl.where(mask, round_to(h, ROUND_DTYPE, SOFT), 0.0)
     quantize_store_row(h, q_ptr + row * K, s_ptr + row, cols, mask, IS_FP8, INTERPRETED)
 
 
-_norm_quant = Tuned(_norm_quant_kernel, ROW_CONFIGS, key=["K", "HAS_RES", "HAS_AFFINE", "IS_FP8"])
+@triton.jit
+def _norm_quant_kernel(x_ptr, res_ptr, xout_ptr, w_ptr, b_ptr, mod_ptr, q_ptr, s_ptr,
+                       M, L, K, stride_mod_b, eps, SHIFT: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr,
+                       HAS_RES: tl.constexpr, HAS_AFFINE: tl.constexpr, IS_FP8: tl.constexpr,
+                       ROUND_DTYPE: tl.constexpr, SOFT: tl.constexpr, INTERPRETED: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """``ROWS`` consecutive rows per program, one after the other: their modulation / affine vectors (shared by a
+    sample's rows) are re-read from the SM's cache instead of L2."""
+    for i in tl.static_range(ROWS):
+        row = tl.program_id(0).to(tl.int64) * ROWS + i
+        if row < M:
+            _norm_quant_row(row, x_ptr, res_ptr, xout_ptr, w_ptr, b_ptr, mod_ptr, q_ptr, s_ptr, L, K, stride_mod_b,
+                            eps, SHIFT, SCALE, GATE, HAS_RES, HAS_AFFINE, IS_FP8, ROUND_DTYPE, SOFT, INTERPRETED,
+                            BLOCK)
+
+
+# The first config is the interpreter's (4 rows: the CPU tests cover a partial last program).
+_NORM_CONFIGS = [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((4, 8), (1, 8), (1, 4), (1, 16), (2, 8),
+                                                                        (2, 16), (4, 16), (8, 16))]
+_norm_quant = Tuned(_norm_quant_kernel, _NORM_CONFIGS, key=["K", "HAS_RES", "HAS_AFFINE", "IS_FP8"])
 
 
 def _launch_norm_quant(x, res, xout, weight, bias, mod, shift, scale, gate, seq_len, eps, fp8, round_dtype):
@@ -88,9 +106,10 @@ def _launch_norm_quant(x, res, xout, weight, bias, mod, shift, scale, gate, seq_
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        _norm_quant[(m,)](x, x if res is None else res, x if xout is None else xout,
+        grid = lambda meta: (triton.cdiv(m, meta["ROWS"]),)  # noqa: E731
+        _norm_quant[grid](x, x if res is None else res, x if xout is None else xout,
                           x if weight is None else weight, x if bias is None else bias, x if mod is None else mod,
-                          q, s, seq_len, k, 0 if mod is None else mod.stride(0), eps,
+                          q, s, m, seq_len, k, 0 if mod is None else mod.stride(0), eps,
                           SHIFT=shift, SCALE=scale, GATE=gate, HAS_RES=res is not None,
                           HAS_AFFINE=weight is not None, IS_FP8=fp8, ROUND_DTYPE=TL_DTYPES[round_dtype],
                           SOFT=soft_rounding(round_dtype), INTERPRETED=interpreting(),
