@@ -31,8 +31,9 @@ class KernelOp:
     """A kernel entry point, registered as the torch custom op ``lightq::<name>`` (schema from the annotations).
     Calling it runs the Python implementation directly, except while ``torch.compile`` traces, where it emits the
     custom op (opaque to the compiler, with the fake implementation for shapes): the dispatcher costs tens of
-    microseconds of host time per call (measured on the H100 machine: 146 us per ``act_quant`` call through it vs
-    24 us for a bare Triton launch), more than the GPU time of a small-M kernel. ``torch.ops.lightq.<name>`` stays
+    microseconds of host time per call (H100 machine, docs/results/act_quant_host-h100-2026-11-26.txt: 126 us
+    per ``act_quant`` call through it, 78 us as a plain call, 18.5 us for a bare Triton launch), more than the GPU
+    time of a small-M kernel. ``torch.ops.lightq.<name>`` stays
     available for callers that want the op itself."""
 
     def __init__(self, name: str, fn):
@@ -70,6 +71,11 @@ class Tuned:
                 return self.kernel[grid](*args, **kwargs, **self.default.kwargs)
             return launch
         return self.tuned[grid]
+
+
+def rows_grid(m: int):
+    """The launch grid of a kernel that tiles ``m`` rows ``meta["ROWS"]`` at a time (an autotuned meta-parameter)."""
+    return lambda meta: (triton.cdiv(m, meta["ROWS"]),)
 
 
 # One-row-per-program kernels are memory-bound; the warps per row is all there is to tune.

@@ -19,8 +19,7 @@ Each program quantizes ``ROWS`` rows in two passes over ``K`` in ``CHUNK``-wide 
 amax, pass 2 re-reads the row (from L1 / L2: the first read asks the cache to keep it) and writes the codes; on
 an H100 this moves the bytes at the device's copy bandwidth. With GELU, pass 1 reduces max x and evaluates GELU
 once per row (``_gelu_row_amax``), so GELU runs once per element, in pass 2 (a one-pass whole-row kernel
-measured slower at K = 13824). Rows / chunk / warps are autotuned
-per (K, scheme, GELU).
+measured slower at K = 13824). Rows / chunk / warps are autotuned per (K, scheme, GELU).
 Bytes moved: ``M K (elt + 1) + 4 M``: the HBM floor at M = 32760, K = 5120 (bf16) is 0.15 ms on an H100 SXM.
 """
 
@@ -30,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import Tuned, interpreting, kernel_op
+from . import Tuned, interpreting, kernel_op, rows_grid
 from .rounding import round_to, soft_rounding
 
 MAX_K = 16384  # the whole-row kernels (norm + quant, RMSNorm + RoPE) hold a row in registers
@@ -93,8 +92,9 @@ def quantize_store_row(xf, q_row_ptr, s_ptr, cols, mask, IS_FP8: tl.constexpr, I
 def gelu_tanh(x):
     """GELU, tanh form, in fp32 as ``x * sigmoid(2u) = x / (1 + exp(-2u))``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``:
     the same function as torch's ``0.5 x (1 + tanh(u))``, without libdevice's tanh (which made the GELU
-    quantizer compute-bound on an H100: about 1.4 ms at 32760 x 13824) and without the cancellation of ``1 + tanh`` for
-    negative x. Values agree with torch's to a few fp32 ulps where torch's own rounding is that good."""
+    quantizer compute-bound on an H100: about 1.4 ms at 32760 x 13824) and without the cancellation of
+    ``1 + tanh`` for negative x. Values agree with torch's to a few fp32 ulps where torch's own rounding is that
+    good."""
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     return x / (1.0 + tl.exp(-2.0 * u))
 
@@ -175,10 +175,6 @@ _ACT_CONFIGS = [triton.Config({"ROWS": r, "CHUNK": c}, num_warps=w)
 _act_quant = Tuned(_act_quant_kernel, _ACT_CONFIGS, key=["K", "IS_FP8", "GELU"])
 
 
-def _grid(m: int):
-    return lambda meta: (triton.cdiv(m, meta["ROWS"]),)
-
-
 def _check_input(x: torch.Tensor) -> None:
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"act_quant takes a row-major [M, K] tensor, got shape {tuple(x.shape)} "
@@ -193,7 +189,7 @@ def act_quant(x: torch.Tensor, fp8: bool, gelu: bool) -> tuple[torch.Tensor, tor
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        _act_quant[_grid(m)](x, q, s, m, k, x.stride(0), q.stride(0), IS_FP8=fp8, GELU=gelu,
+        _act_quant[rows_grid(m)](x, q, s, m, k, x.stride(0), q.stride(0), IS_FP8=fp8, GELU=gelu,
                              INTERPRETED=interpreting(), SOFT=soft_rounding(x.dtype))
     return q, s
 

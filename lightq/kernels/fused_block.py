@@ -110,11 +110,10 @@ class FusedBlock(Block):
         mod = (self.modulation.float() + e0).contiguous()  # [B, 6, dim]: shift1 scale1 gate1 shift2 scale2 gate2
         x2 = x.reshape(b * seq_len, dim).contiguous()
         y = self._self_attention(self.norm_qkv(x2, mod, seq_len, dtype), b, seq_len, rope)
-        x2, xq, sx = add_norm_quant(x2, y, seq_len, self.norm3.weight, self.norm3.bias, mod, -1, -1,
-                                                     2, self.norm3.eps, self.fp8, dtype)
+        x2, xq, sx = add_norm_quant(x2, y, seq_len, self.norm3.weight, self.norm3.bias, mod, -1, -1, 2,
+                                    self.norm3.eps, self.fp8, dtype)
         y = self._cross_attention(xq, sx, b, seq_len, text, image, dtype)
-        x2, xq, sx = add_norm_quant(x2, y, seq_len, None, None, mod, 3, 4, -1, self.norm2.eps,
-                                                     self.fp8, dtype)
+        x2, xq, sx = add_norm_quant(x2, y, seq_len, None, None, mod, 3, 4, -1, self.norm2.eps, self.fp8, dtype)
         ffn0, ffn2 = self.ffn[0], self.ffn[2]
         hq, hs = act_quant(_gemm(ffn0, xq, sx, dtype), self.fp8, True)
         y = _gemm(ffn2, hq, hs, dtype)

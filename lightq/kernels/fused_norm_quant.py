@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ROW_CONFIGS, Tuned, interpreting, kernel_op
+from . import ROW_CONFIGS, Tuned, interpreting, kernel_op, rows_grid
 from .act_quant import MAX_K, quantize_store_row
 from .rounding import round_to, soft_rounding
 
@@ -106,14 +106,13 @@ def _launch_norm_quant(x, res, xout, weight, bias, mod, shift, scale, gate, seq_
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        grid = lambda meta: (triton.cdiv(m, meta["ROWS"]),)  # noqa: E731
-        _norm_quant[grid](x, x if res is None else res, x if xout is None else xout,
-                          x if weight is None else weight, x if bias is None else bias, x if mod is None else mod,
-                          q, s, m, seq_len, k, 0 if mod is None else mod.stride(0), eps,
-                          SHIFT=shift, SCALE=scale, GATE=gate, HAS_RES=res is not None,
-                          HAS_AFFINE=weight is not None, IS_FP8=fp8, ROUND_DTYPE=TL_DTYPES[round_dtype],
-                          SOFT=soft_rounding(round_dtype), INTERPRETED=interpreting(),
-                          BLOCK=triton.next_power_of_2(k))
+        _norm_quant[rows_grid(m)](x, x if res is None else res, x if xout is None else xout,
+                                  x if weight is None else weight, x if bias is None else bias,
+                                  x if mod is None else mod, q, s, m, seq_len, k, 0 if mod is None else mod.stride(0),
+                                  eps, SHIFT=shift, SCALE=scale, GATE=gate, HAS_RES=res is not None,
+                                  HAS_AFFINE=weight is not None, IS_FP8=fp8, ROUND_DTYPE=TL_DTYPES[round_dtype],
+                                  SOFT=soft_rounding(round_dtype), INTERPRETED=interpreting(),
+                                  BLOCK=triton.next_power_of_2(k))
     return q, s
 
 
@@ -184,8 +183,7 @@ def add_gated(x: torch.Tensor, res: torch.Tensor, mod: torch.Tensor, gate: int, 
         raise ValueError("add_gated: the modulation must be fp32 [B, C, K] with contiguous [C, K] rows")
     out = torch.empty_like(x)
     if m:
-        grid = lambda meta: (triton.cdiv(m, meta["ROWS"]),)  # noqa: E731
-        _add_gated[grid](x, res, mod, out, m, seq_len, k, mod.stride(0), GATE=gate)
+        _add_gated[rows_grid(m)](x, res, mod, out, m, seq_len, k, mod.stride(0), GATE=gate)
     return out
 
 

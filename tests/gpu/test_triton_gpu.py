@@ -3,7 +3,8 @@
 Run on the GPU machine: ``python -m pytest tests/gpu/test_triton_gpu.py -q -n 0``. Skipped without CUDA / triton.
 
 - activation quantization (and GELU + quantization): bit-identical codes and scales to ``quantize_activation``
-  at Wan shapes, bf16 and fp16 (GELU: the kernel's sigmoid form vs torch's tanh form may differ by fp32 ulps, which moves the bf16
+  at Wan shapes, bf16 and fp16 (GELU: the kernel's sigmoid form vs torch's tanh form may differ by fp32 ulps,
+  which moves the bf16
   value only at rounding ties: at most one code step on a tiny fraction);
 - ``apply`` vs the torch backend: the same quantized activation, the same integer (int8) / ``_scaled_mm`` (fp8)
   product; without a bias at most one ulp of the output apart; with one, fp8 differs in where the bias is added
@@ -129,6 +130,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def test_every_act_quant_config_is_bit_identical(backend, scheme):
     """Autotuning picks one config per K: run each of them directly (M not a multiple of any ROWS)."""
     from lightq.kernels import act_quant as aq
+    from lightq.kernels import rows_grid
 
     m, k = 257, 5120
     x = randn(m, k, seed=5, dtype=torch.bfloat16, scale=3.0)
@@ -136,9 +138,9 @@ def test_every_act_quant_config_is_bit_identical(backend, scheme):
     rq, rs = S.quantize_activation(x, scheme)
     for config in aq._ACT_CONFIGS:
         q, s = torch.empty_like(rq), torch.empty_like(rs)
-        aq._act_quant_kernel[aq._grid(m)(config.kwargs)](x, q, s, m, k, x.stride(0), q.stride(0),
-                                                         IS_FP8=scheme == "fp8", GELU=False, INTERPRETED=False,
-                                                         SOFT=False, num_warps=config.num_warps, **config.kwargs)
+        aq._act_quant_kernel[rows_grid(m)(config.kwargs)](x, q, s, m, k, x.stride(0), q.stride(0),
+                                                          IS_FP8=scheme == "fp8", GELU=False, INTERPRETED=False,
+                                                          SOFT=False, num_warps=config.num_warps, **config.kwargs)
         assert torch.equal(s, rs), config
         assert torch.equal(q.view(torch.int8), rq.view(torch.int8)), config
 
