@@ -267,7 +267,7 @@ class Parity:
         """Loading the backend (in a fresh process, so that its libraries are really imported), and running the
         statement ``then`` on it (bound to ``backend``), leaves torch's scaled_dot_product_attention backend
         switches as they were: vLLM's import turns cuDNN attention off."""
-        code = ("import torch; from lightq_vllm.importing import sdpa_switches; before = sdpa_switches(); "
+        code = ("import torch; from lightq.models.attention import sdpa_switches; before = sdpa_switches(); "
                 f"from {spec.impl.partition('.')[0]} import SPEC; backend = SPEC.load(); {then or 'pass'}; "
                 "after = sdpa_switches(); print(before, after); "
                 "assert before == after, 'loading changed the SDPA switches'")

@@ -136,7 +136,8 @@ def test_declared_capabilities_and_wan_shapes(name, scheme):
 def test_import_vllm_restores_the_attention_backend_switches(tmp_path, monkeypatch, fails):
     """vLLM's CUDA platform module turns cuDNN attention off when imported; ``import_vllm`` must undo that, also
     when the import fails half-way. A stand-in module does what vLLM's does."""
-    from lightq_vllm.importing import import_vllm, sdpa_switches
+    from lightq.models.attention import sdpa_switches
+    from lightq_vllm.importing import import_vllm
 
     (tmp_path / "flips_sdpa.py").write_text(
         "import torch\ntorch.backends.cuda.enable_cudnn_sdp(False)\ntorch.backends.cuda.enable_flash_sdp(False)\n"

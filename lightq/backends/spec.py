@@ -108,34 +108,18 @@ class BackendSpec:
 
     def load(self) -> "object":
         """Import and instantiate the implementation; any import failure becomes one BackendUnavailable."""
+        from ..models.attention import keep_sdpa_switches  # torch is imported only when a backend loads
+
         module, _, cls = self.impl.partition(":")
-        switches = _attention_switches()
-        try:
-            impl = getattr(importlib.import_module(module), cls)
-            return impl(self)
-        except BackendUnavailable:
-            raise
-        except Exception as exc:  # ImportError, OSError from a .so, RuntimeError from an ABI mismatch, ...
-            raise BackendUnavailable(
-                f"backend '{self.name}' failed to load ({type(exc).__name__}: {exc}); install: {self.install}"
-            ) from exc
-        finally:
-            _restore_attention_switches(switches)
+        # a kernel library's import must not change torch's attention-backend switches for the whole process
+        with keep_sdpa_switches():
+            try:
+                impl = getattr(importlib.import_module(module), cls)
+                return impl(self)
+            except BackendUnavailable:
+                raise
+            except Exception as exc:  # ImportError, OSError from a .so, RuntimeError from an ABI mismatch, ...
+                raise BackendUnavailable(
+                    f"backend '{self.name}' failed to load ({type(exc).__name__}: {exc}); install: {self.install}"
+                ) from exc
 
-
-_SDPA = ("flash", "mem_efficient", "math", "cudnn")
-
-
-def _attention_switches() -> dict[str, bool]:
-    """torch's process-wide scaled-dot-product-attention backend switches. Loading a kernel library must not change
-    them (importing vLLM turns cuDNN attention off for the whole process, slowing every attention call)."""
-    import torch
-
-    return {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in _SDPA}
-
-
-def _restore_attention_switches(switches: dict[str, bool]) -> None:
-    import torch
-
-    for name, on in switches.items():
-        getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)

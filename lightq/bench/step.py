@@ -34,8 +34,9 @@ from ..checkpoints.loader import load_component
 from ..errors import LightqError
 from ..hardware import detect
 from ..models.layouts import QUANTIZABLE
+from ..models.attention import attention
 from ..models.rope import axis_dims, rope_tables
-from ..models.wan_dit import DIT_ARCHS, WanDiT, _attention
+from ..models.wan_dit import DIT_ARCHS, WanDiT
 from . import timing
 from .linear import Backends, discover_modes
 
@@ -110,13 +111,13 @@ class OfficialStyleBlock(torch.nn.Module):
         q = self.rms(attn.norm_q, attn.q(h)).view(b, seq_len, *heads)
         k = self.rms(attn.norm_k, attn.k(h)).view(b, seq_len, *heads)
         v = attn.v(h).view(b, seq_len, *heads)
-        y = attn.o(_attention(self.rope(q).to(dtype), self.rope(k).to(dtype), v))
+        y = attn.o(attention(self.rope(q).to(dtype), self.rope(k).to(dtype), v))
         x = x + y.float() * e[2]
         ca = blk.cross_attn
         h = self.layer_norm(blk.norm3, x).to(dtype)
         q = self.rms(ca.norm_q, ca.q(h)).view(b, seq_len, *heads)
         k = self.rms(ca.norm_k, ca.k(text)).view(b, -1, *heads)
-        x = x + ca.o(_attention(q, k, ca.v(text).view(b, -1, *heads))).float()
+        x = x + ca.o(attention(q, k, ca.v(text).view(b, -1, *heads))).float()
         y = blk.ffn((self.layer_norm(blk.norm2, x).float() * (1 + e[4]) + e[3]).to(dtype))
         return x + y.float() * e[5]
 

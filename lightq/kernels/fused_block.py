@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.wan_dit import Block, _attention
+from ..models.attention import attention
+from ..models.wan_dit import Block
 from ..quant.linear import QLinear
 from .act_quant import act_quant
 from .fused_norm_quant import add_gated, add_norm_quant, norm_quant, qkv_rms_rope, rms_rope
@@ -125,7 +126,7 @@ class FusedBlock(Block):
         cos, sin = rope
         q, k, v = qkv_rms_rope(qkv, attn.norm_q.weight, attn.norm_k.weight, cos, sin, seq_len,
                                                 attn.head_dim, attn.norm_q.eps).view(3, b, seq_len, *heads)
-        out = _attention(q, k, v)
+        out = attention(q, k, v)
         return attn.o(out).reshape(b * seq_len, -1).contiguous()
 
     def _cross_attention(self, xq, sx, b, seq_len, text, image, dtype) -> torch.Tensor:
@@ -134,8 +135,8 @@ class FusedBlock(Block):
         q = rms_rope(_gemm(ca.q, xq, sx, dtype), ca.norm_q.weight, None, None, seq_len,
                                       ca.head_dim, ca.norm_q.eps).view(b, seq_len, *heads)
         k = ca.norm_k(ca.k(text)).unflatten(-1, heads)
-        out = _attention(q, k, ca.v(text).unflatten(-1, heads))
+        out = attention(q, k, ca.v(text).unflatten(-1, heads))
         if image is not None:
             k_img = ca.norm_k_img(ca.k_img(image)).unflatten(-1, heads)
-            out = out + _attention(q, k_img, ca.v_img(image).unflatten(-1, heads))
+            out = out + attention(q, k_img, ca.v_img(image).unflatten(-1, heads))
         return ca.o(out).reshape(b * seq_len, dim).contiguous()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LightqError
+from .attention import attention
 from .rope import apply_rope, rope_tables
 
 TEXT_LEN = 512
@@ -91,12 +92,6 @@ def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), linear.weight.float(), bias)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over ``[B, L, heads, head_dim]`` tensors; returns ``[B, Lq, heads * head_dim]``."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
-
-
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """``[cos(t * w), sin(t * w)]`` with ``w_j = 10000**(-j / (dim/2))``, computed in float64; returns fp32."""
     half = dim // 2
@@ -146,7 +141,7 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope).to(x.dtype)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope).to(x.dtype)
         v = self.v(x).unflatten(-1, heads)
-        return self.o(_attention(q, k, v))
+        return self.o(attention(q, k, v))
 
 
 class CrossAttention(nn.Module):
@@ -166,10 +161,10 @@ class CrossAttention(nn.Module):
         heads = (self.num_heads, self.head_dim)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
         k = self.norm_k(self.k(text)).unflatten(-1, heads)
-        out = _attention(q, k, self.v(text).unflatten(-1, heads))
+        out = attention(q, k, self.v(text).unflatten(-1, heads))
         if image is not None:
             k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads)
-            out = out + _attention(q, k_img, self.v_img(image).unflatten(-1, heads))
+            out = out + attention(q, k_img, self.v_img(image).unflatten(-1, heads))
         return self.o(out)
 
 

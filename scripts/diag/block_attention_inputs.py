@@ -19,8 +19,8 @@ import torch
 from lightq.bench.linear import Backends, discover_modes
 from lightq.bench.step import DIT_ARCHS, build, inputs
 from lightq.bench.timing import describe, device_info, time_ms
+from lightq.models.attention import attention
 from lightq.models.rope import apply_rope
-from lightq.models.wan_dit import _attention
 
 
 def bf16_qkv(block, tokens, e0, rope, dtype):
@@ -83,7 +83,7 @@ def main() -> None:
               + ", ".join(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.2e}"
                           for a, b in zip(got, ref)))
         for name, (q, k, v) in cases.items():
-            ms = time_ms(lambda: _attention(q, k, v), args.iters)
+            ms = time_ms(lambda: attention(q, k, v), args.iters)
             print(f"{name:<58} {ms:8.3f} ms   {stats(q, k)}", flush=True)
 
 

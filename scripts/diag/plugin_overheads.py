@@ -187,7 +187,7 @@ def attention_section(t: Table, bare_switches: str):
     section = "attention"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from lightq_vllm.importing import sdpa_switches
+    from lightq.models.attention import sdpa_switches
 
     g = torch.Generator("cuda").manual_seed(1)
     q, k, v = (torch.randn(1, 40, 32760, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
