@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import LightqError
+from .errors import LightqError, from_os_error
+from .interrupts import Terminated, terminate_gracefully
 
 TINY = ("tiny", "tiny-i2v")
 HUB_PATTERNS = {
@@ -49,19 +50,43 @@ def run(cfg) -> Path:
     if missing:
         raise LightqError(f"missing {', '.join(k + '=...' for k in missing)}: pass it on the command line")
 
+    shard_bytes = _shard_bytes(cfg.shard_gb)
     source = open_component_source(str(cfg.source), cfg.component)
     return convert(source, component=cfg.component, scheme=cfg.scheme, output=cfg.output, layout=cfg.layout,
                    skip=list(cfg.skip), overwrite=bool(cfg.overwrite), float_dtype=cfg.float_dtype,
-                   shard_bytes=int(float(cfg.shard_gb) * (1 << 30)), progress=bool(cfg.progress))
+                   shard_bytes=shard_bytes, progress=bool(cfg.progress))
+
+
+def _shard_bytes(shard_gb) -> int:
+    try:
+        gib = float(shard_gb)
+    except (TypeError, ValueError):
+        gib = float("nan")
+    if not gib > 0 or gib == float("inf"):
+        raise LightqError(f"shard_gb={shard_gb!r}: give the largest shard size in GiB, a number above 0 "
+                          "(e.g. shard_gb=4)")
+    return max(1, int(gib * (1 << 30)))
 
 
 def _task(cfg) -> None:
     try:
         out = run(cfg)
+    except OSError as exc:  # a full disk, a read-only folder, a file in the way: one line, as for bad input
+        err = from_os_error(exc, "the conversion")
+        if err is None:
+            raise
+        _fail(err)
     except LightqError as exc:
-        print(f"lightq.convert: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _fail(exc)
+    except Terminated:
+        print("lightq.convert: terminated by SIGTERM; nothing was written at the output", file=sys.stderr)
+        sys.exit(Terminated.exit_code)
     print(f"lightq.convert: wrote {out}")
+
+
+def _fail(exc: LightqError) -> None:
+    print(f"lightq.convert: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
 
 
 def main() -> None:
@@ -69,6 +94,7 @@ def main() -> None:
 
     from .paths import conf_dir
 
+    terminate_gracefully()
     hydra.main(config_path=str(conf_dir()), config_name="convert", version_base="1.3")(_task)()
 
 

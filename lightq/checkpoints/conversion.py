@@ -24,18 +24,17 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .. import __version__
+from .. import __version__, staging
 from ..errors import CheckpointError
 from ..models.layouts import QUANTIZABLE
 from ..quant import schemes as S
-from ..quant.linear import selected
+from ..quant.linear import check_skip, selected
 from . import formats as F
 from .io import SafetensorsWriter, TensorSource, commit, mmap_safetensors, refuse_overwrite, sources_sha256
 
@@ -81,7 +80,8 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
     if float_dtype is not None and float_dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"float_dtype '{float_dtype}': choose one of {', '.join(FLOAT_DTYPES)} or null")
     out = _output_path(Path(output), component, scheme, layout)
-    refuse_overwrite(out, overwrite)
+    check_destination(out, source, overwrite)
+    staging.remove_stale(out.parent)
     cast = FLOAT_DTYPES[float_dtype] if float_dtype else (torch.float32 if layout == "lightx2v" else None)
     entries = _plan(source, component, scheme, tuple(skip), layout, cast)
     meta = _provenance(source, component, scheme, tuple(skip), layout)
@@ -96,6 +96,50 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
     finally:
         bar.close()
     return out
+
+
+def check_destination(out: Path, source: TensorSource | None, overwrite: bool) -> None:
+    """Refuse to write ``out`` where that would destroy what the user owns: an existing path without
+    ``overwrite``, the checkpoint being converted (or a folder holding it), or a folder that is not an earlier
+    lightq conversion (``overwrite`` replaces the whole folder, so it must hold nothing else)."""
+    refuse_overwrite(out, overwrite)
+    target = out.resolve()
+    for f in (source.files if source is not None else ()):
+        f = Path(f).resolve()
+        if f == target or target in f.parents:
+            raise CheckpointError(f"output={out} would replace the checkpoint being converted ({f}): write the "
+                                  "conversion to another path")
+    if out.is_dir() and not out.is_symlink():
+        foreign = _foreign_entry(out)
+        if foreign is not None:
+            raise CheckpointError(f"output={out} is a folder holding '{foreign}', which no lightq conversion wrote; "
+                                  "overwrite=true replaces only an earlier conversion's folder: choose a new or "
+                                  "empty folder")
+
+
+def _foreign_entry(folder: Path) -> str | None:
+    """The first entry of ``folder`` that a lightq conversion folder would not hold (None: safe to replace).
+
+    A conversion folder holds exactly one ``*.safetensors.index.json`` whose metadata has ``lightq.component``,
+    and the files its weight map names.
+    """
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return None
+    indexes = [e for e in entries if e.name.endswith(".safetensors.index.json")]
+    if len(indexes) != 1:
+        return (indexes[1] if indexes else entries[0]).name
+    try:
+        index = json.loads(indexes[0].read_text())
+        known = set(index["weight_map"].values()) if "lightq.component" in index["metadata"] else set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        known = set()
+    if not known:
+        return indexes[0].name
+    for e in entries:
+        if e != indexes[0] and (e.name not in known or not e.is_file()):
+            return e.name
+    return None
 
 
 def _output_path(output: Path, component: str, scheme: str, layout: str) -> Path:
@@ -113,6 +157,8 @@ def _output_path(output: Path, component: str, scheme: str, layout: str) -> Path
 def _plan(source: TensorSource, component: str, scheme: str, skip: tuple[str, ...], layout: str,
           cast: torch.dtype | None) -> list[Entry]:
     include = QUANTIZABLE[component]
+    check_skip([k.rpartition(".")[0] for k in source if k.endswith(".weight") and len(source.shape(k)) == 2],
+               include, skip, f"{source.name}")
     entries: list[Entry] = []
     for key in source:
         if layout == "lightx2v" and component == "clip" and key.startswith(LIGHTX2V_CLIP_DROPPED):
@@ -196,8 +242,7 @@ def _write_file(out: Path, entries: list[Entry], meta: dict[str, str], overwrite
 
 def _write_pth(out: Path, entries: list[Entry], overwrite: bool, bar) -> None:
     """Stream into a temporary safetensors file, then ``torch.save`` its memory-mapped tensors and rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp_dir = staging.temp_dir(out)
     try:
         staged = tmp_dir / "staged.safetensors"
         _stream(staged, entries, None, False, bar)
@@ -206,6 +251,7 @@ def _write_pth(out: Path, entries: list[Entry], overwrite: bool, bar) -> None:
             torch.save(mmap_safetensors(staged), f)
             f.flush()
             os.fsync(f.fileno())
+        staging.publish_mode(tmp_pth)
         refuse_overwrite(out, overwrite)
         commit(tmp_pth, out)
     finally:
@@ -215,8 +261,7 @@ def _write_pth(out: Path, entries: list[Entry], overwrite: bool, bar) -> None:
 def _write_folder(out: Path, entries: list[Entry], meta: dict[str, str], layout: str, stem: str, shard_bytes: int,
                   overwrite: bool, bar) -> None:
     groups = _blocks(entries) if layout == "blocks" else _shards(entries, stem, shard_bytes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = staging.temp_dir(out)
     try:
         weight_map, total = {}, 0
         for fname, group in groups.items():
@@ -225,7 +270,8 @@ def _write_folder(out: Path, entries: list[Entry], meta: dict[str, str], layout:
             total += (tmp / fname).stat().st_size
         index = {"metadata": {"total_size": total, **meta}, "weight_map": weight_map}
         (tmp / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        refuse_overwrite(out, overwrite)
+        staging.publish_mode(tmp)
+        check_destination(out, None, overwrite)
         commit(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

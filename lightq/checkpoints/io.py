@@ -25,12 +25,12 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from .. import staging
 from ..errors import CheckpointError
 
 # safetensors dtype names <-> torch dtypes
@@ -322,9 +322,8 @@ class SafetensorsWriter:
         self._tmp: Path | None = None
 
     def __enter__(self) -> "SafetensorsWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        self._tmp, self._file = Path(tmp), os.fdopen(fd, "wb")
+        self._tmp = staging.temp_file(self.path)
+        self._file = open(self._tmp, "wb")
         self._file.write(self._prefix)
         return self
 
@@ -349,6 +348,7 @@ class SafetensorsWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             if exc_type is None:
+                staging.publish_mode(self._tmp)
                 commit(self._tmp, self.path)
         finally:
             if not self._file.closed:

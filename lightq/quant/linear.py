@@ -55,6 +55,20 @@ def selected(name: str, include: Iterable[str], skip: Iterable[str]) -> bool:
     return matches(name, include) and not matches(name, skip)
 
 
+def check_skip(names: Iterable[str], include: Iterable[str], skip: Iterable[str], where: str) -> None:
+    """Raise QuantizationError for a ``skip`` pattern that matches none of the quantizable ``names`` (those
+    ``include`` selects): it would change nothing, so it is a typo or names a layer that is never quantized."""
+    from ..errors import QuantizationError
+
+    include = tuple(include)
+    candidates = [n for n in names if matches(n, include)]
+    for pattern in skip:
+        if not any(fnmatchcase(n, pattern) for n in candidates):
+            example = f" (they are named like '{candidates[0]}')" if candidates else ""
+            raise QuantizationError(f"{where}: skip pattern '{pattern}' matches none of the {len(candidates)} "
+                                    f"quantizable linears{example}: fix the pattern or remove it")
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
