@@ -1,4 +1,4 @@
-"""``python -m lightq``: compose the config, plan every component, run the pipeline graph, record the job.
+"""``python -m lightq``: compose the config (Hydra), then run the job (lightq.job, through lightq.sweep.run_job).
 
 One job = one output folder (Hydra's run or sweep sub-folder) holding ``.hydra/`` (the composed config and
 overrides), ``config_resolved.yaml``, ``lightq.log``, ``result.json``, and the outputs (``video.mp4``,
@@ -12,60 +12,15 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-import traceback
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from . import __version__, config, hardware, plan, results
+from . import config, results
 from .errors import LightqError
 from .paths import conf_dir
 
 log = logging.getLogger("lightq")
-
-
-def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
-    """Run one job described by ``cfg`` into folder ``out``; always leaves a complete result.json there."""
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    result: dict = {"status": "running", "reason": "", "choices": choices or {}, "versions": {"lightq": __version__}}
-    results.write_json_atomic(out / results.RESULT_FILE, result)
-    try:
-        (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        config.validate(cfg)
-        hw = hardware.resolve(cfg.hardware.name)
-        result["hardware"] = {"name": hw.name, "device": hw.device, "capability": hw.capability,
-                              "gpu": hw.gpu_name}
-        plans = plan.plan_run(cfg, hw)
-        result["components"] = {c: p.as_dict() for c, p in plans.items()}
-        problem = plan.first_problem(plans)
-        if problem:
-            result.update(status="skipped", reason=problem)
-            log.info("skipped: %s", problem)
-            return result
-        from .pipeline.graph import run_pipeline  # torch and the models load only for a job that runs
-
-        run_pipeline(cfg, hw, plans, out, result)
-        result["status"] = "ok"
-    except LightqError as exc:
-        result.update(status="failed", reason=str(exc), error_kind="input")
-        log.info("failed: %s", exc)  # the console gets it once, as the exit line
-    except Exception as exc:  # unexpected: keep the traceback for the record
-        result.update(status="failed", reason=f"{type(exc).__name__}: {exc}", error=traceback.format_exc(),
-                      error_kind="internal")
-        log.exception("job failed")
-    finally:
-        result.setdefault("timings_s", {})["total"] = round(time.perf_counter() - t0, 4)
-        result.setdefault("memory", {})["peak_host_bytes"] = results.peak_host_bytes()
-        results.write_json_atomic(out / results.RESULT_FILE, result)
-    return result
-
-
-def exit_code(result: dict) -> int:
-    if result["status"] == "ok":
-        return 0
-    return 1 if result.get("error_kind") == "internal" else 2
 
 
 def _task(cfg: DictConfig) -> int:
@@ -73,6 +28,7 @@ def _task(cfg: DictConfig) -> int:
     from hydra.types import RunMode
 
     from . import sweep
+    from .job import exit_code
     from .worker import job_choices
 
     hc = HydraConfig.get()

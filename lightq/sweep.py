@@ -52,10 +52,11 @@ def check_launcher(argv: list[str]) -> None:
 
 def run_job(cfg: DictConfig, out: Path, choices: dict, multirun: bool) -> dict:
     """Run one job into ``out`` (see module doc) and return its result, always also left in out/result.json."""
-    from . import tracking, worker
-    from .app import execute
+    from . import config, tracking, worker
+    from .job import execute
 
     try:
+        config.validate(cfg)  # once, before anything reads the config
         isolated = multirun and worker.should_isolate(cfg)
         tracker = tracking.start(cfg, out, choices)
     except LightqError as exc:
@@ -65,7 +66,7 @@ def run_job(cfg: DictConfig, out: Path, choices: dict, multirun: bool) -> dict:
 
 
 def _setup_failure(out: Path, choices: dict, exc: LightqError) -> dict:
-    """The job could not start (bad sweep option, tracker unavailable): a failed result, nothing else ran."""
+    """The job could not start (a bad config value, tracker unavailable): a failed result, nothing else ran."""
     out.mkdir(parents=True, exist_ok=True)
     result = {"status": "failed", "reason": str(exc), "error_kind": "input", "choices": choices,
               "timings_s": {"total": 0.0}, "memory": {"peak_host_bytes": results.peak_host_bytes()}}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from . import config, results
+from . import results
 from .errors import LightqError
 
 log = logging.getLogger("lightq")
@@ -161,10 +161,8 @@ def _open_mlflow(cfg: DictConfig, job_dir: Path, choices: dict) -> MlflowTracker
 
 
 def start(cfg: DictConfig, job_dir: Path, choices: dict):
-    """The tracker of one job (see module doc); raises LightqError when the tracker cannot be used."""
-    name = cfg.tracking.name
-    if name not in config.TRACKERS:
-        raise LightqError(f"tracking.name='{name}': choose one of {', '.join(config.TRACKERS)}")
-    if name == "none":
+    """The tracker of one job (``cfg`` checked by ``config.validate``, see module doc); raises LightqError when the
+    tracker cannot be used."""
+    if cfg.tracking.name == "none":
         return NoTracker()
     return _open_mlflow(cfg, job_dir, choices)

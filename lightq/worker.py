@@ -3,7 +3,7 @@
 Contract. Hydra has composed the job and saved it in ``<job_dir>/.hydra/``: ``config.yaml`` (the task config)
 and ``hydra.yaml`` (output dir, choices, overrides, logging). The worker rebuilds the job from those two files
 alone — the task config merged onto the lightq schema, Hydra's resolvers (``${hydra:...}``) fed the saved Hydra
-config, logging appended to the job's ``lightq.log`` — runs ``lightq.app.execute`` and exits with the code a
+config, logging appended to the job's ``lightq.log`` — runs ``lightq.job.execute`` and exits with the code a
 single run would (0 ok, 2 skipped or bad input, 1 internal failure).
 
 The parent side, ``run_in_subprocess``, marks the job ``running``, starts the worker, waits, and reads the
@@ -51,8 +51,6 @@ def job_choices(hydra_cfg) -> dict:
 def should_isolate(cfg: DictConfig) -> bool:
     """``sweep.isolate``: always | never | auto (isolate when the job will run on a CUDA GPU)."""
     mode = cfg.sweep.isolate
-    if mode not in config.ISOLATE:
-        raise LightqError(f"sweep.isolate='{mode}': choose one of {', '.join(config.ISOLATE)}")
     if mode != "auto":
         return mode == "always"
     if cfg.hardware.name == "cpu":
@@ -150,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     job_dir = Path(argv[0]).resolve()
     try:
         cfg, choices, hydra_cfg = load_job(job_dir)
+        config.validate(cfg)
     except LightqError as exc:
         print(f"lightq.worker: {exc}", file=sys.stderr)
         return 2
     from hydra.core.utils import configure_log
 
-    from .app import execute, exit_code
+    from .job import execute, exit_code
 
     configure_log(hydra_cfg.job_logging, hydra_cfg.verbose)
     return exit_code(execute(cfg, job_dir, choices))

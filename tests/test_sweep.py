@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from lightq.errors import LightqError
-
 
 def sweep(tmp_path, *args):
     return subprocess.run([sys.executable, "-m", "lightq", "-m", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
@@ -139,14 +137,16 @@ def _cfg(**over):
     return OmegaConf.merge(OmegaConf.structured(LightqConfig), over)
 
 
-def test_isolation_policy():
+def test_isolation_policy(tmp_path):
+    from lightq.sweep import run_job
     from lightq.worker import should_isolate
 
     assert should_isolate(_cfg(sweep={"isolate": "always"}, hardware={"name": "cpu"}))
     assert not should_isolate(_cfg(sweep={"isolate": "never"}))
     assert not should_isolate(_cfg(sweep={"isolate": "auto"}, hardware={"name": "cpu"}))
-    with pytest.raises(LightqError, match="sweep.isolate='sometimes'"):
-        should_isolate(_cfg(sweep={"isolate": "sometimes"}))
+    result = run_job(_cfg(sweep={"isolate": "sometimes"}), tmp_path / "job", {}, multirun=True)
+    assert result["status"] == "failed" and "sweep.isolate='sometimes'" in result["reason"]
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["result.json"], "nothing ran"
 
 
 def test_worker_refuses_a_folder_that_is_not_a_job(tmp_path, capsys):

@@ -64,8 +64,8 @@ def test_missing_mlflow_fails_the_job_before_it_runs(tmp_path, monkeypatch):
 
 
 def test_unknown_tracker_and_empty_uri_are_errors(tmp_path):
-    with pytest.raises(LightqError, match="tracking.name='wandb': choose one of none, mlflow"):
-        tracking.start(_cfg(tracking={"name": "wandb"}), tmp_path, {})
+    result = sweep.run_job(_cfg(tracking={"name": "wandb"}), tmp_path / "job", {}, multirun=True)
+    assert result["status"] == "failed" and "tracking.name='wandb': choose one of none, mlflow" in result["reason"]
     pytest.importorskip("mlflow", reason="pip install lightq[mlflow]")
     with pytest.raises(LightqError, match="tracking.uri is empty"):
         tracking.start(_cfg(tracking={"name": "mlflow"}), tmp_path, {})

@@ -1,0 +1,65 @@
+"""One job: plan every component of a composed config, run the pipeline graph, leave a complete result.json.
+
+``execute(cfg, out, choices)`` is what every way of running a job ends in: a single run and an in-process sweep
+job (through ``lightq.sweep.run_job``) and an isolated sweep job (``python -m lightq.worker``). ``exit_code`` maps
+its result to the process exit code: 0 ok; 2 the combination cannot run here or the input is wrong; 1 an
+unexpected failure (traceback in result.json and the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__, hardware, plan, results
+from .errors import LightqError
+
+log = logging.getLogger("lightq")
+
+
+def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
+    """Run one job described by ``cfg`` (already checked by ``config.validate``) into folder ``out``; always leaves
+    a complete result.json there."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result: dict = {"status": "running", "reason": "", "choices": choices or {}, "versions": {"lightq": __version__}}
+    results.write_json_atomic(out / results.RESULT_FILE, result)
+    try:
+        (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        hw = hardware.resolve(cfg.hardware.name)
+        result["hardware"] = {"name": hw.name, "device": hw.device, "capability": hw.capability,
+                              "gpu": hw.gpu_name}
+        plans = plan.plan_run(cfg, hw)
+        result["components"] = {c: p.as_dict() for c, p in plans.items()}
+        problem = plan.first_problem(plans)
+        if problem:
+            result.update(status="skipped", reason=problem)
+            log.info("skipped: %s", problem)
+            return result
+        from .pipeline.graph import run_pipeline  # torch and the models load only for a job that runs
+
+        run_pipeline(cfg, hw, plans, out, result)
+        result["status"] = "ok"
+    except LightqError as exc:
+        result.update(status="failed", reason=str(exc), error_kind="input")
+        log.info("failed: %s", exc)  # the console gets it once, as the exit line
+    except Exception as exc:  # unexpected: keep the traceback for the record
+        result.update(status="failed", reason=f"{type(exc).__name__}: {exc}", error=traceback.format_exc(),
+                      error_kind="internal")
+        log.exception("job failed")
+    finally:
+        result.setdefault("timings_s", {})["total"] = round(time.perf_counter() - t0, 4)
+        result.setdefault("memory", {})["peak_host_bytes"] = results.peak_host_bytes()
+        results.write_json_atomic(out / results.RESULT_FILE, result)
+    return result
+
+
+def exit_code(result: dict) -> int:
+    """0 ok; 1 an internal failure; 2 skipped (cannot run here) or bad input."""
+    if result["status"] == "ok":
+        return 0
+    return 1 if result.get("error_kind") == "internal" else 2
