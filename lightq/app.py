@@ -55,11 +55,13 @@ def _task(cfg: DictConfig) -> int:
 def main() -> None:
     import hydra
 
+    from .overrides import literal_prompts
     from .sweep import check_launcher
 
     config.register()
     sys.argv = _expand_lightx2v(sys.argv)
     try:
+        sys.argv = [sys.argv[0], *literal_prompts(sys.argv[1:])]
         check_launcher(sys.argv[1:])
     except LightqError as exc:
         print(f"lightq: {exc}", file=sys.stderr)

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from .errors import LightqError
+from .paths import job_folder_name
 
 SCHEMES = ("none", "fp8", "int8", "fp8-b128", "int4-g128")
 COMPONENTS = ("dit", "t5", "clip")
@@ -158,6 +160,12 @@ class LightqConfig:
 def register() -> None:
     """Put the schema into Hydra's ConfigStore (idempotent); ``conf/config.yaml`` names it first."""
     ConfigStore.instance().store(name="lightq_schema", node=LightqConfig)
+
+
+# ``hydra.sweep.subdir`` names job folders through this; registered on import, so that launchers resolving the
+# sub-folder in another process (joblib, submitit) have it as soon as they unpickle lightq's task function.
+if not OmegaConf.has_resolver("lightq_job_dir"):
+    OmegaConf.register_new_resolver("lightq_job_dir", job_folder_name)
 
 
 def validate(cfg: Any) -> None:

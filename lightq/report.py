@@ -5,8 +5,9 @@ so the tables are whole after every job, whichever jobs failed. Jobs that finish
 (the joblib and SLURM launchers) rebuild under an exclusive lock on ``<sweep_dir>/.results.lock``: each rebuild's
 scan and writes happen together, so the last rebuild sees every result written before it and no rebuild
 overwrites a newer table with an older scan. ``python -m lightq.report <dir>`` does the same
-by hand. Speedup is the bf16 job's denoising time over this job's, when the sweep holds a bf16 job of the same
-model (else the job's own comparison with its cached baseline).
+by hand. Speedup is the bf16 job's denoising time over this job's, when the sweep holds a bf16 job that matches
+this one in everything but the quantization modes (``baseline_key``; else the job's own comparison with its cached
+baseline). A result.json that cannot be read is a ``failed`` row naming the file, never a missing one.
 """
 
 from __future__ import annotations
@@ -58,13 +59,23 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def collect(sweep_dir: Path) -> list[tuple[str, dict]]:
-    """(job folder relative to the sweep, result) for every job, in folder order."""
+    """(job folder relative to the sweep, result) for every job, in folder order.
+
+    result.json is only ever replaced whole (written beside it, then renamed), so one that cannot be read or is
+    not a job record is damaged: it becomes a ``failed`` row saying so, never a job missing from the table.
+    """
     rows = []
     for f in sorted(Path(sweep_dir).rglob(RESULT_FILE)):
+        job = str(f.parent.relative_to(sweep_dir)) or "."
         try:
-            rows.append((str(f.parent.relative_to(sweep_dir)) or ".", json.loads(f.read_text())))
-        except (OSError, ValueError):
-            continue  # a result being replaced right now; the next rebuild sees it
+            res = json.loads(f.read_text())
+            problem = None if isinstance(res, dict) and isinstance(res.get("status"), str) else "not a job record"
+        except (OSError, ValueError) as exc:
+            problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if problem:
+            res = {"status": "failed", "reason": f"{job}/{RESULT_FILE} is unreadable ({problem}): run the job "
+                                                 "again (resume=true re-runs it)"}
+        rows.append((job, res))
     return rows
 
 
@@ -79,6 +90,25 @@ def _mib(n) -> float | None:
 def _is_baseline(res: dict) -> bool:
     comps = res.get("components") or {}
     return bool(comps) and all(c.get("scheme", "none") == "none" for c in comps.values())
+
+
+QUANT_GROUPS = ("dit_quant", "t5_quant", "clip_quant", "attn_quant")  # what a row may differ from its baseline in
+UNRECORDED = ("resume", "tracking", "sweep", "hydra")  # overrides that change how a job is run, not what it computes
+
+
+def baseline_key(res: dict) -> str:
+    """What a job's bf16 baseline must share with it: every config-group choice and command-line override
+    except the quantization modes (``QUANT_GROUPS``, their options and checkpoints) and bookkeeping
+    (``UNRECORDED``). Two jobs with the same key ran the same model, sampler, seed, prompt, sizes and offload."""
+    choices = dict(res.get("choices") or {})
+    overrides = choices.pop("overrides", None) or []
+    groups = {k: v for k, v in choices.items() if k.split(".")[0].split("/")[0] not in QUANT_GROUPS + UNRECORDED}
+    kept = []
+    for o in overrides:
+        key = str(o).lstrip("+~").split("=", 1)[0]
+        if key.split(".")[0].split("/")[0] not in QUANT_GROUPS + UNRECORDED:
+            kept.append(str(o))
+    return json.dumps([sorted(groups.items()), sorted(kept)])
 
 
 def row(job: str, res: dict, base_denoise: dict[str, float]) -> dict:
@@ -97,7 +127,7 @@ def row(job: str, res: dict, base_denoise: dict[str, float]) -> dict:
         r.update(psnr_db="baseline", ssim="baseline", latent_cosine="baseline", speedup=1.0)
     else:
         r.update(psnr_db=q.get("psnr_db"), ssim=q.get("ssim"), latent_cosine=q.get("latent_cosine"))
-        base = base_denoise.get(model)
+        base = base_denoise.get(baseline_key(res))
         if base and t.get("denoise"):
             r["speedup"] = round(base / t["denoise"], 3)
         else:
@@ -158,7 +188,7 @@ def _build_locked(sweep_dir: Path) -> list[dict]:
     base_denoise = {}
     for _, res in jobs:
         if _is_baseline(res) and res.get("status") == "ok":
-            base_denoise[(res.get("choices") or {}).get("model", "")] = (res.get("timings_s") or {}).get("denoise")
+            base_denoise[baseline_key(res)] = (res.get("timings_s") or {}).get("denoise")
     rows = [row(job, res, base_denoise) for job, res in jobs]
     _write_text_atomic(sweep_dir / "results.jsonl", "".join(json.dumps({"job": j, **r}, default=str) + "\n"
                                                             for j, r in jobs))

@@ -126,7 +126,7 @@ def _modes(comp: str) -> set[str]:
 
 
 def _value(v) -> str:
-    """A JSON scalar as a Hydra override value (strings quoted unless plainly safe)."""
+    """A JSON scalar as a Hydra override value (strings quoted unless plainly safe, ``${`` escaped)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -135,4 +135,17 @@ def _value(v) -> str:
         raise CheckpointError(f"expected a string or number, got {v!r}")
     if _PLAIN.match(v):
         return v
-    return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return _quoted(v)
+
+
+def _quoted(v: str) -> str:
+    """``v`` as a Hydra quoted string that OmegaConf reads back as exactly ``v``.
+
+    OmegaConf: ``${`` starts an interpolation unless escaped as ``\\${`` (backslashes before it then escape each
+    other). Hydra's quoted strings: backslashes are literal except before a quote or at the end, where they
+    escape each other.
+    """
+    v = re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", v)
+    v = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", v)
+    v = re.sub(r"(\\+)$", lambda m: m[1] * 2, v)
+    return f"'{v}'"

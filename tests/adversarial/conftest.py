@@ -73,3 +73,23 @@ def tiny_dit_folder():
     from lightq.models.tiny import ensure_tiny
 
     return ensure_tiny("tiny")
+
+
+@pytest.fixture
+def lightq_cli(capsys, monkeypatch):
+    """Run ``python -m lightq <args>`` (``lightq.app.main``) in this process: returns (exit code, stderr, stdout)."""
+    import sys
+
+    from lightq import app
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["lightq", *args])
+        try:
+            app.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        captured = capsys.readouterr()
+        return code, captured.err, captured.out
+
+    return run
