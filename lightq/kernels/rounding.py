@@ -30,3 +30,19 @@ def soft_rounding(dtype) -> bool:
     from . import interpreting
 
     return interpreting() and dtype == torch.bfloat16
+
+
+@triton.jit
+def fp8_rne(v, SOFT: tl.constexpr):
+    """fp32 ``v`` (|v| <= 448) as e4m3, round to nearest even. With ``SOFT`` (the interpreter, whose fp8 cast loses
+    the rounding carry and rounds ties away) the value is first rounded in fp32 arithmetic, so the cast is exact:
+    normals keep 3 mantissa bits (``bits + 0x7FFFF + lsb``, low 20 bits dropped; a carry into the exponent is the
+    right result), subnormals (below 2**-6) are multiples of 2**-9 (``(|v| + 2**14) - 2**14``: fp32's spacing at
+    2**14 is 2**-9)."""
+    if SOFT:
+        a = tl.abs(v)
+        u = a.to(tl.uint32, bitcast=True)
+        normal = ((u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        r = tl.where(a < 0.015625, (a + 16384.0) - 16384.0, normal)
+        v = tl.where(v < 0.0, -r, r)
+    return v.to(tl.float8e4nv)
