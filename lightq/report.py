@@ -13,16 +13,13 @@ baseline). A result.json that cannot be read is a ``failed`` row naming the file
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import math
-import os
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+from . import staging
 from .results import RESULT_FILE
 
 LOCK_FILE = ".results.lock"
@@ -35,27 +32,8 @@ COLUMNS = [
 ]
 
 
-@contextmanager
-def file_lock(path: Path):
-    """Hold an exclusive advisory lock (flock) on ``path`` (created if missing) for the ``with`` block."""
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the tables are for everyone who can read the sweep
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    staging.write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def collect(sweep_dir: Path) -> list[tuple[str, dict]]:
@@ -179,7 +157,7 @@ def _svg(rows: list[dict]) -> str:
 def build(sweep_dir: Path) -> list[dict]:
     """Rebuild results.jsonl / .csv / .md / .svg in ``sweep_dir`` under the sweep's lock; returns the rows."""
     sweep_dir = Path(sweep_dir)
-    with file_lock(sweep_dir / LOCK_FILE):
+    with staging.file_lock(sweep_dir / LOCK_FILE):
         return _build_locked(sweep_dir)
 
 

@@ -11,28 +11,20 @@ denoise_per_step, decode, write, total), ``memory`` (peak host RSS and peak GPU 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from . import staging
 
 RESULT_FILE = "result.json"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``data`` as indented JSON (non-JSON values through ``str``), written with ``staging.write_atomic``."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    staging.write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def read_result(folder: Path) -> dict | None:

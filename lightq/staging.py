@@ -8,15 +8,21 @@ host. A temporary made on another host of a shared filesystem is left alone: its
 
 ``publish_mode(path)`` gives a finished file the permissions an ordinary ``open()`` would have (0666 / 0777 for
 folders, less the umask): ``mkstemp`` / ``mkdtemp`` make them private to the owner.
+
+``write_atomic(path, write)`` is the whole recipe for one file (results, tables, cached tensors): ``write`` fills
+the temporary, which is published and renamed over ``path``. ``file_lock`` serialises writers across processes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SUFFIX = ".partial"
@@ -96,3 +102,29 @@ def remove_stale(folder: str | os.PathLike) -> list[Path]:
         else:
             entry.unlink(missing_ok=True)
     return removed
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` fills a temporary file beside ``path``; it gets ``publish_mode`` and replaces ``path`` in one
+    rename. On any error the temporary is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp = temp_file(path)
+    try:
+        write(tmp)
+        publish_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on ``path`` (created if missing) for the ``with`` block."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

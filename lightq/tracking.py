@@ -27,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from . import results
+from . import results, staging
 from .errors import LightqError
 
 log = logging.getLogger("lightq")
@@ -124,9 +124,7 @@ def _lock(lock_path: Path | None):
     """Serialise writers of one local store: concurrent jobs (joblib) would race on its schema and its rows."""
     if lock_path is None:
         return nullcontext()
-    from .report import file_lock
-
-    return file_lock(lock_path)
+    return staging.file_lock(lock_path)
 
 
 def _open_mlflow(cfg: DictConfig, job_dir: Path, choices: dict) -> MlflowTracker:

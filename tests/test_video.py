@@ -11,7 +11,8 @@ from PIL import Image
 
 import lightq.pipeline.video as video_io
 from lightq.errors import LightqError
-from lightq.pipeline.video import cosine, psnr, read_mp4, ssim, write_frames, write_mp4
+from lightq.pipeline.quality import cosine, psnr, ssim
+from lightq.pipeline.video import read_mp4, write_frames, write_mp4
 
 
 def _gradient_frames(frames: int, height: int, width: int) -> torch.Tensor:

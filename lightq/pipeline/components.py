@@ -4,14 +4,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import staging
 from ..errors import LightqError
 from ..models.layouts import QUANTIZABLE
 from ..plan import ComponentPlan
@@ -21,17 +20,8 @@ VAE_STRIDE = (4, 8, 8)
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save into a temp file beside ``path``, then rename: a reader never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save(obj)`` through ``staging.write_atomic``: a reader never sees half a file."""
+    staging.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def sampler_config(cfg):
