@@ -107,10 +107,12 @@ class QualityConfig:
     """Quality against the bf16 run of the same model, seed and prompt.
 
     ``baseline``: ``auto`` (compute and cache it when the model is synthetic/tiny, else use a cached one if
-    present), ``always``, ``never``.
+    present), ``always``, ``never``. ``compare=false`` skips the comparison and the baseline entirely (the
+    ``quality`` stage of the job's timings; it runs on the job's device).
     """
 
     baseline: str = "auto"
+    compare: bool = True
 
 
 @dataclass

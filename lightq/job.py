@@ -9,7 +9,6 @@ unexpected failure (traceback in result.json and the log).
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 from pathlib import Path
 
@@ -25,24 +24,25 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
     """Run one job described by ``cfg`` (already checked by ``config.validate``) into folder ``out``; always leaves
     a complete result.json there."""
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    timer = results.StageTimer()
     result: dict = {"status": "running", "reason": "", "choices": choices or {}, "versions": {"lightq": __version__}}
     results.write_json_atomic(out / results.RESULT_FILE, result)
     try:
-        (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        hw = hardware.resolve(cfg.hardware.name)
-        result["hardware"] = {"name": hw.name, "device": hw.device, "capability": hw.capability,
-                              "gpu": hw.gpu_name}
-        plans = plan.plan_run(cfg, hw)
-        result["components"] = {c: p.as_dict() for c, p in plans.items()}
-        problem = plan.first_problem(plans)
+        with timer("setup"):
+            (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            hw = hardware.resolve(cfg.hardware.name)
+            result["hardware"] = {"name": hw.name, "device": hw.device, "capability": hw.capability,
+                                  "gpu": hw.gpu_name}
+            plans = plan.plan_run(cfg, hw)
+            result["components"] = {c: p.as_dict() for c, p in plans.items()}
+            problem = plan.first_problem(plans)
+            if not problem:
+                from .pipeline.graph import run_pipeline  # torch and the models load only for a job that runs
         if problem:
             result.update(status="skipped", reason=problem)
             log.info("skipped: %s", problem)
             return result
-        from .pipeline.graph import run_pipeline  # torch and the models load only for a job that runs
-
-        run_pipeline(cfg, hw, plans, out, result)
+        run_pipeline(cfg, hw, plans, out, result, timer)
         result["status"] = "ok"
     except LightqError as exc:
         result.update(status="failed", reason=str(exc), error_kind="input")
@@ -52,8 +52,12 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
                       error_kind="internal")
         log.exception("job failed")
     finally:
-        result.setdefault("timings_s", {})["total"] = round(time.perf_counter() - t0, 4)
-        result.setdefault("memory", {})["peak_host_bytes"] = results.peak_host_bytes()
+        stages = timer.summary()  # the stage times come from the timer; the pipeline adds per-step detail
+        detail = {k: v for k, v in result.get("timings_s", {}).items() if k not in stages and k not in results.STAGES}
+        result["timings_s"] = {**stages, **detail}
+        memory = result.setdefault("memory", {})
+        memory["peak_host_bytes"] = results.peak_host_bytes()
+        memory["peak_host_bytes_by_stage"] = dict(timer.peak_host)
         results.write_json_atomic(out / results.RESULT_FILE, result)
     return result
 

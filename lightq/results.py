@@ -2,8 +2,10 @@
 
 Fields: ``status`` (ok | skipped | failed | running), ``reason`` (one line), ``error`` (traceback of a failure),
 ``choices`` (the config-group choices and overrides), ``hardware``, ``components`` (per component: mode, scheme,
-backend and why, quantized layer count, weight bytes), ``timings_s`` (load, encode_text, encode_image, denoise,
-denoise_per_step, decode, write, total), ``memory`` (peak host RSS and peak GPU allocation, bytes),
+backend and why, quantized layer count, weight bytes), ``timings_s`` (the stages of ``STAGES`` that ran, which with
+``unaccounted`` sum to ``total``; ``denoise_steps`` per step and ``denoise_warmup``, the first step's excess over
+the median of the others), ``memory`` (peak host RSS and peak GPU allocation, bytes; ``peak_host_bytes_by_stage``
+the peak reached by the end of each stage),
 ``quality`` (against the bf16 baseline: psnr, ssim, latent_cosine, speedup), ``outputs`` (files written),
 ``versions``.
 """
@@ -13,12 +15,17 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import staging
 
 RESULT_FILE = "result.json"
+# every stage a job can spend time in, in the order they run; a job's stages plus "unaccounted" sum to its total
+STAGES = ("setup", "load", "encode_text", "encode_image", "kernel_warmup", "denoise", "decode", "write", "quality",
+          "baseline_run")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -38,3 +45,40 @@ def peak_host_bytes() -> int:
     """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+class StageTimer:
+    """Wall time per named stage (``STAGES``) of one job, and the host-memory peak reached by the end of each.
+
+    ``sync`` runs at each stage boundary (the pipeline sets it to ``torch.cuda.synchronize`` on a GPU, so device
+    work is counted in the stage that launched it). A stage entered twice accumulates."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.peak_host: dict[str, int] = {}
+        self.sync: Callable[[], None] = lambda: None
+
+    @contextmanager
+    def __call__(self, name: str):
+        if name not in STAGES:
+            raise ValueError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - start, 4)
+            self.peak_host[name] = peak_host_bytes()
+
+    def total(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def summary(self) -> dict[str, float]:
+        """The stages in ``STAGES`` order, ``unaccounted`` (total minus their sum) and ``total``."""
+        total = self.total()
+        out = {name: self.times[name] for name in STAGES if name in self.times}
+        out["unaccounted"] = round(max(total - sum(out.values()), 0.0), 4)
+        out["total"] = round(total, 4)
+        return out

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from lightq.pipeline.video import read_mp4
+from lightq.results import STAGES
 
 
 def only_job(cwd: Path) -> Path:
@@ -22,9 +23,15 @@ def test_default_run_writes_video_latents_and_record(run_lightq, tmp_path):
     assert res["status"] == "ok"
     assert res["choices"]["model"] == "tiny" and res["choices"]["dit_quant"] == "none"
     assert set(res["components"]) == {"t5", "dit", "vae"}
-    for stage in ("load", "encode_text", "denoise", "denoise_per_step", "decode", "write", "total"):
-        assert res["timings_s"][stage] >= 0
+    timings = res["timings_s"]
+    for stage in ("setup", "load", "encode_text", "denoise", "decode", "write", "quality"):
+        assert timings[stage] >= 0
+    stage_sum = sum(timings[s] for s in STAGES if s in timings) + timings["unaccounted"]
+    assert stage_sum == pytest.approx(timings["total"], abs=1e-3), "the stages and 'unaccounted' sum to the total"
+    assert timings["unaccounted"] <= 0.02 * timings["total"], f"time outside every stage: {timings}"
+    assert len(timings["denoise_steps"]) == 4 and sum(timings["denoise_steps"]) <= timings["denoise"]
     assert res["memory"]["peak_host_bytes"] > 0
+    assert set(res["memory"]["peak_host_bytes_by_stage"]) >= {"setup", "load", "denoise", "decode"}
     assert res["quality"]["baseline"] == "this run is the bf16 baseline"
     frames = read_mp4(job / "video.mp4")
     assert frames.shape == (9, 64, 64, 3)

@@ -401,7 +401,7 @@ def test_fused_block_matches_the_unfused_block(kernels, monkeypatch):
     q_data = block.self_attn.q.data.clone()
     assert fused_block.fuse_dit_blocks(model) == 1 and isinstance(block, fused_block.FusedBlock)
     assert torch.equal(block.self_attn.q.data, q_data)  # now a view of the concatenated q/k/v weight
-    assert block.self_attn.q.data.data_ptr() == block.qkv_data.data_ptr()
+    assert block.self_attn.q.data.data_ptr() == block.self_attn.qkv_data.data_ptr()
     monkeypatch.setattr(Block, "forward", lambda *a: pytest.fail("the fused block fell back to Block.forward"))
     fused = block(*args)
     x = args[0]

@@ -183,3 +183,19 @@ def test_cosine_hand_values():
     assert math.isnan(cosine(torch.zeros(3), torch.ones(3)))
     with pytest.raises(LightqError, match="shapes"):
         cosine(torch.zeros(3), torch.zeros(4))
+
+
+def test_compare_streams_frames_and_matches_whole_video_metrics():
+    """``compare`` runs a few frames per pass; its numbers are the whole video's (frame-weighted pass means)."""
+    from lightq.pipeline import quality
+
+    g = torch.Generator().manual_seed(5)
+    video = torch.rand(9, 3, 24, 20, generator=g) * 2 - 1  # 9 frames: passes of 4, 4, 1
+    ref = (video + 0.05 * torch.randn(video.shape, generator=g)).clamp(-1, 1)
+    lat, ref_lat = torch.randn(16, 3, 4, 4, generator=g), torch.randn(16, 3, 4, 4, generator=g)
+    got = quality.compare(video, ref, lat, ref_lat)
+    a, b = (video.double() + 1) / 2, (ref.double() + 1) / 2
+    assert got["psnr_db"] == round(psnr(a, b, data_range=1.0), 4)
+    assert got["ssim"] == pytest.approx(ssim(a, b, data_range=1.0), abs=2e-6)
+    assert got["latent_cosine"] == round(cosine(lat, ref_lat), 6)
+    assert quality.FRAMES_PER_PASS < video.shape[0]

@@ -13,13 +13,15 @@ when ``scheme`` is set — become ``QLinear``s:
 A quantized tensor in the file at a linear the mode keeps in high precision (``skip``) is dequantized into
 ``dtype``. Key problems (missing, unexpected and not covered by ``ignore_prefixes``, mis-shaped) are collected
 before anything is loaded and raised as one CheckpointError listing up to five keys.
-``source="random"`` draws every tensor from a per-key seeded generator on ``device`` (matrices N(0, 1/fan_in),
-1-D ``weight`` ones, biases zeros), then follows the same path as a float checkpoint.
+``source="random"`` makes every tensor from ``(seed, key)`` alone with ``random_tensor`` (matrices uniform with the
+variance of N(0, 1/fan_in), 1-D ``weight`` ones, biases zeros): the same bits on every device, computed on the GPU
+when there is one, then follows the same path as a float checkpoint.
 Peak memory beyond the result: one source tensor and its fp32 copy while quantizing.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import zlib
 from typing import Callable, Iterable
@@ -135,19 +137,50 @@ def _check_keys(model: nn.Module, source: TensorSource, expected: dict[str, tupl
 
 
 def _random_fetch(device: torch.device, seed: int) -> Callable[[str, tuple], torch.Tensor]:
+    """Fetch for ``source="random"``: tensors made where it is fastest (the GPU if any), handed over on ``device``."""
+    maker = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
     def fetch(key: str, shape: tuple) -> torch.Tensor:
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
         leaf = key.rpartition(".")[2]
         if leaf == "bias":
             return torch.zeros(shape, device=device)
         if len(shape) == 1 and leaf == "weight":
             return torch.ones(shape, device=device)
-        fan_in = 1
-        for d in shape[1:]:
-            fan_in *= d
+        fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 1
         std = 1.0 / max(fan_in, 1) ** 0.5 if len(shape) >= 2 else 0.02
-        return torch.randn(shape, generator=gen, device=device) * std
+        stream = (seed * 1_000_003 + zlib.crc32(key.encode())) & 0xFFFFFFFF
+        return random_tensor(shape, stream, std, maker).to(device)
     return fetch
+
+
+_HASH_MUL = (0x5BD1E995, 0x27D4EB2F)  # odd, below 2**31: a product with a 32-bit value stays inside int64
+_CHUNK = 1 << 24  # elements per pass: bounds the int64 temporaries to a few hundred MiB
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds) of int64 tensors holding values in [0, 2**32)."""
+    for mul in _HASH_MUL:
+        h = ((h ^ (h >> 16)) * mul) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def random_tensor(shape: tuple, stream: int, std: float, device: torch.device) -> torch.Tensor:
+    """fp32 values uniform on ``std * sqrt(3) * [-1, 1)`` (variance ``std**2``), a pure function of
+    ``(shape, stream, std)``: element ``i`` is ``(2 u_i - 1) * a`` with ``u_i = hash(i, stream) / 2**24``, where
+    ``hash`` is integer arithmetic and ``2 u - 1`` and the product are single correctly rounded fp32 operations, so
+    CPU and GPU give identical bits (torch's generators give device-dependent streams)."""
+    n = math.prod(shape)
+    if n >= 1 << 32:
+        raise ValueError(f"random_tensor: {n} elements; at most 2**32 - 1 are indexed by the 32-bit hash")
+    a = std * 3.0 ** 0.5
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    key = _mix32(torch.tensor(stream, dtype=torch.int64, device=device))
+    for lo in range(0, n, _CHUNK):
+        idx = torch.arange(lo, min(n, lo + _CHUNK), dtype=torch.int64, device=device)
+        bits = _mix32(idx ^ key)
+        u = (bits >> 8).to(torch.float32) * 2.0 ** -24  # exact: 24-bit integers times a power of two
+        out[lo:lo + idx.numel()] = (u * 2.0 - 1.0) * a
+    return out.view(shape)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

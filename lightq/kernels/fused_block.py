@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..models.attention import attention
-from ..models.wan_dit import Block
+from ..models.wan_dit import Block, CrossAttention, SelfAttention
 from ..quant.linear import QLinear
 from .act_quant import act_quant
 from .fused_norm_quant import add_gated, add_norm_quant, norm_quant, qkv_rms_rope, rms_rope
@@ -69,8 +69,59 @@ def _gemm(lin: QLinear, xq: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) 
     return lin.backend.gemm_only(xq, sx, lin.packed(), lin.bias, dtype)
 
 
+class FusedSelfAttention(SelfAttention):
+    """Self-attention from the block's fp32 residual: fused LayerNorm + modulation + quant, one q/k/v GEMM over
+    ``qkv_data`` (the q/k/v codes concatenated), RMSNorm + RoPE in one kernel, attention, ``o``."""
+
+    def forward(self, x2, mod, seq_len, b, rope, eps, dtype):
+        return self.attend(self.norm_qkv(x2, mod, seq_len, eps, dtype), b, seq_len, rope)
+
+    def norm_qkv(self, x2: torch.Tensor, mod: torch.Tensor, seq_len: int, eps: float, dtype) -> torch.Tensor:
+        """``[M, 3 dim]`` q/k/v projections of ``LN(x) * (1 + scale1) + shift1`` (fused norm + quant, one GEMM)."""
+        xq, sx = norm_quant(x2, seq_len, None, None, mod, 0, 1, eps, self.q.scheme == "fp8", dtype)
+        packed = {"data": self.qkv_data, "scale": self.qkv_scale}
+        return self.q.backend.gemm_only(xq, sx, packed, self.qkv_bias, dtype)
+
+    def attend(self, qkv: torch.Tensor, b: int, seq_len: int, rope) -> torch.Tensor:
+        cos, sin = rope
+        q, k, v = qkv_rms_rope(qkv, self.norm_q.weight, self.norm_k.weight, cos, sin, seq_len, self.head_dim,
+                               self.norm_q.eps).view(3, b, seq_len, self.num_heads, self.head_dim)
+        return self.o(attention(q, k, v)).reshape(b * seq_len, -1).contiguous()
+
+
+class FusedCrossAttention(CrossAttention):
+    """The residual update by the self-attention output fused with norm3 and the quantization of ``q``'s input,
+    then cross-attention to the text (and I2V image) tokens; returns (updated residual, cross-attention output)."""
+
+    def forward(self, x2, y, mod, norm3, seq_len, b, text, image, dtype):
+        fp8 = self.q.scheme == "fp8"
+        x2, xq, sx = add_norm_quant(x2, y, seq_len, norm3.weight, norm3.bias, mod, -1, -1, 2, norm3.eps, fp8, dtype)
+        heads = (self.num_heads, self.head_dim)
+        q = rms_rope(_gemm(self.q, xq, sx, dtype), self.norm_q.weight, None, None, seq_len, self.head_dim,
+                     self.norm_q.eps).view(b, seq_len, *heads)
+        k = self.norm_k(self.k(text)).unflatten(-1, heads)
+        out = attention(q, k, self.v(text).unflatten(-1, heads))
+        if image is not None:
+            k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads)
+            out = out + attention(q, k_img, self.v_img(image).unflatten(-1, heads))
+        return x2, self.o(out).reshape(b * seq_len, -1).contiguous()
+
+
+class FusedFFN(nn.Sequential):
+    """The residual update by the cross-attention output fused with LayerNorm + modulation + quantization, then
+    ``ffn.2(GELU(ffn.0(.)))`` with GELU fused into the quantization of ffn.2's input; returns (residual, output)."""
+
+    def forward(self, x2, y, mod, seq_len, eps, dtype):
+        fp8 = self[0].scheme == "fp8"
+        x2, xq, sx = add_norm_quant(x2, y, seq_len, None, None, mod, 3, 4, -1, eps, fp8, dtype)
+        hq, hs = act_quant(_gemm(self[0], xq, sx, dtype), fp8, True)
+        return x2, _gemm(self[2], hq, hs, dtype)
+
+
 class FusedBlock(Block):
-    """A ``Block`` whose forward runs on the fused kernels (module docstring). Build with ``convert``."""
+    """A ``Block`` whose forward runs on the fused kernels (module docstring). Build with ``convert``.
+    Its three phases are calls of ``self_attn``, ``cross_attn`` and ``ffn``, each using only its own tensors,
+    norm3's, and the block's modulation (``offload_phases``)."""
 
     @classmethod
     def convert(cls, block: Block) -> "FusedBlock":
@@ -90,53 +141,29 @@ class FusedBlock(Block):
         for i, part in enumerate(parts):  # the separate codes become views of the concatenation: no second copy
             part.data = data[i * dim:(i + 1) * dim]
             part.scale = scale[i * dim:(i + 1) * dim]
-        block.register_buffer("qkv_data", data, persistent=False)
-        block.register_buffer("qkv_scale", scale, persistent=False)
-        block.register_buffer("qkv_bias", bias, persistent=False)
+        attn.register_buffer("qkv_data", data, persistent=False)
+        attn.register_buffer("qkv_scale", scale, persistent=False)
+        attn.register_buffer("qkv_bias", bias, persistent=False)
+        attn.__class__ = FusedSelfAttention
+        block.cross_attn.__class__ = FusedCrossAttention
+        block.ffn.__class__ = FusedFFN
         block.__class__ = cls
         return block
 
-    @property
-    def fp8(self) -> bool:
-        return self.self_attn.q.scheme == "fp8"
+    def offload_phases(self):
+        return [([self.norm1, self.self_attn], self, self.self_attn),
+                ([self.norm3, self.cross_attn], self.cross_attn, self.cross_attn),
+                ([self.norm2, self.ffn], self.ffn, self.ffn)]
 
     def norm_qkv(self, x2: torch.Tensor, mod: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
-        """``[M, 3 dim]`` q/k/v projections of ``LN(x) * (1 + scale1) + shift1`` (fused norm + quant, one GEMM)."""
-        xq, sx = norm_quant(x2, seq_len, None, None, mod, 0, 1, self.norm1.eps, self.fp8, dtype)
-        packed = {"data": self.qkv_data, "scale": self.qkv_scale}
-        return self.self_attn.q.backend.gemm_only(xq, sx, packed, self.qkv_bias, dtype)
+        """``[M, 3 dim]`` q/k/v projections of the block input (see ``FusedSelfAttention.norm_qkv``)."""
+        return self.self_attn.norm_qkv(x2, mod, seq_len, self.norm1.eps, dtype)
 
     def forward(self, x, e0, rope, text, image, dtype):
         b, seq_len, dim = x.shape
         mod = (self.modulation.float() + e0).contiguous()  # [B, 6, dim]: shift1 scale1 gate1 shift2 scale2 gate2
         x2 = x.reshape(b * seq_len, dim).contiguous()
-        y = self._self_attention(self.norm_qkv(x2, mod, seq_len, dtype), b, seq_len, rope)
-        x2, xq, sx = add_norm_quant(x2, y, seq_len, self.norm3.weight, self.norm3.bias, mod, -1, -1, 2,
-                                    self.norm3.eps, self.fp8, dtype)
-        y = self._cross_attention(xq, sx, b, seq_len, text, image, dtype)
-        x2, xq, sx = add_norm_quant(x2, y, seq_len, None, None, mod, 3, 4, -1, self.norm2.eps, self.fp8, dtype)
-        ffn0, ffn2 = self.ffn[0], self.ffn[2]
-        hq, hs = act_quant(_gemm(ffn0, xq, sx, dtype), self.fp8, True)
-        y = _gemm(ffn2, hq, hs, dtype)
+        y = self.self_attn(x2, mod, seq_len, b, rope, self.norm1.eps, dtype)
+        x2, y = self.cross_attn(x2, y, mod, self.norm3, seq_len, b, text, image, dtype)
+        x2, y = self.ffn(x2, y, mod, seq_len, self.norm2.eps, dtype)
         return add_gated(x2, y, mod, 5, seq_len).view(b, seq_len, dim)
-
-    def _self_attention(self, qkv: torch.Tensor, b: int, seq_len: int, rope) -> torch.Tensor:
-        attn = self.self_attn
-        heads = (attn.num_heads, attn.head_dim)
-        cos, sin = rope
-        q, k, v = qkv_rms_rope(qkv, attn.norm_q.weight, attn.norm_k.weight, cos, sin, seq_len,
-                                                attn.head_dim, attn.norm_q.eps).view(3, b, seq_len, *heads)
-        out = attention(q, k, v)
-        return attn.o(out).reshape(b * seq_len, -1).contiguous()
-
-    def _cross_attention(self, xq, sx, b, seq_len, text, image, dtype) -> torch.Tensor:
-        ca = self.cross_attn
-        dim, heads = ca.q.out_features, (ca.num_heads, ca.head_dim)
-        q = rms_rope(_gemm(ca.q, xq, sx, dtype), ca.norm_q.weight, None, None, seq_len,
-                                      ca.head_dim, ca.norm_q.eps).view(b, seq_len, *heads)
-        k = ca.norm_k(ca.k(text)).unflatten(-1, heads)
-        out = attention(q, k, ca.v(text).unflatten(-1, heads))
-        if image is not None:
-            k_img = ca.norm_k_img(ca.k_img(image)).unflatten(-1, heads)
-            out = out + attention(q, k_img, ca.v_img(image).unflatten(-1, heads))
-        return ca.o(out).reshape(b * seq_len, dim).contiguous()

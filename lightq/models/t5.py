@@ -166,6 +166,11 @@ class T5Block(nn.Module):
         x = _clamp_fp16(x + self.attn(self.norm1(x), bias))
         return _clamp_fp16(x + self.ffn(self.norm2(x)))
 
+    def offload_phases(self) -> list[tuple[list[nn.Module], nn.Module, nn.Module]]:
+        """The phases of ``forward`` for ``offload=phase`` (as ``wan_dit.Block.offload_phases``)."""
+        return [([self.pos_embedding, self.norm1, self.attn], self, self.attn),
+                ([self.norm2, self.ffn], self.norm2, self.ffn)]
+
 
 class UMT5Encoder(nn.Module):
     """``forward(ids [B, L] long, mask [B, L]) -> [B, L, dim]``, zero at padding positions (``mask == 0``)."""

@@ -190,6 +190,14 @@ class Block(nn.Module):
         y = self.ffn((self.norm2(x) * (1 + scale2) + shift2).to(dtype))
         return x + y.float() * gate2
 
+    def offload_phases(self) -> list[tuple[list[nn.Module], nn.Module, nn.Module]]:
+        """The phases of ``forward`` in order, for ``offload=phase``: (modules whose tensors the phase needs, the
+        module whose call starts it, the module whose return ends it). The block's own tensors (``modulation``)
+        go with the first phase."""
+        return [([self.norm1, self.self_attn], self, self.self_attn),
+                ([self.norm3, self.cross_attn], self.norm3, self.cross_attn),
+                ([self.norm2, self.ffn], self.norm2, self.ffn)]
+
 
 class Head(nn.Module):
     def __init__(self, arch: DiTArch):

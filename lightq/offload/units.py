@@ -1,13 +1,12 @@
 """How a component splits into streamed units: one unit per block (``block``) or per phase of a block (``phase``).
 
 A ``UnitSpec`` is a group of tensors that must be on the device from the moment ``start`` is called (its forward
-pre-hook) until ``end`` returns (its forward hook). Phases follow the order of the block's forward:
+pre-hook) until ``end`` returns (its forward hook). Phases follow the order of the block's forward, as each block
+class states in its ``offload_phases()``; e.g. the Wan DiT block:
 
-    Wan DiT block:  self_attn  = modulation + norm1 + self_attn     start: the block    end: self_attn
-                    cross_attn = norm3 + cross_attn                  start: norm3        end: cross_attn
-                    ffn        = norm2 + ffn                         start: norm2        end: ffn
-    umT5 block:     attn       = pos_embedding + norm1 + attn        start: the block    end: attn
-                    ffn        = norm2 + ffn                         start: norm2        end: ffn
+    self_attn  = modulation + norm1 + self_attn     start: the block    end: self_attn
+    cross_attn = norm3 + cross_attn                  start: norm3        end: cross_attn   (fused block: cross_attn)
+    ffn        = norm2 + ffn                         start: norm2        end: ffn          (fused block: ffn)
 
 Every tensor of a block belongs to exactly one phase (checked), QLinear packed buffers included.
 """
@@ -32,18 +31,13 @@ class UnitSpec:
 
 
 def _phases(block: nn.Module) -> list[tuple[list[nn.Module], nn.Module, nn.Module]]:
-    """(modules whose tensors the phase holds, start module, end module) for each phase of ``block``."""
-    from ..models.t5 import T5Block
-    from ..models.wan_dit import Block
-
-    if isinstance(block, Block):
-        return [([block.norm1, block.self_attn], block, block.self_attn),
-                ([block.norm3, block.cross_attn], block.norm3, block.cross_attn),
-                ([block.norm2, block.ffn], block.norm2, block.ffn)]
-    if isinstance(block, T5Block):
-        return [([block.pos_embedding, block.norm1, block.attn], block, block.attn),
-                ([block.norm2, block.ffn], block.norm2, block.ffn)]
-    raise LightqError(f"offload=phase streams Wan DiT and umT5 blocks, not {type(block).__name__}; use offload=block")
+    """(modules whose tensors the phase holds, start module, end module) for each phase of ``block``, as the block
+    describes them (``offload_phases``)."""
+    phases = getattr(block, "offload_phases", None)
+    if phases is None:
+        raise LightqError(f"offload=phase streams blocks that describe their phases (Wan DiT, umT5), not "
+                          f"{type(block).__name__}; use offload=block")
+    return phases()
 
 
 def units_per_block(block: nn.Module, granularity: str) -> int:

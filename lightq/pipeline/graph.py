@@ -1,8 +1,9 @@
 """The pipeline graph of one job: text encoder -> image encoder (I2V) -> DiT denoising loop -> VAE decode -> writer.
 
-``run_pipeline(cfg, hw, plans, out)`` loads every component with its planned mode, generates the video, writes
-``video.mp4`` and ``latents.pt`` into ``out``, measures each stage, and compares the result with the bf16 baseline
-of the same model, seed, prompt and sampler (``quality``). Returns the fields it adds to result.json.
+``run_pipeline(cfg, hw, plans, out, record, timer)`` loads every component with its planned mode, generates the
+video, writes ``video.mp4`` and ``latents.pt`` into ``out``, times each stage (``lightq.results.STAGES``), and
+compares the result with the bf16 baseline of the same model, seed, prompt and sampler (``quality``), filling
+``record`` with the fields of result.json.
 
 Stages and what flows between them (B = 1; CFG runs the DiT once more with the negative prompt):
 
@@ -18,7 +19,6 @@ import json
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import torch
 
 from ..hardware import Hardware
 from ..plan import ComponentPlan
+from ..results import StageTimer
 from . import components as C
 
 log = logging.getLogger("lightq")
@@ -41,34 +42,19 @@ class Generated:
     components: dict
 
 
-class StageTimer:
-    """Wall time per stage; synchronises CUDA so GPU work is attributed to the stage that launched it."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 4)
-
-
 def _progress() -> bool:
     return sys.stderr.isatty()
 
 
-def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan]) -> Generated:
-    """Load, encode, denoise, decode. Everything but the outputs is freed on return."""
-    from .sampler import guide_scale_of, sample, timesteps
+def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTimer | None = None) -> Generated:
+    """Load, encode, denoise, decode, each a stage of ``timer``. Everything but the outputs is freed on return."""
+    from .sampler import guide_scale_of, sample
 
+    timer = timer if timer is not None else StageTimer()
     device = torch.device("cuda" if hw.is_cuda else "cpu")
     dtype = DTYPES[cfg.model.dtype]
-    timer = StageTimer(device)
+    if device.type == "cuda":
+        timer.sync = lambda: torch.cuda.synchronize(device)
     offload = C.Offload(cfg.offload, device, cfg)
     comps = {}
     with timer("load"):
@@ -108,16 +94,46 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan]) -> Generated:
     def velocity(x, t, context):
         return dit(x.to(dtype), t, context, **extra).float()
 
+    steps = StepTimes(timer.sync)
     with timer("denoise"), offload.active(dit):
+        steps.begin()
         latents = sample(velocity, noise, scfg, cond, uncond if guide_scale_of(scfg) != 1.0 else None, _progress(),
-                         generator=torch.Generator(device).manual_seed(cfg.seed))
+                         generator=torch.Generator(device).manual_seed(cfg.seed), on_step=steps.lap)
     offload.release(dit)
     with timer("decode"), offload.active(vae):
         video = vae.decode(latents.float())[0].transpose(0, 1)  # [F, 3, H, W]
-    timings = dict(timer.times)
+        video = video.float().clamp(-1, 1).cpu()
+    timings = {**{k: timer.times[k] for k in ("load", "encode_text", "encode_image", "denoise", "decode")
+                  if k in timer.times}, **steps.summary()}
     log.info("stage times (s): %s", timings)
-    timings["denoise_per_step"] = round(timings["denoise"] / len(timesteps(scfg).timesteps), 4)
-    return Generated(latents[0].float().cpu(), video.float().clamp(-1, 1).cpu(), timings, comps)
+    return Generated(latents[0].float().cpu(), video, timings, comps)
+
+
+class StepTimes:
+    """Wall time of each denoising step (``lap`` after each, synchronised), and the first step's warm-up: its
+    excess over the median of the later steps (compilation, autotuning, first-call allocations)."""
+
+    def __init__(self, sync):
+        self.sync, self.laps, self.last = sync, [], 0.0
+
+    def begin(self) -> None:
+        self.sync()
+        self.last = time.perf_counter()
+
+    def lap(self, i: int) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.laps.append(now - self.last)
+        self.last = now
+
+    def summary(self) -> dict:
+        if not self.laps:
+            return {}
+        rest = sorted(self.laps[1:])
+        typical = rest[len(rest) // 2] if rest else self.laps[0]
+        return {"denoise_steps": [round(t, 4) for t in self.laps],
+                "denoise_per_step": round(typical, 4),
+                "denoise_warmup": round(max(self.laps[0] - typical, 0.0), 4)}
 
 
 def _baseline_key(cfg, hw: Hardware) -> str:
@@ -135,59 +151,68 @@ def _is_baseline(plans) -> bool:
     return all(p.scheme == "none" for p in plans.values())
 
 
-def _baseline(cfg, hw, plans, gen: Generated) -> tuple[dict | None, str]:
-    """The bf16 run to compare with: cached by key; computed now when the policy allows."""
+def _baseline(cfg, hw, plans, gen: Generated, timer: StageTimer) -> tuple[dict | None, str]:
+    """The bf16 run to compare with: cached by key (timed as ``quality``); computed now when the policy allows
+    (timed as ``baseline_run``)."""
     from ..paths import cache_dir
     from ..plan import plan_run
 
     path = cache_dir() / "baselines" / f"{_baseline_key(cfg, hw)}.pt"
     if _is_baseline(plans):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        C.save_atomic({"latents": gen.latents, "video": gen.video, "timings": gen.timings}, path)
+        with timer("quality"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            C.save_atomic({"latents": gen.latents, "video": gen.video, "timings": gen.timings}, path)
         return None, "this run is the bf16 baseline"
     if path.is_file():
-        return torch.load(path, weights_only=True), f"cached bf16 baseline {path.name}"
+        with timer("quality"):
+            return torch.load(path, weights_only=True), f"cached bf16 baseline {path.name}"
     policy = cfg.quality.baseline
     if policy == "never" or (policy == "auto" and cfg.model.weights != "synthetic"):
         return None, "no bf16 baseline cached for this model/seed/prompt (run it, or set quality.baseline=always)"
     from omegaconf import OmegaConf
 
-    base_cfg = OmegaConf.merge(cfg, {f"{c}_quant": {"name": "none", "scheme": "none"} for c in plans})
-    base = generate(base_cfg, hw, plan_run(base_cfg, hw))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"latents": base.latents, "video": base.video, "timings": base.timings}
-    C.save_atomic(data, path)
+    with timer("baseline_run"):
+        base_cfg = OmegaConf.merge(cfg, {f"{c}_quant": {"name": "none", "scheme": "none"} for c in plans})
+        base = generate(base_cfg, hw, plan_run(base_cfg, hw), StageTimer())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"latents": base.latents, "video": base.video, "timings": base.timings}
+        C.save_atomic(data, path)
     return data, "bf16 baseline computed in this job"
 
 
-def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, record: dict) -> None:
-    """Generate, write the outputs, compare with the baseline; fills ``record`` (result.json fields) as it goes,
-    so a failure while writing keeps what was measured."""
+def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, record: dict,
+                 timer: StageTimer) -> None:
+    """Generate, write the outputs, compare with the baseline (each a stage of ``timer``); fills ``record``
+    (result.json fields) as it goes, so a failure while writing keeps what was measured."""
     from .quality import compare
     from .video import write_frames, write_mp4
 
+    device = torch.device("cuda" if hw.is_cuda else "cpu")
     if hw.is_cuda:
         torch.cuda.reset_peak_memory_stats()
-    gen = generate(cfg, hw, plans)
+    gen = generate(cfg, hw, plans, timer)
     record["memory"] = {**record.get("memory", {}),
                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if hw.is_cuda else 0}
     record["components"] = {name: {**(plans[name].as_dict() if name in plans else {}), **desc}
                             for name, desc in gen.components.items()}
     record["timings_s"] = gen.timings
     record["frames"] = int(gen.video.shape[0])
-    t0 = time.perf_counter()
     outputs = record.setdefault("outputs", {})
-    C.save_atomic(gen.latents, out / "latents.pt")
-    outputs["latents"] = "latents.pt"
-    write_mp4(gen.video, out / "video.mp4", fps=cfg.model.fps)
-    outputs["video"] = "video.mp4"
-    if cfg.save_frames:
-        write_frames(gen.video, out / "frames")
-        outputs["frames"] = "frames/"
-    gen.timings["write"] = round(time.perf_counter() - t0, 4)
-    base, why = _baseline(cfg, hw, plans, gen)
+    with timer("write"):
+        C.save_atomic(gen.latents, out / "latents.pt")
+        outputs["latents"] = "latents.pt"
+        write_mp4(gen.video, out / "video.mp4", fps=cfg.model.fps)
+        outputs["video"] = "video.mp4"
+        if cfg.save_frames:
+            write_frames(gen.video, out / "frames")
+            outputs["frames"] = "frames/"
+    if not cfg.quality.compare:
+        record["quality"] = {"baseline": "not compared (quality.compare=false)"}
+        return
+    base, why = _baseline(cfg, hw, plans, gen, timer)
     quality = {"baseline": why}
     if base is not None:
-        quality.update(compare(gen.video, base["video"], gen.latents, base["latents"]))
+        with timer("quality"):
+            quality.update(compare(gen.video, base["video"], gen.latents, base["latents"], device))
         quality["speedup_denoise"] = round(base["timings"]["denoise"] / gen.timings["denoise"], 4)
     record["quality"] = quality

@@ -1,6 +1,6 @@
 """Quality of a run against its bf16 baseline: PSNR and SSIM of the decoded frames, cosine of the final latents.
 
-Metrics (float64 internally, python floats out):
+Metrics (float64, python floats out):
     psnr(a, b)   = 10 log10(R^2 / mean((a - b)^2)), R the data range; ``inf`` for identical inputs.
     ssim(a, b)   = mean over all positions of every 2-D image ``[..., H, W]`` of the SSIM map of
                    Wang, Bovik, Sheikh & Simoncelli, "Image quality assessment: from error visibility to
@@ -9,6 +9,10 @@ Metrics (float64 internally, python floats out):
                    local statistics under an 11x11 Gaussian window (sigma 1.5) at every 'valid' position,
                    C1 = (0.01 R)^2, C2 = (0.03 R)^2. On ``[F, 3, H, W]`` it is the average over frames and channels.
     cosine(a, b) = <a, b> / (|a| |b|) of the flattened tensors; ``nan`` if either is all zeros.
+
+Each metric computes on the device its inputs are on. ``compare`` streams the video through them a few frames at
+a time on the job's device, so its memory is bounded by ``FRAMES_PER_PASS`` frames whatever the video length
+(float64 SSIM of a whole 81-frame 480p video holds ~10 GiB of temporaries).
 """
 
 from __future__ import annotations
@@ -20,37 +24,33 @@ import torch.nn.functional as F
 
 from ..errors import LightqError
 
-
-def compare(video: torch.Tensor, ref_video: torch.Tensor, latents: torch.Tensor, ref_latents: torch.Tensor) -> dict:
-    """``video``/``ref_video`` ``[F, 3, H, W]`` in [-1, 1]; metrics on frames mapped to [0, 1] (data range 1)."""
-    if video.shape != ref_video.shape or latents.shape != ref_latents.shape:
-        return {"error": f"baseline shape {tuple(ref_video.shape)} differs from {tuple(video.shape)}"}
-    a, b = (video.float() + 1) / 2, (ref_video.float() + 1) / 2
-    return {
-        "psnr_db": round(float(psnr(a, b, data_range=1.0)), 4),
-        "ssim": round(float(ssim(a, b, data_range=1.0)), 6),
-        "latent_cosine": round(float(cosine(latents, ref_latents)), 6),
-    }
+FRAMES_PER_PASS = 4
 
 
 def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
-    a = torch.as_tensor(a).detach().to("cpu", torch.float64)
-    b = torch.as_tensor(b).detach().to("cpu", torch.float64)
+    a = torch.as_tensor(a).detach().to(torch.float64)
+    b = torch.as_tensor(b).detach().to(a.device, torch.float64)
     if a.shape != b.shape:
         raise LightqError(f"cannot compare tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}: "
                           "compare outputs of the same resolution, frame count and seed")
     return a, b
 
 
-def psnr(a, b, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB (``data_range`` 2 for [-1, 1] frames, 1 for [0, 1], 255 for uint8)."""
-    a, b = _pair(a, b)
-    mse = float(((a - b) ** 2).mean())
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean())
+
+
+def _psnr_of(mse: float, data_range: float) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+def psnr(a, b, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB (``data_range`` 2 for [-1, 1] frames, 1 for [0, 1], 255 for uint8)."""
+    return _psnr_of(_mse(*_pair(a, b)), data_range)
+
+
+def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
+    offsets = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
     weights = torch.exp(-(offsets**2) / (2 * sigma**2))
     return weights / weights.sum()
 
@@ -61,7 +61,7 @@ def ssim(a, b, data_range: float = 2.0, window: int = 11, sigma: float = 1.5) ->
     if a.dim() < 2 or min(a.shape[-2:]) < window:
         raise LightqError(f"SSIM needs images of at least {window}x{window} pixels, got shape {tuple(a.shape)}: "
                           "compare larger frames or pass a smaller window")
-    g = _gaussian_window(window, sigma)
+    g = _gaussian_window(window, sigma, a.device)
     kernel_rows, kernel_cols = g.view(1, 1, window, 1), g.view(1, 1, 1, window)
 
     def local_mean(x: torch.Tensor) -> torch.Tensor:
@@ -83,3 +83,24 @@ def cosine(a, b) -> float:
     a, b = a.flatten(), b.flatten()
     norms = float(a.norm() * b.norm())
     return math.nan if norms == 0 else float(a @ b) / norms
+
+
+def compare(video: torch.Tensor, ref_video: torch.Tensor, latents: torch.Tensor, ref_latents: torch.Tensor,
+            device: torch.device | str = "cpu") -> dict:
+    """``video``/``ref_video`` ``[F, 3, H, W]`` in [-1, 1]; metrics on frames mapped to [0, 1] (data range 1),
+    computed on ``device`` ``FRAMES_PER_PASS`` frames at a time. Every frame has the same number of SSIM
+    positions, so the frame-weighted mean of the per-pass means is the whole video's mean."""
+    if video.shape != ref_video.shape or latents.shape != ref_latents.shape:
+        return {"error": f"baseline shape {tuple(ref_video.shape)} differs from {tuple(video.shape)}"}
+    frames, sq_sum, ssim_sum = video.shape[0], 0.0, 0.0
+    for lo in range(0, frames, FRAMES_PER_PASS):
+        a = (video[lo:lo + FRAMES_PER_PASS].to(device, torch.float64) + 1) / 2
+        b = (ref_video[lo:lo + FRAMES_PER_PASS].to(device, torch.float64) + 1) / 2
+        n = a.shape[0]
+        sq_sum += _mse(a, b) * n
+        ssim_sum += ssim(a, b, data_range=1.0) * n
+    return {
+        "psnr_db": round(_psnr_of(sq_sum / frames, 1.0), 4),
+        "ssim": round(ssim_sum / frames, 6),
+        "latent_cosine": round(cosine(latents.to(device), ref_latents.to(device)), 6),
+    }

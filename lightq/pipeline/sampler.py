@@ -234,13 +234,15 @@ def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: A
 
 
 def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any, uncond: Any = None,
-           progress: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+           progress: bool = True, generator: torch.Generator | None = None,
+           on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Denoise ``noise`` ``[B, C, F, H, W]`` into fp32 latents.
 
     ``model_fn(x, t, c)`` returns the velocity for ``x`` at timesteps ``t`` ``[B]`` (fp32) with conditioning
     ``c``, which is ``cond`` or ``uncond`` passed through untouched (a tensor, a dict of keyword arguments, ...).
     ``uncond`` is needed only when CFG is on. ``generator`` draws the
     re-noising of the ``distill`` sampler (torch's global RNG when None). The progress bar shows only on a terminal.
+    ``on_step(i)`` is called after step ``i`` (the job times each step with it).
     """
     _check(cfg)
     scale = guide_scale_of(cfg)
@@ -255,4 +257,6 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any
         t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
         v = guided_velocity(model_fn, x, t_batch, cond, uncond, scale)
         x = solver.step(i, x, v)
+        if on_step is not None:
+            on_step(i)
     return x

@@ -109,3 +109,56 @@ def test_model_offload_moves_pinned_copies():
     assert not dit.blocks[0].ffn[0].weight.is_cuda and offload._placement(dit).pack.host.is_pinned()
     resident, _ = streamed_dit(layers=2)
     assert torch.equal(out, resident.to(DEV)(*inputs))
+
+
+FAST_DIT_MODES = ["none", "fp8-triton", "int8-triton", "fp8-vllm", "fp8-sgl"]
+
+
+def _backend_or_skip(mode: str) -> None:
+    from lightq.backends.registry import specs
+
+    if mode == "none":
+        return
+    backend = mode.split("-", 1)[1]
+    found = specs().get(backend)
+    ok, why = found.is_available() if found is not None else (False, f"no backend '{backend}' installed")
+    if not ok:
+        pytest.skip(f"dit_quant={mode}: {why}")
+
+
+@pytest.fixture(scope="module")
+def cfg_13b():
+    config.register()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        yield lambda *o: compose("config", overrides=["hardware=auto", "model=wan2.1-t2v-1.3b", "model.weights=random",
+                                                      "model.frames=5", "sampler.steps=1", *o])
+
+
+@pytest.mark.parametrize("mode", FAST_DIT_MODES)
+def test_every_offload_mode_matches_no_offload_at_1_3b(cfg_13b, tmp_path, mode):
+    """Wan2.1-1.3B (random weights, 5 frames, one step): offload model / block / phase / block + lazy_load give the
+    latents of offload=none bit for bit with every fast DiT mode (the same kernels on the same data; the fused
+    triton block included, whose phases are calls of its own sub-modules)."""
+    from lightq.bench.offload import write_block_split
+
+    _backend_or_skip(mode)
+    common = [f"dit_quant={mode}"]
+    cfg = cfg_13b(*common)
+    reference = run(cfg)
+    hw = hardware.resolve(cfg.hardware.name)
+    dit = C.load_dit(cfg, plan.plan_run(cfg, hw)["dit"], None, DEV, torch.bfloat16, False)
+    split = write_block_split(dit, tmp_path / "blocks", None if mode == "none" else mode.split("-")[0])
+    del dit
+    for v in (["offload=model"], ["offload=block"], ["offload=phase"],
+              ["offload=block", "offload.lazy_load=true", f"dit_quant.ckpt={split}"]):
+        got = run(cfg_13b(*common, *v))
+        assert torch.equal(got, reference), f"dit_quant={mode} {v}: latents differ from offload=none " \
+                                            f"(max |diff| {(got - reference).abs().max().item():.3g})"
+
+
+def test_random_weights_are_the_same_bits_on_cpu_and_gpu():
+    from lightq.checkpoints.loader import random_tensor
+
+    for shape, stream in (((5120, 13824), 7), ((3, 5), 0), ((1536, 16, 1, 2, 2), 2**32 - 1)):
+        cpu = random_tensor(shape, stream, 0.01, torch.device("cpu"))
+        assert torch.equal(random_tensor(shape, stream, 0.01, DEV).cpu(), cpu), shape
