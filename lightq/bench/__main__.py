@@ -1,4 +1,5 @@
-"""``python -m lightq.bench linear|step [options]`` — see ``lightq.bench.linear`` and ``lightq.bench.step``."""
+"""``python -m lightq.bench linear|step|pipeline [options]`` — see ``lightq.bench.linear``, ``lightq.bench.step`` and
+``lightq.bench.pipeline``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     stp.add_argument("--layers", type=int, default=None,
                      help="blocks to build (default: 4 for 14B, all 30 for 1.3B); the step is extrapolated")
     stp.add_argument("--profile", action="store_true", help="print a per-op CUDA time breakdown of one block")
+    pip = sub.add_parser("pipeline", help="the user's job (python -m lightq) per mode, each in a fresh process")
+    pip.add_argument("overrides", nargs="*", help="overrides common to every job, e.g. model=wan2.1-t2v-14b "
+                     "model.weights=random sampler=distill")
+    pip.add_argument("--jobs", type=lambda t: [p.strip() for p in t.split(";") if p.strip()], default=[],
+                     help="';'-separated jobs after the bf16 one: a DiT mode (fp8-triton) or overrides "
+                          "(\"dit_quant=fp8-sgl t5_quant=fp8-sgl\")")
+    pip.add_argument("--cache", default="warm", help="cold (empty Triton cache per job), warm (an untimed run "
+                     "first), or both")
+    pip.add_argument("--repeat", type=int, default=1, help="timed runs of each job")
+    pip.add_argument("--work", default=None, help="folder for the jobs' outputs and caches (./bench-pipeline)")
+    pip.add_argument("--json", default=None, help="also write the rows to this JSON file")
     for p in (lin, stp):
         p.add_argument("--modes", type=_csv, default=None,
                        help="comma-separated modes, e.g. fp8-triton,fp8-vllm (default: every installed one)")
@@ -39,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             from .linear import run
 
             run(args.shapes, args.modes, args.iters, args.quick, args.json)
+        elif args.command == "pipeline":
+            from .pipeline import run
+
+            run(args.jobs, args.overrides, args.cache, args.work, args.json, args.repeat)
         else:
             from .step import run
 

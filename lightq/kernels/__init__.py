@@ -18,6 +18,8 @@ import os
 import torch
 import triton
 
+from . import tuned_configs
+
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton reads it at import, so do we
 
 
@@ -58,18 +60,30 @@ def kernel_op(name: str):
 
 class Tuned:
     """A ``@triton.jit`` kernel launched autotuned over ``configs`` (keyed on ``key``) on the GPU, and with the
-    first config under the interpreter, which has nothing to time."""
+    first config under the interpreter, which has nothing to time. On the GPU the shipped table of this GPU
+    (``tuned_configs``) answers first, then Triton's on-disk autotuning cache, and only then the autotuner times
+    the configs."""
 
     def __init__(self, kernel, configs: list, key: list[str]):
         self.kernel = kernel
+        self.name = kernel.__name__
         self.default = configs[0]
-        self.tuned = triton.autotune(configs=configs, key=key)(kernel)
+        self.tune(configs, key)
+
+    def tune(self, configs: list, key: list[str]) -> None:
+        """Autotune over ``configs`` on the GPU (the interpreter keeps the first config given to ``__init__``)."""
+        self.tuned = triton.autotune(configs=configs, key=key, cache_results=True)(self.kernel)
+        self._seeded = False
+        tuned_configs.register(self.name, self.tuned)
 
     def __getitem__(self, grid):
         if interpreting():
             def launch(*args, **kwargs):
                 return self.kernel[grid](*args, **kwargs, **self.default.kwargs)
             return launch
+        if not self._seeded:
+            tuned_configs.seed(self.name, self.tuned)
+            self._seeded = True
         return self.tuned[grid]
 
 

@@ -76,7 +76,7 @@ def _int8_mm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, bias_ptr, c_ptr, M, N, K: tl.c
 
 
 _int8_mm = Tuned(_int8_mm_kernel, [_INTERPRETER_CONFIG], key=["M_BUCKET", "N", "K", "HAS_BIAS"])
-_int8_mm.tuned = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS"])(_int8_mm_kernel)
+_int8_mm.tune(_CONFIGS, ["M_BUCKET", "N", "K", "HAS_BIAS"])
 
 
 def _grid(m: int, n: int):
