@@ -172,12 +172,17 @@ def run(job_specs: list[str], common: list[str], cache: str, work: Path | None, 
                       + (f" ({r.get('reason', '')[:200]})" if r.get("status") != "ok" else ""), flush=True)
                 if r.get("status") != "ok" and jobs[-1].stderr_tail:
                     print(jobs[-1].stderr_tail, file=sys.stderr)
+                rows, header = _write(jobs, common, cache, json_path)  # after every job: a killed run keeps its rows
+    print(markdown(rows, header))
+    return rows
+
+
+def _write(jobs: list[Job], common: list[str], cache: str, json_path: str | None) -> tuple[list[dict], str]:
     rows = rows_of(jobs)
     gpu = next((j.result.get("hardware", {}).get("gpu") for j in jobs if j.result.get("hardware")), None)
     header = (f"`python -m lightq {' '.join(common)}` per job; device: {gpu or 'cpu'}; "
               f"python {sys.version.split()[0]}; cache: {cache}")
-    print(markdown(rows, header))
     if json_path:
         Path(json_path).write_text(json.dumps({"header": header, "common": common, "rows": rows}, indent=2) + "\n")
-    return rows
+    return rows, header
 
