@@ -27,7 +27,7 @@ HUB_PATTERNS = {
 def open_component_source(ref: str, component: str):
     """The float checkpoint of ``component`` that ``ref`` names (file, folder, Hub reference or tiny model)."""
     from .checkpoints import hub
-    from .checkpoints.io import open_source
+    from .checkpoints.sources import open_source
     from .checkpoints.locate import find_component_file
 
     if ref in TINY:

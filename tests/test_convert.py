@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightq.checkpoints.io import open_source
+from lightq.checkpoints.sources import open_source
 from lightq.checkpoints.lightx2v_config import overrides_from_lightx2v
 from lightq.checkpoints.locate import find_component_file
 from lightq.errors import CheckpointError, LightqError
@@ -74,13 +74,13 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, args, message):
 
 SLOW_WRITER = """
 import sys, time
-from lightq.checkpoints import io
-_write = io.SafetensorsWriter.write
+from lightq.checkpoints import writers
+_write = writers.SafetensorsWriter.write
 def slow(self, key, tensor):
     _write(self, key, tensor)
     self._file.flush()
     time.sleep(0.05)
-io.SafetensorsWriter.write = slow
+writers.SafetensorsWriter.write = slow
 from lightq.convert import main
 sys.argv = ["lightq.convert"] + sys.argv[1:]
 main()

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 
 from lightq import config, hardware, plan
 from lightq.checkpoints.conversion import convert
-from lightq.checkpoints.io import NON_BLOCK_FILE, save_safetensors_atomic
+from lightq.checkpoints.sources import NON_BLOCK_FILE
+from lightq.checkpoints.writers import save_safetensors_atomic
 from lightq.convert import open_component_source
 from lightq.errors import LightqError
 from lightq.offload import gpu_weight_need

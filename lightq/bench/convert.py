@@ -27,7 +27,7 @@ import torch
 
 def write_random_dit(arch_name: str, folder: Path, shard_gb: float = 5.0, seed: int = 0) -> tuple[int, float]:
     """A random bf16 DiT in the official chunked layout; returns (bytes, seconds). One tensor in memory at a time."""
-    from ..checkpoints.io import SafetensorsWriter
+    from ..checkpoints.writers import SafetensorsWriter
     from ..models.wan_dit import DIT_ARCHS, WanDiT
 
     with torch.device("meta"):

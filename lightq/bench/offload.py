@@ -128,7 +128,8 @@ def write_block_split(model, folder: Path, scheme: str | None) -> Path:
     """The model's weights as ``block_<i>.safetensors`` + ``non_block.safetensors`` in lightq's layout (quantized
     linears as ``<p>.weight`` + ``<p>.weight_scale``), streamed one file at a time by the converter's writer."""
     from ..checkpoints.formats import GRANULARITY, SCALE
-    from ..checkpoints.io import NON_BLOCK_FILE, SafetensorsWriter
+    from ..checkpoints.sources import NON_BLOCK_FILE
+    from ..checkpoints.writers import SafetensorsWriter
     from ..offload.lazy import BLOCK_KEY
     from ..quant.linear import QLinear
 
@@ -178,7 +179,7 @@ def run(args) -> list[Row]:
     from ..models.wan_dit import DIT_ARCHS, WanDiT
     from ..offload.lazy import load_lazy
     from ..offload.placement import BlockOffload, WholeOffload
-    from ..checkpoints.io import open_source
+    from ..checkpoints.sources import open_source
 
     dev = torch.device(args.device)
     pin = dev.type == "cuda"

@@ -1,6 +1,7 @@
 """Checkpoints: lazy reading of every published layout, streamed atomic writing, loading into modules.
 
-- ``io``              ``TensorSource`` / ``open_source`` (safetensors, chunked, block split, .pth), atomic writers
+- ``sources``         ``TensorSource`` / ``open_source`` (safetensors, chunked, block split, .pth), file hashes
+- ``writers``         ``SafetensorsWriter`` / ``save_safetensors_atomic``: streamed atomic writing
 - ``formats``         pre-quantized layouts (lightq, LightX2V, ComfyUI scaled fp8): detection and validation
 - ``loader``          ``load_component``: meta-device build, tensor-by-tensor fill, QLinear swap
 - ``conversion``      streaming quantized conversion behind ``python -m lightq.convert``
@@ -14,7 +15,7 @@ Names are imported lazily, so ``hub`` and ``lightx2v_config`` work without impor
 from importlib import import_module
 
 _EXPORTS = {
-    "TensorSource": "io", "open_source": "io", "save_safetensors_atomic": "io",
+    "TensorSource": "sources", "open_source": "sources", "save_safetensors_atomic": "writers",
     "load_component": "loader", "find_component_file": "locate", "overrides_from_lightx2v": "lightx2v_config",
 }
 

@@ -36,7 +36,8 @@ from ..models.layouts import QUANTIZABLE
 from ..quant import schemes as S
 from ..quant.linear import check_skip, selected
 from . import formats as F
-from .io import SafetensorsWriter, TensorSource, commit, mmap_safetensors, refuse_overwrite, sources_sha256
+from .sources import TensorSource, sources_sha256
+from .writers import SafetensorsWriter, commit, mmap_safetensors, refuse_overwrite
 
 LAYOUTS = ("single", "chunked", "blocks", "lightx2v", "comfyui")
 LIGHTX2V_PTH = {

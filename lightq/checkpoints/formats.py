@@ -22,11 +22,13 @@ included) or dtype, NaN/Inf in data or scale, a float weight where the mode expe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import CheckpointError
 from ..quant import schemes as S
-from .io import TensorSource
+from .sources import TensorSource
 
 SCALE = ".weight_scale"
 COMFY_SCALE = ".scale_weight"
@@ -165,7 +167,7 @@ def _check_scale_values(source: TensorSource, scale_key: str, scale: torch.Tenso
 def _comfy_scale(source: TensorSource, prefix: str, n: int) -> torch.Tensor:
     """ComfyUI's per-tensor ``scale_weight`` as lightq's per-channel ``[N, 1]`` (every row the same scale)."""
     skey = prefix + COMFY_SCALE
-    if source.dtype(skey) != torch.float32 or _numel(source.shape(skey)) != 1:
+    if source.dtype(skey) != torch.float32 or math.prod(source.shape(skey)) != 1:
         raise CheckpointError(f"{source.file_of(skey)}: ComfyUI scale '{skey}' must be one float32 value, got "
                               f"{source.dtype(skey)} {tuple(source.shape(skey))}")
     s = source[skey].reshape(())
@@ -177,13 +179,6 @@ def _comfy_scale(source: TensorSource, prefix: str, n: int) -> torch.Tensor:
             raise CheckpointError(f"{source.file_of(ikey)}: '{ikey}' must be one value, got shape {tuple(si.shape)}")
         _check_scale_values(source, ikey, si.float())
     return s.float().expand(n, 1).contiguous()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def quantize_fp8_per_tensor(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ from ..errors import CheckpointError
 from ..quant.linear import QLinear, selected
 from ..quant.schemes import dequantize_weight, quantize_weight
 from . import formats as F
-from .io import TensorSource
+from .sources import TensorSource
 
 RANDOM = "random"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..models.layouts import QUANTIZABLE
 from . import formats as F
-from .io import BLOCK_FILE, NON_BLOCK_FILE, open_source
+from .sources import BLOCK_FILE, NON_BLOCK_FILE, open_source
 
 T5_QUANT = "models_t5_umt5-xxl-enc-{}.pth"
 T5_BF16 = "models_t5_umt5-xxl-enc-bf16.pth"

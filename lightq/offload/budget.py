@@ -14,6 +14,8 @@ Activations come on top and are not counted: the check refuses budgets that the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -48,7 +50,7 @@ class _Sizer:
             if (self.scheme and r.name == "weight" and isinstance(r.owner, nn.Linear)
                     and selected(name, self.include, self.skip)):
                 data_shape, data_dtype, scale_shape = expected_layout(self.scheme, *t.shape)
-                total += _aligned(_numel(data_shape) * data_dtype.itemsize) + _aligned(_numel(scale_shape) * 4)
+                total += _aligned(math.prod(data_shape) * data_dtype.itemsize) + _aligned(math.prod(scale_shape) * 4)
             else:
                 itemsize = self.dtype.itemsize if t.is_floating_point() else t.dtype.itemsize
                 total += _aligned(t.numel() * itemsize)
@@ -57,13 +59,6 @@ class _Sizer:
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.1f} MiB"
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _components(cfg) -> dict[str, tuple[nn.Module, str | None, tuple, torch.dtype]]:

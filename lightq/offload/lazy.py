@@ -17,50 +17,18 @@ import queue
 import re
 import threading
 from collections import defaultdict
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ..checkpoints.io import NON_BLOCK_FILE, TensorSource
+from ..checkpoints.sources import NON_BLOCK_FILE, TensorSource
 from ..checkpoints.loader import load_component
 from ..errors import LightqError
 from .binding import Pack
 from .units import unit_specs, units_per_block
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
-
-
-class SubsetSource(TensorSource):
-    """The keys ``keys`` of ``source``, behind the same interface (same name, files and metadata)."""
-
-    def __init__(self, source: TensorSource, keys: list[str]):
-        self._source, self._keys = source, list(keys)
-        self._set = frozenset(self._keys)
-        self.name, self.files, self.metadata = source.name, source.files, source.metadata
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._set:
-            raise KeyError(key)
-        return self._source[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key) -> bool:
-        return key in self._set
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._source.shape(key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._source.dtype(key)
-
-    def file_of(self, key: str):
-        return self._source.file_of(key)
 
 
 class _Holder(nn.Module):
@@ -104,7 +72,7 @@ class LazyBlocks:
 
     def read(self, i: int) -> nn.Module:
         holder = load_component(lambda: _Holder(i, copy.deepcopy(self.template)),
-                                SubsetSource(self.source, self.keys[i]), device="cpu", progress=False,
+                                self.source.subset(self.keys[i]), device="cpu", progress=False,
                                 **self.load_kwargs)
         return holder.blocks[str(i)].requires_grad_(False)
 

@@ -65,7 +65,7 @@ def _source(component: str, quant_cfg, folder: Path | None, scheme: str | None):
     """The TensorSource of one component: its ``ckpt`` if given, else its file in the model folder — the
     pre-quantized one of the mode's scheme when the folder has it, else the bf16 original (quantized at load)."""
     from ..checkpoints.hub import resolve
-    from ..checkpoints.io import open_source
+    from ..checkpoints.sources import open_source
     from ..checkpoints.locate import find_component_file
     from ..errors import CheckpointError
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from lightq import staging
-from lightq.checkpoints.io import open_source
+from lightq.checkpoints.sources import open_source
 
 from .conftest import no_partials, one_line, snapshot
 
@@ -108,12 +108,12 @@ def test_write_failures_are_one_line_and_keep_the_previous_output(convert_cli, t
     out = tmp_path / "q.safetensors"
     assert convert_cli("source=tiny", f"output={out}")[0] == 0
     before = snapshot(tmp_path)
-    from lightq.checkpoints import io
+    from lightq.checkpoints import writers
 
     def failing_write(self, key, tensor):
         raise OSError(err_no, os.strerror(err_no), str(self._tmp))
 
-    monkeypatch.setattr(io.SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(writers.SafetensorsWriter, "write", failing_write)
     code, err, _ = convert_cli("source=tiny", "scheme=int8", f"output={out}", "overwrite=true")
     assert code == 2
     one_line(err, "the conversion failed", fix)
