@@ -33,11 +33,12 @@ def kernels():
     """The kernel modules, provided they were imported in interpreter mode (else the CPU cannot run them)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from lightq.kernels import act_quant, fused_block, fused_norm_quant, int8_gemm
+    from lightq.fused import wan_block
+    from lightq.kernels import act_quant, fused_norm_quant, int8_gemm
 
     if not isinstance(act_quant._act_quant_kernel, InterpretedFunction):
         pytest.skip("lightq.kernels was imported before TRITON_INTERPRET=1 was set in this process")
-    return act_quant, fused_norm_quant, int8_gemm, fused_block
+    return act_quant, fused_norm_quant, int8_gemm, wan_block
 
 
 # --- spec, registry, modes (no triton needed) ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ bf16 output.
 
 ``_scaled_mm``'s row-wise path outputs bf16 only: for fp16 activations the bias is added in fp32 after it and the
 result rounded to fp16 (two roundings, as the torch backend does). ``gemm_only(x_q, s_x, packed, bias, out_dtype)``
-is the GEMM alone, and is what the fused DiT block (``lightq.kernels.fused_block``) calls after its fused
+is the GEMM alone, and is what the fused DiT block (``lightq.fused.wan_block``) calls after its fused
 norm + modulation + quantization kernels.
 
 Loading the backend compiles and runs each kernel once on a tiny input and compares it with the torch reference:

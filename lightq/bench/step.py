@@ -2,7 +2,7 @@
 
 For each model size and mode (``none`` = bf16, then every installed fp8 / int8 per-channel mode), the DiT is built
 with random weights through ``load_component`` (the same seeded weights for every mode, quantized at load), with
-the ``triton`` backend's blocks fused (``lightq.kernels.fused_block``). Measured in one run:
+the ``triton`` backend's blocks fused (``lightq.fused.wan_block``). Measured in one run:
 
     block     one block forward on [1, 32760, dim] tokens: ms, and relative L2 error of its update vs bf16
     norm+qkv  LayerNorm + modulation + q/k/v projections: the fused kernel + one GEMM (fused blocks) or the
@@ -132,7 +132,7 @@ def build(arch, mode, scheme, backend):
                            progress=False)
     fused = 0
     if backend is not None and backend.name == "triton":
-        from ..kernels.fused_block import fuse_dit_blocks
+        from ..fused.wan_block import fuse_dit_blocks
 
         fused = fuse_dit_blocks(model)
     return model.requires_grad_(False), fused
@@ -152,7 +152,7 @@ def inputs(arch, seed=0):
 
 def norm_qkv_fn(block, tokens, e0, dtype):
     """LayerNorm + modulation + q/k/v as this block computes them (fused or eager)."""
-    from ..kernels.fused_block import FusedBlock
+    from ..fused.wan_block import FusedBlock
 
     if isinstance(block, FusedBlock):
         mod = (block.modulation.float() + e0).contiguous()

@@ -134,7 +134,7 @@ def load_dit(cfg, plan, folder, device, dtype, progress):
     arch = DIT_ARCHS[cfg.model.dit_arch]
     model = _load("dit", lambda: WanDiT(arch), cfg, plan, folder, device, dtype, progress)
     if plan is not None and plan.backend == "triton" and cfg.dit_quant.options.get("fuse", True):
-        from ..kernels.fused_block import fuse_dit_blocks  # norm+modulation+quant, fused q/k/v, GELU+quant
+        from ..fused.wan_block import fuse_dit_blocks  # norm+modulation+quant, fused q/k/v, GELU+quant
 
         fuse_dit_blocks(model)
     return model

@@ -367,7 +367,7 @@ def _block_args(arch, seq_grid=(4, 30, 52)):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_fused_block_has_no_error_regression(scheme):
-    from lightq.kernels.fused_block import FusedBlock, fuse_dit_blocks
+    from lightq.fused.wan_block import FusedBlock, fuse_dit_blocks
 
     ref_model, arch = _dit(None, "torch")
     unfused_model, _ = _dit(scheme, "torch")
@@ -386,7 +386,7 @@ def test_fused_block_has_no_error_regression(scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_full_dit_forward_with_fused_blocks(scheme):
-    from lightq.kernels.fused_block import fuse_dit_blocks
+    from lightq.fused.wan_block import fuse_dit_blocks
 
     ref_model, arch = _dit(None, "torch", dim=512, heads=4, layers=2)
     model, _ = _dit(scheme, "triton", dim=512, heads=4, layers=2)
@@ -402,7 +402,7 @@ def test_full_dit_forward_with_fused_blocks(scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_fused_block_under_torch_compile_and_cuda_graphs(scheme):
-    from lightq.kernels.fused_block import fuse_dit_blocks
+    from lightq.fused.wan_block import fuse_dit_blocks
 
     model, arch = _dit(scheme, "triton")
     fuse_dit_blocks(model)

@@ -18,7 +18,7 @@ with the quantization moved into the kernels that produce each linear's input:
 
 so no bf16 normalised activation is written and re-read, q/k/v are quantized once for one GEMM, and the RMSNorm /
 RoPE chain (7 elementwise passes in fp32 in the unfused block) is one kernel per tensor. The numerics are the
-unfused block's up to reduction order (see ``fused_norm_quant``). The q/k/v QLinears keep their buffers as views of
+unfused block's up to reduction order (see ``lightq.kernels.fused_norm_quant``). The q/k/v QLinears keep their buffers as views of
 the concatenated weight, so a fused model holds no second copy (moving it to another device materialises the views
 separately: fuse after placing the model).
 """
@@ -31,8 +31,8 @@ from torch import nn
 from ..models.attention import attention
 from ..models.wan_dit import Block, CrossAttention, SelfAttention
 from ..quant.linear import QLinear
-from .act_quant import act_quant
-from .fused_norm_quant import add_gated, add_norm_quant, norm_quant, qkv_rms_rope, rms_rope
+from ..kernels.act_quant import act_quant
+from ..kernels.fused_norm_quant import add_gated, add_norm_quant, norm_quant, qkv_rms_rope, rms_rope
 
 FUSED_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o",
                  "ffn.0", "ffn.2")
