@@ -5,5 +5,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["lightq", "lightq.*"]) + ["lightq.conf"],
     package_dir={"lightq.conf": "conf"},
-    package_data={"lightq.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+    package_data={"lightq.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"], "lightq.kernels": ["tuned/*.json"]},
 )
