@@ -32,7 +32,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                      help="';'-separated jobs after the bf16 one: a DiT mode (fp8-triton) or overrides "
                           "(\"dit_quant=fp8-sgl t5_quant=fp8-sgl\")")
     pip.add_argument("--cache", default="warm", help="cold (empty Triton cache per job), warm (an untimed run "
-                     "first), or both")
+                     "first), both, or keep (the --work folder's caches as they are)")
     pip.add_argument("--repeat", type=int, default=1, help="timed runs of each job")
     pip.add_argument("--work", default=None, help="folder for the jobs' outputs and caches (./bench-pipeline)")
     pip.add_argument("--json", default=None, help="also write the rows to this JSON file")

@@ -10,8 +10,8 @@ baseline every later job of the run compares with).
 Caches. Compiled Triton kernels and autotuning results live in ``TRITON_CACHE_DIR``, lightq's baselines in
 ``LIGHTQ_CACHE``. The run gets its own folder for both (``--work``); ``--cache cold`` empties the Triton cache
 before every job (a first run on a fresh machine, as far as a process can make one), ``warm`` runs every job once
-untimed first with the same cache, ``both`` reports the cold and then the warm job. The device's OS page cache and
-driver state are not reset.
+untimed first with the same cache, ``both`` reports the cold and then the warm job, ``keep`` uses the folder's
+caches as an earlier run left them. The device's OS page cache and driver state are not reset.
 """
 
 from __future__ import annotations
@@ -151,13 +151,13 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def run(job_specs: list[str], common: list[str], cache: str, work: Path | None, json_path: str | None,
         repeat: int = 1) -> list[dict]:
-    if cache not in ("cold", "warm", "both"):
-        raise LightqError(f"--cache {cache}: choose cold, warm or both")
+    if cache not in ("cold", "warm", "both", "keep"):
+        raise LightqError(f"--cache {cache}: choose cold, warm, both or keep")
     work = Path(work or Path.cwd() / "bench-pipeline").resolve()
     if (work / "lightq").exists():
         shutil.rmtree(work / "lightq")  # baselines of an earlier run are not this run's bf16 job
     jobs: list[Job] = []
-    states = ["cold", "warm"] if cache == "both" else [cache]
+    states = {"both": ["cold", "warm"], "keep": ["warm"]}.get(cache, [cache])
     for state in states:
         for spec in parse_jobs(job_specs):
             for _ in range(repeat):
