@@ -8,8 +8,8 @@ GPU and host memory, and quality against the bf16 job (same weights, seed and pr
 baseline every later job of the run compares with).
 
 Caches. Compiled Triton kernels and autotuning results live in ``TRITON_CACHE_DIR``, lightq's baselines in
-``LIGHTQ_CACHE``. The run gets its own folder for both (``--work``); ``--cache cold`` empties the Triton cache
-before every job (a first run on a fresh machine, as far as a process can make one), ``warm`` runs every job once
+``LIGHTQ_CACHE``. The run gets its own folder for both (``--work``); ``--cache cold`` gives every job an empty
+Triton cache (what it compiles is then merged into the folder's shared one) (a first run on a fresh machine, as far as a process can make one), ``warm`` runs every job once
 untimed first with the same cache, ``both`` reports the cold and then the warm job, ``keep`` uses the folder's
 caches as an earlier run left them. The device's OS page cache and driver state are not reset.
 """
@@ -57,9 +57,9 @@ def parse_jobs(specs: list[str]) -> list[Job]:
     return jobs
 
 
-def _env(work: Path) -> dict:
+def _env(work: Path, triton_cache: Path) -> dict:
     env = dict(os.environ)
-    env.update(TRITON_CACHE_DIR=str(work / "triton"), LIGHTQ_CACHE=str(work / "lightq"), PYTHONUNBUFFERED="1")
+    env.update(TRITON_CACHE_DIR=str(triton_cache), LIGHTQ_CACHE=str(work / "lightq"), PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
     return env
 
@@ -70,9 +70,15 @@ def run_job(job: Job, common: list[str], work: Path, index: int) -> Job:
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "lightq", *common, *job.overrides, f"hydra.run.dir={out}"]
+    shared = work / "triton"
+    triton_cache = work / "triton-cold" if job.cache == "cold" else shared
+    if job.cache == "cold":
+        shutil.rmtree(triton_cache, ignore_errors=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=_env(work, triton_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job.wall_s = time.perf_counter() - t0
+    if job.cache == "cold" and triton_cache.is_dir():  # what a cold job compiled warms later jobs of the run
+        shutil.copytree(triton_cache, shared, dirs_exist_ok=True)
     job.exit_code = proc.returncode
     job.stderr_tail = proc.stderr[-2000:]
     try:
@@ -162,9 +168,7 @@ def run(job_specs: list[str], common: list[str], cache: str, work: Path | None, 
         for spec in parse_jobs(job_specs):
             for _ in range(repeat):
                 job = Job(spec.label, spec.overrides, state)
-                if state == "cold":
-                    shutil.rmtree(work / "triton", ignore_errors=True)
-                elif cache == "warm":  # populate the caches with an untimed run of the same job
+                if cache == "warm":  # populate the caches with an untimed run of the same job
                     run_job(Job(job.label, job.overrides, "prime"), common, work, len(jobs))
                 jobs.append(run_job(job, common, work, len(jobs)))
                 r = jobs[-1].result
