@@ -13,6 +13,7 @@ from lightq.errors import CheckpointError
 from lightq.models import clip, layouts, t5, wan_dit
 from lightq.models.tiny import ensure_tiny
 from lightq.quant.linear import QLinear, swap_linears
+from lightq.quant.method import QuantMethod
 from lightq.quant.schemes import FP8_DTYPE, QuantizedWeight
 
 DIT = layouts.QUANTIZABLE["dit"]
@@ -59,14 +60,14 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
     ("int4-g128", ["single", "blocks"]),
 ])
 def test_dit_convert_then_load_equals_load_time_quantization(tmp_path, dit_src, scheme, layouts_):
-    reference = load_component(build_dit, dit_src, include=DIT, scheme=scheme, component="dit")
+    reference = load_component(build_dit, dit_src, include=DIT, method=QuantMethod.portable(scheme), component="dit")
     assert isinstance(reference.blocks[0].cross_attn.k_img, QLinear)
     ref_out = _run(reference)
     for layout in layouts_:
         out = tmp_path / (layout if layout in ("chunked", "blocks") else f"{layout}.safetensors")
         written = convert(dit_src, component="dit", scheme=scheme, output=out, layout=layout, shard_bytes=150_000,
                           progress=False)
-        loaded = load_component(build_dit, open_source(written), include=DIT, scheme=scheme, component="dit")
+        loaded = load_component(build_dit, open_source(written), include=DIT, method=QuantMethod.portable(scheme), component="dit")
         assert _same_state(loaded, reference), layout
         assert torch.equal(_run(loaded), ref_out), layout
 
@@ -78,12 +79,12 @@ def test_skip_patterns_keep_linears_high_precision(tmp_path, dit_src):
     meta = open_source(out).metadata
     assert meta["lightq.skip"] == '["blocks.0.*", "*.ffn.2"]' and meta["lightq.scheme"] == "int8"
     assert meta["lightq.source_sha256"] and meta["lightq.component"] == "dit" and meta["lightq.version"]
-    m = load_component(build_dit, open_source(out), include=DIT, skip=skip, scheme="int8")
+    m = load_component(build_dit, open_source(out), include=DIT, method=QuantMethod.portable("int8", skip=skip))
     assert isinstance(m.blocks[0].self_attn.q, nn.Linear) and isinstance(m.blocks[1].ffn[2], nn.Linear)
     assert isinstance(m.blocks[1].ffn[0], QLinear)
     # a skipped layer in the file is loaded as the mode's skip asks; dropping the skip then finds a float weight
     with pytest.raises(CheckpointError, match=r"'blocks.0.self_attn.q.weight' is not quantized .* skip patterns"):
-        load_component(build_dit, open_source(out), include=DIT, scheme="int8")
+        load_component(build_dit, open_source(out), include=DIT, method=QuantMethod.portable("int8"))
 
 
 @pytest.mark.parametrize("component, scheme", [("t5", "int8"), ("t5", "fp8"), ("clip", "fp8"), ("clip", "int8")])
@@ -105,8 +106,8 @@ def test_encoders_lightx2v_pth_round_trip(tmp_path, tiny_dir, component, scheme)
     assert all(raw[k[: -len("_scale")]].dtype == (FP8_DTYPE if scheme == "fp8" else torch.int8) for k in qkeys)
     assert not any(k.startswith("textual.") for k in raw)
     assert all(v.dtype in (torch.float32, torch.int8, FP8_DTYPE) for v in raw.values())  # LightX2V: rest in fp32
-    ref = load_component(build, src, include=inc, scheme=scheme, ignore_prefixes=ignore, dtype=torch.float32)
-    got = load_component(build, open_source(out), include=inc, scheme=scheme, ignore_prefixes=ignore,
+    ref = load_component(build, src, include=inc, method=QuantMethod.portable(scheme), ignore_prefixes=ignore, dtype=torch.float32)
+    got = load_component(build, open_source(out), include=inc, method=QuantMethod.portable(scheme), ignore_prefixes=ignore,
                          dtype=torch.float32)
     assert _same_state(got, ref)
 
@@ -160,7 +161,7 @@ def test_lightx2v_converter_file_loads_and_matches(tmp_path, dit_src, qdtype, sc
     file = _lightx2v_file(state, qdtype)
     assert any(v.dtype == torch.bfloat16 for k, v in file.items() if k.endswith("_scale"))
     save_file(file, tmp_path / "wan_lightx2v.safetensors")
-    got = load_component(build_dit, open_source(tmp_path / "wan_lightx2v.safetensors"), include=DIT, scheme=scheme)
+    got = load_component(build_dit, open_source(tmp_path / "wan_lightx2v.safetensors"), include=DIT, method=QuantMethod.portable(scheme))
     assert torch.equal(_run(got), _run(_expected_from(file, scheme)))
 
 
@@ -180,17 +181,17 @@ def test_comfyui_scaled_fp8_file_loads_exactly(tmp_path, dit_src):
     file["scaled_fp8"] = torch.zeros(2, dtype=FP8_DTYPE)
     save_file(file, tmp_path / "wan2.1_fp8_scaled.safetensors")
     src = open_source(tmp_path / "wan2.1_fp8_scaled.safetensors")
-    got = load_component(build_dit, src, include=DIT, scheme="fp8")
+    got = load_component(build_dit, src, include=DIT, method=QuantMethod.portable("fp8"))
     assert torch.equal(_run(got), _run(_expected_from(file, "fp8")))
     with pytest.raises(CheckpointError, match="stored as fp8 but the mode expects int8"):
-        load_component(build_dit, src, include=DIT, scheme="int8")
+        load_component(build_dit, src, include=DIT, method=QuantMethod.portable("int8"))
     # lightq's own comfyui writer produces the same conventions and loads too
     out = convert(dit_src, component="dit", scheme="fp8", output=tmp_path / "c.safetensors", layout="comfyui",
                   progress=False)
     raw = load_file(out)
     assert raw["scaled_fp8"].dtype == FP8_DTYPE and raw["scaled_fp8"].shape == (2,)
     assert raw["blocks.0.self_attn.q.scale_weight"].shape == () and raw["blocks.0.self_attn.q.scale_weight"].dtype == torch.float32
-    load_component(build_dit, open_source(out), include=DIT, scheme="fp8")
+    load_component(build_dit, open_source(out), include=DIT, method=QuantMethod.portable("fp8"))
 
 
 # --- corruption and mismatch: each its own clear error ---
@@ -225,29 +226,29 @@ Q = "blocks.1.ffn.0"
 def test_corrupt_quantized_tensors(tmp_path, fp8_file, change, message):
     src = _edit(fp8_file, tmp_path, change)
     with pytest.raises(CheckpointError, match=message):
-        load_component(build_dit, src, include=DIT, scheme="fp8")
+        load_component(build_dit, src, include=DIT, method=QuantMethod.portable("fp8"))
 
 
 def test_mode_file_mismatch(fp8_file):
     with pytest.raises(CheckpointError, match="holds scheme 'fp8' .* mode expects 'int8'"):
-        load_component(build_dit, open_source(fp8_file), include=DIT, scheme="int8")
+        load_component(build_dit, open_source(fp8_file), include=DIT, method=QuantMethod.portable("int8"))
     with pytest.raises(CheckpointError, match="quantized .* mode is 'none'"):
-        load_component(build_dit, open_source(fp8_file), include=DIT, scheme=None)
+        load_component(build_dit, open_source(fp8_file), include=DIT, method=QuantMethod.portable(None))
     with pytest.raises(CheckpointError, match="'dit' checkpoint .* not 't5'"):
-        load_component(build_dit, open_source(fp8_file), include=DIT, scheme="fp8", component="t5")
+        load_component(build_dit, open_source(fp8_file), include=DIT, method=QuantMethod.portable("fp8"), component="t5")
 
 
 def test_lightx2v_layout_mismatch_without_metadata(tmp_path, fp8_file):
     src = _edit(fp8_file, tmp_path, lambda t: None, metadata={})  # no lightq header: detected from dtypes
     with pytest.raises(CheckpointError, match=r"'blocks.0.self_attn.q.weight' is stored as fp8 but the mode expects int8"):
-        load_component(build_dit, src, include=DIT, scheme="int8")
+        load_component(build_dit, src, include=DIT, method=QuantMethod.portable("int8"))
 
 
 def test_nan_weight_in_float_checkpoint(dit_src):
     t = {k: dit_src[k].clone() for k in dit_src}
     t["blocks.1.self_attn.v.weight"][3, 2] = float("nan")
     with pytest.raises(Exception, match=r"blocks.1.self_attn.v.weight: 1 NaN/Inf"):
-        load_component(build_dit, DictSource(t), include=DIT, scheme="int8")
+        load_component(build_dit, DictSource(t), include=DIT, method=QuantMethod.portable("int8"))
 
 
 def test_key_errors_are_listed(dit_src):
@@ -258,15 +259,15 @@ def test_key_errors_are_listed(dit_src):
     t["extra.thing"] = torch.zeros(1)
     t["head.head.weight"] = torch.zeros(3, 3)
     with pytest.raises(CheckpointError) as err:
-        load_component(build_dit, DictSource(t, "ckpt"), include=DIT, scheme="fp8")
+        load_component(build_dit, DictSource(t, "ckpt"), include=DIT, method=QuantMethod.portable("fp8"))
     msg = str(err.value)
     assert f"and {len(missing) - 5} more" in msg and "unexpected: extra.thing" in msg
     assert "mis-shaped: head.head.weight (file (3, 3)" in msg
 
 
 def test_random_weights_are_seeded_and_real_architecture():
-    a = load_component(build_dit, "random", include=DIT, scheme="int8", seed=3)
-    b = load_component(build_dit, "random", include=DIT, scheme="int8", seed=3)
-    c = load_component(build_dit, "random", include=DIT, scheme="int8", seed=4)
+    a = load_component(build_dit, "random", include=DIT, method=QuantMethod.portable("int8"), seed=3)
+    b = load_component(build_dit, "random", include=DIT, method=QuantMethod.portable("int8"), seed=3)
+    c = load_component(build_dit, "random", include=DIT, method=QuantMethod.portable("int8"), seed=4)
     assert _same_state(a, b) and not _same_state(a, c)
     assert isinstance(a.blocks[0].self_attn.q, QLinear) and torch.isfinite(_run(a).float()).all()

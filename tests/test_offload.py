@@ -114,12 +114,12 @@ def component_inputs(arch, seed: int = 0):
 def run_components(cfg, model: str):
     """(DiT outputs for two inputs, umT5 output) of the components loaded and run under ``cfg.offload``."""
     hw = hardware.resolve("cpu")
-    plans = plan.plan_run(cfg, hw)
+    methods = C.quant_methods(cfg, plan.plan_run(cfg, hw))
     cpu = torch.device("cpu")
     offload = C.Offload(cfg.offload, cpu, cfg)
     folder = C.model_folder(cfg.model)
-    dit = C.load_dit(cfg, plans["dit"], folder, offload.home, torch.bfloat16, False)
-    t5 = C.load_t5(cfg, plans["t5"], folder, offload.home, torch.bfloat16, False)
+    dit = C.load_dit(cfg, methods["dit"], folder, offload.home, torch.bfloat16, False)
+    t5 = C.load_t5(cfg, methods["t5"], folder, offload.home, torch.bfloat16, False)
     ids, mask = C.load_tokenizer_for(cfg.model, folder)(["a red fox", ""])
     with offload.active(t5):
         text = t5(ids, mask)
@@ -167,7 +167,8 @@ def test_mixed_precision_and_quantize_on_read(cfg_of, tmp_path, offload):
 def dit_and_inputs(cfg):
     hw = hardware.resolve("cpu")
     folder = C.model_folder(cfg.model)
-    dit = C.load_dit(cfg, plan.plan_run(cfg, hw)["dit"], folder, torch.device("cpu"), torch.bfloat16, False)
+    dit = C.load_dit(cfg, C.quant_methods(cfg, plan.plan_run(cfg, hw))["dit"], folder, torch.device("cpu"),
+                     torch.bfloat16, False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 2, 8, 8, generator=g)
     context = torch.randn(1, 7, dit.arch.text_dim, generator=g)

@@ -1,16 +1,40 @@
-"""Runtime half of the backend contract (see ``lightq.backends.spec`` for the whole contract)."""
+"""Runtime half of the backend contract (see ``lightq.backends.spec`` for the whole contract).
+
+Required: ``pack`` and ``apply``. Optional, each declared by a class attribute that ``__init_subclass__`` checks
+against what the class implements, so callers ask the attribute and never probe with ``hasattr``:
+
+- ``split_gemm = True``: the two halves of ``apply`` are available on their own (benchmarks time them apart),
+  ``quantize_activation(x2, scheme) -> (xq, sx)`` on ``[M, K]`` and
+  ``gemm_only(xq, sx, packed, bias, out_dtype) -> y [M, N]``;
+- ``fused_blocks = True`` (needs ``split_gemm``): ``lightq.fused`` blocks may run on the backend: ``pack`` keeps the
+  checkpoint layout (``{"data": codes [N, K], "scale": fp32 [N, 1]}``, so q/k/v concatenate along N) and
+  ``gemm_only`` takes the per-token codes and fp32 scales ``[M, 1]`` of ``lightq.kernels.act_quant``;
+- ``with_options(options)``: a copy configured by a mode's ``options``; the base takes none and refuses any.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import QuantizationError
+from ..errors import LightqError, QuantizationError
 from ..quant.schemes import QuantizedWeight
 from .spec import BackendSpec
 
 
 class Backend:
     """Kernels for one or more schemes. Subclasses implement ``pack`` and ``apply``; they hold no weights."""
+
+    split_gemm: bool = False
+    fused_blocks: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        halves = cls.quantize_activation is not Backend.quantize_activation and cls.gemm_only is not Backend.gemm_only
+        if cls.split_gemm and not halves:
+            raise TypeError(f"{cls.__name__} declares split_gemm but does not implement quantize_activation and "
+                            "gemm_only")
+        if cls.fused_blocks and not cls.split_gemm:
+            raise TypeError(f"{cls.__name__} declares fused_blocks, which needs split_gemm")
 
     def __init__(self, spec: BackendSpec):
         self.spec = spec
@@ -25,9 +49,21 @@ class Backend:
         """``x @ W^T + bias`` for ``x`` ``[..., K]``; output in ``x.dtype`` with the same leading shape."""
         raise NotImplementedError
 
-    # Optional, for backends that quantize activations (benchmarks time the two halves separately):
-    #   quantize_activation(x2, scheme) -> (xq, sx)        the backend's own activation quantizer on [M, K]
-    #   gemm_only(xq, sx, packed, bias, out_dtype) -> y    the GEMM (+ bias) on an already-quantized activation
+    def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``split_gemm``: the backend's own activation quantizer on ``[M, K]``: (codes, scales)."""
+        raise NotImplementedError(f"backend '{self.name}' has no separate activation quantizer (split_gemm)")
+
+    def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """With ``split_gemm``: the GEMM (+ bias) on an already quantized activation, ``[M, N]`` in ``out_dtype``."""
+        raise NotImplementedError(f"backend '{self.name}' has no separate GEMM (split_gemm)")
+
+    def with_options(self, options: dict) -> "Backend":
+        """This backend configured by a mode's ``options`` (a copy; this one is unchanged). The base takes none."""
+        if options:
+            raise LightqError(f"backend '{self.name}' takes no options, got {sorted(options)}; remove them from the "
+                              "mode's options")
+        return self
 
     ACT_DTYPES = (torch.bfloat16, torch.float16)
 

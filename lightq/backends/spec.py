@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import BackendUnavailable
 from ..hardware import Hardware
@@ -38,7 +38,8 @@ class BackendSpec:
     ``requires`` are import names checked with ``find_spec`` (nothing is imported); ``install`` is the command
     that provides them. ``impl`` is ``"module:Class"`` of the ``Backend`` implementation. ``max_capability``
     excludes newer GPUs the kernels were never built for (e.g. Q8-Kernels is Ada-only).
-    ``shape_rule`` names extra shape constraints checked by ``can_implement`` (``k_mult`` / ``n_mult``).
+    ``k_multiple`` / ``n_multiple``: the kernels need ``in_features`` / ``out_features`` to be multiples of these
+    (``fits``, checked per layer at load by ``lightq.quant.method``).
     """
 
     name: str
@@ -50,7 +51,6 @@ class BackendSpec:
     max_capability: float | None = None
     k_multiple: int = 1
     n_multiple: int = 1
-    options: dict = field(default_factory=dict)
 
     def is_available(self, hw: Hardware) -> Check:
         """Can this backend run at all here (packages present, device kind right)? Never raises."""
@@ -97,13 +97,17 @@ class BackendSpec:
                 return False, f"scheme '{scheme}' needs a CUDA GPU (compute capability >= {cap}), this run is on the CPU"
             if hw.capability < cap:
                 return False, f"scheme '{scheme}' needs compute capability >= {cap}, this GPU is {hw.describe()}"
-        if shape is not None:
-            if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
-                return False, f"weight shape must be (out_features, in_features) positive ints, got {shape!r}"
-            n, k = shape
-            if k % self.k_multiple or n % self.n_multiple:
-                return False, (f"needs in_features % {self.k_multiple} == 0 and out_features % {self.n_multiple} == 0,"
-                               f" got [{n}, {k}]")
+        return self.fits(shape) if shape is not None else (True, "ok")
+
+    def fits(self, shape: tuple[int, int]) -> Check:
+        """Do the kernels take a weight of ``shape`` = (N, K) = (out_features, in_features)? Never raises."""
+        if not isinstance(shape, (tuple, list)) or len(shape) != 2 \
+                or not all(isinstance(d, int) and d > 0 for d in shape):
+            return False, f"weight shape must be (out_features, in_features) positive ints, got {shape!r}"
+        n, k = shape
+        if k % self.k_multiple or n % self.n_multiple:
+            return False, (f"needs in_features % {self.k_multiple} == 0 and out_features % {self.n_multiple} == 0,"
+                           f" got [{n}, {k}]")
         return True, "ok"
 
     def load(self) -> "object":

@@ -39,6 +39,9 @@ OPTIONS = {"fast_accum": False, "fuse_bias": True}
 class TritonBackend(Backend):
     """``fp8`` / ``int8`` on lightq's Triton kernels (see the module docstring)."""
 
+    split_gemm = True
+    fused_blocks = True  # pack keeps the checkpoint layout; gemm_only takes lightq.kernels.act_quant's output
+
     def __init__(self, spec: BackendSpec):
         super().__init__(spec)
         self.options = dict(OPTIONS)

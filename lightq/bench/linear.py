@@ -97,8 +97,6 @@ class Backends:
         options = mode.split("+")[1:]
         if not options:
             return got, ""
-        if not hasattr(got, "with_options"):
-            return None, f"backend '{spec.name}' takes no options"
         try:
             return got.with_options({name: True for name in options}), ""
         except LightqError as exc:
@@ -106,7 +104,7 @@ class Backends:
 
 
 def _quantizer(backend, scheme):
-    if hasattr(backend, "quantize_activation"):
+    if backend.split_gemm:
         return lambda x: backend.quantize_activation(x, scheme)
     return lambda x: S.quantize_activation(x, scheme)
 
@@ -137,7 +135,7 @@ def measure_shape(family, label, m, n, k, modes, backends, hw, iters, copy_gbps)
             xq, sx = quant(x)
             row.quant_bw_pct = 100 * (x.numel() * 2 + xq.numel() * xq.element_size() + sx.numel() * 4) \
                 / row.quant_ms / 1e6 / copy_gbps
-            if hasattr(backend, "gemm_only"):
+            if backend.split_gemm:
                 row.gemm_ms = timing.time_ms(lambda: backend.gemm_only(xq, sx, packed, bias, torch.bfloat16), iters)
             del packed, xq, sx
         except Exception as exc:  # one failing kernel must not lose the rest of the table

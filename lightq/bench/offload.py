@@ -180,6 +180,7 @@ def run(args) -> list[Row]:
     from ..offload.lazy import load_lazy
     from ..offload.placement import BlockOffload, WholeOffload
     from ..checkpoints.sources import open_source
+    from ..quant.method import QuantMethod
 
     dev = torch.device(args.device)
     pin = dev.type == "cuda"
@@ -237,7 +238,7 @@ def run(args) -> list[Row]:
                 del model, placement
                 _free_pinned_cache()
                 lazy = load_lazy(lambda: WanDiT(arch), open_source(folder / "dit"), include=QUANTIZABLE["dit"],
-                                 scheme=scheme, backend=backend, device="cpu", dtype=torch.bfloat16,
+                                 method=QuantMethod(scheme or "none", backend), device="cpu", dtype=torch.bfloat16,
                                  component="dit", progress=False)
                 placement = BlockOffload(lazy, "block", dev, args.buffers, pin, ahead=args.lazy_ahead)
                 report(measure("block+lazy", lazy, x, args.steps, placement, {"write_s": write_s}))

@@ -37,6 +37,7 @@ from ..models.layouts import QUANTIZABLE
 from ..models.attention import attention
 from ..models.rope import axis_dims, rope_tables
 from ..models.wan_dit import DIT_ARCHS, WanDiT
+from ..quant.method import QuantMethod
 from . import timing
 from .linear import Backends, discover_modes
 
@@ -127,11 +128,11 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def build(arch, mode, scheme, backend):
-    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"] if scheme else (),
-                           skip=(), scheme=scheme, backend=backend, device="cuda", dtype=torch.bfloat16,
-                           progress=False)
+    method = QuantMethod(scheme or "none", backend, component="dit")
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"], method=method,
+                           device="cuda", dtype=torch.bfloat16, progress=False)
     fused = 0
-    if backend is not None and backend.name == "triton":
+    if method.fuse:
         from ..fused.wan_block import fuse_dit_blocks
 
         fused = fuse_dit_blocks(model)

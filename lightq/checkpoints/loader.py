@@ -2,8 +2,8 @@
 
 Contract. ``build()`` constructs the module; it is called under the meta device, so nothing is allocated. Every
 parameter is then materialised from the source, one tensor at a time (cast to ``dtype`` when it is a float
-tensor, moved to ``device``), and the selected linears — those matching ``include`` and no ``skip`` pattern,
-when ``scheme`` is set — become ``QLinear``s:
+tensor, moved to ``device``), and the selected linears — those matching ``include`` and none of the method's
+``skip`` patterns, when ``method`` quantizes — become the method's ``QLinear``s (``QuantMethod.linear``):
 
 - from the file's quantized weight + scale when the file is pre-quantized (``formats.read_quantized`` validates
   scheme, shapes, dtypes, NaN/Inf), or
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..quant.linear import QLinear, selected
+from ..quant.linear import selected, set_submodule
+from ..quant.method import QuantMethod
 from ..quant.schemes import dequantize_weight, quantize_weight
 from . import formats as F
 from .sources import TensorSource
@@ -39,20 +40,18 @@ RANDOM = "random"
 
 
 def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *, include: Iterable[str] = (),
-                   skip: Iterable[str] = (), scheme: str | None = None, backend=None,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                   ignore_prefixes: Iterable[str] = (), progress: bool = True, component: str | None = None,
-                   seed: int = 0) -> nn.Module:
+                   method: QuantMethod | None = None, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.bfloat16, ignore_prefixes: Iterable[str] = (), progress: bool = True,
+                   component: str | None = None, seed: int = 0) -> nn.Module:
     """Build ``build()`` on the meta device and fill it from ``source`` (see the module docstring)."""
     device = torch.device(device)
     with torch.device("meta"):
         model = build()
-    include, skip, ignore = tuple(include), tuple(skip), tuple(ignore_prefixes)
+    scheme = method.scheme if method is not None and method.quantizes else None
+    include, ignore = tuple(include), tuple(ignore_prefixes)
+    skip = method.skip if method is not None else ()
     quantized = ([name for name, m in model.named_modules() if isinstance(m, nn.Linear)
                   and selected(name, include, skip)] if scheme else [])
-    if scheme and backend is None:
-        from ..backends.registry import specs
-        backend = specs()["torch"].load()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if isinstance(source, str):
         if source != RANDOM:
@@ -84,7 +83,7 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
             bias = None
             if lin.bias is not None:
                 bias = _cast(fetch(name + ".bias", tuple(lin.bias.shape)), dtype).to(device)
-            _set_submodule(model, name, QLinear(qw, bias, backend))
+            set_submodule(model, name, method.linear(name, qw, bias))
             done.update((name + ".weight", name + ".bias"))
             bar.update(2 if lin.bias is not None else 1)
         for key, shape in expected.items():
@@ -196,11 +195,6 @@ def _assign(model: nn.Module, key: str, t: torch.Tensor) -> None:
         mod._buffers[leaf] = t
     else:
         raise CheckpointError(f"'{key}' is neither a parameter nor a buffer of the model")
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def _bar(total: int, progress: bool, name: str):

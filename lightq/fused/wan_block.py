@@ -1,7 +1,8 @@
-"""The Wan2.1 DiT block on lightq's fused kernels, for blocks whose linears run on the ``triton`` backend.
+"""The Wan2.1 DiT block on lightq's fused kernels, for blocks whose linears run on a backend declaring
+``fused_blocks`` (``lightq.backends.base``).
 
 ``fuse_dit_blocks(model)`` turns, in place, every block of a ``WanDiT`` whose linears (self-attention q/k/v/o,
-cross-attention q/o, ffn.0/2) are ``triton`` QLinears of one scheme into a ``FusedBlock`` (a ``Block`` subclass:
+cross-attention q/o, ffn.0/2) are such QLinears, of one scheme and one backend, into a ``FusedBlock`` (a ``Block`` subclass:
 same parameters, same state-dict keys; nothing is copied). Its forward computes what ``Block.forward`` computes,
 with the quantization moved into the kernels that produce each linear's input:
 
@@ -42,14 +43,17 @@ def fusable(block: nn.Module) -> tuple[bool, str]:
     """(ok, why not): can ``block`` run as a ``FusedBlock``?"""
     if not isinstance(block, Block):
         return False, f"not a Wan DiT Block ({type(block).__name__})"
-    schemes = set()
+    schemes, backends = set(), set()
     for name in FUSED_LINEARS:
         lin = block.get_submodule(name)
-        if not isinstance(lin, QLinear) or lin.backend.name != "triton":
-            return False, f"{name} is not a triton-backend quantized linear"
+        if not isinstance(lin, QLinear) or not lin.backend.fused_blocks:
+            return False, f"{name} is not a quantized linear on a backend that runs fused blocks (fused_blocks)"
         schemes.add(lin.scheme)
+        backends.add(id(lin.backend))
     if len(schemes) != 1:
         return False, f"its linears mix schemes {sorted(schemes)}"
+    if len(backends) != 1:
+        return False, "its linears run on different backend instances (the fused GEMMs use the q projection's)"
     return True, "ok"
 
 

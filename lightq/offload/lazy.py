@@ -204,15 +204,14 @@ def is_block_split(source) -> bool:
     return not isinstance(source, str) and any(f.name == NON_BLOCK_FILE for f in getattr(source, "files", ()))
 
 
-def load_lazy(build: Callable[[], nn.Module], source, *, include=(), skip=(), scheme=None, backend=None,
-              device="cpu", dtype=torch.bfloat16, ignore_prefixes=(), progress=True, component=None,
-              seed=0) -> nn.Module:
+def load_lazy(build: Callable[[], nn.Module], source, *, include=(), method=None, device="cpu", dtype=torch.bfloat16,
+              ignore_prefixes=(), progress=True, component=None, seed=0) -> nn.Module:
     """Like ``load_component``, but only the non-block tensors are loaded; blocks stream from disk when run."""
     if not is_block_split(source):
         name = getattr(source, "name", "weights=random" if source == "random" else str(source))
         raise LightqError(f"offload.lazy_load=true reads {component or 'the'} blocks from a block-split checkpoint "
                           f"(block_<i>.safetensors + non_block.safetensors), and {name} is not one: make one with "
-                          f"`python -m lightq.convert component={component or 'dit'} scheme={scheme or '<scheme>'} "
+                          f"`python -m lightq.convert component={component or 'dit'} scheme={_scheme(method)} "
                           "source=<model folder or file> output=<folder> layout=blocks` and pass it as "
                           f"{component or 'dit'}_quant.ckpt=<folder>")
     with torch.device("meta"):
@@ -225,12 +224,16 @@ def load_lazy(build: Callable[[], nn.Module], source, *, include=(), skip=(), sc
         model.blocks = nn.ModuleList(proxies)
         return model
 
-    model = load_component(skeleton, source, include=include, skip=skip, scheme=scheme, backend=backend,
-                           device=device, dtype=dtype, ignore_prefixes=(*ignore_prefixes, "blocks."),
-                           progress=progress, component=component, seed=seed)
-    model.lazy_blocks = LazyBlocks(source, template, proxies, dict(include=include, skip=skip, scheme=scheme,
-                                                                    backend=backend, dtype=dtype, component=component))
+    model = load_component(skeleton, source, include=include, method=method, device=device, dtype=dtype,
+                           ignore_prefixes=(*ignore_prefixes, "blocks."), progress=progress, component=component,
+                           seed=seed)
+    model.lazy_blocks = LazyBlocks(source, template, proxies,
+                                   dict(include=include, method=method, dtype=dtype, component=component))
     return model
+
+
+def _scheme(method) -> str:
+    return method.scheme if method is not None and method.quantizes else "<scheme>"
 
 
 def _ranges(indices: list[int]) -> str:

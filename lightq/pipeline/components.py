@@ -14,6 +14,7 @@ from .. import staging
 from ..errors import LightqError
 from ..models.layouts import QUANTIZABLE
 from ..plan import ComponentPlan
+from ..quant.method import QuantMethod
 
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)
@@ -61,79 +62,65 @@ def model_folder(model_cfg) -> Path | None:
     return resolve(w)
 
 
-def _source(component: str, quant_cfg, folder: Path | None, scheme: str | None):
-    """The TensorSource of one component: its ``ckpt`` if given, else its file in the model folder — the
+def _source(component: str, method: QuantMethod | None, folder: Path | None):
+    """The TensorSource of one component: the mode's ``ckpt`` if given, else its file in the model folder — the
     pre-quantized one of the mode's scheme when the folder has it, else the bf16 original (quantized at load)."""
     from ..checkpoints.hub import resolve
     from ..checkpoints.sources import open_source
     from ..checkpoints.locate import find_component_file
     from ..errors import CheckpointError
 
-    if quant_cfg is not None and quant_cfg.ckpt:
-        return open_source(resolve(quant_cfg.ckpt))
+    if method is not None and method.ckpt:
+        return open_source(resolve(method.ckpt))
     if folder is None:
         return "random"
-    if scheme is not None:
+    if method is not None and method.quantizes:
         try:
-            return open_source(find_component_file(folder, component, scheme))
+            return open_source(find_component_file(folder, component, method.scheme))
         except CheckpointError as exc:
             if "several" in str(exc).lower():
                 raise
     return open_source(find_component_file(folder, component, None))
 
 
-PIPELINE_OPTIONS = ("fuse",)  # mode options the pipeline itself reads; the rest configure the backend
+def quant_methods(cfg, plans: dict[str, ComponentPlan]) -> dict[str, QuantMethod]:
+    """The quantization method of every planned component (each backend loaded once, options applied)."""
+    return {name: QuantMethod.build(plan, cfg[f"{name}_quant"]) for name, plan in plans.items()}
 
 
-def _configured(backend, quant_cfg):
-    """The backend with the mode's kernel options applied (``with_options``); options it cannot take are errors."""
-    options = {k: v for k, v in dict(quant_cfg.options or {}).items() if k not in PIPELINE_OPTIONS}
-    if not options:
-        return backend
-    if not hasattr(backend, "with_options"):
-        raise LightqError(f"{quant_cfg.name}: backend '{backend.name}' takes no options, got {sorted(options)}; "
-                          "remove them from the mode's options")
-    return backend.with_options(options)
-
-
-def _load(component: str, build, cfg, plan: ComponentPlan | None, folder, device, dtype, progress,
+def _load(component: str, build, cfg, method: QuantMethod | None, folder, device, dtype, progress,
           ignore_prefixes=()) -> nn.Module:
-    from ..backends.registry import specs
     from ..checkpoints.loader import load_component
 
-    quant_cfg = cfg[f"{component}_quant"] if component in ("dit", "t5", "clip") else None
-    scheme = plan.scheme if plan is not None and plan.scheme != "none" else None
-    backend = _configured(specs()[plan.backend].load(), quant_cfg) if scheme else None
-    source = _source(component, quant_cfg, folder, scheme)
+    source = _source(component, method, folder)
     if component == "dit" and cfg.offload.lazy_load:
         from ..offload import load_lazy as load_component  # blocks stream from disk while the DiT runs
-    model = load_component(build, source, include=QUANTIZABLE.get(component, ()),
-                           skip=tuple(quant_cfg.skip) if quant_cfg is not None else (), scheme=scheme,
-                           backend=backend, device=device, dtype=dtype, ignore_prefixes=ignore_prefixes,
-                           progress=progress, seed=cfg.seed, component=component)
+    model = load_component(build, source, include=QUANTIZABLE.get(component, ()), method=method, device=device,
+                           dtype=dtype, ignore_prefixes=ignore_prefixes, progress=progress, seed=cfg.seed,
+                           component=component)
     return model.eval().requires_grad_(False)
 
 
-def load_t5(cfg, plan, folder, device, dtype, progress):
+def load_t5(cfg, method, folder, device, dtype, progress):
     from ..models.t5 import T5_ARCHS, UMT5Encoder
 
     arch = T5_ARCHS[cfg.model.t5_arch]
-    return _load("t5", lambda: UMT5Encoder(arch), cfg, plan, folder, device, dtype, progress)
+    return _load("t5", lambda: UMT5Encoder(arch), cfg, method, folder, device, dtype, progress)
 
 
-def load_clip(cfg, plan, folder, device, dtype, progress):
+def load_clip(cfg, method, folder, device, dtype, progress):
     from ..models.clip import CLIP_ARCHS, IGNORED_PREFIXES, ClipVisual
 
     arch = CLIP_ARCHS[cfg.model.clip_arch]
-    return _load("clip", lambda: ClipVisual(arch), cfg, plan, folder, device, dtype, progress, IGNORED_PREFIXES)
+    return _load("clip", lambda: ClipVisual(arch), cfg, method, folder, device, dtype, progress, IGNORED_PREFIXES)
 
 
-def load_dit(cfg, plan, folder, device, dtype, progress):
+def load_dit(cfg, method, folder, device, dtype, progress):
     from ..models.wan_dit import DIT_ARCHS, WanDiT
 
     arch = DIT_ARCHS[cfg.model.dit_arch]
-    model = _load("dit", lambda: WanDiT(arch), cfg, plan, folder, device, dtype, progress)
-    if plan is not None and plan.backend == "triton" and cfg.dit_quant.options.get("fuse", True):
+    model = _load("dit", lambda: WanDiT(arch), cfg, method, folder, device, dtype, progress)
+    if method is not None and method.fuse:
         from ..fused.wan_block import fuse_dit_blocks  # norm+modulation+quant, fused q/k/v, GELU+quant
 
         fuse_dit_blocks(model)
@@ -160,8 +147,9 @@ def load_tokenizer_for(model_cfg, folder: Path | None):
     return load_tokenizer(where, arch.text_len, arch.vocab)
 
 
-def describe(module: nn.Module, plan: ComponentPlan | None) -> dict:
-    """Quantized layer count and weight bytes (parameters + quantized buffers) of a loaded component."""
+def describe(module: nn.Module, method: QuantMethod | None) -> dict:
+    """Quantized layer count, weight bytes (parameters + quantized buffers) and the layers that left the chosen
+    backend (``QuantMethod.record``) of a loaded component."""
     from ..quant.linear import QLinear
 
     qlinears = [m for m in module.modules() if isinstance(m, QLinear)]
@@ -169,7 +157,8 @@ def describe(module: nn.Module, plan: ComponentPlan | None) -> dict:
     for t in list(module.parameters()) + list(module.buffers()):
         st = t.untyped_storage()
         storages[(t.device, st.data_ptr())] = st.nbytes()
-    return {"quantized_layers": len(qlinears), "weight_bytes": sum(storages.values())}
+    return {"quantized_layers": len(qlinears), "weight_bytes": sum(storages.values()),
+            **(method.record() if method is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -60,13 +60,14 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     with timer("load"):
         folder = C.model_folder(cfg.model)
         tokenizer = C.load_tokenizer_for(cfg.model, folder)
-        t5 = C.load_t5(cfg, plans["t5"], folder, offload.home, dtype, _progress())
-        clip = C.load_clip(cfg, plans["clip"], folder, offload.home, dtype, _progress()) if "clip" in plans else None
-        dit = C.load_dit(cfg, plans["dit"], folder, offload.home, dtype, _progress())
+        methods = C.quant_methods(cfg, plans)
+        t5 = C.load_t5(cfg, methods["t5"], folder, offload.home, dtype, _progress())
+        clip = C.load_clip(cfg, methods["clip"], folder, offload.home, dtype, _progress()) if "clip" in plans else None
+        dit = C.load_dit(cfg, methods["dit"], folder, offload.home, dtype, _progress())
         vae = C.load_vae(cfg, folder, offload.home)
     for name, module in (("t5", t5), ("clip", clip), ("dit", dit), ("vae", vae)):
         if module is not None:
-            comps[name] = C.describe(module, plans.get(name))
+            comps[name] = C.describe(module, methods.get(name))
             p = plans.get(name)
             log.info("loaded %s: %s (%s), %d quantized linears, %.1f MiB", name, p.mode if p else "fp32",
                      p.reason if p else "VAE is never quantized", comps[name]["quantized_layers"],

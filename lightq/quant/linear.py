@@ -69,7 +69,7 @@ def check_skip(names: Iterable[str], include: Iterable[str], skip: Iterable[str]
                                     f"quantizable linears{example}: fix the pattern or remove it")
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
@@ -88,6 +88,6 @@ def swap_linears(model: nn.Module, include: Iterable[str], skip: Iterable[str], 
         lin = model.get_submodule(name)
         qw = weight_for(name, lin) if weight_for else quantize_weight(lin.weight, scheme, name=f"{name}.weight")
         qw = qw.to(lin.weight.device)
-        _set_submodule(model, name, QLinear(qw, lin.bias, backend))
+        set_submodule(model, name, QLinear(qw, lin.bias, backend))
         del lin
     return names

@@ -344,11 +344,12 @@ def _dit(scheme, backend_name, dim=1536, heads=12, layers=1):
     from lightq.checkpoints.loader import load_component
     from lightq.models.layouts import QUANTIZABLE
     from lightq.models.wan_dit import DiTArch, WanDiT
+    from lightq.quant.method import QuantMethod
 
     arch = DiTArch(dim=dim, ffn_dim=4 * dim, num_heads=heads, num_layers=layers)
-    backend = specs()[backend_name].load() if scheme else None
-    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"] if scheme else (),
-                           scheme=scheme, backend=backend, device="cuda", dtype=torch.bfloat16, progress=False)
+    method = QuantMethod(scheme, specs()[backend_name].load()) if scheme else None
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"], method=method,
+                           device="cuda", dtype=torch.bfloat16, progress=False)
     gen = torch.Generator(device="cuda").manual_seed(11)
     for name, p in model.named_parameters():  # non-trivial modulation and biases (the loader's are zero)
         if name.endswith("modulation") or name.endswith("bias"):

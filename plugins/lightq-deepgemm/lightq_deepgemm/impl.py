@@ -69,6 +69,8 @@ def _tma_aligned_scales(m: int, groups: int, device) -> torch.Tensor:
 class DeepGemmBackend(Backend):
     """``fp8-b128``: 1x128 fp8 activations x 128x128-block fp8 weights on DeepGEMM."""
 
+    split_gemm = True
+
     def version(self) -> str:
         return getattr(deep_gemm, "__version__", "")
 

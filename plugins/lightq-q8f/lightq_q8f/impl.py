@@ -29,6 +29,8 @@ from lightq.quant.schemes import QuantizedWeight
 class Q8fBackend(Backend):
     """``fp8`` / ``int8``: Q8-Kernels' token-wise quantizers and 8-bit GEMMs (bias fused, bf16 output)."""
 
+    split_gemm = True
+
     def version(self) -> str:
         from importlib.metadata import PackageNotFoundError, version
 

@@ -38,6 +38,8 @@ Int8Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 class SglBackend(Backend):
     """``fp8`` / ``int8``: per-token activations x per-channel weights on sglang-kernel's GEMMs."""
 
+    split_gemm = True
+
     def version(self) -> str:
         from importlib.metadata import version
 

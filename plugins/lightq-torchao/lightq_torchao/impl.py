@@ -78,6 +78,8 @@ def _more_graphs():
 class TorchaoBackend(Backend):
     """``int8`` with torchao's Int8Tensor linear, compiled."""
 
+    split_gemm = True
+
     def version(self) -> str:
         import torchao
 

@@ -34,6 +34,8 @@ ops = import_vllm("vllm._custom_ops")  # any failure here becomes BackendUnavail
 class VllmBackend(Backend):
     """``fp8`` / ``int8``: per-token activations x per-channel weights on vLLM's CUTLASS GEMM."""
 
+    split_gemm = True
+
     def version(self) -> str:
         import vllm
 
