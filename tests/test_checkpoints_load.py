@@ -271,3 +271,22 @@ def test_random_weights_are_seeded_and_real_architecture():
     c = load_component(build_dit, "random", include=DIT, method=QuantMethod.portable("int8"), seed=4)
     assert _same_state(a, b) and not _same_state(a, c)
     assert isinstance(a.blocks[0].self_attn.q, QLinear) and torch.isfinite(_run(a).float()).all()
+
+
+def test_building_the_models_on_meta_does_not_import_the_compiler():
+    """Every model is built on the meta device to be loaded; random init there (``normal_``, ``randn``) goes
+    through torch's reference ops, which import torch._dynamo: seconds of every job's load stage."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from lightq.models.t5 import UMT5Encoder, T5_ARCHS\n"
+            "from lightq.models.clip import ClipVisual, CLIP_ARCHS\n"
+            "from lightq.models.vae import WanVAE, VAE_ARCHS\n"
+            "from lightq.models.wan_dit import WanDiT, DIT_ARCHS\n"
+            "with torch.device('meta'):\n"
+            "    [UMT5Encoder(T5_ARCHS['tiny']), ClipVisual(CLIP_ARCHS['tiny']), WanVAE(VAE_ARCHS['tiny']),\n"
+            "     WanDiT(DIT_ARCHS['tiny-i2v'])]\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -96,6 +96,13 @@ class ClipBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _gaussian(gain: float, *shape: int) -> torch.Tensor:
+    """``gain * randn(shape)``, left empty when built on the meta device to be loaded (random init there imports
+    torch's compiler stack: seconds of every job's load)."""
+    t = torch.empty(*shape)
+    return t if t.is_meta else gain * torch.randn(*shape)
+
+
 class VisionTower(nn.Module):
     """The ``visual`` module: embeddings, pre-norm, the blocks; ``post_norm`` / ``head`` are held, not used."""
 
@@ -103,12 +110,12 @@ class VisionTower(nn.Module):
         super().__init__()
         gain = arch.width ** -0.5
         self.patch_embedding = nn.Conv2d(3, arch.width, arch.patch_size, stride=arch.patch_size, bias=False)
-        self.cls_embedding = nn.Parameter(gain * torch.randn(1, 1, arch.width))
-        self.pos_embedding = nn.Parameter(gain * torch.randn(1, arch.num_tokens, arch.width))
+        self.cls_embedding = nn.Parameter(_gaussian(gain, 1, 1, arch.width))
+        self.pos_embedding = nn.Parameter(_gaussian(gain, 1, arch.num_tokens, arch.width))
         self.pre_norm = LayerNorm32(arch.width, eps=arch.norm_eps)
         self.transformer = nn.Sequential(*(ClipBlock(arch) for _ in range(arch.num_layers)))
         self.post_norm = LayerNorm32(arch.width, eps=arch.norm_eps)
-        self.head = nn.Parameter(gain * torch.randn(arch.width, arch.embed_dim))
+        self.head = nn.Parameter(_gaussian(gain, arch.width, arch.embed_dim))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels`` [B, 3, S, S] already normalised -> penultimate block output [B, tokens, width]."""

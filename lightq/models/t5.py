@@ -93,13 +93,20 @@ class T5RMSNorm(nn.Module):
         return self.weight * x
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` whose weight is left uninitialised (``UMT5Encoder.reset_parameters`` fills it): built
+    under the meta device, ``nn.Embedding``'s own ``normal_`` init would import torch's compiler stack, seconds of
+    every job's load (docs/BENCHMARKS.md, "The user's job")."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class RelativePositionBias(nn.Module):
     """One layer's learned bias per (bucket, head); ``forward(L)`` gives ``[1, heads, L, L]``."""
 
     def __init__(self, num_buckets: int, num_heads: int):
         super().__init__()
         self.num_buckets = num_buckets
-        self.embedding = nn.Embedding(num_buckets, num_heads)
+        self.embedding = _embedding(num_buckets, num_heads)
 
     def forward(self, length: int) -> torch.Tensor:
         pos = torch.arange(length, device=self.embedding.weight.device)
@@ -182,10 +189,11 @@ class UMT5Encoder(nn.Module):
                 raise LightqError(f"unknown T5 architecture '{arch}'; choose one of: {', '.join(T5_ARCHS)}")
             arch = T5_ARCHS[arch]
         self.arch = arch
-        self.token_embedding = nn.Embedding(arch.vocab, arch.dim)
+        self.token_embedding = _embedding(arch.vocab, arch.dim)
         self.blocks = nn.ModuleList(T5Block(arch) for _ in range(arch.num_layers))
         self.norm = T5RMSNorm(arch.dim)
-        self.reset_parameters()
+        if not self.token_embedding.weight.is_meta:
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

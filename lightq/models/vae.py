@@ -298,7 +298,8 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * arch.z_dim, 2 * arch.z_dim, 1)
         self.conv2 = CausalConv3d(arch.z_dim, arch.z_dim, 1)
         self.decoder = Decoder3d(arch)
-        self._init_weights()
+        if not self.conv1.weight.is_meta:  # built on meta to be loaded: no init (normal_ there imports torch's compiler)
+            self._init_weights()
 
     def _init_weights(self) -> None:
         """Random weights that keep activations at unit scale: every conv ~ N(0, 1 / fan_in), zero bias.

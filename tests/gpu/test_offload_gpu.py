@@ -146,7 +146,8 @@ def test_every_offload_mode_matches_no_offload_at_1_3b(cfg_13b, tmp_path, mode):
     cfg = cfg_13b(*common)
     reference = run(cfg)
     hw = hardware.resolve(cfg.hardware.name)
-    dit = C.load_dit(cfg, plan.plan_run(cfg, hw)["dit"], None, DEV, torch.bfloat16, False)
+    method = C.quant_methods(cfg, plan.plan_run(cfg, hw))["dit"]
+    dit = C.load_dit(cfg, method, None, DEV, torch.bfloat16, False)
     split = write_block_split(dit, tmp_path / "blocks", None if mode == "none" else mode.split("-")[0])
     del dit
     for v in (["offload=model"], ["offload=block"], ["offload=phase"],
