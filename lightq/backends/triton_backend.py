@@ -16,9 +16,10 @@ result rounded to fp16 (two roundings, as the torch backend does). ``gemm_only(x
 is the GEMM alone, and is what the fused DiT block (``lightq.fused.wan_block``) calls after its fused
 norm + modulation + quantization kernels.
 
-Loading the backend compiles and runs each kernel once on a tiny input and compares it with the torch reference:
-a kernel that fails to build or disagrees on this GPU makes the load fail with ``BackendUnavailable`` naming the
-kernel, instead of crashing a run half-way.
+The first weight of a scheme packed on a CUDA machine runs that scheme's kernels once on a small input of the
+layer's width and compares them with the torch reference: a kernel that fails to build or disagrees on this GPU
+makes the load fail with ``BackendUnavailable`` naming the kernel, instead of crashing a run half-way. Only the
+job's own scheme is compiled, at the width the model uses (so the check shares its compiled kernels with the job).
 """
 
 from __future__ import annotations
@@ -51,9 +52,7 @@ class TritonBackend(Backend):
         from ..kernels.int8_gemm import int8_scaled_mm
 
         self._act_quant, self._int8_scaled_mm = act_quant, int8_scaled_mm
-
-        if torch.cuda.is_available():
-            self._self_test()
+        self._tested: set[str] = set()  # schemes whose kernels passed the self-test (shared by with_options copies)
 
     def with_options(self, options: dict) -> "TritonBackend":
         """A copy of this backend with ``options`` (keys of ``OPTIONS``, bool values) applied; others untouched."""
@@ -75,6 +74,9 @@ class TritonBackend(Backend):
 
     def pack(self, qw: S.QuantizedWeight) -> dict[str, torch.Tensor]:
         self.check_scheme(qw.scheme)
+        if qw.scheme not in self._tested and torch.cuda.is_available():
+            self._tested.add(qw.scheme)  # before the test, which packs a weight of its own
+            self._self_test(qw.scheme, qw.in_features)
         return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
 
     def quantize_activation(self, x2: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,26 +102,23 @@ class TritonBackend(Backend):
         xq, sx = self.quantize_activation(x2, scheme)
         return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
 
-    def _self_test(self) -> None:
-        """Run each kernel this GPU supports once on a small input against the torch reference."""
-        cap = torch.cuda.get_device_capability()
-        schemes = [s for s, need in self.spec.schemes.items() if cap[0] + cap[1] / 10 >= need]
+    def _self_test(self, scheme: str, k: int) -> None:
+        """Run ``scheme``'s kernels once on a ``[33, k]`` input against the torch reference."""
         gen = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(33, 64, device="cuda", generator=gen).to(torch.bfloat16)
-        w = torch.randn(48, 64, device="cuda", generator=gen)
-        for scheme in schemes:
-            try:
-                xq, sx = self.quantize_activation(x, scheme)
-                rq, rs = S.quantize_activation(x, scheme)
-                if not (torch.equal(xq.view(torch.int8), rq.view(torch.int8)) and torch.equal(sx, rs)):
-                    raise RuntimeError("activation codes differ from quantize_activation")
-                qw = S.quantize_weight(w, scheme)
-                y = self.gemm_only(xq, sx, self.pack(qw), None, torch.float32 if scheme == "int8" else torch.bfloat16)
-                ref = (xq.float() @ qw.data.float().t()) * sx * qw.scale.t()
-                if not torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item()):
-                    raise RuntimeError("GEMM result differs from the float reference")
-            except Exception as exc:
-                raise BackendUnavailable(f"backend 'triton': the {scheme} kernels fail on this GPU "
-                                         f"({type(exc).__name__}: {exc}); use mode {scheme}-torch or another "
-                                         f"{scheme} backend") from exc
+        x = torch.randn(33, k, device="cuda", generator=gen).to(torch.bfloat16)
+        w = torch.randn(48, k, device="cuda", generator=gen)
+        try:
+            xq, sx = self.quantize_activation(x, scheme)
+            rq, rs = S.quantize_activation(x, scheme)
+            if not (torch.equal(xq.view(torch.int8), rq.view(torch.int8)) and torch.equal(sx, rs)):
+                raise RuntimeError("activation codes differ from quantize_activation")
+            qw = S.quantize_weight(w, scheme)
+            y = self.gemm_only(xq, sx, self.pack(qw), None, torch.float32 if scheme == "int8" else torch.bfloat16)
+            ref = (xq.float() @ qw.data.float().t()) * sx * qw.scale.t()
+            if not torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item()):
+                raise RuntimeError("GEMM result differs from the float reference")
+        except Exception as exc:
+            raise BackendUnavailable(f"backend 'triton': the {scheme} kernels fail on this GPU "
+                                     f"({type(exc).__name__}: {exc}); use mode {scheme}-torch or another "
+                                     f"{scheme} backend") from exc
 

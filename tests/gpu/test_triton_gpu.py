@@ -425,3 +425,25 @@ def test_fused_block_under_torch_compile_and_cuda_graphs(scheme):
 
 def test_load_self_test_reports_instead_of_crashing(backend):
     assert backend.name == "triton" and backend.version()
+
+
+def test_first_pack_of_a_scheme_self_tests_only_that_scheme_once(monkeypatch):
+    """The load-time self-test runs when a job first packs a weight of a scheme, at that layer's width, once; a
+    kernel that disagrees with the reference makes that pack fail with BackendUnavailable naming the scheme."""
+    from lightq.backends.triton_backend import SPEC, TritonBackend
+    from lightq.errors import BackendUnavailable
+
+    fresh = TritonBackend(SPEC)
+    calls = []
+    real = fresh._self_test
+    monkeypatch.setattr(fresh, "_self_test", lambda scheme, k: (calls.append((scheme, k)), real(scheme, k))[1])
+    w = torch.randn(64, 320, device="cuda")
+    for _ in range(2):
+        fresh.pack(S.quantize_weight(w, "fp8"))
+    assert calls == [("fp8", 320)], "one self-test, of the packed scheme only, at the layer's width"
+
+    broken = TritonBackend(SPEC)
+    good = broken._act_quant
+    monkeypatch.setattr(broken, "_act_quant", lambda x, fp8, gelu: (good(x, fp8, gelu)[0], good(x, fp8, gelu)[1] * 2))
+    with pytest.raises(BackendUnavailable, match="int8 kernels fail"):
+        broken.pack(S.quantize_weight(w, "int8"))
