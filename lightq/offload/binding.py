@@ -6,19 +6,94 @@ flat ``uint8`` buffer, each at an offset aligned to ``ALIGN`` bytes, keeping its
 group to the device is one copy of its flat buffer, and ``bind(flat)`` points the modules at those views.
 Weights are immutable during inference, so going back to the host is a re-bind to ``host``, never a copy.
 
-Packing is incremental: each tensor is copied into the host buffer and its module re-bound to the copy before
-the next one is read, so peak host memory grows by one tensor, not one group.
+Tensors that are views of one storage (the fused DiT block's q/k/v codes and their concatenation) are laid out
+once: the bytes of that storage that they use form one span, and each is re-bound as a view into it with its own
+offset, shape and strides, so they still alias each other and the storage is stored (and copied) once.
+
+Packing is incremental: each tensor (or shared span) is copied into the host buffer and its module re-bound to the
+copy before the next one is read, so peak host memory grows by one tensor, not one group.
+
+Pinned host buffers come from ``pinned_empty``: ordinary memory page-locked in place at its exact size (PyTorch's
+``pin_memory=True`` allocator rounds each allocation up to a power of two: a 17 GB arena would pin 32 GB).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..errors import LightqError
+
 ALIGN = 256  # bytes: above every dtype's size and CUDA's 16-byte vector / GEMM operand alignment
+PAGE = 4096  # bytes: pinned buffers start on a page boundary
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pinned:
+    """A live ``cudaHostRegister`` of ``nbytes`` at ``ptr``; ``reads`` holds, per CUDA stream, the event recorded
+    after the latest copy out of it (``note_read``)."""
+
+    ptr: int
+    nbytes: int
+    reads: dict = field(default_factory=dict)
+
+
+_PINNED: dict[int, _Pinned] = {}  # by start address
+
+
+def _cudart():
+    return torch.cuda.cudart()
+
+
+def pinned_empty(nbytes: int, pin: bool = True) -> torch.Tensor:
+    """``nbytes`` of uninitialised ``uint8`` host memory, page-locked at exactly that size when ``pin`` (and CUDA
+    is available; otherwise ordinary memory).
+
+    The memory is a numpy allocation (untouched until written), registered in place with ``cudaHostRegister``
+    from a page boundary. It stays registered while any view of it lives; when the last one dies, numpy's array
+    finalizer (which runs before numpy frees the data) waits for the copies recorded by ``note_read``, then
+    unregisters it, so the memory is never freed while registered or while a copy from it may be in flight.
+    """
+    if not (pin and nbytes > 0 and torch.cuda.is_available()):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    base = np.empty(nbytes + PAGE, dtype=np.uint8)
+    start = -base.ctypes.data % PAGE
+    buf = torch.from_numpy(base[start:start + nbytes])
+    ptr = buf.data_ptr()
+    rc = int(_cudart().cudaHostRegister(ptr, nbytes, 0))
+    if rc != 0:
+        raise LightqError(f"cannot page-lock {nbytes / 2**30:.2f} GiB of host memory (cudaHostRegister error {rc}): "
+                          "free host memory or run with offload.pin_memory=false")
+    record = _PINNED[ptr] = _Pinned(ptr, nbytes)
+    weakref.finalize(base, _unpin, record).atexit = False  # at exit the CUDA context may be gone already
+    return buf
+
+
+def _unpin(record: _Pinned) -> None:
+    for done in record.reads.values():
+        done.synchronize()
+    _PINNED.pop(record.ptr, None)
+    rc = int(_cudart().cudaHostUnregister(record.ptr))
+    if rc != 0:
+        log.warning("cudaHostUnregister of %d bytes at %#x failed with error %d", record.nbytes, record.ptr, rc)
+
+
+def note_read(src: torch.Tensor, stream) -> None:
+    """The copy just issued on CUDA ``stream`` reads ``src``: if ``src`` lies in ``pinned_empty`` memory, that
+    memory is kept allocated and registered until the copy is done."""
+    record = _PINNED.get(src.untyped_storage().data_ptr())
+    if record is not None:
+        done = torch.cuda.Event()
+        done.record(stream)
+        record.reads[stream.cuda_stream] = done
 
 
 @dataclass(frozen=True)
@@ -57,11 +132,25 @@ def refs_outside(module: nn.Module, excluded: Iterable[nn.Module]) -> list[Tenso
 
 @dataclass(frozen=True)
 class _Entry:
-    offset: int
+    offset: int  # byte offset of the tensor's first element in the flat buffer
     dtype: torch.dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    extent: int  # elements spanned in storage
+    extent: int  # elements spanned from its first element
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Bytes ``[lo, lo + nbytes)`` of one storage, used by the refs ``members``, stored at ``offset``."""
+
+    offset: int
+    lo: int
+    nbytes: int
+    members: tuple[int, ...]
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def _dense_strides(t: torch.Tensor) -> bool:
@@ -70,43 +159,97 @@ def _dense_strides(t: torch.Tensor) -> bool:
     return t.permute(order).is_contiguous()
 
 
+def _extent(t: torch.Tensor) -> int:
+    """Elements from ``t``'s first element to just past its last one in its storage."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+
+
 def _entry(t: torch.Tensor, offset: int) -> _Entry:
     if t.numel() and not _dense_strides(t):  # expanded / overlapping views are stored contiguous
         t = t.contiguous()
     return _Entry(offset, t.dtype, tuple(t.shape), tuple(t.stride()), t.numel())
 
 
-def _layout(refs: list[TensorRef]) -> tuple[list[_Entry], int]:
-    entries, offset = [], 0
-    for ref in refs:
-        e = _entry(ref.get(), offset)
+def _shared_storages(tensors: list[torch.Tensor]) -> dict[tuple, tuple[int, int, list[int]]]:
+    """Storages used by several of ``tensors`` and worth storing once: key -> (lo, hi, indices), where bytes
+    ``[lo, hi)`` (``lo`` rounded down to ``ALIGN``) cover every use. A storage is shared only when its span is no
+    larger than its tensors stored apart, so one small view never drags in a big storage."""
+    uses = defaultdict(list)
+    for i, t in enumerate(tensors):
+        if t.numel():
+            uses[(t.device, t.untyped_storage().data_ptr())].append(i)
+    shared = {}
+    for key, idx in uses.items():
+        if len(idx) < 2:
+            continue
+        first = [tensors[i].storage_offset() * tensors[i].element_size() for i in idx]
+        lo = min(first) // ALIGN * ALIGN
+        hi = max(f + _extent(tensors[i]) * tensors[i].element_size() for f, i in zip(first, idx))
+        apart = sum(_aligned(tensors[i].numel() * tensors[i].element_size()) for i in idx)
+        if _aligned(hi - lo) <= apart:
+            shared[key] = (lo, hi, idx)
+    return shared
+
+
+def _layout(refs: list[TensorRef]) -> tuple[list[_Entry], list[_Span], int]:
+    """Every ref's entry, the shared spans, and the total bytes: in ref order, each tensor alone in its storage
+    (within this group) at the next aligned offset, each shared storage's span where its first ref comes."""
+    tensors = [ref.get() for ref in refs]
+    shared = _shared_storages(tensors)
+    span_of = {i: key for key, (_, _, idx) in shared.items() for i in idx}
+    entries: list[_Entry] = []
+    spans: dict[tuple, _Span] = {}
+    offset = 0
+    for i, t in enumerate(tensors):
+        key = span_of.get(i)
+        if key is None:
+            e = _entry(t, offset)
+            offset += _aligned(e.extent * e.dtype.itemsize)
+        else:
+            if key not in spans:
+                lo, hi, idx = shared[key]
+                spans[key] = _Span(offset, lo, hi - lo, tuple(idx))
+                offset += _aligned(hi - lo)
+            span = spans[key]
+            e = _Entry(span.offset + t.storage_offset() * t.element_size() - span.lo, t.dtype, tuple(t.shape),
+                       tuple(t.stride()), _extent(t))
         entries.append(e)
-        offset += -(-e.extent * e.dtype.itemsize // ALIGN) * ALIGN
-    return entries, offset
+    return entries, list(spans.values()), offset
 
 
 def layout_bytes(refs: list[TensorRef]) -> int:
-    """Bytes a ``Pack`` of ``refs`` occupies (a multiple of ``ALIGN``)."""
-    return _layout(refs)[1]
+    """Bytes a ``Pack`` of ``refs`` occupies (a multiple of ``ALIGN``; each shared storage counted once)."""
+    return _layout(refs)[2]
+
+
+def _storage_bytes(t: torch.Tensor, lo: int, nbytes: int) -> torch.Tensor:
+    """Bytes ``[lo, lo + nbytes)`` of ``t``'s storage as a ``uint8`` tensor."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage(), lo, (nbytes,))
 
 
 class Pack:
     """A group of tensors in one flat host buffer (``host``); the modules are bound to it.
 
-    ``host`` is a new buffer (pinned when ``pin``), or the given ``arena`` slice of at least ``layout_bytes(refs)``
-    bytes (one pinned allocation for many packs: the pinned-memory cache rounds every allocation up to a power of
-    two, which per-block buffers would pay each time).
+    ``host`` is a new buffer (``pinned_empty``: page-locked when ``pin``), or the given ``arena`` slice of at least
+    ``layout_bytes(refs)`` bytes (one allocation for many packs).
     """
 
     def __init__(self, refs: list[TensorRef], pin: bool = False, arena: torch.Tensor | None = None):
         self.refs = list(refs)
-        self.entries, self.nbytes = _layout(self.refs)
-        if arena is None:
-            arena = torch.empty(max(self.nbytes, 1), dtype=torch.uint8, pin_memory=pin)
-        self.host = arena
-        for ref, view in zip(self.refs, self.views(self.host)):
-            view.copy_(ref.get())
-            ref.set(view)
+        self.entries, spans, self.nbytes = _layout(self.refs)
+        self.host = pinned_empty(max(self.nbytes, 1), pin) if arena is None else arena
+        views = self.views(self.host)
+        span_at = {i: span for span in spans for i in span.members}
+        for i, ref in enumerate(self.refs):  # each copy is bound at once: the original can be freed
+            span = span_at.get(i)
+            if span is None:
+                views[i].copy_(ref.get())
+                ref.set(views[i])
+            elif i == span.members[0]:
+                self.host[span.offset:span.offset + span.nbytes].copy_(_storage_bytes(ref.get(), span.lo,
+                                                                                      span.nbytes))
+                for j in span.members:
+                    self.refs[j].set(views[j])
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         out = []
@@ -124,8 +267,11 @@ class Pack:
         self.bind(self.host)
 
     def to_device(self, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The flat buffer copied to ``device`` (into ``out`` when given; non-blocking from pinned memory)."""
+        """The flat buffer copied to ``device`` (into ``out`` when given; non-blocking from pinned memory, which
+        then stays alive until the copy is done: ``note_read``)."""
         if out is None:
             out = torch.empty(max(self.nbytes, 1), dtype=torch.uint8, device=device)
         out[:self.nbytes].copy_(self.host[:self.nbytes], non_blocking=True)
+        if out.is_cuda:
+            note_read(self.host, torch.cuda.current_stream(out.device))
         return out

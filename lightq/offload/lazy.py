@@ -25,7 +25,7 @@ from torch import nn
 from ..checkpoints.sources import NON_BLOCK_FILE, TensorSource
 from ..checkpoints.loader import load_component
 from ..errors import LightqError
-from .binding import Pack
+from .binding import Pack, layout_bytes
 from .units import unit_specs, units_per_block
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
@@ -154,10 +154,13 @@ class LazyUnits:
         self.reader.start(0)
 
     def _produce(self, b: int):
-        """Reader thread: read block b and pack each of its units into (pinned) host buffers."""
+        """Reader thread: read block b and pack each of its units into (pinned) host buffers. These live for one
+        pass, so they come from PyTorch's caching pinned allocator, which reuses them pass after pass (and keeps
+        them until a copy from them is done), instead of page-locking fresh memory for every block read."""
         module = self.lazy.read(b)
         specs = unit_specs(module, self.granularity)
-        return module, specs, [Pack(s.refs, self.pin) for s in specs]
+        return module, specs, [Pack(s.refs, self.pin, torch.empty(max(layout_bytes(s.refs), 1), dtype=torch.uint8,
+                                                                  pin_memory=self.pin)) for s in specs]
 
     def _arrive(self, b: int) -> None:
         i, value = self.reader.get()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .binding import Pack, layout_bytes, refs_of, refs_outside
+from .binding import Pack, layout_bytes, pinned_empty, refs_of, refs_outside
 from .lazy import LazyBlocks
 from .streaming import ResidentUnits, Streamer
 from .units import unit_specs
@@ -47,7 +47,7 @@ class BlockOffload:
             self.specs = [unit_specs(block, granularity) for block in model.blocks]
             units = [s.refs for specs in self.specs for s in specs]
             sizes = [layout_bytes(refs) for refs in units]
-            arena = torch.empty(max(sum(sizes), 1), dtype=torch.uint8, pin_memory=pin)
+            arena = pinned_empty(max(sum(sizes), 1), pin)
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
             self.resident = ResidentUnits([Pack(refs, pin, arena[a:a + n]) for refs, a, n in zip(units, starts, sizes)])
         self.streamer: Streamer | None = None
