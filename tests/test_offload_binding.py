@@ -238,3 +238,26 @@ def _tiny_dit():
     from lightq.models.wan_dit import DiTArch, random_dit
 
     return random_dit(DiTArch(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=64), "cpu")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_trim"), reason="needs glibc (malloc_trim)")
+def test_packing_leaves_no_copy_of_the_model_in_the_heap():
+    """Heap-sized tensors (below glibc's mmap threshold) with other live data between them: once packed, their
+    freed chunks go back to the OS, so the resident set grows by the pack alone, not pack + model."""
+    big = torch.empty(30 << 20, dtype=torch.uint8)
+    big.fill_(1)
+    del big  # freeing an mmapped 30 MiB chunk raises glibc's mmap threshold: 4 MiB tensors become heap chunks
+    before = _rss()
+    m, others = nn.Module(), []
+    for i in range(64):
+        m.register_buffer(f"b{i}", torch.ones(1 << 20))
+        others.append(torch.ones(256))
+    whole = WholeOffload(m, CPU, pin=False)
+    grown = _rss() - before
+    assert whole.pack.nbytes == 256 << 20
+    assert grown < (256 + 64) << 20, f"the resident set grew by {grown >> 20} MiB for a 256 MiB pack"

@@ -19,6 +19,7 @@ Pinned host buffers come from ``pinned_empty``: ordinary memory page-locked in p
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import weakref
 from collections import defaultdict
@@ -84,6 +85,17 @@ def _unpin(record: _Pinned) -> None:
     rc = int(_cudart().cudaHostUnregister(record.ptr))
     if rc != 0:
         log.warning("cudaHostUnregister of %d bytes at %#x failed with error %d", record.nbytes, record.ptr, rc)
+
+
+def return_freed_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere).
+
+    After packing, the model's original tensors are freed, but those below glibc's mmap threshold (32 MiB at
+    most: most of a quantized DiT's codes) were heap chunks, and glibc keeps freed heap pages resident: without
+    this, the model's first copy stays in host memory beside its pack."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def note_read(src: torch.Tensor, stream) -> None:

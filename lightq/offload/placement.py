@@ -7,6 +7,9 @@
   ``model.blocks`` (embeddings, head, final norm) is resident on the device while active; the blocks stream
   through a ``Streamer`` driven by forward hooks on each unit's start and end module. A model loaded by
   ``load_lazy`` gets its blocks from the disk reader instead of host memory.
+
+Both pack the component when they are made: each original tensor is freed as it is copied into the pack, and the
+freed heap goes back to the OS (``return_freed_heap``), so host memory ends at the packs' size.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .binding import Pack, layout_bytes, pinned_empty, refs_of, refs_outside
+from .binding import Pack, layout_bytes, pinned_empty, refs_of, refs_outside, return_freed_heap
 from .lazy import LazyBlocks
 from .streaming import ResidentUnits, Streamer
 from .units import unit_specs
@@ -24,6 +27,7 @@ class WholeOffload:
     def __init__(self, module: nn.Module, device: torch.device, pin: bool):
         self.device = device
         self.pack = Pack(refs_of(module), pin)
+        return_freed_heap()
         self.on_device: torch.Tensor | None = None
 
     def start(self) -> None:
@@ -50,6 +54,7 @@ class BlockOffload:
             arena = pinned_empty(max(sum(sizes), 1), pin)
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
             self.resident = ResidentUnits([Pack(refs, pin, arena[a:a + n]) for refs, a, n in zip(units, starts, sizes)])
+        return_freed_heap()
         self.streamer: Streamer | None = None
         self.handles: list = []
         self.on_device: torch.Tensor | None = None

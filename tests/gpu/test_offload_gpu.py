@@ -1,10 +1,14 @@
 """Offload on CUDA: bit-identical latents to offload=none on the tiny models, asynchronous streaming (no global
-synchronize per block, pinned host memory), and less peak GPU memory with block streaming than without.
+synchronize per block, pinned host memory), less peak GPU memory with block streaming than without, pinned
+buffers page-locked at their exact size, and the fused triton block streamed with its q/k/v views intact.
 
 Run on the GPU machine: ``python -m pytest tests/gpu/test_offload_gpu.py -q -n 0``. Skipped without CUDA.
 """
 
 from __future__ import annotations
+
+import copy
+import os
 
 import pytest
 import torch
@@ -163,3 +167,74 @@ def test_random_weights_are_the_same_bits_on_cpu_and_gpu():
     for shape, stream in (((5120, 13824), 7), ((3, 5), 0), ((1536, 16, 1, 2, 2), 2**32 - 1)):
         cpu = random_tensor(shape, stream, 0.01, torch.device("cpu"))
         assert torch.equal(random_tensor(shape, stream, 0.01, DEV).cpu(), cpu), shape
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_pinned_buffers_are_page_locked_at_their_exact_size():
+    """1.5 GiB pinned: resident and page-locked at 1.5 GiB (PyTorch's pinned allocator would round to 2 GiB), and
+    a non-blocking copy from it stays correct when the host buffer is dropped right after the copy is issued."""
+    from lightq.offload.binding import note_read, pinned_empty
+
+    nbytes = 3 << 29
+    torch.empty(1, device=DEV)  # the CUDA context exists before the resident set is measured
+    before = _rss()
+    host = pinned_empty(nbytes)
+    grown = _rss() - before
+    assert host.is_pinned() and host.numel() == nbytes
+    assert nbytes <= grown < 1.6 * 2**30, f"pinning 1.5 GiB grew the resident set by {grown / 2**30:.2f} GiB"
+    host.view(torch.int32).copy_(torch.arange(nbytes // 4, dtype=torch.int32))
+    out = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # the copy starts well after the host buffer is dropped
+        out.copy_(host, non_blocking=True)
+        note_read(host, side)
+    del host  # unregistering and freeing wait for the copy
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out.view(torch.int32), torch.arange(nbytes // 4, dtype=torch.int32, device=DEV))
+    assert _rss() - before < 0.1 * 2**30, "the pinned buffer was not freed"
+
+
+@pytest.mark.parametrize("mode", ["block", "phase"])
+def test_streamed_fused_triton_dit_matches_no_offload(mode):
+    """A fused fp8-triton DiT streamed block by block (or phase by phase): its q/k/v codes stay views of the one
+    concatenated buffer in every device slot, and the output is bit-identical to the model on the device."""
+    _backend_or_skip("fp8-triton")
+    from lightq.backends.registry import specs
+    from lightq.backends.triton_backend import TritonBackend
+    from lightq.checkpoints.loader import load_component
+    from lightq.fused.wan_block import FusedBlock, fuse_dit_blocks
+    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.wan_dit import WanDiT
+
+    dim = 512
+    arch = DiTArch(dim=dim, ffn_dim=2048, num_heads=8, num_layers=4, text_dim=dim)
+    dit = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"], scheme="fp8",
+                         backend=TritonBackend(specs()["triton"]), dtype=torch.bfloat16, progress=False)
+    assert fuse_dit_blocks(dit) == 4
+    g = torch.Generator().manual_seed(0)
+    inputs = tuple(t.to(DEV) for t in (torch.randn(1, 16, 3, 16, 16, generator=g), torch.tensor([600.0]),
+                                       torch.randn(1, 12, dim, generator=g)))
+    with torch.no_grad():
+        reference = copy.deepcopy(dit).to(DEV)(*inputs)
+    seen = []
+
+    def check(attn, args):
+        assert attn.qkv_data.is_cuda and attn.q.data.data_ptr() == attn.qkv_data.data_ptr()
+        assert attn.v.scale.data_ptr() == attn.qkv_scale.data_ptr() + 2 * dim * 4
+        seen.append(1)
+
+    hooks = [b.self_attn.register_forward_pre_hook(check) for b in dit.blocks if isinstance(b, FusedBlock)]
+    offload = C.Offload(OffloadConfig(mode=mode), DEV)
+    with torch.no_grad(), offload.active(dit):
+        out = dit(*inputs)
+    offload.release(dit)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 4
+    assert torch.equal(out, reference), f"offload={mode}: max |diff| {(out - reference).abs().max().item():.3g}"
