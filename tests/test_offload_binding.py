@@ -132,10 +132,12 @@ def test_fused_dit_block_packs_its_qkv_once_and_runs_the_same():
     from lightq.fused.wan_block import fuse_dit_blocks
     from lightq.models.layouts import QUANTIZABLE
     from lightq.models.wan_dit import DiTArch, WanDiT
+    from lightq.quant.method import QuantMethod
 
     arch = DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=128)
-    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"], scheme="int8",
-                           backend=TritonBackend(specs()["triton"]), dtype=torch.bfloat16, progress=False)
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"],
+                           method=QuantMethod("int8", TritonBackend(specs()["triton"])), dtype=torch.bfloat16,
+                           progress=False)
     assert fuse_dit_blocks(model) == 2
     before = _values(model)
     attn = model.blocks[0].self_attn
@@ -167,7 +169,7 @@ class FakeCudart:
         self.rc, self.registered, self.unregistered, self.log = rc, {}, [], []
 
     def cudaHostRegister(self, ptr, nbytes, flags):
-        assert flags == 0
+        assert flags == binding.HOST_REGISTER_PORTABLE
         self.registered[ptr] = nbytes
         return self.rc
 

@@ -14,7 +14,7 @@ Packing is incremental: each tensor (or shared span) is copied into the host buf
 copy before the next one is read, so peak host memory grows by one tensor, not one group.
 
 Pinned host buffers come from ``pinned_empty``: ordinary memory page-locked in place at its exact size (PyTorch's
-``pin_memory=True`` allocator rounds each allocation up to a power of two: a 17 GB arena would pin 32 GB).
+``pin_memory=True`` allocator rounds each allocation up to a power of two: just over 16 GiB would pin 32 GiB).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ..errors import LightqError
 
 ALIGN = 256  # bytes: above every dtype's size and CUDA's 16-byte vector / GEMM operand alignment
 PAGE = 4096  # bytes: pinned buffers start on a page boundary
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
 log = logging.getLogger(__name__)
 
 
@@ -59,9 +60,10 @@ def pinned_empty(nbytes: int, pin: bool = True) -> torch.Tensor:
     is available; otherwise ordinary memory).
 
     The memory is a numpy allocation (untouched until written), registered in place with ``cudaHostRegister``
-    from a page boundary. It stays registered while any view of it lives; when the last one dies, numpy's array
-    finalizer (which runs before numpy frees the data) waits for the copies recorded by ``note_read``, then
-    unregisters it, so the memory is never freed while registered or while a copy from it may be in flight.
+    from a page boundary (portable: page-locked for every device's context, not only the current one). It stays
+    registered while any view of it lives; when the last one dies, numpy's array finalizer (which runs before
+    numpy frees the data) waits for the copies recorded by ``note_read``, then unregisters it, so the memory is
+    never freed while registered or while a copy from it may be in flight.
     """
     if not (pin and nbytes > 0 and torch.cuda.is_available()):
         return torch.empty(nbytes, dtype=torch.uint8)
@@ -69,7 +71,7 @@ def pinned_empty(nbytes: int, pin: bool = True) -> torch.Tensor:
     start = -base.ctypes.data % PAGE
     buf = torch.from_numpy(base[start:start + nbytes])
     ptr = buf.data_ptr()
-    rc = int(_cudart().cudaHostRegister(ptr, nbytes, 0))
+    rc = int(_cudart().cudaHostRegister(ptr, nbytes, HOST_REGISTER_PORTABLE))
     if rc != 0:
         raise LightqError(f"cannot page-lock {nbytes / 2**30:.2f} GiB of host memory (cudaHostRegister error {rc}): "
                           "free host memory or run with offload.pin_memory=false")

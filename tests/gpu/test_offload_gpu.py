@@ -211,11 +211,13 @@ def test_streamed_fused_triton_dit_matches_no_offload(mode):
     from lightq.fused.wan_block import FusedBlock, fuse_dit_blocks
     from lightq.models.layouts import QUANTIZABLE
     from lightq.models.wan_dit import WanDiT
+    from lightq.quant.method import QuantMethod
 
     dim = 512
     arch = DiTArch(dim=dim, ffn_dim=2048, num_heads=8, num_layers=4, text_dim=dim)
-    dit = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"], scheme="fp8",
-                         backend=TritonBackend(specs()["triton"]), dtype=torch.bfloat16, progress=False)
+    dit = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"],
+                         method=QuantMethod("fp8", TritonBackend(specs()["triton"])), dtype=torch.bfloat16,
+                         progress=False)
     assert fuse_dit_blocks(dit) == 4
     g = torch.Generator().manual_seed(0)
     inputs = tuple(t.to(DEV) for t in (torch.randn(1, 16, 3, 16, 16, generator=g), torch.tensor([600.0]),
