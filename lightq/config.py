@@ -4,7 +4,8 @@
 is merged onto these dataclasses: a misspelt key or a value of the wrong type fails at compose time, before
 anything runs. Values that need more than a type check (scheme names, shapes) are checked by ``validate``.
 
-Groups: ``model``, ``dit_quant``, ``t5_quant``, ``clip_quant``, ``offload``, ``hardware``, ``sampler``, ``tracking``.
+Groups: ``model``, ``dit_quant``, ``t5_quant``, ``clip_quant``, ``attn_quant``, ``offload``, ``hardware``, ``sampler``,
+``tracking``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from .attention import SCHEMES as ATTN_SCHEMES
 from .errors import LightqError
 from .paths import job_folder_name
 
@@ -39,6 +41,18 @@ class QuantConfig:
     options: dict[str, Any] = field(default_factory=dict)
     ckpt: Optional[str] = None
     skip: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AttnQuantConfig:
+    """The DiT self-attention's mode: a scheme of ``lightq.attention.numerics`` (``none``: bf16 SDPA) + an attention
+    backend (``lightq.attention`` entry points, or ``auto``). Cross-attention always stays bf16. The backends take
+    no options yet: ``options`` must stay empty."""
+
+    name: str = "none"
+    scheme: str = "none"
+    backend: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +158,7 @@ class LightqConfig:
     dit_quant: QuantConfig = field(default_factory=QuantConfig)
     t5_quant: QuantConfig = field(default_factory=QuantConfig)
     clip_quant: QuantConfig = field(default_factory=QuantConfig)
+    attn_quant: AttnQuantConfig = field(default_factory=AttnQuantConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -176,6 +191,13 @@ def validate(cfg: Any) -> None:
         q = cfg[f"{comp}_quant"]
         if q.scheme not in SCHEMES:
             raise LightqError(f"{comp}_quant.scheme='{q.scheme}' is not a scheme: choose one of {', '.join(SCHEMES)}")
+    attn = cfg.attn_quant
+    if attn.scheme not in ("none", *ATTN_SCHEMES):
+        raise LightqError(f"attn_quant.scheme='{attn.scheme}' is not an attention scheme: choose one of none, "
+                          f"{', '.join(ATTN_SCHEMES)}")
+    if attn.options:
+        raise LightqError(f"attn_quant={attn.name}: attention backends take no options, got {sorted(attn.options)}; "
+                          "remove attn_quant.options")
     if cfg.model.task not in ("t2v", "i2v"):
         raise LightqError(f"model.task='{cfg.model.task}': choose t2v or i2v")
     if cfg.offload.mode not in ("none", "model", "block", "phase"):

@@ -1,6 +1,8 @@
 """Planning: which backend runs each component's mode on this hardware, or why it cannot. Torch-free.
 
-``plan_run(cfg, hw)`` gives one ``ComponentPlan`` per component that exists in the pipeline (CLIP only for I2V).
+``plan_run(cfg, hw)`` gives one ``ComponentPlan`` per component that exists in the pipeline (CLIP only for I2V),
+and one for the DiT's self-attention (``attn``, the ``attn_quant`` group; its backends come from the
+``lightq.attention`` registry).
 A plan that cannot run carries a one-line reason naming the mode, what is missing, how to install it, and the
 portable mode that would run instead.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .attention import registry as attention_registry
 from .backends import registry
 from .hardware import Hardware
 
@@ -20,6 +23,9 @@ PLUGIN_INSTALL = {
     "deepgemm": "pip install -e plugins/lightq-deepgemm (pulls deep_gemm or vllm)",
     "marlin": "pip install -e plugins/lightq-marlin (pulls vllm)",
     "q8f": "pip install -e plugins/lightq-q8f (needs Q8-Kernels built for an Ada GPU)",
+}
+ATTENTION_PLUGIN_INSTALL = {
+    "sageattention": "pip install -e plugins/lightq-sageattention (pulls sageattention)",
 }
 
 
@@ -47,9 +53,22 @@ def plan_component(component: str, quant, hw: Hardware) -> ComponentPlan:
     spec, why = registry.choose(quant.scheme, quant.backend, hw, component=component)
     if spec is not None:
         return ComponentPlan(component, quant.name, quant.scheme, spec.name, True, why)
-    hint = ""
-    if quant.backend in PLUGIN_INSTALL and quant.backend not in registry.specs():
-        hint = f"; install: {PLUGIN_INSTALL[quant.backend]}"
+    return _refused(component, quant, why, PLUGIN_INSTALL, registry.specs())
+
+
+def plan_attention(attn, hw: Hardware) -> ComponentPlan:
+    """Resolve the self-attention mode (an AttnQuantConfig); ``none`` is torch's bf16 SDPA."""
+    if attn.scheme == "none":
+        return ComponentPlan("attn", attn.name, "none", None, True, "bf16 scaled_dot_product_attention, not quantized")
+    spec, why = attention_registry.choose(attn.scheme, attn.backend, hw)
+    if spec is not None:
+        return ComponentPlan("attn", attn.name, attn.scheme, spec.name, True, why)
+    return _refused("attn", attn, why, ATTENTION_PLUGIN_INSTALL, attention_registry.specs())
+
+
+def _refused(component: str, quant, why: str, installs: dict[str, str], installed) -> ComponentPlan:
+    """The plan of a mode that cannot run: why, how to install a missing plugin, and the portable mode."""
+    hint = f"; install: {installs[quant.backend]}" if quant.backend in installs and quant.backend not in installed else ""
     alt = portable_mode(quant.scheme)
     reason = f"{component}_quant={quant.name} cannot run here: {why}{hint}; portable alternative: {component}_quant={alt}"
     return ComponentPlan(component, quant.name, quant.scheme, None, False, reason)
@@ -60,7 +79,9 @@ def components_of(task: str) -> tuple[str, ...]:
 
 
 def plan_run(cfg, hw: Hardware) -> dict[str, ComponentPlan]:
-    return {c: plan_component(c, cfg[f"{c}_quant"], hw) for c in components_of(cfg.model.task)}
+    plans = {c: plan_component(c, cfg[f"{c}_quant"], hw) for c in components_of(cfg.model.task)}
+    plans["attn"] = plan_attention(cfg.attn_quant, hw)
+    return plans
 
 
 def first_problem(plans: dict[str, ComponentPlan]) -> str | None:

@@ -25,7 +25,7 @@ from .results import RESULT_FILE
 LOCK_FILE = ".results.lock"
 COLUMNS = [
     "job", "status", "reason", "model",
-    "dit_mode", "dit_backend", "t5_mode", "t5_backend", "clip_mode", "clip_backend",
+    "dit_mode", "dit_backend", "t5_mode", "t5_backend", "clip_mode", "clip_backend", "attn_mode", "attn_backend",
     "load_s", "encode_s", "denoise_step_s", "decode_s", "total_s",
     "peak_host_gib", "peak_gpu_gib", "dit_weight_mib", "t5_weight_mib", "clip_weight_mib",
     "psnr_db", "ssim", "latent_cosine", "speedup",
@@ -98,6 +98,8 @@ def row(job: str, res: dict, base_denoise: dict[str, float]) -> dict:
         comp = comps.get(c) or {}
         r[f"{c}_mode"], r[f"{c}_backend"] = comp.get("mode", ""), comp.get("backend") or ""
         r[f"{c}_weight_mib"] = _mib(comp.get("weight_bytes"))
+    attn = comps.get("attn") or {}
+    r["attn_mode"], r["attn_backend"] = attn.get("mode", ""), attn.get("backend") or ""
     r.update(load_s=t.get("load"), encode_s=round(t.get("encode_text", 0) + t.get("encode_image", 0), 4) if t else None,
              denoise_step_s=t.get("denoise_per_step"), decode_s=t.get("decode"), total_s=t.get("total"),
              peak_host_gib=_gib(mem.get("peak_host_bytes")), peak_gpu_gib=_gib(mem.get("peak_gpu_bytes")))

@@ -22,7 +22,7 @@ def test_default_run_writes_video_latents_and_record(run_lightq, tmp_path):
     res = json.loads((job / "result.json").read_text())
     assert res["status"] == "ok"
     assert res["choices"]["model"] == "tiny" and res["choices"]["dit_quant"] == "none"
-    assert set(res["components"]) == {"t5", "dit", "vae"}
+    assert set(res["components"]) == {"t5", "dit", "vae", "attn"}
     timings = res["timings_s"]
     for stage in ("setup", "load", "encode_text", "denoise", "decode", "write", "quality"):
         assert timings[stage] >= 0

@@ -19,6 +19,7 @@ def load_options(group):
 
 
 DIT, T5, CLIP = load_options("dit_quant"), load_options("t5_quant"), load_options("clip_quant")
+ATTN_NONE = load_options("attn_quant")["none"]  # the attention modes are planned in tests/test_attention_modes.py
 
 
 def pretend_libraries(monkeypatch, present: bool):
@@ -72,9 +73,10 @@ def test_every_combination_on_every_profile(profile, libs, monkeypatch):
     hw = PROFILES[profile]
     count = 0
     for (dn, d), (tn, t), (cn, c) in product(DIT.items(), T5.items(), CLIP.items()):
-        cfg = OmegaConf.create({"model": {"task": "i2v"}, "dit_quant": d, "t5_quant": t, "clip_quant": c})
+        cfg = OmegaConf.create({"model": {"task": "i2v"}, "dit_quant": d, "t5_quant": t, "clip_quant": c,
+                                "attn_quant": ATTN_NONE})
         plans = plan.plan_run(cfg, hw)
-        assert set(plans) == {"t5", "clip", "dit"}
+        assert set(plans) == {"t5", "clip", "dit", "attn"}
         for comp, mode in (("dit", d), ("t5", t), ("clip", c)):
             p = plans[comp]
             ok, backend = _expected(mode, hw, libs)
@@ -90,8 +92,9 @@ def test_every_combination_on_every_profile(profile, libs, monkeypatch):
         count += 1
     assert count == len(DIT) * len(T5) * len(CLIP)
     plans = plan.plan_run(OmegaConf.create({"model": {"task": "t2v"}, "dit_quant": DIT["none"],
-                                            "t5_quant": T5["none"], "clip_quant": CLIP["none"]}), hw)
-    assert set(plans) == {"t5", "dit"}, "CLIP exists only for I2V"
+                                            "t5_quant": T5["none"], "clip_quant": CLIP["none"],
+                                            "attn_quant": ATTN_NONE}), hw)
+    assert set(plans) == {"t5", "dit", "attn"}, "CLIP exists only for I2V"
 
 
 def test_pinned_hardware_facts(libraries_present):

@@ -229,9 +229,11 @@ def run_table(site: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def table_rows(stdout: str) -> dict[str, str]:
+    """backend -> row of the linear-backend table (the first; the attention backends' table follows a blank line)."""
     lines = stdout.splitlines()
     assert lines[1].startswith("backend") and lines[2].startswith("-------"), stdout
-    return {line.split()[0]: line for line in lines[3:]}
+    end = lines.index("") if "" in lines else len(lines)
+    return {line.split()[0]: line for line in lines[3:end]}
 
 
 def test_cli_table_for_a_gpu_profile(fake_site):

@@ -6,6 +6,8 @@ implements with their minimum compute capability, and whether it can run on the 
 ``--hardware`` names a profile instead of the detected device (only the device is assumed: packages are still
 those installed here). ``--deep`` also imports each usable implementation (``spec.load()``) and reports an
 import failure as the reason. A broken plugin becomes a row with its reason; this command never raises for one.
+A second table lists the attention backends (entry-point group ``lightq.attention``, the ``attn_quant`` group's
+kernels) the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from importlib import metadata
 
 from ..hardware import PROFILES, Hardware, detect
+from ..attention import registry as attention_registry
 from . import registry
 from .spec import BackendSpec
 
@@ -92,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         print("no backend is installed: install lightq itself (pip install lightq, or pip install -e . in a checkout)")
         return 0
     print(table([row(spec, hw, args.deep) for _, spec in sorted(specs.items())]))
+    try:
+        attention_specs = attention_registry.specs()
+    except Exception as exc:  # entry-point metadata unreadable
+        print(f"cannot read the '{attention_registry.GROUP}' entry points: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nattention backends ({attention_registry.GROUP}, the attn_quant modes)")
+    print(table([row(spec, hw, args.deep) for _, spec in sorted(attention_specs.items())]))
     return 0
 
 

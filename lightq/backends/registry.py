@@ -39,11 +39,11 @@ def preference(scheme: str, component: str | None = None) -> tuple[str, ...]:
     return COMPONENT_PREFERENCE.get(component or "", {}).get(scheme, PREFERENCE.get(scheme, ()))
 
 
-@lru_cache(maxsize=1)
-def specs() -> dict[str, BackendSpec]:
-    """name -> spec for every installed backend. A broken entry point is reported as a spec that cannot load."""
+def entry_point_specs(group: str) -> dict[str, BackendSpec]:
+    """name -> spec for every spec published under the entry-point ``group``. A broken entry point is reported as a
+    spec that cannot load."""
     found: dict[str, BackendSpec] = {}
-    for ep in entry_points(group=GROUP):
+    for ep in entry_points(group=group):
         try:
             spec = ep.load()
         except Exception as exc:  # a broken plugin must not take the registry down
@@ -53,24 +53,40 @@ def specs() -> dict[str, BackendSpec]:
     return found
 
 
+@lru_cache(maxsize=1)
+def specs() -> dict[str, BackendSpec]:
+    """name -> spec for every installed linear backend (entry-point group ``lightq.backends``)."""
+    return entry_point_specs(GROUP)
+
+
+def ordered(found: dict[str, BackendSpec], scheme: str, order: tuple[str, ...]) -> list[BackendSpec]:
+    """The specs of ``found`` that declare ``scheme``, those named in ``order`` first (in that order), then by name."""
+    have = [s for s in found.values() if scheme in s.schemes]
+    return sorted(have, key=lambda s: (order.index(s.name) if s.name in order else len(order), s.name))
+
+
 def candidates(scheme: str, component: str | None = None) -> list[BackendSpec]:
     """Installed backends that declare ``scheme``, in ``auto`` preference order (for ``component``)."""
-    order = preference(scheme, component)
-    have = [s for s in specs().values() if scheme in s.schemes]
-    return sorted(have, key=lambda s: (order.index(s.name) if s.name in order else len(order), s.name))
+    return ordered(specs(), scheme, preference(scheme, component))
 
 
 def choose(scheme: str, backend: str, hw: Hardware, shape: tuple[int, int] | None = None,
            component: str | None = None) -> tuple[BackendSpec | None, str]:
     """(spec, reason): the backend for ``scheme`` (``backend`` a name or ``auto``), or (None, why not)."""
+    return choose_from(specs(), preference(scheme, component), scheme, backend, hw, shape)
+
+
+def choose_from(found: dict[str, BackendSpec], order: tuple[str, ...], scheme: str, backend: str, hw: Hardware,
+                shape: tuple[int, int] | None = None) -> tuple[BackendSpec | None, str]:
+    """``choose`` over the specs ``found`` with ``auto`` trying them in ``order`` (unnamed ones last, by name)."""
     if backend != "auto":
-        spec = specs().get(backend)
+        spec = found.get(backend)
         if spec is None:
-            return None, f"backend '{backend}' is not installed (installed: {', '.join(sorted(specs())) or 'none'})"
+            return None, f"backend '{backend}' is not installed (installed: {', '.join(sorted(found)) or 'none'})"
         ok, why = spec.can_implement(scheme, hw, shape)
         return (spec, f"requested: {backend}") if ok else (None, f"backend '{backend}' {why}")
     rejected = []
-    for spec in candidates(scheme, component):
+    for spec in ordered(found, scheme, order):
         ok, why = spec.can_implement(scheme, hw, shape)
         if ok:
             note = f"auto: {spec.name}" + (f" ({'; '.join(rejected)})" if rejected else "")

@@ -34,7 +34,7 @@ from ..checkpoints.loader import load_component
 from ..errors import LightqError
 from ..hardware import detect
 from ..models.layouts import QUANTIZABLE
-from ..models.attention import attention
+from ..models.attention import attention, self_attention
 from ..models.rope import axis_dims, rope_tables
 from ..models.wan_dit import DIT_ARCHS, WanDiT
 from ..quant.method import QuantMethod
@@ -112,7 +112,7 @@ class OfficialStyleBlock(torch.nn.Module):
         q = self.rms(attn.norm_q, attn.q(h)).view(b, seq_len, *heads)
         k = self.rms(attn.norm_k, attn.k(h)).view(b, seq_len, *heads)
         v = attn.v(h).view(b, seq_len, *heads)
-        y = attn.o(attention(self.rope(q).to(dtype), self.rope(k).to(dtype), v))
+        y = attn.o(self_attention(self.rope(q).to(dtype), self.rope(k).to(dtype), v))
         x = x + y.float() * e[2]
         ca = blk.cross_attn
         h = self.layer_norm(blk.norm3, x).to(dtype)

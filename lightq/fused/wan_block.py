@@ -10,7 +10,7 @@ with the quantization moved into the kernels that produce each linear's input:
     qkv    = one GEMM over the concatenated [3 dim, dim] q/k/v weight (per-channel scales concatenate), bias fused
     q, k, v = qkv_rms_rope(qkv)                                  RMSNorm + RoPE of q and k, v copied: one kernel,
                                                                   three contiguous [B, L, heads, head_dim] tensors
-    y      = o(attention(q, k, v))
+    y      = o(self_attention(q, k, v))
     x, xq, sx = add_norm_quant(x, y; gate1; norm3 affine)       residual update + LayerNorm + quant (cross q)
     y      = cross_attn.o(attention(rms(q_gemm(xq, sx)), norm_k(k(text)), v(text)))   (+ the I2V image branch)
     x, xq, sx = add_norm_quant(x, y; shift2, scale2)            residual update + LayerNorm + modulation + quant
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.attention import attention
+from ..models.attention import attention, self_attention
 from ..models.wan_dit import Block, CrossAttention, SelfAttention
 from ..quant.linear import QLinear
 from ..kernels.act_quant import act_quant
@@ -90,7 +90,7 @@ class FusedSelfAttention(SelfAttention):
         cos, sin = rope
         q, k, v = qkv_rms_rope(qkv, self.norm_q.weight, self.norm_k.weight, cos, sin, seq_len, self.head_dim,
                                self.norm_q.eps).view(3, b, seq_len, self.num_heads, self.head_dim)
-        return self.o(attention(q, k, v)).reshape(b * seq_len, -1).contiguous()
+        return self.o(self_attention(q, k, v)).reshape(b * seq_len, -1).contiguous()
 
 
 class FusedCrossAttention(CrossAttention):

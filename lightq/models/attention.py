@@ -12,6 +12,10 @@ for its duration with ``with use_attention(impl): ...``; the previous implementa
 error, so one job's choice never leaks into the next job of a sweep. The choice is process-wide (a module global,
 read on every call), not per model: set it around the whole job, not around one component.
 
+The DiT's self-attention (video tokens to themselves) calls ``self_attention(q, k, v)``, which runs the
+implementation installed by ``use_self_attention(impl)`` (the ``attn_quant`` group's quantized attention), else
+the one ``attention`` runs; cross-attention to the text and image tokens always calls ``attention``.
+
 ``keep_sdpa_switches()`` guards torch's process-wide SDPA backend switches (flash / memory-efficient / math /
 cuDNN) across code that may flip them, such as importing a kernel library.
 """
@@ -34,6 +38,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 _current: AttentionImpl = sdpa
+_self_current: AttentionImpl | None = None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -41,22 +46,49 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return _current(q, k, v)
 
 
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The DiT's self-attention: the ``use_self_attention`` implementation if one is installed, else ``attention``'s."""
+    return (_self_current or _current)(q, k, v)
+
+
 def current_attention() -> AttentionImpl:
     """The implementation ``attention`` calls now."""
     return _current
+
+
+def current_self_attention() -> AttentionImpl:
+    """The implementation ``self_attention`` calls now."""
+    return _self_current or _current
+
+
+def _check_callable(impl) -> None:
+    if not callable(impl):
+        raise TypeError(f"an attention implementation must be callable, got {type(impl).__name__}")
 
 
 @contextmanager
 def use_attention(impl: AttentionImpl) -> Iterator[AttentionImpl]:
     """Make ``attention`` call ``impl`` inside the ``with`` block; the previous implementation is restored on exit."""
     global _current
-    if not callable(impl):
-        raise TypeError(f"an attention implementation must be callable, got {type(impl).__name__}")
+    _check_callable(impl)
     previous, _current = _current, impl
     try:
         yield impl
     finally:
         _current = previous
+
+
+@contextmanager
+def use_self_attention(impl: AttentionImpl) -> Iterator[AttentionImpl]:
+    """Make ``self_attention`` call ``impl`` inside the ``with`` block (cross-attention is untouched); the previous
+    choice is restored on exit."""
+    global _self_current
+    _check_callable(impl)
+    previous, _self_current = _self_current, impl
+    try:
+        yield impl
+    finally:
+        _self_current = previous
 
 
 _SDPA_SWITCHES = ("flash", "mem_efficient", "math", "cudnn")

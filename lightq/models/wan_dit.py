@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LightqError
-from .attention import attention
+from .attention import attention, self_attention
 from .rope import apply_rope, rope_tables
 
 TEXT_LEN = 512
@@ -141,7 +141,7 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope).to(x.dtype)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope).to(x.dtype)
         v = self.v(x).unflatten(-1, heads)
-        return self.o(attention(q, k, v))
+        return self.o(self_attention(q, k, v))
 
 
 class CrossAttention(nn.Module):

@@ -127,6 +127,16 @@ def load_dit(cfg, method, folder, device, dtype, progress):
     return model
 
 
+def load_self_attention(plan: ComponentPlan | None):
+    """The DiT self-attention implementation of the planned ``attn_quant`` mode, or None for ``none`` (bf16 SDPA);
+    ``generate`` installs it with ``lightq.models.attention.use_self_attention``. Cross-attention is untouched."""
+    if plan is None or plan.scheme == "none":
+        return None
+    from ..attention.registry import specs
+
+    return specs()[plan.backend].load().implementation(plan.scheme)
+
+
 def load_vae(cfg, folder, device):
     from ..models.vae import VAE_ARCHS, WanVAE
 

@@ -19,12 +19,14 @@ import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..hardware import Hardware
+from ..models.attention import use_self_attention
 from ..plan import ComponentPlan
 from ..results import StageTimer
 from . import components as C
@@ -65,6 +67,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         clip = C.load_clip(cfg, methods["clip"], folder, offload.home, dtype, _progress()) if "clip" in plans else None
         dit = C.load_dit(cfg, methods["dit"], folder, offload.home, dtype, _progress())
         vae = C.load_vae(cfg, folder, offload.home)
+        self_attention = C.load_self_attention(plans.get("attn"))
     for name, module in (("t5", t5), ("clip", clip), ("dit", dit), ("vae", vae)):
         if module is not None:
             comps[name] = C.describe(module, methods.get(name))
@@ -73,6 +76,8 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
                      p.reason if p else "VAE is never quantized", comps[name]["quantized_layers"],
                      comps[name]["weight_bytes"] / 2**20)
 
+    if "attn" in plans:
+        log.info("DiT self-attention: %s (%s)", plans["attn"].mode, plans["attn"].reason)
     scfg = C.sampler_config(cfg)
     m = cfg.model
     with timer("encode_text"), offload.active(t5):
@@ -96,7 +101,8 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         return dit(x.to(dtype), t, context, **extra).float()
 
     steps = StepTimes(timer.sync)
-    with timer("denoise"), offload.active(dit):
+    installed = use_self_attention(self_attention) if self_attention is not None else nullcontext()
+    with timer("denoise"), offload.active(dit), installed:
         steps.begin()
         latents = sample(velocity, noise, scfg, cond, uncond if guide_scale_of(scfg) != 1.0 else None, _progress(),
                          generator=torch.Generator(device).manual_seed(cfg.seed), on_step=steps.lap)
@@ -196,6 +202,8 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if hw.is_cuda else 0}
     record["components"] = {name: {**(plans[name].as_dict() if name in plans else {}), **desc}
                             for name, desc in gen.components.items()}
+    if "attn" in plans:
+        record["components"]["attn"] = plans["attn"].as_dict()
     record["timings_s"] = gen.timings
     record["frames"] = int(gen.video.shape[0])
     outputs = record.setdefault("outputs", {})
