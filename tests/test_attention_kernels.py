@@ -84,3 +84,39 @@ def test_bad_shapes_are_refused(kernels):
     with pytest.raises(ValueError, match="contiguous last"):
         x = torch.zeros(1, 4, 64, 2).transpose(-1, -2)
         kernels.quant_attention(x, x, x, "int8-sage")
+
+
+def test_fused_triton_block_runs_quantized_self_attention(kernels):
+    """dit_quant=int8-triton's fused block with attn_quant=int8-sage-triton: the installed kernel serves the block's
+    self-attention (once, on the fused q/k/v views) and the block matches the unfused block with the same
+    attention."""
+    from lightq.backends.registry import specs
+    from lightq.backends.triton_backend import TritonBackend
+    from lightq.checkpoints.loader import load_component
+    from lightq.fused import wan_block
+    from lightq.models.attention import use_self_attention
+    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.rope import rope_tables
+    from lightq.models.wan_dit import DiTArch, WanDiT
+
+    arch = DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=1, text_dim=128)
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"], scheme="int8",
+                           backend=TritonBackend(specs()["triton"]), dtype=torch.bfloat16, progress=False)
+    gen = torch.Generator().manual_seed(7)
+    block, seq_len = model.blocks[0], 16
+    args = (torch.randn(1, seq_len, 128, generator=gen), torch.randn(1, 6, 128, generator=gen) * 0.1,
+            rope_tables((2, 2, 4), 64, torch.device("cpu")),
+            torch.randn(1, 8, 128, generator=gen).to(torch.bfloat16), None, torch.bfloat16)
+    calls = []
+
+    def sage(q, k, v):
+        calls.append(q.shape)
+        return kernels.quant_attention(q, k, v, "int8-sage")
+
+    with use_self_attention(sage):
+        unfused = block(*args)
+        assert wan_block.fuse_dit_blocks(model) == 1
+        fused = block(*args)
+    assert calls == [(1, seq_len, 2, 64)] * 2
+    err = ((fused - unfused).norm() / (unfused - args[0]).norm()).item()
+    assert err < 1e-3, f"fused block with quantized attention differs from the unfused one by {err:.2e}"
