@@ -167,3 +167,32 @@ def test_sweep_records_modes_skips_and_quality(i2v_offload_sweep):
     rows = {r["attn_mode"]: r for r in csv.DictReader((root / "results.csv").open())}
     assert rows["none"]["psnr_db"] == "baseline" and rows["int8fp8-sage2-torch"]["psnr_db"] not in ("", "baseline")
     assert rows["fp8-fa3-triton"]["status"] == "skipped" and "attn_mode" in (root / "results.md").read_text()
+
+
+def test_bench_attention_pieces_on_the_cpu():
+    """The GPU benchmark's float64 rows, table and target line (timing itself needs CUDA)."""
+    from lightq.attention.inputs import wan_like_qkv
+    from lightq.attention.numerics import exact_attention
+    from lightq.bench import attention as bench
+    from lightq.bench.step import attention_impls
+
+    q, k, v = wan_like_qkv(1, 300, 2, 64, torch.bfloat16, seed=2)
+    rows = torch.tensor([0, 150, 299])
+    torch.testing.assert_close(bench.exact_rows(q, k, v, rows), exact_attention(q, k, v)[:, rows])
+    assert set(bench.default_modes()) >= {"int8-sage-triton", "int8fp8-sage2-triton", "fp8-fa3-triton"}
+    table = [bench.AttentionRow(32760, "sdpa cuDNN bf16", "torch", 30.0, 600, 1.0, 1.5, 0.99999, 2e-3),
+             bench.AttentionRow(32760, "int8-sage-triton", "triton", 15.0, 1200, 2.0, 3.0, 0.9999, 4e-3),
+             bench.AttentionRow(32760, "fp8-fa3-triton", "", note="cannot run here")]
+    md = bench.markdown(table, {"device": "test"}, 40)
+    assert "| 32760 | int8-sage-triton | triton | 15.000 | 1200 | 2.00 | 3.00 | 0.999900 | 4.00e-03 |  |" in md
+    assert "int8-sage-triton 2.00x cuDNN" in bench.targets(table) and ": met" in bench.targets(table)
+    with pytest.raises(LightqError, match="not an attn_quant mode"):
+        attention_impls(["int4"])
+    assert attention_impls(["fp8-fa3-triton"])[0][1] is None  # cannot run on the CPU: its row says why
+
+
+def test_bench_cli_needs_a_gpu():
+    for args in (["attention"], ["step", "--attn", "int8-sage-triton"]):
+        proc = subprocess.run([sys.executable, "-m", "lightq.bench", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.strip() == "error: python -m lightq.bench needs a CUDA GPU; " \
+                                                               "none is visible here"

@@ -14,6 +14,14 @@ import functools
 from ..backends.spec import BackendSpec
 
 
+def implementation_for(scheme: str, backend: str):
+    """The seam's callable for ``scheme`` on the installed attention backend named ``backend`` (a planned choice,
+    not ``auto``)."""
+    from .registry import specs
+
+    return specs()[backend].load().implementation(scheme)
+
+
 class AttentionBackend:
     """Base of attention implementations: ``implementation(scheme)`` returns the seam's callable."""
 

@@ -28,21 +28,23 @@ def _unit_rms(x: torch.Tensor) -> torch.Tensor:
 
 def wan_like_qkv(batch: int, tokens: int, heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16,
                  device: str | torch.device = "cpu", seed: int = 0, kv_tokens: int | None = None):
-    """(q ``[B, L, H, D]``, k, v ``[B, Lk, H, D]``) in ``dtype`` on ``device`` (module docstring); deterministic in
-    ``seed`` (drawn on the CPU, then moved)."""
-    g = torch.Generator().manual_seed(seed)
+    """(q ``[B, L, H, D]``, k, v ``[B, Lk, H, D]``) in ``dtype`` on ``device`` (module docstring), drawn on
+    ``device`` from ``seed`` (deterministic per device kind)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     lk = tokens if kv_tokens is None else kv_tokens
+
+    def randn(*size):
+        return torch.randn(size, generator=g, device=device)
+
     shape = (batch, 1, heads, head_dim)
-    weight = torch.exp(0.5 * torch.randn(shape, generator=g))
-    centres = torch.randn(batch, CLUSTERS, heads, head_dim, generator=g)
+    weight = torch.exp(0.5 * randn(*shape))
+    centres = randn(batch, CLUSTERS, heads, head_dim)
 
     def located(n: int) -> torch.Tensor:
-        idx = torch.arange(n) * CLUSTERS // n
-        return centres[:, idx]
+        return centres[:, torch.arange(n, device=device) * CLUSTERS // n]
 
-    offset = 2.0 * torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.25)
-    q = weight * (located(tokens) + 0.8 * torch.randn(batch, tokens, heads, head_dim, generator=g))
-    k = weight * (located(lk) + 0.8 * torch.randn(batch, lk, heads, head_dim, generator=g) + offset)
-    v = torch.randn(batch, lk, heads, head_dim, generator=g) + 0.5 * torch.randn(shape, generator=g)
-    q, k = _unit_rms(q), _unit_rms(k)
-    return tuple(t.to(dtype).to(device) for t in (q, k, v))
+    offset = 2.0 * randn(*shape) * (torch.rand(shape, generator=g, device=device) < 0.25)
+    q = _unit_rms(weight * (located(tokens) + 0.8 * randn(batch, tokens, heads, head_dim))).to(dtype)
+    k = _unit_rms(weight * (located(lk) + 0.8 * randn(batch, lk, heads, head_dim) + offset)).to(dtype)
+    v = (randn(batch, lk, heads, head_dim) + 0.5 * randn(*shape)).to(dtype)
+    return q, k, v

@@ -1,5 +1,5 @@
-"""``python -m lightq.bench linear|step|pipeline [options]`` — see ``lightq.bench.linear``, ``lightq.bench.step`` and
-``lightq.bench.pipeline``."""
+"""``python -m lightq.bench linear|step|attention|pipeline [options]`` — see ``lightq.bench.linear``,
+``lightq.bench.step``, ``lightq.bench.attention`` and ``lightq.bench.pipeline``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     stp.add_argument("--layers", type=int, default=None,
                      help="blocks to build (default: 4 for 14B, all 30 for 1.3B); the step is extrapolated")
     stp.add_argument("--profile", action="store_true", help="print a per-op CUDA time breakdown of one block")
+    stp.add_argument("--attn", type=_csv, default=[],
+                     help="attn_quant modes (e.g. int8-sage-triton): each mode's block and step again with that "
+                          "self-attention, error also against the same mode with bf16 attention")
+    att = sub.add_parser("attention", help="self-attention alone at 14B shapes: every attn_quant mode vs bf16 SDPA")
+    att.add_argument("--tokens", type=_csv, default=["480p", "720p"],
+                     help="comma-separated token counts or 480p (32760), 720p (75600)")
+    att.add_argument("--heads", type=int, default=40, help="attention heads (40: 14B, 12: 1.3B)")
+    att.add_argument("--modes", type=_csv, default=None,
+                     help="attn_quant modes (default: every installed non-reference one)")
+    att.add_argument("--iters", type=int, default=10, help="timed calls per measurement (median)")
+    att.add_argument("--check-rows", type=int, default=256, help="query rows checked against float64 attention")
+    att.add_argument("--json", default=None, help="also write the rows to this JSON file")
     pip = sub.add_parser("pipeline", help="the user's job (python -m lightq) per mode, each in a fresh process")
     pip.add_argument("overrides", nargs="*", help="overrides common to every job, e.g. model=wan2.1-t2v-14b "
                      "model.weights=random sampler=distill")
@@ -51,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             from .linear import run
 
             run(args.shapes, args.modes, args.iters, args.quick, args.json)
+        elif args.command == "attention":
+            from .attention import run
+
+            run(args.tokens, args.heads, args.modes, args.iters, args.check_rows, args.json)
         elif args.command == "pipeline":
             from .pipeline import run
 
@@ -58,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .step import run
 
-            run(args.models, args.modes, args.layers, args.iters, args.profile, args.json)
+            run(args.models, args.modes, args.layers, args.iters, args.profile, args.json, args.attn)
     except LightqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -13,6 +13,9 @@ the ``triton`` backend's blocks fused (``lightq.fused.wan_block``). Measured in 
 A 14B model is built with ``--layers`` blocks (default 4, not 40: quantizing 40 blocks at load takes minutes);
 the step time is then also reported extrapolated to all layers as embed/head + layers x block, and says so.
 ``--profile`` prints where a block's time goes (torch.profiler, CUDA time per op) for bf16 and each fused mode.
+``--attn int8-sage-triton,...`` measures each mode's block and step again with that ``attn_quant`` self-attention
+installed (rows ``<mode> + <attn mode>``): the block error is against bf16 as for every row, and the note adds it
+against the same mode with bf16 attention (what the attention quantization alone costs).
 
 ``official-style bf16`` is a re-implementation of the official Wan2.1 ``WanAttentionBlock``'s numerics on the same
 bf16 weights as lightq's bf16 block (``OfficialStyleBlock``): LayerNorms on ``.float()`` casts, fp32 modulation,
@@ -34,7 +37,7 @@ from ..checkpoints.loader import load_component
 from ..errors import LightqError
 from ..hardware import detect
 from ..models.layouts import QUANTIZABLE
-from ..models.attention import attention, self_attention
+from ..models.attention import attention, self_attention, use_self_attention
 from ..models.rope import axis_dims, rope_tables
 from ..models.wan_dit import DIT_ARCHS, WanDiT
 from ..quant.method import QuantMethod
@@ -181,7 +184,45 @@ def profile_block(block, args, label: str, rows: int = 14) -> str:
     return f"### where one block's time goes: {label}\n" + events.table(sort_by=key, row_limit=rows)
 
 
-def measure_model(name, layers, modes, backends, iters, profile):
+def attention_impls(names: list[str]) -> list[tuple[str, object, str]]:
+    """(attn mode, implementation or None, why not) for each ``attn_quant`` mode name."""
+    from .attention import mode_files
+    from ..attention.backends import implementation_for
+    from ..plan import plan_attention
+
+    files, out = mode_files(), []
+    for name in names:
+        if name not in files or files[name].scheme == "none":
+            raise LightqError(f"--attn {name}: not an attn_quant mode; choose from "
+                              f"{', '.join(n for n in files if n != 'none')}")
+        plan = plan_attention(files[name], detect())
+        out.append((name, implementation_for(plan.scheme, plan.backend) if plan.ok else None, plan.reason))
+    return out
+
+
+def measure_with_attention(row, attn, model, args, latents, t, context, ref, iters) -> StepRow:
+    """``row``'s block and step again with the self-attention ``attn`` (from ``attention_impls``) installed: a new
+    row. ``ref``: (bf16 block update, bf16 step output, this mode's block update with bf16 attention)."""
+    name, impl, why = attn
+    out = StepRow(row.model, f"{row.mode} + {name}", row.layers, fused_blocks=row.fused_blocks)
+    if impl is None:
+        out.note = f"unavailable: {why}"
+        return out
+    block, tokens = model.blocks[0], args[0]
+    ref_block, ref_step, mode_update = ref
+    with torch.no_grad(), use_self_attention(impl):
+        update = block(*args) - tokens
+        out.block_ms = timing.time_ms(lambda: block(*args), iters)
+        y = model(latents, t, context)
+        out.step_ms = timing.time_ms(lambda: model(latents, t, context), max(3, iters // 4), warmup=1)
+    out.peak_gib = row.peak_gib
+    out.block_err, out.step_err = rel_err(update, ref_block), rel_err(y, ref_step)
+    out.note = f"block err vs {row.mode} with bf16 attention: {rel_err(update, mode_update):.2e}"
+    out.step_full_ms = out.step_ms + (DIT_ARCHS[row.model].num_layers - row.layers) * out.block_ms
+    return out
+
+
+def measure_model(name, layers, modes, backends, iters, profile, attns=()):
     arch = dataclasses.replace(DIT_ARCHS[name], num_layers=layers)
     latents, t, context, (tokens, e0, rope, text) = inputs(arch)
     args = (tokens, e0, rope, text, None, torch.bfloat16)
@@ -220,6 +261,9 @@ def measure_model(name, layers, modes, backends, iters, profile):
                 row.block_err, row.step_err = rel_err(update, ref_block), rel_err(out, ref_step)
             full = DIT_ARCHS[name].num_layers
             row.step_full_ms = row.step_ms + (full - layers) * row.block_ms
+            for attn in attns:
+                rows.append(measure_with_attention(row, attn, model, args, latents, t, context,
+                                                   (ref_block, ref_step, update), iters))
             del model, block, out, y_block
             torch.cuda.empty_cache()
         except Exception as exc:  # one failing mode must not lose the rest of the table
@@ -294,7 +338,7 @@ def targets(rows: list[StepRow]) -> str:
 
 
 def run(models: list[str], modes: list[str] | None, layers: int | None, iters: int, profile: bool,
-        json_path: str | None) -> list[StepRow]:
+        json_path: str | None, attn: list[str] = ()) -> list[StepRow]:
     if not torch.cuda.is_available():
         raise LightqError("python -m lightq.bench needs a CUDA GPU; none is visible here")
     unknown = set(models) - {"14b", "1.3b"}
@@ -303,10 +347,11 @@ def run(models: list[str], modes: list[str] | None, layers: int | None, iters: i
     wanted = None if modes is None else [m for m in modes if m != "none"]
     per_channel = [m for m in discover_modes(wanted) if m[1] in ("fp8", "int8")]
     backends, info = Backends(), timing.device_info()
+    attns = attention_impls(list(attn))
     rows, reports = [], []
     for name in models:
         n = layers or DEFAULT_LAYERS[name]
-        got, text = measure_model(name, n, per_channel, backends, iters, profile)
+        got, text = measure_model(name, n, per_channel, backends, iters, profile, attns)
         rows += got
         reports += text
         print(f"  measured {name}", flush=True)

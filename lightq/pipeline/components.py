@@ -132,9 +132,9 @@ def load_self_attention(plan: ComponentPlan | None):
     ``generate`` installs it with ``lightq.models.attention.use_self_attention``. Cross-attention is untouched."""
     if plan is None or plan.scheme == "none":
         return None
-    from ..attention.registry import specs
+    from ..attention.backends import implementation_for
 
-    return specs()[plan.backend].load().implementation(plan.scheme)
+    return implementation_for(plan.scheme, plan.backend)
 
 
 def load_vae(cfg, folder, device):

@@ -1,0 +1,45 @@
+"""GPU parity of the ``sageattention`` attention backend (int8-sage-sageattention) against lightq's int8-sage
+reference, on Wan-like inputs (``lightq.attention.inputs``), key counts with and without a partial 64-key block.
+
+``sageattn`` differs from the reference in rounding rule, fp16 P.V accumulation and its tail-block handling
+(``lightq_sageattention.impl``), so the check is against float64 attention: the plugin's relative L2 error at most
+1.5x the reference's plus 1e-3, cosine >= 0.999; and the plugin's output must not move the caller's k.
+Skipped without CUDA or without sageattention (with the reason).
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from lightq.attention import numerics as N
+from lightq.attention.inputs import wan_like_qkv
+from lightq_sageattention import SPEC
+
+CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)"),
+              pytest.mark.skipif(importlib.util.find_spec("sageattention") is None,
+                                 reason="needs sageattention (pip install 'sageattention==1.0.6')")]
+
+
+@pytest.fixture(scope="module")
+def sage():
+    return SPEC.load().implementation("int8-sage")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lq, lk, heads, d", [(4096, 4096, 4, 128), (1000, 777, 4, 128), (32760, 32760, 2, 128),
+                                              (513, 300, 2, 64)])
+def test_close_to_the_reference_against_float64(sage, dtype, lq, lk, heads, d):
+    q, k, v = wan_like_qkv(1, lq, heads, d, dtype, device="cuda", seed=lq, kv_tokens=lk)
+    k_before = k.clone()
+    out = sage(q, k, v)
+    assert torch.equal(k, k_before), "the plugin must not modify the caller's k"
+    assert out.shape == (1, lq, heads * d) and out.dtype == dtype
+    rows = torch.linspace(0, lq - 1, min(lq, 256), device="cuda").round().long()
+    exact = N.exact_attention(q[:, rows], k, v)
+    ref = N.errors(N.reference_attention(q, k, v, "int8-sage")[:, rows], exact)
+    got = N.errors(out[:, rows], exact)
+    assert got["cosine"] >= 0.999, got
+    assert got["rel_l2"] <= 1.5 * ref["rel_l2"] + 1e-3, (got, ref)
