@@ -24,10 +24,10 @@ def test_default_is_softmax_attention_in_the_documented_layout():
     torch.testing.assert_close(out.double(), naive(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, calls_per_block", [("tiny", 2), ("tiny-i2v", 3)])
-def test_an_installed_implementation_serves_every_dit_attention(name, calls_per_block):
+def dit_and_inputs(name: str, dtype=torch.float32):
+    """A random tiny DiT and (x, t, context, I2V kwargs) for it, on a (2, 4, 4) latent grid (8 tokens)."""
     arch = DIT_ARCHS[name]
-    model = random_dit(arch, device="cpu", dtype=torch.float32, seed=3)
+    model = random_dit(arch, device="cpu", dtype=dtype, seed=3)
     g = torch.Generator().manual_seed(1)
     grid = (2, 4, 4)
     x = torch.randn(1, arch.out_dim, *grid, generator=g)
@@ -36,6 +36,12 @@ def test_an_installed_implementation_serves_every_dit_attention(name, calls_per_
     if arch.is_i2v:
         kw = {"clip_fea": torch.randn(1, 257, arch.clip_dim, generator=g),
               "y": torch.randn(1, arch.in_dim - arch.out_dim, *grid, generator=g)}
+    return arch, model, x, t, ctx, kw
+
+
+@pytest.mark.parametrize("name, calls_per_block", [("tiny", 2), ("tiny-i2v", 3)])
+def test_an_installed_implementation_serves_every_dit_attention(name, calls_per_block):
+    arch, model, x, t, ctx, kw = dit_and_inputs(name)
     shapes = []
 
     def recording(q, k, v):
@@ -74,3 +80,27 @@ def test_keep_sdpa_switches_restores_on_error():
             torch.backends.cuda.enable_math_sdp(not before[2])
             raise ValueError
     assert attn.sdpa_switches() == before
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
+def test_the_self_attention_seam_serves_self_attention_only(name):
+    """``use_self_attention`` (the attn_quant modes) replaces the blocks' self-attention and never the text or
+    image cross-attention; int8-sage's reference in its place keeps the output close."""
+    from lightq.attention.numerics import reference_attention
+
+    arch, model, x, t, ctx, kw = dit_and_inputs(name, torch.bfloat16)
+    calls = []
+
+    def quantized(q, k, v):
+        calls.append((q.shape[1], k.shape[1]))
+        return reference_attention(q, k, v, "int8-sage")
+
+    with torch.no_grad():
+        exact = model(x, t, ctx, **kw)
+        with attn.use_self_attention(quantized):
+            assert attn.current_self_attention() is quantized and attn.current_attention() is attn.sdpa
+            got = model(x, t, ctx, **kw)
+    assert calls == [(8, 8)] * arch.num_layers
+    assert attn.current_self_attention() is attn.sdpa
+    cos = torch.nn.functional.cosine_similarity(got.flatten().double(), exact.flatten().double(), dim=0)
+    assert 0.999 < cos < 1.0

@@ -1,6 +1,6 @@
 """The ``attn_quant`` group on the CPU: every mode file composes and plans (``skipped`` with a reason where it cannot
-run), the attention backends are registered and listed, the self-attention seam serves only self-attention, and
-jobs record the mode, are never taken as the bf16 baseline, and compose with I2V, block offload and sweeps."""
+run), the attention backends are registered and listed, jobs record the mode, are never taken as the bf16 baseline,
+and compose with I2V, block offload and sweeps; the benchmark's CPU-side pieces. (The seam: tests/test_attention.py.)"""
 
 import csv
 import json
@@ -15,12 +15,9 @@ from lightq import plan
 from lightq.attention import SCHEMES
 from lightq.attention import registry as attention_registry
 from lightq.attention.numerics import SCHEMES as NUMERIC_SCHEMES
-from lightq.attention.numerics import reference_attention
 from lightq.config import AttnQuantConfig, validate
 from lightq.errors import LightqError
 from lightq.hardware import PROFILES
-from lightq.models import attention as seam
-from lightq.models.wan_dit import DIT_ARCHS, random_dit
 from lightq.paths import conf_dir
 from lightq.pipeline.graph import _is_baseline
 from lightq.report import _is_baseline as row_is_baseline
@@ -99,35 +96,6 @@ def _full(partial):
     from lightq.config import LightqConfig
 
     return OmegaConf.merge(OmegaConf.structured(LightqConfig), partial)
-
-
-@pytest.mark.parametrize("name", ["tiny", "tiny-i2v"])
-def test_the_self_attention_seam_serves_self_attention_only(name):
-    arch = DIT_ARCHS[name]
-    model = random_dit(arch, device="cpu", dtype=torch.bfloat16, seed=3)
-    g = torch.Generator().manual_seed(1)
-    grid = (2, 4, 4)
-    x = torch.randn(1, arch.out_dim, *grid, generator=g)
-    t, ctx = torch.tensor([500.0]), torch.randn(1, 6, arch.text_dim, generator=g)
-    kw = {}
-    if arch.is_i2v:
-        kw = {"clip_fea": torch.randn(1, 257, arch.clip_dim, generator=g),
-              "y": torch.randn(1, arch.in_dim - arch.out_dim, *grid, generator=g)}
-    calls = []
-
-    def quantized(q, k, v):
-        calls.append((q.shape[1], k.shape[1]))
-        return reference_attention(q, k, v, "int8-sage")
-
-    with torch.no_grad():
-        exact = model(x, t, ctx, **kw)
-        with seam.use_self_attention(quantized):
-            got = model(x, t, ctx, **kw)
-    tokens = 2 * 2 * 2  # grid / patch (1, 2, 2)
-    assert calls == [(tokens, tokens)] * arch.num_layers  # never the text or image cross-attention
-    assert seam.current_self_attention() is seam.sdpa  # restored after the block
-    cos = torch.nn.functional.cosine_similarity(got.flatten().double(), exact.flatten().double(), dim=0)
-    assert 0.999 < cos < 1.0
 
 
 def test_a_quantized_attention_run_is_never_the_bf16_baseline():

@@ -85,21 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deep", action="store_true", help="also import each usable implementation")
     args = parser.parse_args(argv)
     hw = detect() if args.hardware == "auto" else PROFILES[args.hardware]
-    try:
-        specs = registry.specs()
-    except Exception as exc:  # entry-point metadata unreadable
-        print(f"cannot read the '{registry.GROUP}' entry points: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    found = []
+    for reg in (registry, attention_registry):
+        try:
+            found.append(reg.specs())
+        except Exception as exc:  # entry-point metadata unreadable
+            print(f"cannot read the '{reg.GROUP}' entry points: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    specs, attention_specs = found
     print(f"lightq backends on {hw.describe()} (hardware={args.hardware})")
     if not specs:
         print("no backend is installed: install lightq itself (pip install lightq, or pip install -e . in a checkout)")
         return 0
     print(table([row(spec, hw, args.deep) for _, spec in sorted(specs.items())]))
-    try:
-        attention_specs = attention_registry.specs()
-    except Exception as exc:  # entry-point metadata unreadable
-        print(f"cannot read the '{attention_registry.GROUP}' entry points: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
     print(f"\nattention backends ({attention_registry.GROUP}, the attn_quant modes)")
     print(table([row(spec, hw, args.deep) for _, spec in sorted(attention_specs.items())]))
     return 0
