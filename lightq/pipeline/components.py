@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import staging
+from ..config import COMPONENTS
 from ..errors import LightqError
 from ..models.layouts import QUANTIZABLE
 from ..plan import ComponentPlan
@@ -84,8 +85,9 @@ def _source(component: str, method: QuantMethod | None, folder: Path | None):
 
 
 def quant_methods(cfg, plans: dict[str, ComponentPlan]) -> dict[str, QuantMethod]:
-    """The quantization method of every planned component (each backend loaded once, options applied)."""
-    return {name: QuantMethod.build(plan, cfg[f"{name}_quant"]) for name, plan in plans.items()}
+    """The quantization method of every planned component with linears (each backend loaded once, options
+    applied); the self-attention plan (``attn``) is ``load_self_attention``'s."""
+    return {name: QuantMethod.build(plan, cfg[f"{name}_quant"]) for name, plan in plans.items() if name in COMPONENTS}
 
 
 def _load(component: str, build, cfg, method: QuantMethod | None, folder, device, dtype, progress,
