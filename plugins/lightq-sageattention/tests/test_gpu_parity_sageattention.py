@@ -28,15 +28,15 @@ def sage():
     return SPEC.load().implementation("int8-sage")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lq, lk, heads, d", [(4096, 4096, 4, 128), (1000, 777, 4, 128), (32760, 32760, 2, 128),
                                               (513, 300, 2, 64)])
-def test_close_to_the_reference_against_float64(sage, dtype, lq, lk, heads, d):
-    q, k, v = wan_like_qkv(1, lq, heads, d, dtype, device="cuda", seed=lq, kv_tokens=lk)
+def test_close_to_the_reference_against_float64(sage, in_dtype, lq, lk, heads, d):
+    q, k, v = wan_like_qkv(1, lq, heads, d, in_dtype, device="cuda", seed=lq, kv_tokens=lk)
     k_before = k.clone()
     out = sage(q, k, v)
     assert torch.equal(k, k_before), "the plugin must not modify the caller's k"
-    assert out.shape == (1, lq, heads * d) and out.dtype == dtype
+    assert out.shape == (1, lq, heads * d) and out.dtype == in_dtype
     rows = torch.linspace(0, lq - 1, min(lq, 256), device="cuda").round().long()
     exact = N.exact_attention(q[:, rows], k, v)
     ref = N.errors(N.reference_attention(q, k, v, "int8-sage")[:, rows], exact)
