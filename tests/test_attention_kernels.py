@@ -98,10 +98,12 @@ def test_fused_triton_block_runs_quantized_self_attention(kernels):
     from lightq.models.layouts import QUANTIZABLE
     from lightq.models.rope import rope_tables
     from lightq.models.wan_dit import DiTArch, WanDiT
+    from lightq.quant.method import QuantMethod
 
     arch = DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=1, text_dim=128)
-    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"], scheme="int8",
-                           backend=TritonBackend(specs()["triton"]), dtype=torch.bfloat16, progress=False)
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"],
+                           method=QuantMethod("int8", TritonBackend(specs()["triton"])), dtype=torch.bfloat16,
+                           progress=False)
     gen = torch.Generator().manual_seed(7)
     block, seq_len = model.blocks[0], 16
     args = (torch.randn(1, seq_len, 128, generator=gen), torch.randn(1, 6, 128, generator=gen) * 0.1,
