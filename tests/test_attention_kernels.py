@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not HAVE_TRITON or torch.cuda.is_available(),
                                 reason="needs triton (pip install triton) and no CUDA: on a GPU "
                                        "tests/gpu/test_attention_gpu.py covers the kernels")
 
-SHAPES = [(1, 200, 150, 2, 64), (2, 130, 70, 1, 64), (1, 64, 1, 1, 128)]  # (B, Lq, Lk, H, D)
+SHAPES = [(1, 200, 128, 2, 64), (2, 130, 70, 1, 64), (1, 64, 1, 1, 128)]  # B Lq Lk H D: full, full + tail, tail
 
 
 @pytest.fixture(scope="module")

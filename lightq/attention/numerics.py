@@ -10,7 +10,7 @@ output ``softmax(q k^T / sqrt(D)) v`` as ``[B, Lq, H * D]`` in ``q``'s dtype (th
                                             by q . mean(k), and softmax is invariant to a per-row shift
     Q  = quant(c q)   per block of BLOCK_Q = 128 consecutive queries     scale s = amax(block) / qmax
     K  = quant(k')    per block of BLOCK_K = 64 consecutive keys         (1 where amax is 0)
-    S  = (Q K^T) s_q s_k                    int8: the integer dot product is exact in fp32 (|sum| < 2^24)
+    S  = (Q K^T) (s_q s_k)                  int8: the integer dot product is exact in fp32 (|sum| < 2^24)
     online softmax over the key blocks of BLOCK_K keys, as a flash-attention kernel runs it:
         m_j = max(m_{j-1}, rowmax S_j),  p = 2^(S_j - m_j),  a = 2^(m_{j-1} - m_j)
         l   = a l + rowsum p             (p unrounded)
@@ -170,7 +170,7 @@ def attend(qc, sq, kc, sk, vv, sv, scheme: str, out_dtype: torch.dtype) -> torch
     for start in range(0, lk, BLOCK_K):
         stop = min(start + BLOCK_K, lk)
         key_scale = sk.repeat_interleave(BLOCK_K, dim=2)[:, :, start:stop, None].transpose(-1, -2)
-        s = (qf @ kc[:, :, start:stop].float().transpose(-1, -2)) * row_sq * key_scale
+        s = (qf @ kc[:, :, start:stop].float().transpose(-1, -2)) * (row_sq * key_scale)
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         p = torch.exp2(s - m_new)
         alpha = torch.exp2(m - m_new)

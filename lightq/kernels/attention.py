@@ -9,8 +9,9 @@ Two steps, exactly the reference's numerics (read that module's docstring for th
    rounded (``act_quant.divide``), so codes and scales are the reference's bit for bit.
 2. ``_attn_kernel`` (one program per ``BLOCK_M`` queries and head): flash attention's online softmax over key
    blocks of ``BLOCK_N`` = 64 keys (the K / V quantization block, so one scale per tile; fixed, since P's rounding
-   depends on the running maximum and so on the key tiling): ``S = dot(Q, K^T) s_q s_k`` (int8 -> int32 exact, or
-   e4m3 -> fp32), keys past the end masked to -inf (any token count), ``p = exp2(S - m)``, P rounded to the
+   depends on the running maximum and so on the key tiling): ``S = dot(Q, K^T) (s_q s_k)`` (int8 -> int32 exact, or
+   e4m3 -> fp32); the full key blocks run without masks, then the partial last one (if any) with keys past the end
+   masked to -inf (any token count); ``p = exp2(S - m)``, P rounded to the
    16-bit type of V (int8-sage) or ``e4m3(448 p)`` against e4m3 V (sage2, fa3), fp32 accumulator. The output is
    stored straight in ``[B, Lq, H * D]``, the layout the output projection reads.
 
@@ -100,6 +101,43 @@ def _quantize(x: torch.Tensor, block: int, fp8: bool, mean: torch.Tensor | None 
 
 
 @triton.jit
+def _attn_step(acc, l_i, m_i, q, q_scale, k_ptrs, v_ptrs, sk_ptr, sv_ptr, j, key_ok, QK_FP8: tl.constexpr,
+               PV_FP8: tl.constexpr, V_CHANNEL: tl.constexpr, SOFT_P: tl.constexpr, SOFT_FP8: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One key block ``j`` of the online softmax; ``MASKED`` only for the partial last block (``key_ok``)."""
+    if MASKED:
+        k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if QK_FP8:
+        qk = tl.dot(q, k)
+    else:
+        qk = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
+    s = qk * (q_scale * tl.load(sk_ptr + j))[:, None]
+    if MASKED:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if PV_FP8:
+        pv = tl.dot(fp8_rne(p * 448.0, SOFT_FP8), v)
+        if not V_CHANNEL:
+            pv = pv * tl.load(sv_ptr + j)
+    else:
+        pr = round_to(p, v_ptrs.dtype.element_ty, SOFT_P)
+        if SOFT_P:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+            pv = tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(pr.to(v_ptrs.dtype.element_ty), v)
+    return acc * alpha[:, None] + pv, l_i, m_new
+
+
+@triton.jit
 def _attn_kernel(q_ptr, sq_ptr, k_ptr, sk_ptr, v_ptr, sv_ptr, o_ptr, Lq, Lk: tl.constexpr, H,
                  stride_vb, stride_vh, stride_vl, stride_vd, QK_FP8: tl.constexpr, PV_FP8: tl.constexpr,
                  V_CHANNEL: tl.constexpr, SOFT_P: tl.constexpr, SOFT_FP8: tl.constexpr, SOFT_OUT: tl.constexpr,
@@ -112,42 +150,23 @@ def _attn_kernel(q_ptr, sq_ptr, k_ptr, sk_ptr, v_ptr, sv_ptr, o_ptr, Lq, Lk: tl.
     row_ok = offs_m < Lq
     q = tl.load(q_ptr + (bh * Lq + offs_m.to(tl.int64))[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q_scale = tl.load(sq_ptr + bh * tl.cdiv(Lq, QBLK) + offs_m // QBLK, mask=row_ok, other=1.0)
-    n_blocks = tl.cdiv(Lk, BLOCK_N)
+    n_blocks: tl.constexpr = (Lk + BLOCK_N - 1) // BLOCK_N
+    FULL: tl.constexpr = Lk // BLOCK_N  # blocks without a key past the end: no masks
     k_ptrs = k_ptr + bh * Lk * D + offs_n[None, :] * D + offs_d[:, None]  # K^T tiles [D, BLOCK_N]
     v_ptrs = v_ptr + b.to(tl.int64) * stride_vb + h * stride_vh + offs_n.to(tl.int64)[:, None] * stride_vl \
         + offs_d[None, :] * stride_vd
+    sk_row, sv_row = sk_ptr + bh * n_blocks, sv_ptr + bh * n_blocks
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
-        j = start_n // BLOCK_N
-        key_ok = (start_n + offs_n) < Lk
-        k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
-        if QK_FP8:
-            qk = tl.dot(q, k)
-        else:
-            qk = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
-        s = qk * q_scale[:, None] * tl.load(sk_ptr + bh * n_blocks + j)
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-        if PV_FP8:
-            pv = tl.dot(fp8_rne(p * 448.0, SOFT_FP8), v)
-            if not V_CHANNEL:
-                pv = pv * tl.load(sv_ptr + bh * n_blocks + j)
-        else:
-            pr = round_to(p, v_ptr.dtype.element_ty, SOFT_P)
-            if SOFT_P:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-                pv = tl.dot(pr, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(pr.to(v_ptr.dtype.element_ty), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    for j in range(0, FULL):
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, q_scale, k_ptrs, v_ptrs, sk_row, sv_row, j, offs_n < BLOCK_N,
+                                   QK_FP8, PV_FP8, V_CHANNEL, SOFT_P, SOFT_FP8, False)
         k_ptrs += BLOCK_N * D
         v_ptrs += BLOCK_N * stride_vl
+    if FULL < n_blocks:
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, q_scale, k_ptrs, v_ptrs, sk_row, sv_row, FULL,
+                                   (FULL * BLOCK_N + offs_n) < Lk, QK_FP8, PV_FP8, V_CHANNEL, SOFT_P, SOFT_FP8, True)
     if PV_FP8:
         out = acc / (l_i * 448.0)[:, None]
         if V_CHANNEL:
