@@ -169,7 +169,7 @@ def attend(qc, sq, kc, sk, vv, sv, scheme: str, out_dtype: torch.dtype) -> torch
     acc = torch.zeros((b, h, lq, d), device=qc.device)
     for start in range(0, lk, BLOCK_K):
         stop = min(start + BLOCK_K, lk)
-        key_scale = sk.repeat_interleave(BLOCK_K, dim=2)[:, :, start:stop, None].transpose(-1, -2)
+        key_scale = sk[:, :, start // BLOCK_K, None, None]  # one scale per key block
         s = (qf @ kc[:, :, start:stop].float().transpose(-1, -2)) * (row_sq * key_scale)
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         p = torch.exp2(s - m_new)
