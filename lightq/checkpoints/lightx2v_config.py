@@ -8,6 +8,10 @@ Quantization, per component ``c`` in dit / t5 / clip (LightX2V's names):
 
 LightX2V's scheme names are lightq's mode names (``conf/<c>_quant/<name>.yaml``); its Triton kernels run the same
 numerics as lightq's portable torch modes (``fp8-triton`` -> ``fp8-torch``, ``int8-triton`` -> ``int8-torch``).
+Attention: ``self_attn_1_type``: ``sage_attn2`` (SageAttention2: int8 Q.K, fp8 P.V on Ada / Hopper) ->
+``attn_quant=int8fp8-sage2-auto``; ``flash_attn2`` / ``flash_attn3`` / ``torch_sdpa`` -> ``attn_quant=none`` (bf16).
+``cross_attn_1_type`` / ``cross_attn_2_type`` take the same values; lightq's cross-attention (512 text / 257 image
+keys) always runs in bf16, so they only have to be one of them.
 Offload: ``cpu_offload: true`` + ``offload_granularity: block|phase|model`` (LightX2V's default: block) ->
 ``offload=<granularity>``; ``lazy_load: true`` -> ``offload.lazy_load=true`` (needs cpu_offload).
 Run options: ``infer_steps`` -> ``sampler.steps``, ``sample_shift`` -> ``sampler.shift``, ``sample_guide_scale`` ->
@@ -28,6 +32,7 @@ from ..errors import CheckpointError
 COMPONENTS = ("dit", "t5", "clip")
 SCHEME_ALIASES = {"fp8-triton": "fp8-torch", "int8-triton": "int8-torch", "Default": "none"}
 GRANULARITIES = ("block", "phase", "model")
+ATTENTION_TYPES = {"sage_attn2": "int8fp8-sage2-auto", "flash_attn2": "none", "flash_attn3": "none", "torch_sdpa": "none"}
 RUN_OPTIONS = {
     "infer_steps": "sampler.steps", "sample_shift": "sampler.shift", "sample_guide_scale": "sampler.guide_scale",
     "target_video_length": "model.frames", "target_height": "model.height", "target_width": "model.width",
@@ -51,6 +56,7 @@ def overrides_from_lightx2v(json_path: str | Path) -> list[str]:
     out: list[str] = []
     for comp in COMPONENTS:
         out += _quant(cfg, comp, used, path)
+    out += _attention(cfg, used, path)
     out += _offload(cfg, used, path)
     out += _run_options(cfg, used, path)
     unknown = [k for k in cfg if k not in used]
@@ -80,6 +86,21 @@ def _quant(cfg: dict, comp: str, used: set[str], path: Path) -> list[str]:
     out = [f"{comp}_quant={mode}"]
     if cfg.get(c):
         out.append(f"{comp}_quant.ckpt={_value(cfg[c])}")
+    return out
+
+
+def _attention(cfg: dict, used: set[str], path: Path) -> list[str]:
+    out = []
+    for key in ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type"):
+        if key not in cfg:
+            continue
+        used.add(key)
+        kind = cfg[key]
+        if kind not in ATTENTION_TYPES:
+            raise CheckpointError(f"{path}: {key}={kind!r}: lightq takes {', '.join(ATTENTION_TYPES)} (sage_attn2: "
+                                  "attn_quant=int8fp8-sage2-auto; the others: bf16 attention)")
+        if key == "self_attn_1_type":
+            out.append(f"attn_quant={ATTENTION_TYPES[kind]}")
     return out
 
 
