@@ -53,10 +53,13 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
     quantized = ([name for name, m in model.named_modules() if isinstance(m, nn.Linear)
                   and selected(name, include, skip)] if scheme else [])
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # quantize where it is fastest: on the GPU when there is one, even for a component kept in host memory
+    # (offload); the scheme's arithmetic gives the same codes and scales on either device
+    quantize_on = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
     if isinstance(source, str):
         if source != RANDOM:
             raise CheckpointError(f"unknown weights source '{source}': pass a checkpoint or 'random'")
-        fetch = _random_fetch(device, seed)
+        fetch = _random_fetch(seed)
         pre_quantized = False
     else:
         F.check_file_scheme(source, scheme, component)
@@ -77,8 +80,8 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
             if pre_quantized:  # a float weight here is an error: the file was converted without this layer
                 qw = F.read_quantized(source, name, scheme, n_k, device)
             else:
-                w = fetch(name + ".weight", n_k).to(device)
-                qw = quantize_weight(w, scheme, name=f"{name}.weight")
+                w = fetch(name + ".weight", n_k).to(quantize_on)
+                qw = quantize_weight(w, scheme, name=f"{name}.weight").to(device)
                 del w
             bias = None
             if lin.bias is not None:
@@ -135,20 +138,20 @@ def _check_keys(model: nn.Module, source: TensorSource, expected: dict[str, tupl
                               "checkpoint of this component and size?")
 
 
-def _random_fetch(device: torch.device, seed: int) -> Callable[[str, tuple], torch.Tensor]:
-    """Fetch for ``source="random"``: tensors made where it is fastest (the GPU if any), handed over on ``device``."""
+def _random_fetch(seed: int) -> Callable[[str, tuple], torch.Tensor]:
+    """Fetch for ``source="random"``: fp32 tensors made where it is fastest (the GPU if any); callers move them."""
     maker = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
     def fetch(key: str, shape: tuple) -> torch.Tensor:
         leaf = key.rpartition(".")[2]
         if leaf == "bias":
-            return torch.zeros(shape, device=device)
+            return torch.zeros(shape, device=maker)
         if len(shape) == 1 and leaf == "weight":
-            return torch.ones(shape, device=device)
+            return torch.ones(shape, device=maker)
         fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 1
         std = 1.0 / max(fan_in, 1) ** 0.5 if len(shape) >= 2 else 0.02
         stream = (seed * 1_000_003 + zlib.crc32(key.encode())) & 0xFFFFFFFF
-        return random_tensor(shape, stream, std, maker).to(device)
+        return random_tensor(shape, stream, std, maker)
     return fetch
 
 
