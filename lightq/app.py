@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from . import config, results
 from .errors import LightqError
+from .interrupts import Terminated, terminate_gracefully
 from .paths import conf_dir
 
 log = logging.getLogger("lightq")
@@ -36,7 +37,10 @@ def _task(cfg: DictConfig) -> int:
     choices = job_choices(hc)
     multirun = hc.mode == RunMode.MULTIRUN
     previous = results.read_result(out) if cfg.resume else None
-    if previous and previous.get("status") == "ok":
+    gone = results.missing_outputs(out, previous) if previous and previous.get("status") == "ok" else None
+    if gone:
+        log.warning("resume: %s succeeded before but %s is gone: running it again", out, ", ".join(gone))
+    if gone == []:
         log.info("resume: %s already succeeded, not run again", out)
         result = previous
     else:
@@ -66,7 +70,14 @@ def main() -> None:
     except LightqError as exc:
         print(f"lightq: {exc}", file=sys.stderr)
         sys.exit(2)
-    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
+    terminate_gracefully()
+    try:
+        hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
+    except (Terminated, KeyboardInterrupt) as exc:  # the job recorded it; its temporaries are gone
+        what, code = ("terminated by SIGTERM", Terminated.exit_code) if isinstance(exc, Terminated) else \
+            ("interrupted", 130)
+        print(f"lightq: {what}; the job's record says so and resume=true runs it again", file=sys.stderr)
+        sys.exit(code)
 
 
 def _expand_lightx2v(argv: list[str]) -> list[str]:

@@ -23,6 +23,9 @@ from .paths import job_folder_name
 SCHEMES = ("none", "fp8", "int8", "fp8-b128", "int4-g128")
 COMPONENTS = ("dit", "t5", "clip")
 TRACKERS = ("none", "mlflow")
+DTYPES = ("bf16", "fp16", "fp32")
+SEED_MAX = 2**32 - 1
+SYNTHETIC_IMAGE_WEIGHTS = ("synthetic", "random")  # weights whose I2V runs may go without image= (a gradient)
 ISOLATE = ("auto", "always", "never")
 
 
@@ -211,7 +214,35 @@ def validate(cfg: Any) -> None:
     if cfg.sweep.isolate not in ISOLATE:
         raise LightqError(f"sweep.isolate='{cfg.sweep.isolate}': choose one of {', '.join(ISOLATE)}")
     m = cfg.model
-    if (m.frames - 1) % 4:
+    if m.frames < 1 or (m.frames - 1) % 4:
         raise LightqError(f"model.frames={m.frames}: Wan needs 4k+1 frames (e.g. 81, 33, 9)")
-    if m.height % 16 or m.width % 16:
-        raise LightqError(f"model.height/width={m.height}x{m.width}: both must be multiples of 16")
+    if m.height <= 0 or m.width <= 0 or m.height % 16 or m.width % 16:
+        raise LightqError(f"model.height/width={m.height}x{m.width}: both must be positive multiples of 16")
+    if m.dtype not in DTYPES:
+        raise LightqError(f"model.dtype='{m.dtype}': choose one of {', '.join(DTYPES)}")
+    if not m.fps > 0:
+        raise LightqError(f"model.fps={m.fps}: give a positive frame rate (e.g. 16)")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise LightqError(f"seed={cfg.seed}: choose an integer from 0 to {SEED_MAX}")
+    _validate_task_inputs(cfg)
+
+
+def _validate_task_inputs(cfg: Any) -> None:
+    """What only one task uses is an error on the other (it would be ignored); the I2V picture is checked now,
+    before any model loads."""
+    m = cfg.model
+    if m.task == "t2v":
+        if cfg.image:
+            raise LightqError(f"image= is the input of image-to-video models; model={m.name} is text-to-video: "
+                              "drop image=, or pick an I2V model (e.g. model=tiny-i2v)")
+        q = cfg.clip_quant
+        if q.scheme != "none" or q.ckpt:
+            raise LightqError(f"clip_quant={q.name} quantizes the image encoder, which model={m.name} (text-to-video) "
+                              "does not have: drop clip_quant=, or pick an I2V model")
+        return
+    if cfg.image:
+        from .images import load_rgb
+
+        load_rgb(cfg.image)
+    elif m.weights not in SYNTHETIC_IMAGE_WEIGHTS:
+        raise LightqError(f"model={m.name} is image-to-video and needs its input picture: pass image=<png or jpg>")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__, hardware, plan, results
-from .errors import LightqError
+from . import __version__, hardware, plan, results, staging
+from .errors import LightqError, from_os_error
+from .interrupts import Terminated
 
 log = logging.getLogger("lightq")
 
@@ -24,20 +25,32 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
     """Run one job described by ``cfg`` (already checked by ``config.validate``) into folder ``out``; always leaves
     a complete result.json there."""
     out.mkdir(parents=True, exist_ok=True)
+    staging.remove_stale(out)  # temporaries of an earlier run of this job that was killed
     timer = results.StageTimer()
     result: dict = {"status": "running", "reason": "", "choices": choices or {}, "versions": {"lightq": __version__}}
     results.write_json_atomic(out / results.RESULT_FILE, result)
     try:
         with timer("setup"):
-            (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            text = OmegaConf.to_yaml(cfg, resolve=True)
+            staging.write_atomic(out / "config_resolved.yaml", lambda tmp: tmp.write_text(text))
             hw = hardware.resolve(cfg.hardware.name)
             result["hardware"] = {"name": hw.name, "device": hw.device, "capability": hw.capability,
                                   "gpu": hw.gpu_name}
+            if cfg.offload.mode != "none" and not hw.is_cuda:
+                note = (f"offload={cfg.offload.mode} moves weights between host and GPU memory; this run is on the "
+                        "CPU, where everything is in host memory already: it runs, with the same results, and saves "
+                        "nothing")
+                result.setdefault("warnings", []).append(note)
+                log.warning(note)
             plans = plan.plan_run(cfg, hw)
             result["components"] = {c: p.as_dict() for c, p in plans.items()}
             problem = plan.first_problem(plans)
             if not problem:
-                from .pipeline.graph import run_pipeline  # torch and the models load only for a job that runs
+                from .pipeline.components import sampler_config  # torch and the models load only for a job that runs
+                from .pipeline.graph import run_pipeline
+                from .pipeline.sampler import timesteps
+
+                timesteps(sampler_config(cfg))  # the sampler's settings are checked before any model loads
         if problem:
             result.update(status="skipped", reason=problem)
             log.info("skipped: %s", problem)
@@ -47,10 +60,21 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
     except LightqError as exc:
         result.update(status="failed", reason=str(exc), error_kind="input")
         log.info("failed: %s", exc)  # the console gets it once, as the exit line
-    except Exception as exc:  # unexpected: keep the traceback for the record
-        result.update(status="failed", reason=f"{type(exc).__name__}: {exc}", error=traceback.format_exc(),
-                      error_kind="internal")
-        log.exception("job failed")
+    except (Terminated, KeyboardInterrupt) as exc:  # recorded, then the process ends (see lightq.interrupts)
+        what = "terminated by SIGTERM" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+        result.update(status="failed", reason=f"the job was {what} before it finished; resume=true runs it again",
+                      error_kind="interrupted")
+        log.info("failed: %s", result["reason"])
+        raise
+    except Exception as exc:
+        user = from_os_error(exc, "the job") if isinstance(exc, OSError) else None
+        if user is not None:  # a full disk, a read-only folder: the user's to fix, one line
+            result.update(status="failed", reason=str(user), error_kind="input")
+            log.info("failed: %s", user)
+        else:  # unexpected: keep the traceback for the record
+            result.update(status="failed", reason=f"{type(exc).__name__}: {exc}", error=traceback.format_exc(),
+                          error_kind="internal")
+            log.exception("job failed")
     finally:
         stages = timer.summary()  # the stage times come from the timer; the pipeline adds per-step detail
         detail = {k: v for k, v in result.get("timings_s", {}).items() if k not in stages and k not in results.STAGES}

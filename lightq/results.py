@@ -82,3 +82,14 @@ class StageTimer:
         out["unaccounted"] = round(max(total - sum(out.values()), 0.0), 4)
         out["total"] = round(total, 4)
         return out
+
+
+def missing_outputs(folder: Path, result: dict) -> list[str]:
+    """The outputs ``result`` lists (``outputs``: name -> file or ``folder/``) that are no longer in ``folder``."""
+    gone = []
+    for rel in (result.get("outputs") or {}).values():
+        path = Path(folder) / str(rel)
+        present = path.is_dir() and any(path.iterdir()) if str(rel).endswith("/") else path.is_file()
+        if not present:
+            gone.append(str(rel))
+    return gone

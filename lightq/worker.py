@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config, results
 from .errors import LightqError
+from .interrupts import Terminated, terminate_gracefully
 from .paths import PACKAGE_DIR
 
 STDERR_FILE = "worker.stderr"
@@ -123,7 +124,11 @@ def run_in_subprocess(job_dir: Path, choices: dict) -> dict:
     stderr_path = job_dir / STDERR_FILE
     with open(stderr_path, "wb") as err, subprocess.Popen(
             [sys.executable, "-m", "lightq.worker", str(job_dir)], stderr=err, env=_worker_env()) as proc:
-        returncode = proc.wait()
+        try:
+            returncode = proc.wait()
+        except BaseException:  # this process is being interrupted or terminated: so is the job's worker
+            proc.terminate()
+            raise
     tail = _tail(stderr_path)
     if tail:
         sys.stderr.write(tail if tail.endswith("\n") else tail + "\n")
@@ -157,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     from .job import execute, exit_code
 
     configure_log(hydra_cfg.job_logging, hydra_cfg.verbose)
-    return exit_code(execute(cfg, job_dir, choices))
+    terminate_gracefully()
+    try:
+        return exit_code(execute(cfg, job_dir, choices))
+    except Terminated:  # recorded in result.json by execute
+        return Terminated.exit_code
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
                 del w
             bias = None
             if lin.bias is not None:
-                bias = _cast(fetch(name + ".bias", tuple(lin.bias.shape)), dtype).to(device)
+                bias = _finite(_cast(fetch(name + ".bias", tuple(lin.bias.shape)), dtype).to(device), name + ".bias",
+                               source)
             set_submodule(model, name, method.linear(name, qw, bias))
             done.update((name + ".weight", name + ".bias"))
             bar.update(2 if lin.bias is not None else 1)
@@ -97,7 +98,7 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
                 qw = F.read_quantized(source, owner, F.file_scheme(source, owner), shape, device)
                 t = dequantize_weight(qw, dtype)
             else:
-                t = _cast(fetch(key, shape), dtype).to(device)
+                t = _finite(_cast(fetch(key, shape), dtype).to(device), key, source)
             _assign(model, key, t)
             bar.update(1)
     finally:
@@ -183,6 +184,18 @@ def random_tensor(shape: tuple, stream: int, std: float, device: torch.device) -
         u = (bits >> 8).to(torch.float32) * 2.0 ** -24  # exact: 24-bit integers times a power of two
         out[lo:lo + idx.numel()] = (u * 2.0 - 1.0) * a
     return out.view(shape)
+
+
+def _finite(t: torch.Tensor, key: str, source) -> torch.Tensor:
+    """``t`` if every value is finite; a float tensor holding NaN or Inf (as stored, or after the cast to the run's
+    dtype) is a CheckpointError now, not a diverged video after the whole run."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        where = source.file_of(key) if not isinstance(source, str) else "weights=random"
+        raise CheckpointError(f"{where}: tensor '{key}' holds {bad} NaN/Inf value(s) of {t.numel()} as {t.dtype}: the "
+                              "file is damaged (download or convert it again), or its values overflow "
+                              f"{t.dtype} (use model.dtype=bf16)")
+    return t
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

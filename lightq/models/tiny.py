@@ -39,7 +39,7 @@ def _seeded_state(build, seed: int, dtype: torch.dtype) -> dict[str, torch.Tenso
     return {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
 
 
-def _version(name: str) -> str:
+def version(name: str) -> str:
     """Changes whenever the architectures or this writer change, so a stale cache is never reused."""
     from . import clip, t5, vae, wan_dit
 
@@ -85,7 +85,7 @@ def ensure_tiny(name: str) -> Path:
     """The folder of tiny model ``name`` (``tiny`` or ``tiny-i2v``), written on first use."""
     if name not in TINY:
         raise KeyError(f"no tiny model '{name}' (have {', '.join(TINY)})")
-    final = cache_dir() / "tiny" / _version(name) / name
+    final = cache_dir() / "tiny" / version(name) / name
     if (final / DIT_INDEX).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

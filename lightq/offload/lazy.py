@@ -25,6 +25,7 @@ from torch import nn
 from ..checkpoints.sources import NON_BLOCK_FILE, TensorSource
 from ..checkpoints.loader import load_component
 from ..errors import LightqError
+from ..quant.linear import selected
 from .binding import Pack, layout_bytes
 from .units import unit_specs, units_per_block
 
@@ -69,6 +70,15 @@ class LazyBlocks:
             raise LightqError(f"{source.name}: the block split holds blocks {_ranges(sorted(keys))} but the model has "
                               f"{self.count} (0..{self.count - 1}); it is the checkpoint of another model size")
         self.keys = dict(keys)
+
+    def quantized_layers(self) -> int:
+        """How many of the blocks' linears are quantized when read (counted from the template, nothing loaded)."""
+        method = self.load_kwargs["method"]
+        if method is None or not method.quantizes:
+            return 0
+        include = self.load_kwargs["include"]
+        names = [n for n, m in self.template.named_modules() if isinstance(m, nn.Linear)]
+        return sum(selected(f"blocks.{i}.{n}", include, method.skip) for i in range(self.count) for n in names)
 
     def read(self, i: int) -> nn.Module:
         holder = load_component(lambda: _Holder(i, copy.deepcopy(self.template)),

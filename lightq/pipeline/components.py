@@ -15,6 +15,7 @@ from ..config import COMPONENTS
 from ..errors import LightqError
 from ..models.layouts import QUANTIZABLE
 from ..plan import ComponentPlan
+from ..quant.linear import check_skip
 from ..quant.method import QuantMethod
 
 LATENT_CHANNELS = 16
@@ -94,6 +95,10 @@ def _load(component: str, build, cfg, method: QuantMethod | None, folder, device
           ignore_prefixes=()) -> nn.Module:
     from ..checkpoints.loader import load_component
 
+    if method is not None and method.quantizes and method.skip:  # before any tensor is read: a typo is an error
+        with torch.device("meta"):
+            names = [n for n, m in build().named_modules() if isinstance(m, nn.Linear)]
+        check_skip(names, QUANTIZABLE.get(component, ()), method.skip, f"{component}_quant.skip")
     source = _source(component, method, folder)
     if component == "dit" and cfg.offload.lazy_load:
         from ..offload import load_lazy as load_component  # blocks stream from disk while the DiT runs
@@ -165,12 +170,13 @@ def describe(module: nn.Module, method: QuantMethod | None) -> dict:
     from ..quant.linear import QLinear
 
     qlinears = [m for m in module.modules() if isinstance(m, QLinear)]
+    lazy = getattr(module, "lazy_blocks", None)  # blocks read from disk while running: counted, not resident
     storages = {}  # by storage, so tensors that are views of one buffer (fused q/k/v) count once
     for t in list(module.parameters()) + list(module.buffers()):
         st = t.untyped_storage()
         storages[(t.device, st.data_ptr())] = st.nbytes()
-    return {"quantized_layers": len(qlinears), "weight_bytes": sum(storages.values()),
-            **(method.record() if method is not None else {})}
+    return {"quantized_layers": len(qlinears) + (lazy.quantized_layers() if lazy is not None else 0),
+            "weight_bytes": sum(storages.values()), **(method.record() if method is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -196,12 +202,11 @@ def input_image(cfg, height: int, width: int) -> torch.Tensor:
             raise LightqError("model.task=i2v needs an input image: pass image=<path to png/jpg>")
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
         return torch.stack((xx, yy, xx * yy))
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        img = Image.open(cfg.image).convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise LightqError(f"image={cfg.image}: cannot read it as an image ({exc})") from exc
+    from ..images import load_rgb
+
+    img = load_rgb(cfg.image)
     scale = max(height / img.height, width / img.width)
     img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.BICUBIC)
     left, top = (img.width - width) // 2, (img.height - height) // 2

@@ -14,8 +14,6 @@ Stages and what flows between them (B = 1; CFG runs the DiT once more with the n
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LightqError
 from ..hardware import Hardware
 from ..models.attention import use_self_attention
 from ..plan import ComponentPlan
@@ -144,14 +143,9 @@ class StepTimes:
 
 
 def _baseline_key(cfg, hw: Hardware) -> str:
-    from omegaconf import OmegaConf
+    from .baseline import key
 
-    
-    image = Path(cfg.image).read_bytes() if cfg.image else b""
-    desc = {"model": OmegaConf.to_container(cfg.model), "sampler": repr(C.sampler_config(cfg)), "seed": cfg.seed,
-            "prompt": cfg.prompt, "negative": cfg.negative_prompt, "image": hashlib.sha256(image).hexdigest(),
-            "device": hw.device}
-    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+    return key(cfg, hw.device)
 
 
 def _is_baseline(plans) -> bool:
@@ -159,32 +153,32 @@ def _is_baseline(plans) -> bool:
 
 
 def _baseline(cfg, hw, plans, gen: Generated, timer: StageTimer) -> tuple[dict | None, str]:
-    """The bf16 run to compare with: cached by key (timed as ``quality``); computed now when the policy allows
-    (timed as ``baseline_run``)."""
+    """The bf16 run to compare with (``pipeline.baseline``): cached by key (timed as ``quality``); computed now when
+    the policy allows (timed as ``baseline_run``)."""
     from ..paths import cache_dir
     from ..plan import plan_run
+    from .baseline import bf16_config, load
 
     path = cache_dir() / "baselines" / f"{_baseline_key(cfg, hw)}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if _is_baseline(plans):
         with timer("quality"):
-            path.parent.mkdir(parents=True, exist_ok=True)
             C.save_atomic({"latents": gen.latents, "video": gen.video, "timings": gen.timings}, path)
         return None, "this run is the bf16 baseline"
-    if path.is_file():
-        with timer("quality"):
-            return torch.load(path, weights_only=True), f"cached bf16 baseline {path.name}"
+    with timer("quality"):
+        data, damaged = load(path)
+    if data is not None:
+        return data, f"cached bf16 baseline {path.name}"
+    note = f"{damaged}; " if damaged else ""
     policy = cfg.quality.baseline
     if policy == "never" or (policy == "auto" and cfg.model.weights != "synthetic"):
-        return None, "no bf16 baseline cached for this model/seed/prompt (run it, or set quality.baseline=always)"
-    from omegaconf import OmegaConf
-
+        return None, note + "no bf16 baseline cached for this model/seed/prompt (run it, or set quality.baseline=always)"
     with timer("baseline_run"):
-        base_cfg = OmegaConf.merge(cfg, {f"{c}_quant": {"name": "none", "scheme": "none"} for c in plans})
+        base_cfg = bf16_config(cfg)
         base = generate(base_cfg, hw, plan_run(base_cfg, hw), StageTimer())
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {"latents": base.latents, "video": base.video, "timings": base.timings}
         C.save_atomic(data, path)
-    return data, "bf16 baseline computed in this job"
+    return data, note + "bf16 baseline computed in this job"
 
 
 def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, record: dict,
@@ -207,6 +201,9 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
     record["timings_s"] = gen.timings
     record["frames"] = int(gen.video.shape[0])
     outputs = record.setdefault("outputs", {})
+    if not bool(torch.isfinite(gen.latents).all()):
+        raise LightqError("the denoised latents hold NaN/Inf values, so nothing was written: every loaded tensor was "
+                          "finite, the run's numerics diverged; compare with dit_quant=none")
     with timer("write"):
         C.save_atomic(gen.latents, out / "latents.pt")
         outputs["latents"] = "latents.pt"

@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CONVERT_CONF = REPO / "conf" / "convert.yaml"
+FAST = ("model.frames=5", "sampler.steps=1", "model.height=32", "model.width=32")  # a whole tiny job in seconds
 
 
 def one_line(text: str, *needles: str) -> str:
@@ -93,3 +94,33 @@ def lightq_cli(capsys, monkeypatch):
         return code, captured.err, captured.out
 
     return run
+
+
+def compose(*overrides: str):
+    """The job config ``python -m lightq <overrides>`` composes (prompts made literal as the CLI does)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lightq import config
+    from lightq.overrides import literal_prompts
+    from lightq.paths import conf_dir
+
+    config.register()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return hydra_compose("config", overrides=literal_prompts(["hardware=cpu", *overrides]))
+
+
+def run_job(out: Path, *overrides: str) -> dict:
+    """One job run in this process as a single run does it (validation, then the pipeline), into ``out``."""
+    from lightq.sweep import run_job as run
+
+    return run(compose(*overrides), out, {"overrides": list(overrides)}, False)
+
+
+def input_error(result: dict, *needles: str) -> str:
+    """``result`` is a job that failed on bad input: exit 2, one line naming the problem and the fix."""
+    from lightq.job import exit_code
+
+    assert result["status"] == "failed" and result.get("error_kind") == "input", result
+    assert exit_code(result) == 2
+    return one_line(result["reason"], *needles)

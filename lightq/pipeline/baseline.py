@@ -1,0 +1,121 @@
+"""The cached bf16 baseline a quantized job is compared with: its key, what the weights are, reading the cache.
+
+A baseline is the bf16 run (every quantization mode ``none``) of the same job. It is cached under
+``<cache>/baselines/<key>.pt``, ``key`` = sha256 over everything the bf16 run computes from:
+
+- the model config (sizes, frames, dtype, weights reference), the sampler settings, seed, prompts, the input
+  image's bytes and the device;
+- what the weights are (``weights_identity``), not only where they are: for ``synthetic``, the tiny generator's
+  version (architectures, seed, torch version and the generator's source, ``models.tiny.version``); for
+  ``random``, the seed, the architectures, the source of the loader that draws them and the torch version; for a folder or
+  Hub snapshot, per file its relative name, size, modification time (ns) and the sha256 of its first and last MiB
+  — a checkpoint changed in place gets a new key without reading 65 GB on every run.
+
+The quantization modes are not part of the key (the baseline is what they are compared with); neither is offload,
+which is bit-identical. A cached file that cannot be read, or does not hold a finite baseline, is removed and
+treated as absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import COMPONENTS, QuantConfig
+
+log = logging.getLogger("lightq")
+SAMPLE_BYTES = 1 << 20  # hashed at each end of every weights file
+
+
+def _file_identity(path: Path, root: Path) -> list:
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(SAMPLE_BYTES))
+        if st.st_size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, st.st_size - SAMPLE_BYTES))
+            h.update(f.read(SAMPLE_BYTES))
+    return [str(path.relative_to(root)), st.st_size, st.st_mtime_ns, h.hexdigest()]
+
+
+def files_identity(folder: Path) -> list:
+    """Name, size, mtime and end-sample hash of every visible file under ``folder`` (symlinks followed)."""
+    folder = Path(folder)
+    files = [p for p in sorted(folder.rglob("*"))
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return [_file_identity(p, folder) for p in files]
+
+
+def weights_identity(cfg) -> object:
+    """What ``cfg.model.weights`` are (see the module doc), as a JSON-able value."""
+    m = cfg.model
+    if m.weights == "synthetic":
+        from ..models.tiny import ensure_tiny, version
+
+        return ["synthetic", m.name, version(m.name), files_identity(ensure_tiny(m.name))]
+    if m.weights == "random":
+        from ..checkpoints import loader
+        from ..models import clip, t5, vae, wan_dit
+
+        archs = (wan_dit.DIT_ARCHS[m.dit_arch], t5.T5_ARCHS[m.t5_arch], vae.VAE_ARCHS[m.vae_arch],
+                 clip.CLIP_ARCHS[m.clip_arch] if m.clip_arch else None)
+        generator = hashlib.sha256(inspect.getsource(loader).encode()).hexdigest()  # the loader draws them
+        return ["random", cfg.seed, repr(archs), generator, torch.__version__]
+    from .components import model_folder
+
+    return ["files", files_identity(model_folder(m))]
+
+
+def key(cfg, device: str) -> str:
+    from omegaconf import OmegaConf
+
+    from .components import sampler_config
+
+    image = Path(cfg.image).read_bytes() if cfg.image else b""
+    desc = {"model": OmegaConf.to_container(cfg.model), "sampler": repr(sampler_config(cfg)), "seed": cfg.seed,
+            "prompt": cfg.prompt, "negative": cfg.negative_prompt, "image": hashlib.sha256(image).hexdigest(),
+            "device": device, "weights": weights_identity(cfg)}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def bf16_config(cfg):
+    """``cfg`` with every quantization mode ``none`` (no scheme, checkpoint, skip list or options left over) and
+    no lazy loading, which reads the mode's block-split checkpoint (offload itself stays: it is bit-identical)."""
+    from omegaconf import OmegaConf
+
+    base = cfg.copy()
+    for c in COMPONENTS:
+        base[f"{c}_quant"] = OmegaConf.structured(QuantConfig())
+    base.offload.lazy_load = False
+    return base
+
+
+def _valid(data) -> bool:
+    tensors = [data.get("latents"), data.get("video")] if isinstance(data, dict) else []
+    timings = data.get("timings") if isinstance(data, dict) else None
+    return (len(tensors) == 2 and all(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                      and bool(torch.isfinite(t).all()) for t in tensors)
+            and isinstance(timings, dict) and isinstance(timings.get("denoise"), (int, float)))
+
+
+def load(path: Path) -> tuple[dict | None, str]:
+    """(the cached baseline, "") — or (None, why) when there is none; a damaged file is removed (it would fail
+    every later job with this key) and said so."""
+    if not path.is_file():
+        return None, ""
+    try:
+        data = torch.load(path, weights_only=True)
+        problem = None if _valid(data) else "it does not hold finite latents, video and timings"
+    except Exception as exc:  # any damage: truncated zip, bad pickle, wrong types
+        problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if problem is None:
+        return data, ""
+    path.unlink(missing_ok=True)
+    why = f"the cached bf16 baseline {path.name} was unreadable ({problem}) and was removed"
+    log.warning(why)
+    return None, why
