@@ -50,17 +50,17 @@ def test_sigterm_while_writing_the_video_is_recorded_and_leaves_no_partial(light
 
 
 def test_sigterm_during_a_conversion_leaves_nothing(convert_cli, tmp_path, monkeypatch, sigterm_restored):
-    from lightq.checkpoints import io
+    from lightq.checkpoints import writers
     from lightq.interrupts import terminate_gracefully
 
-    write = io.SafetensorsWriter.write
+    write = writers.SafetensorsWriter.write
 
     def write_then_terminated(self, key, tensor):
         write(self, key, tensor)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)
 
-    monkeypatch.setattr(io.SafetensorsWriter, "write", write_then_terminated)
+    monkeypatch.setattr(writers.SafetensorsWriter, "write", write_then_terminated)
     terminate_gracefully()  # what lightq.convert's main does before Hydra runs the task
     code, err, _ = convert_cli("source=tiny", f"output={tmp_path / 'q'}", "layout=blocks")
     assert code == 143
