@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import COMPONENTS, QuantConfig
+from ..config import COMPONENTS, AttnQuantConfig, QuantConfig
 
 log = logging.getLogger("lightq")
 SAMPLE_BYTES = 1 << 20  # hashed at each end of every weights file
@@ -84,13 +84,15 @@ def key(cfg, device: str) -> str:
 
 
 def bf16_config(cfg):
-    """``cfg`` with every quantization mode ``none`` (no scheme, checkpoint, skip list or options left over) and
+    """``cfg`` with every quantization mode ``none``, attention included (no scheme, checkpoint, skip list or
+    options left over), and
     no lazy loading, which reads the mode's block-split checkpoint (offload itself stays: it is bit-identical)."""
     from omegaconf import OmegaConf
 
     base = cfg.copy()
     for c in COMPONENTS:
         base[f"{c}_quant"] = OmegaConf.structured(QuantConfig())
+    base.attn_quant = OmegaConf.structured(AttnQuantConfig())
     base.offload.lazy_load = False
     return base
 

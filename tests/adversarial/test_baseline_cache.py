@@ -55,9 +55,19 @@ def test_key_of_synthetic_and_random_weights(monkeypatch):
     assert _key("model.weights=random", "model.dit_arch=tiny-i2v") != random
 
 
+def test_baseline_config_quantizes_nothing():
+    cfg = baseline.bf16_config(compose("dit_quant=int8-torch", "dit_quant.skip=[blocks.0.ffn.2]", "t5_quant=fp8-torch",
+                                       "attn_quant=int8-sage-torch", "offload=block", "offload.lazy_load=true"))
+    for group in ("dit_quant", "t5_quant", "clip_quant", "attn_quant"):
+        assert cfg[group].scheme == "none" and cfg[group].name == "none" and not cfg[group].options, group
+    assert cfg.dit_quant.ckpt is None and not cfg.dit_quant.skip
+    assert cfg.offload.mode == "block" and not cfg.offload.lazy_load
+
+
 def test_key_ignores_the_quantization_modes_only():
     base = _key(*FAST)
-    assert _key(*FAST, "dit_quant=int8-torch", "t5_quant=fp8-torch", "dit_quant.skip=[blocks.0.ffn.2]") == base
+    assert _key(*FAST, "dit_quant=int8-torch", "t5_quant=fp8-torch", "dit_quant.skip=[blocks.0.ffn.2]",
+                "attn_quant=int8-sage-torch") == base
     assert _key(*FAST, "offload=block") == base
     assert _key(*FAST, "sampler.steps=2") != base and _key(*FAST, "prompt=another") != base
 
