@@ -35,7 +35,7 @@ def test_wheel_contains_configs(wheel):
 
     names = zipfile.ZipFile(wheel).namelist()
     assert "lightq/conf/config.yaml" in names
-    for group in ("model", "dit_quant", "t5_quant", "clip_quant", "offload", "hardware", "sampler"):
+    for group in ("model", "dit_quant", "t5_quant", "clip_quant", "attn_quant", "offload", "hardware", "sampler"):
         assert any(n.startswith(f"lightq/conf/{group}/") and n.endswith(".yaml") for n in names), group
 
 
