@@ -124,3 +124,35 @@ def test_resume_keeps_a_job_whose_outputs_are_there(lightq_cli, tmp_path):
     _ok_record(run, video=True)
     code, err, _ = lightq_cli(SKIPPED, "resume=true", f"hydra.run.dir={run}")
     assert code == 0 and json.loads((run / "result.json").read_text())["status"] == "ok"
+
+
+def test_a_terminated_sweep_terminates_its_jobs_worker_and_waits_for_its_record(tmp_path, monkeypatch):
+    """The sweep process gets SIGTERM while an isolated job runs: the worker is sent SIGTERM too (it records the
+    job as terminated, see above) and is waited for, never left running alone."""
+    from lightq import worker
+    from lightq.interrupts import Terminated
+
+    calls = []
+
+    class Worker:
+        pid = 12345
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            calls.append("waited")
+
+        def wait(self):
+            raise Terminated()
+
+        def terminate(self):
+            calls.append("terminate")
+
+    monkeypatch.setattr(worker.subprocess, "Popen", Worker)
+    with pytest.raises(Terminated):
+        worker.run_in_subprocess(tmp_path, {})
+    assert calls == ["terminate", "waited"]
