@@ -17,11 +17,11 @@ from .hardware import Hardware
 
 # Where each plugin backend comes from (the core ships only ``torch``).
 PLUGIN_INSTALL = {
-    "vllm": "pip install -e plugins/lightq-vllm (pulls vllm)",
-    "sgl": "pip install -e plugins/lightq-sgl (pulls sglang-kernel)",
-    "torchao": "pip install -e plugins/lightq-torchao (pulls torchao)",
-    "deepgemm": "pip install -e plugins/lightq-deepgemm (pulls deep_gemm or vllm)",
-    "marlin": "pip install -e plugins/lightq-marlin (pulls vllm)",
+    "vllm": "pip install -e 'plugins/lightq-vllm[kernel]' (pulls vllm)",
+    "sgl": "pip install -e 'plugins/lightq-sgl[kernel]' (pulls sglang-kernel)",
+    "torchao": "pip install -e 'plugins/lightq-torchao[kernel]' (pulls torchao)",
+    "deepgemm": "pip install -e 'plugins/lightq-deepgemm[kernel]' (pulls vllm, which bundles DeepGEMM)",
+    "marlin": "pip install -e 'plugins/lightq-marlin[kernel]' (pulls vllm)",
     "q8f": "pip install -e plugins/lightq-q8f (needs Q8-Kernels built for an Ada GPU)",
 }
 ATTENTION_PLUGIN_INSTALL = {

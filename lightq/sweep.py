@@ -24,13 +24,13 @@ from omegaconf import DictConfig
 from . import report, results
 from .errors import LightqError
 
-# launcher option (conf/hydra/launcher/ or the plugin's own) -> (the Hydra plugin's module, lightq extra)
+# launcher option (conf/hydra/launcher/ or the plugin's own) -> (the Hydra plugin's module, its pip package)
 LAUNCHER_PLUGINS = {
-    "joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
-    "joblib_local": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
-    "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
-    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
-    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "joblib_local": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
 }
 
 
@@ -40,14 +40,14 @@ def check_launcher(argv: list[str]) -> None:
         key, _, option = arg.lstrip("+~").partition("=")
         if key != "hydra/launcher" or option not in LAUNCHER_PLUGINS:
             continue
-        module, extra = LAUNCHER_PLUGINS[option]
+        module, package = LAUNCHER_PLUGINS[option]
         try:
             found = importlib.util.find_spec(module) is not None
         except ImportError:
             found = False
         if not found:
             raise LightqError(f"hydra/launcher={option} needs the Hydra plugin {module.split('.')[-1]}: "
-                              f"pip install lightq[{extra}]")
+                              f"pip install {package}")
 
 
 def run_job(cfg: DictConfig, out: Path, choices: dict, multirun: bool) -> dict:

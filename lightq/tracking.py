@@ -131,7 +131,7 @@ def _open_mlflow(cfg: DictConfig, job_dir: Path, choices: dict) -> MlflowTracker
     try:
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
-        raise LightqError(f"tracking=mlflow needs the mlflow package ({exc}): pip install lightq[mlflow], "
+        raise LightqError(f"tracking=mlflow needs the mlflow package ({exc}): pip install mlflow, "
                           "or run with tracking=none") from None
     t = cfg.tracking
     if not t.uri:

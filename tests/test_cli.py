@@ -78,6 +78,22 @@ def test_unknown_mode_lists_valid_modes(run_lightq):
         assert mode in proc.stderr
 
 
+def test_help_says_what_lightq_is_and_lists_every_group(run_lightq, tmp_path):
+    proc = run_lightq("--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("lightq: quantized inference of Wan2.1 video-diffusion pipelines")
+    assert "powered by Hydra" not in out and "== Config ==" not in out, "Hydra's stock text or the whole config dump"
+    groups = dict(line.split(": ", 1) for line in out.splitlines() if line.partition(":")[0].isidentifier()
+                  and ", " in line)
+    assert set(groups) == {"model", "dit_quant", "t5_quant", "clip_quant", "offload", "hardware", "sampler",
+                           "tracking"}
+    assert {"none", "fp8-torch", "int8-auto", "fp8-sgl"} <= set(groups["dit_quant"].split(", "))
+    assert "tiny" in groups["model"].split(", ")
+    assert "python -m lightq.backends" in out and "lightq -m " in out
+    assert list(tmp_path.iterdir()) == [], "help must not create an output folder"
+
+
 def test_bad_image_is_one_clear_error(run_lightq, tmp_path):
     bad = tmp_path / "not-an-image.png"
     bad.write_text("hello")

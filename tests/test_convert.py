@@ -35,6 +35,19 @@ def _cfg(*args):
     return cfg
 
 
+def test_help_lists_the_converter_options_only(tmp_path):
+    proc = _convert("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("python -m lightq.convert: quantize a float Wan2.1 checkpoint")
+    options = [line.split()[0] for line in proc.stdout.split("Options (key=value):")[1].split("Defaults:")[0]
+               .splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert options == ["component", "scheme", "source", "output", "layout", "skip", "overwrite", "float_dtype",
+                       "shard_gb", "progress"]
+    assert set(options) == set(_cfg()), "every converter key is described, and nothing else"
+    assert "dit_quant" not in proc.stdout and "powered by Hydra" not in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_converts_and_refuses_to_overwrite(tmp_path):
     from lightq.convert import run
 

@@ -22,7 +22,7 @@ from lightq.paths import conf_dir
 
 
 def test_joblib_sweep_runs_jobs_in_parallel_and_fails_at_the_end(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install lightq[joblib]")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install hydra-joblib-launcher")
     root = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-m", "lightq", "-m", "hydra/launcher=joblib_local",
                            "hydra.launcher.n_jobs=2", "dit_quant=none,int8-torch", "model.frames=5,6",
@@ -73,7 +73,7 @@ def _slurm_launcher_params(*overrides):
 
 
 def test_slurm_launcher_config_composes_into_an_sbatch_script(tmp_path, monkeypatch):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install lightq[slurm]")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
     import submitit
     from hydra.utils import instantiate
     from submitit.slurm import slurm
@@ -110,5 +110,5 @@ def test_launcher_without_its_plugin_is_one_clear_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("hydra_plugins.hydra_submitit") else real(name, *a))
-    with pytest.raises(LightqError, match=r"hydra/launcher=slurm needs .*pip install lightq\[slurm\]"):
+    with pytest.raises(LightqError, match=r"hydra/launcher=slurm needs .*pip install hydra-submitit-launcher"):
         sweep.check_launcher(["-m", "hydra/launcher=slurm"])

@@ -1,9 +1,11 @@
-"""CPU checks of the six kernel plugins (``plugins/lightq-*``), as CI sees them: installed editable with --no-deps.
+"""CPU checks of the six kernel plugins (``plugins/lightq-*``), as CI sees them: installed editable without their
+``kernel`` extra (the kernel library).
 
-Each plugin must register its spec under ``lightq.backends``, declare its kernel library as a dependency, explain
+Each plugin must register its spec under ``lightq.backends``, declare its kernel library as its ``kernel`` extra
+(and the core's extra of the plugin's name must pull it), explain
 on the CPU (without raising) why it cannot run, with the install command, import nothing heavy at package import,
 and turn a missing library into one BackendUnavailable naming the install command.
-Install them first: ``pip install --no-deps -e plugins/lightq-vllm -e plugins/lightq-sgl ...`` (see plugins/*/README).
+Install them first: ``pip install -e plugins/lightq-vllm -e plugins/lightq-sgl ...`` (the README's test command).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _library_missing(name: str) -> bool:
 def test_every_plugin_is_registered_under_the_entry_point_group():
     registered = {ep.name for ep in entry_points(group=GROUP)}
     missing = sorted(set(PLUGINS) - registered)
-    assert not missing, ("plugins not installed: " + ", ".join(missing) + "; run pip install --no-deps "
+    assert not missing, ("plugins not installed: " + ", ".join(missing) + "; run pip install "
                          + " ".join(f"-e plugins/lightq-{m}" for m in missing))
 
 
@@ -58,14 +60,20 @@ def test_registry_lists_the_torch_backend_and_all_six_plugins():
 
 
 @pytest.mark.parametrize("name", sorted(PLUGINS))
-def test_pyproject_declares_entry_point_and_kernel_dependency(name):
+def test_pyproject_declares_entry_point_and_kernel_extra(name):
     meta = tomllib.loads((ROOT / "plugins" / f"lightq-{name}" / "pyproject.toml").read_text())
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     package, _, requirement = PLUGINS[name]
     assert meta["project"]["entry-points"][GROUP] == {name: f"{package}:SPEC"}
     deps = meta["project"]["dependencies"]
-    assert "lightq" in deps
+    assert core["name"] in deps, f"{name} must depend on the core distribution {core['name']}: {deps}"
     if requirement is not None:
-        assert any(d.startswith(requirement) for d in deps), f"{name} must depend on {requirement}: {deps}"
+        kernel = meta["project"]["optional-dependencies"]["kernel"]
+        assert any(d.startswith(requirement) for d in kernel), f"{name}[kernel] must pull {requirement}: {kernel}"
+        assert not any(d.startswith(requirement) for d in deps), f"{requirement} must be the kernel extra only: {deps}"
+        assert core["optional-dependencies"][name] == [f"lightq-{name}[kernel]"]
+    else:
+        assert core["optional-dependencies"][name] == [f"lightq-{name}"]
 
 
 @pytest.mark.parametrize("name", sorted(PLUGINS))

@@ -340,12 +340,12 @@ def test_byte_tokenizer_bad_input(call, what):
 @pytest.mark.skipif(HAS_TRANSFORMERS, reason="transformers, sentencepiece and ftfy are installed here")
 def test_missing_tokenizer_dependencies_name_the_extra(tmp_path):
     (tmp_path / "google" / "umt5-xxl").mkdir(parents=True)
-    with pytest.raises(LightqError, match=r"pip install lightq\[tokenizer\]"):
+    with pytest.raises(LightqError, match=r"pip install .transformers>=4.40. sentencepiece ftfy"):
         load_tokenizer(tmp_path, 512)
 
 
 NEEDS_TRANSFORMERS = pytest.mark.skipif(not HAS_TRANSFORMERS,
-                                        reason="needs transformers, sentencepiece and ftfy (pip install lightq[tokenizer])")
+                                        reason="needs transformers, sentencepiece and ftfy (the tokenizer extra)")
 TOY_WORDS = ("a", "cat", "walks", "&", "runs", "x")
 
 

@@ -208,6 +208,7 @@ def test_bad_latent_shape(tiny):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_gpu_matches_cpu(tiny, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions are not fp32-exact
@@ -222,6 +223,7 @@ def test_gpu_matches_cpu(tiny, monkeypatch):
     assert torch.nn.functional.cosine_similarity(decoded.flatten(), tiny.decode(latents).flatten(), dim=0) > 0.99
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_gpu_chunked_decode_memory_does_not_grow_with_frames():
     torch.manual_seed(0)

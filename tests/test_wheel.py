@@ -25,7 +25,7 @@ def wheel(tmp_path_factory):
                            str(REPO)], capture_output=True, text=True, env={**__import__("os").environ,
                                                                            "TMPDIR": str(build_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    wheels = list(out.glob("lightq-*.whl"))
+    wheels = list(out.glob("lightq_wan-*.whl"))
     assert len(wheels) == 1
     return wheels[0]
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     specs, attention_specs = found
     print(f"lightq backends on {hw.describe()} (hardware={args.hardware})")
     if not specs:
-        print("no backend is installed: install lightq itself (pip install lightq, or pip install -e . in a checkout)")
+        print("no backend is installed: install lightq itself (pip install -e . in a checkout)")
         return 0
     print(table([row(spec, hw, args.deep) for _, spec in sorted(specs.items())]))
     print(f"\nattention backends ({attention_registry.GROUP}, the attn_quant modes)")

@@ -6,7 +6,7 @@ truncate to ``text_len`` (EOS kept) and pad with id 0 to ``text_len``; ``mask`` 
 
 - ``load_tokenizer(folder_or_name, text_len)``: the umT5 sentencepiece tokenizer through
   ``transformers.AutoTokenizer``, from a Wan model folder (its ``google/umt5-xxl`` subfolder), a tokenizer
-  folder, or a Hub name. Needs the ``tokenizer`` extra: ``pip install lightq[tokenizer]``.
+  folder, or a Hub name. Needs the ``tokenizer`` extra (transformers, sentencepiece, ftfy).
 - ``load_tokenizer("byte", text_len, vocab=V)`` / ``ByteTokenizer(V, text_len)``: for the tiny model, no
   dependencies: UTF-8 byte ``b`` becomes id ``2 + b % (V - 2)`` (0 = pad, 1 = EOS).
 """
@@ -26,7 +26,7 @@ PAD_ID = 0
 EOS_ID = 1
 BYTE_TOKENIZER = "byte"
 WAN_TOKENIZER_SUBFOLDER = "google/umt5-xxl"
-INSTALL_HINT = "pip install lightq[tokenizer]"
+INSTALL_HINT = "pip install 'transformers>=4.40' sentencepiece ftfy"
 
 
 class Tokenizer(Protocol):
