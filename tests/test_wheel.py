@@ -6,6 +6,7 @@ development (editable) install of lightq stays invisible and the wheel's copy is
 """
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -22,7 +23,7 @@ def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     build_dir = tmp_path_factory.mktemp("build")
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out),
-                           str(REPO)], capture_output=True, text=True, env={**__import__("os").environ,
+                           str(REPO)], capture_output=True, text=True, env={**os.environ,
                                                                            "TMPDIR": str(build_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     wheels = list(out.glob("lightq_wan-*.whl"))
@@ -33,8 +34,11 @@ def wheel(tmp_path_factory):
 def test_wheel_contains_configs(wheel):
     import zipfile
 
-    names = zipfile.ZipFile(wheel).namelist()
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
     assert "lightq/conf/config.yaml" in names
+    entry_points = archive.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "[console_scripts]\nlightq = lightq.app:main" in entry_points
     for group in ("model", "dit_quant", "t5_quant", "clip_quant", "attn_quant", "offload", "hardware", "sampler"):
         assert any(n.startswith(f"lightq/conf/{group}/") and n.endswith(".yaml") for n in names), group
 
@@ -50,10 +54,11 @@ def test_installed_wheel_runs_from_any_directory(wheel, tmp_path):
                     str(wheel)], check=True)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    where = subprocess.check_output([py, "-c", "import lightq; print(lightq.__file__)"], cwd=work, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a worktree on the path would win
+    where = subprocess.check_output([py, "-c", "import lightq; print(lightq.__file__)"], cwd=work, text=True, env=env)
     assert str(site) in where, f"the wheel's lightq must be the one imported, got {where}"
     proc = subprocess.run([py, "-m", "lightq", "dit_quant=fp8-torch"], cwd=work, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = list((work / "outputs").rglob("result.json"))
     assert len(results) == 1
