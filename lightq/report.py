@@ -1,6 +1,7 @@
 """Sweep tables: ``results.jsonl``, ``results.csv``, ``results.md`` and ``results.svg`` from the jobs' result.json.
 
-``build(sweep_dir)`` scans every ``result.json`` below ``sweep_dir`` and rewrites the four files (each atomically),
+``build(sweep_dir)`` scans every ``result.json`` below ``sweep_dir`` and rewrites the four files (each atomically;
+the tables list the bf16 baseline jobs first; the picture is ``lightq.sweep_plot``),
 so the tables are whole after every job, whichever jobs failed. Jobs that finish at once in other processes
 (the joblib and SLURM launchers) rebuild under an exclusive lock on ``<sweep_dir>/.results.lock``: each rebuild's
 scan and writes happen together, so the last rebuild sees every result written before it and no rebuild
@@ -19,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from . import staging
+from . import staging, sweep_plot
 from .results import RESULT_FILE
 
 LOCK_FILE = ".results.lock"
@@ -123,39 +124,6 @@ def _fmt(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _svg(rows: list[dict]) -> str:
-    """Speedup (x) against PSNR (y) per job, bubble area ~ peak memory: a dependency-free scatter plot."""
-    pts = [(r["speedup"], r["psnr_db"], r["peak_gpu_gib"] or r["peak_host_gib"] or 1, r["job"]) for r in rows
-           if isinstance(r.get("speedup"), (int, float)) and isinstance(r.get("psnr_db"), (int, float))
-           and math.isfinite(r["psnr_db"])]
-    w, h, pad = 640, 420, 60
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<line x1="{pad}" y1="{h - pad}" x2="{w - 20}" y2="{h - pad}" stroke="black"/>',
-           f'<line x1="{pad}" y1="20" x2="{pad}" y2="{h - pad}" stroke="black"/>',
-           f'<text x="{w / 2}" y="{h - 20}" text-anchor="middle">speedup of denoising vs bf16 (x)</text>',
-           f'<text x="15" y="{h / 2}" transform="rotate(-90 15 {h / 2})" text-anchor="middle">PSNR vs bf16 (dB)</text>']
-    if pts:
-        xs, ys, ms = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-        x0, x1 = min(xs + [1.0]) * 0.95, max(xs + [1.0]) * 1.05
-        y0, y1 = min(ys) - 1, max(ys) + 1
-        mmax = max(ms)
-        for x, y, m, label in pts:
-            px = pad + (x - x0) / (x1 - x0) * (w - pad - 20)
-            py = (h - pad) - (y - y0) / (y1 - y0) * (h - pad - 20)
-            rad = 4 + 12 * math.sqrt(m / mmax)
-            out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{rad:.1f}" fill="steelblue" fill-opacity="0.5"/>')
-            out.append(f'<text x="{px + rad + 2:.1f}" y="{py + 4:.1f}">{_fmt(label)}</text>')
-        for v in (x0, (x0 + x1) / 2, x1):
-            px = pad + (v - x0) / (x1 - x0) * (w - pad - 20)
-            out.append(f'<text x="{px:.1f}" y="{h - pad + 15}" text-anchor="middle">{v:.2f}</text>')
-        for v in (y0, (y0 + y1) / 2, y1):
-            py = (h - pad) - (v - y0) / (y1 - y0) * (h - pad - 20)
-            out.append(f'<text x="{pad - 5}" y="{py + 4:.1f}" text-anchor="end">{v:.1f}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
 def build(sweep_dir: Path) -> list[dict]:
     """Rebuild results.jsonl / .csv / .md / .svg in ``sweep_dir`` under the sweep's lock; returns the rows."""
     sweep_dir = Path(sweep_dir)
@@ -169,6 +137,8 @@ def _build_locked(sweep_dir: Path) -> list[dict]:
     for _, res in jobs:
         if _is_baseline(res) and res.get("status") == "ok":
             base_denoise[baseline_key(res)] = (res.get("timings_s") or {}).get("denoise")
+    # baseline jobs first (the rows every other row is compared with), then the rest in folder order
+    jobs.sort(key=lambda jr: not (_is_baseline(jr[1]) and jr[1].get("status") == "ok"))
     rows = [row(job, res, base_denoise) for job, res in jobs]
     _write_text_atomic(sweep_dir / "results.jsonl", "".join(json.dumps({"job": j, **r}, default=str) + "\n"
                                                             for j, r in jobs))
@@ -180,7 +150,9 @@ def _build_locked(sweep_dir: Path) -> list[dict]:
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     _write_text_atomic(sweep_dir / "results.md", "\n".join(md) + "\n")
-    _write_text_atomic(sweep_dir / "results.svg", _svg(rows))
+    plot_rows = [{**r, "overrides": (res.get("choices") or {}).get("overrides") or [],
+                  "baseline": _is_baseline(res) and res.get("status") == "ok"} for r, (_, res) in zip(rows, jobs)]
+    _write_text_atomic(sweep_dir / "results.svg", sweep_plot.render(plot_rows))
     return rows
 
 
