@@ -46,7 +46,7 @@ def _task(cfg: DictConfig) -> int:
     else:
         result = sweep.run_job(cfg, out, choices, multirun)
     if multirun:
-        sweep.record(Path(hc.sweep.dir), out, result)
+        sweep.record(Path(hc.sweep.dir), out, result, hc.job.num)
         return exit_code(result)
     code = exit_code(result)
     if code:

@@ -4,7 +4,8 @@
   or, in a sweep with ``sweep.isolate`` (auto: on CUDA), in a fresh ``python -m lightq.worker`` process; it
   returns the job's result (a setup error becomes a ``failed`` result.json like any other).
 - After every job, ``record`` rebuilds the sweep's tables (lightq.report, under the sweep's file lock, so jobs
-  finishing at once in other processes cannot lose a row), so they are whole even when a job failed.
+  finishing at once in other processes cannot lose a row), so they are whole even when a job failed, and prints
+  one line saying how the job ended (ok and its time, or skipped / failed and why).
 - ``SweepStatus`` is a Hydra callback: at the end of a multirun (in the launching process, whichever launcher ran
   the jobs) it rebuilds the tables once more and exits 1 if any job failed (skipped jobs — combinations that
   cannot run here — do not fail the sweep).
@@ -74,8 +75,23 @@ def _setup_failure(out: Path, choices: dict, exc: LightqError) -> dict:
     return result
 
 
-def record(sweep_dir: Path, job_dir: Path, result: dict) -> None:
+def record(sweep_dir: Path, job_dir: Path, result: dict, number: int | None = None) -> None:
+    """Rebuild the sweep's tables, then say on stdout how job ``number`` (Hydra's job.num) ended."""
     report.build(sweep_dir)
+    print(job_line(sweep_dir, job_dir, result, number), flush=True)
+
+
+def job_line(sweep_dir: Path, job_dir: Path, result: dict, number: int | None = None) -> str:
+    """``lightq sweep: job 3 dit_quant=fp8-sgl: skipped (<reason>)``; ok jobs give their time instead."""
+    try:
+        name = str(Path(job_dir).resolve().relative_to(Path(sweep_dir).resolve()))
+    except ValueError:
+        name = str(job_dir)
+    status = result.get("status", "?")
+    total = (result.get("timings_s") or {}).get("total")
+    reason = result.get("reason") or ""
+    detail = f"in {total:.1f} s" if status == "ok" and total is not None else f"({reason})" if reason else ""
+    return f"lightq sweep: job {'' if number is None else f'{number} '}{name}: {status} {detail}".rstrip()
 
 
 class SweepStatus(Callback):

@@ -16,8 +16,14 @@ def only_job(cwd: Path) -> Path:
 
 
 def test_default_run_writes_video_latents_and_record(run_lightq, tmp_path):
-    proc = run_lightq()
+    proc = run_lightq(env={"LIGHTQ_PROGRESS_INTERVAL_S": "0"})  # stderr is a pipe: progress comes as lines
     assert proc.returncode == 0, proc.stderr[-3000:]
+    progress = proc.stderr.splitlines()
+    assert all(line.startswith("lightq: ") for line in progress), proc.stderr[-2000:]
+    for done in ("loading t5 from models_t5_umt5-xxl-enc-bf16.pth: 22/22 tensors done in",
+                 "denoise (unipc): 4/4 steps done in", "VAE decode: 3/3 latent frames done in"):
+        assert any(line.startswith(f"lightq: {done}") for line in progress), (done, progress)
+    assert "lightq: denoise (unipc): 1/4 steps, " in proc.stderr and " s left" in proc.stderr
     job = only_job(tmp_path)
     res = json.loads((job / "result.json").read_text())
     assert res["status"] == "ok"

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,13 @@ def test_sweep_layout_and_statuses(mode_sweep):
     for name in ("results.jsonl", "results.csv", "results.md", "results.svg"):
         assert (root / name).stat().st_size > 0
     assert "1 skipped, 0 failed" in proc.stdout
+    said = [line for line in proc.stdout.splitlines() if line.startswith("lightq sweep: job ")]
+    assert len(said) == 5, proc.stdout  # one line per job, as it ends
+    for mode in ("none", "fp8-torch", "int8-torch", "int4-g128-torch"):
+        assert any(re.fullmatch(rf"lightq sweep: job \d dit_quant={mode},model.frames=5: ok in [\d.]+ s", s)
+                   for s in said), (mode, said)
+    assert any(s.startswith("lightq sweep: job 4 dit_quant=fp8-sgl,model.frames=5: skipped (dit_quant=fp8-sgl ")
+               for s in said), said
 
 
 def test_table_quality_ranks_as_the_numerics_imply(mode_sweep):

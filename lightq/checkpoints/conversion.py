@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +31,7 @@ import torch
 
 from .. import __version__, staging
 from ..errors import CheckpointError
+from ..progress import Progress
 from ..models.layouts import QUANTIZABLE
 from ..quant import schemes as S
 from ..quant.linear import check_skip, selected
@@ -86,7 +86,7 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
     cast = FLOAT_DTYPES[float_dtype] if float_dtype else (torch.float32 if layout == "lightx2v" else None)
     entries = _plan(source, component, scheme, tuple(skip), layout, cast)
     meta = _provenance(source, component, scheme, tuple(skip), layout)
-    bar = _bar(len(entries), progress, out.name)
+    bar = Progress(len(entries), f"converting -> {out.name}", "tensors", progress)
     try:
         if layout in ("single", "comfyui") or (layout == "lightx2v" and component == "dit"):
             _write_file(out, entries, meta, overwrite, bar)
@@ -307,7 +307,3 @@ def _nbytes(e: Entry) -> int:
     return n
 
 
-def _bar(total: int, progress: bool, name: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"converting -> {name}", unit="tensor", disable=not progress or not sys.stderr.isatty())

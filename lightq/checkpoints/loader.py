@@ -22,14 +22,15 @@ Peak memory beyond the result: one source tensor and its fp32 copy while quantiz
 from __future__ import annotations
 
 import math
-import sys
 import zlib
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..progress import Progress
 from ..quant.linear import selected, set_submodule
 from ..quant.method import QuantMethod
 from ..quant.schemes import dequantize_weight, quantize_weight
@@ -73,7 +74,9 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
 
     linears = {name: model.get_submodule(name) for name in quantized}
     done: set[str] = set()
-    bar = _bar(len(expected), progress, getattr(source, "name", RANDOM))
+    source_file = Path(str(getattr(source, "name", RANDOM))).name
+    bar = Progress(len(expected), f"loading {component + ' from ' if component else ''}{source_file}", "tensors",
+                   progress, leave=False)
     try:
         for name, lin in linears.items():
             n_k = tuple(lin.weight.shape)
@@ -211,12 +214,3 @@ def _assign(model: nn.Module, key: str, t: torch.Tensor) -> None:
         mod._buffers[leaf] = t
     else:
         raise CheckpointError(f"'{key}' is neither a parameter nor a buffer of the model")
-
-
-def _bar(total: int, progress: bool, name: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"loading {name}", unit="tensor", leave=False,
-                disable=not progress or not sys.stderr.isatty())
-
-

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightq.errors import LightqError
+from lightq.progress import Progress
 
 # Per-channel statistics of Wan2.1 VAE posterior means, from the official release (wan/modules/vae.py).
 LATENT_MEAN = (
@@ -347,11 +348,12 @@ class WanVAE(nn.Module):
         return (mu - mean) / std
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, chunked: bool = True, progress: bool = False) -> torch.Tensor:
         """Video ``[B, 3, 1 + 4 (T - 1), 8 h, 8 w]`` in [-1, 1] (float32).
 
         ``chunked`` decodes one latent frame at a time through a ``FrameCache`` into a preallocated output, so
         activation memory does not grow with the frame count; ``False`` decodes the whole clip at once.
+        ``progress`` reports the latent frames decoded (``lightq.progress``; chunked only).
         """
         self._check_latents(latents)
         mean, std = self._stats(latents)
@@ -363,10 +365,12 @@ class WanVAE(nn.Module):
         video = torch.empty(b, 3, 1 + k * (t - 1), h * s, w * s, dtype=torch.float32, device=z.device)
         cache = FrameCache()
         start = 0
-        for i in range(t):
-            frames = self.decoder(z[:, :, i : i + 1], cache)
-            video[:, :, start : start + frames.shape[2]] = frames.float().clamp_(-1.0, 1.0)
-            start += frames.shape[2]
+        with Progress(t, "VAE decode", "latent frames", progress) as bar:
+            for i in range(t):
+                frames = self.decoder(z[:, :, i : i + 1], cache)
+                video[:, :, start : start + frames.shape[2]] = frames.float().clamp_(-1.0, 1.0)
+                start += frames.shape[2]
+                bar.update()
         return video
 
     def _check_video(self, video: torch.Tensor) -> None:

@@ -15,7 +15,6 @@ Stages and what flows between them (B = 1; CFG runs the DiT once more with the n
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -43,10 +42,6 @@ class Generated:
     components: dict
 
 
-def _progress() -> bool:
-    return sys.stderr.isatty()
-
-
 def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTimer | None = None) -> Generated:
     """Load, encode, denoise, decode, each a stage of ``timer``. Everything but the outputs is freed on return."""
     from .sampler import guide_scale_of, sample
@@ -62,9 +57,9 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         folder = C.model_folder(cfg.model)
         tokenizer = C.load_tokenizer_for(cfg.model, folder)
         methods = C.quant_methods(cfg, plans)
-        t5 = C.load_t5(cfg, methods["t5"], folder, offload.home, dtype, _progress())
-        clip = C.load_clip(cfg, methods["clip"], folder, offload.home, dtype, _progress()) if "clip" in plans else None
-        dit = C.load_dit(cfg, methods["dit"], folder, offload.home, dtype, _progress())
+        t5 = C.load_t5(cfg, methods["t5"], folder, offload.home, dtype, True)
+        clip = C.load_clip(cfg, methods["clip"], folder, offload.home, dtype, True) if "clip" in plans else None
+        dit = C.load_dit(cfg, methods["dit"], folder, offload.home, dtype, True)
         vae = C.load_vae(cfg, folder, offload.home)
         self_attention = C.load_self_attention(plans.get("attn"))
     for name, module in (("t5", t5), ("clip", clip), ("dit", dit), ("vae", vae)):
@@ -103,11 +98,11 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     installed = use_self_attention(self_attention) if self_attention is not None else nullcontext()
     with timer("denoise"), offload.active(dit), installed:
         steps.begin()
-        latents = sample(velocity, noise, scfg, cond, uncond if guide_scale_of(scfg) != 1.0 else None, _progress(),
+        latents = sample(velocity, noise, scfg, cond, uncond if guide_scale_of(scfg) != 1.0 else None, True,
                          generator=torch.Generator(device).manual_seed(cfg.seed), on_step=steps.lap)
     offload.release(dit)
     with timer("decode"), offload.active(vae):
-        video = vae.decode(latents.float())[0].transpose(0, 1)  # [F, 3, H, W]
+        video = vae.decode(latents.float(), progress=True)[0].transpose(0, 1)  # [F, 3, H, W]
         video = video.float().clamp(-1, 1).cpu()
     timings = {**{k: timer.times[k] for k in ("load", "encode_text", "encode_image", "denoise", "decode")
                   if k in timer.times}, **steps.summary()}

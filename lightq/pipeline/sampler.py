@@ -23,15 +23,14 @@ CFG: ``v = v_uncond + guide_scale * (v_cond - v_uncond)``; one model pass only w
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..errors import LightqError
+from ..progress import Progress
 
 NUM_TRAIN_TIMESTEPS = 1000
 SOLVERS = ("unipc", "dpm++", "euler", "distill")
@@ -241,7 +240,7 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any
     ``model_fn(x, t, c)`` returns the velocity for ``x`` at timesteps ``t`` ``[B]`` (fp32) with conditioning
     ``c``, which is ``cond`` or ``uncond`` passed through untouched (a tensor, a dict of keyword arguments, ...).
     ``uncond`` is needed only when CFG is on. ``generator`` draws the
-    re-noising of the ``distill`` sampler (torch's global RNG when None). The progress bar shows only on a terminal.
+    re-noising of the ``distill`` sampler (torch's global RNG when None). ``progress``: ``lightq.progress``.
     ``on_step(i)`` is called after step ``i`` (the job times each step with it).
     """
     _check(cfg)
@@ -252,11 +251,13 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any
     sched = timesteps(cfg)
     solver = _SOLVER_CLASSES[cfg.name](sched.sigmas, generator)
     x = noise.float()
-    show = progress and sys.stderr.isatty()
-    for i, t in enumerate(tqdm(sched.timesteps.tolist(), desc=f"denoise ({cfg.name})", disable=not show)):
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-        v = guided_velocity(model_fn, x, t_batch, cond, uncond, scale)
-        x = solver.step(i, x, v)
-        if on_step is not None:
-            on_step(i)
+    steps = sched.timesteps.tolist()
+    with Progress(len(steps), f"denoise ({cfg.name})", "steps", progress) as bar:
+        for i, t in enumerate(steps):
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+            v = guided_velocity(model_fn, x, t_batch, cond, uncond, scale)
+            x = solver.step(i, x, v)
+            bar.update()
+            if on_step is not None:
+                on_step(i)
     return x
