@@ -2,10 +2,10 @@
 interpreter (``TRITON_INTERPRET=1``, set here before the kernels are imported) — the kernels themselves on tiny
 shapes against lightq's torch reference.
 
-The interpreter (Triton 3.6) casts fp32 -> bf16 by truncation and fp32 -> fp8 with two known faults (a rounding
-carry into the exponent is lost; ties round away from even). The kernels round to bf16 in integer arithmetic under
-the interpreter, so bf16 / int8 results are checked bit for bit; fp8 codes are checked to differ from the
-reference only in those two ways. tests/gpu/test_triton_gpu.py checks the compiled kernels bit for bit on the GPU.
+The interpreter (Triton 3.6, and 3.7.1, the test extra's pin) casts fp32 -> bf16 by truncation and fp32 -> fp8
+with two known faults (a rounding carry into the exponent is lost; ties round away from even). The kernels round
+to bf16 in integer arithmetic under the interpreter, so bf16 / int8 results are checked bit for bit; fp8 codes are
+checked to differ from the reference only in those two ways. tests/gpu/test_triton_gpu.py checks the compiled kernels bit for bit on the GPU.
 """
 
 import importlib.util

@@ -1,6 +1,6 @@
 """Rounding an fp32 value to a narrower float type inside a kernel, identically on the GPU and in the interpreter.
 
-On the GPU the cast is the hardware's round-to-nearest-even conversion. Triton's CPU interpreter (3.6) truncates
+On the GPU the cast is the hardware's round-to-nearest-even conversion. Triton's CPU interpreter (3.6, 3.7) truncates
 fp32 -> bf16 and mis-carries fp32 -> fp8, so with ``SOFT`` (passed as ``interpreting()``) bf16 rounding is done in
 integer arithmetic instead: ``bits + 0x7FFF + lsb`` then dropping the low 16 bits is round-to-nearest-even for every
 finite value.
