@@ -11,6 +11,7 @@ the sweep exits non-zero at the end if any job failed.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,14 +52,37 @@ def _task(cfg: DictConfig) -> int:
     code = exit_code(result)
     if code:
         print(f"lightq: {result['reason']}", file=sys.stderr)
+        if code == 2:  # the one line says it all: no output folder holding only the record of a job that never ran
+            discard_unrun(out)
         sys.exit(code)
     print(f"lightq: ok -> {out}")
     return 0
 
 
+# What a single run's folder holds before the pipeline writes anything: Hydra's record, its log, lightq's record.
+BOOKKEEPING = {".hydra", "lightq.log", "config_resolved.yaml", results.RESULT_FILE}
+
+
+def discard_unrun(out: Path) -> None:
+    """Remove ``out`` if it holds only the bookkeeping of a job that never ran (skipped, or bad input), and the
+    folders above it that this leaves empty, up to the working directory. A folder with anything else is kept."""
+    try:
+        if not out.is_dir() or not {p.name for p in out.iterdir()} <= BOOKKEEPING:
+            return
+        shutil.rmtree(out)
+        cwd = Path.cwd().resolve()
+        for parent in out.resolve().parents:
+            if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    except OSError:
+        pass  # a folder left behind is untidy, not wrong
+
+
 def main() -> None:
     import hydra
 
+    from .choices import check_choices
     from .overrides import literal_prompts
     from .sweep import check_launcher
 
@@ -67,6 +91,7 @@ def main() -> None:
     try:
         sys.argv = [sys.argv[0], *literal_prompts(sys.argv[1:])]
         check_launcher(sys.argv[1:])
+        check_choices(sys.argv[1:])
     except LightqError as exc:
         print(f"lightq: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -7,21 +7,27 @@ A profile is a plain record (no torch needed to build one), so planning can be t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """One device a job runs on. ``capability`` is the CUDA compute capability (major + minor/10), None on CPU."""
+    """One device a job runs on. ``capability`` is the CUDA compute capability (major + minor/10), None on CPU.
+    ``chosen``: the user named this profile (``hardware=cpu``) rather than it being detected."""
 
     name: str
     device: str  # "cpu" or "cuda"
     capability: float | None = None
     gpu_name: str = ""
+    chosen: bool = field(default=False, compare=False)
 
     @property
     def is_cuda(self) -> bool:
         return self.device == "cuda"
+
+    def no_gpu_reason(self) -> str:
+        """Why this run has no CUDA GPU, as the end of a sentence."""
+        return "the CPU was chosen (hardware=cpu)" if self.chosen else "this machine has none"
 
     def describe(self) -> str:
         if not self.is_cuda:
@@ -72,5 +78,5 @@ def resolve(name: str) -> Hardware:
                 f"hardware={name} needs compute capability {hw.capability} but this GPU is {real.describe()}: "
                 "use hardware=auto"
             )
-        return Hardware(hw.name, "cuda", hw.capability, real.gpu_name)
-    return hw
+        return Hardware(hw.name, "cuda", hw.capability, real.gpu_name, chosen=True)
+    return replace(hw, chosen=True)

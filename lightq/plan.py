@@ -3,8 +3,9 @@
 ``plan_run(cfg, hw)`` gives one ``ComponentPlan`` per component that exists in the pipeline (CLIP only for I2V),
 and one for the DiT's self-attention (``attn``, the ``attn_quant`` group; its backends come from the
 ``lightq.attention`` registry).
-A plan that cannot run carries a one-line reason naming the mode, what is missing, how to install it, and the
-portable mode that would run instead.
+A plan that cannot run carries a one-line reason naming the mode, what blocks it first (a missing GPU before a
+missing library: the install command only where installing would help), and the portable mode that would run
+instead.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from .attention import registry as attention_registry
 from .backends import registry
 from .hardware import Hardware
 
-# Where each plugin backend comes from (the core ships only ``torch``).
+# Where each plugin backend comes from (the core ships only ``torch`` and ``triton``); every plugin is a GPU kernel
+# library.
 PLUGIN_INSTALL = {
     "vllm": "pip install -e 'plugins/lightq-vllm[kernel]' (pulls vllm)",
     "sgl": "pip install -e 'plugins/lightq-sgl[kernel]' (pulls sglang-kernel)",
@@ -25,7 +27,7 @@ PLUGIN_INSTALL = {
     "q8f": "pip install -e plugins/lightq-q8f (needs Q8-Kernels built for an Ada GPU)",
 }
 ATTENTION_PLUGIN_INSTALL = {
-    "sageattention": "pip install -e plugins/lightq-sageattention (pulls sageattention)",
+    "sageattention": "pip install -e 'plugins/lightq-sageattention[kernel]' (pulls sageattention)",
 }
 
 
@@ -53,7 +55,7 @@ def plan_component(component: str, quant, hw: Hardware) -> ComponentPlan:
     spec, why = registry.choose(quant.scheme, quant.backend, hw, component=component)
     if spec is not None:
         return ComponentPlan(component, quant.name, quant.scheme, spec.name, True, why)
-    return _refused(component, quant, why, PLUGIN_INSTALL, registry.specs())
+    return _refused(component, quant, why, PLUGIN_INSTALL, registry.specs(), hw)
 
 
 def plan_attention(attn, hw: Hardware) -> ComponentPlan:
@@ -63,12 +65,18 @@ def plan_attention(attn, hw: Hardware) -> ComponentPlan:
     spec, why = attention_registry.choose(attn.scheme, attn.backend, hw)
     if spec is not None:
         return ComponentPlan("attn", attn.name, attn.scheme, spec.name, True, why)
-    return _refused("attn", attn, why, ATTENTION_PLUGIN_INSTALL, attention_registry.specs())
+    return _refused("attn", attn, why, ATTENTION_PLUGIN_INSTALL, attention_registry.specs(), hw)
 
 
-def _refused(component: str, quant, why: str, installs: dict[str, str], installed) -> ComponentPlan:
-    """The plan of a mode that cannot run: why, how to install a missing plugin, and the portable mode."""
-    hint = f"; install: {installs[quant.backend]}" if quant.backend in installs and quant.backend not in installed else ""
+def _refused(component: str, quant, why: str, installs: dict[str, str], installed, hw: Hardware) -> ComponentPlan:
+    """The plan of a mode that cannot run: why, how to install a missing plugin (where installing can help: every
+    plugin needs a CUDA GPU), and the portable mode."""
+    hint = ""
+    if quant.backend in installs and quant.backend not in installed:
+        if hw.is_cuda:
+            hint = f"; install: {installs[quant.backend]}"
+        else:
+            why = f"backend '{quant.backend}' runs on CUDA GPUs only; {hw.no_gpu_reason()}"
     alt = portable_mode(quant.scheme)
     reason = f"{component}_quant={quant.name} cannot run here: {why}{hint}; portable alternative: {component}_quant={alt}"
     return ComponentPlan(component, quant.name, quant.scheme, None, False, reason)

@@ -9,13 +9,15 @@
 - ``SweepStatus`` is a Hydra callback: at the end of a multirun (in the launching process, whichever launcher ran
   the jobs) it rebuilds the tables once more and exits 1 if any job failed (skipped jobs — combinations that
   cannot run here — do not fail the sweep).
-- ``check_launcher`` turns ``hydra/launcher=<lightq launcher>`` without its Hydra plugin into one clear error.
+- ``check_launcher`` turns ``hydra/launcher=<lightq launcher>`` without its Hydra plugin (or a SLURM launcher
+  without ``sbatch``) into one clear error.
 - ``resume=true`` skips jobs whose folder already holds a successful result (see ``lightq.app``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,8 +37,12 @@ LAUNCHER_PLUGINS = {
 }
 
 
+SLURM_LAUNCHERS = ("slurm", "submitit_slurm")
+
+
 def check_launcher(argv: list[str]) -> None:
-    """Raise LightqError when the command line picks a launcher whose Hydra plugin is not installed."""
+    """Raise LightqError when the command line picks a launcher whose Hydra plugin is not installed, or a SLURM
+    launcher on a machine without SLURM."""
     for arg in argv:
         key, _, option = arg.lstrip("+~").partition("=")
         if key != "hydra/launcher" or option not in LAUNCHER_PLUGINS:
@@ -49,6 +55,10 @@ def check_launcher(argv: list[str]) -> None:
         if not found:
             raise LightqError(f"hydra/launcher={option} needs the Hydra plugin {module.split('.')[-1]}: "
                               f"pip install {package}")
+        if option in SLURM_LAUNCHERS and shutil.which("sbatch") is None:
+            raise LightqError(f"hydra/launcher={option} submits the sweep with SLURM's sbatch, which is not on this "
+                              "machine's PATH: run it on the cluster's login node, or use hydra/launcher=joblib_local "
+                              "(parallel jobs here) or no launcher (one job after another)")
 
 
 def run_job(cfg: DictConfig, out: Path, choices: dict, multirun: bool) -> dict:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightq.pipeline.video import read_mp4
 from lightq.results import STAGES
@@ -70,18 +71,40 @@ def test_unavailable_mode_exits_2_with_one_line(run_lightq, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert "dit_quant=fp8-sgl" in lines[0] and "t5_quant=int8-vllm" in lines[0]
-    assert "install" in lines[0] and "dit_quant=fp8-torch" in lines[0]
+    assert "dit_quant=fp8-sgl" in lines[0] and "t5_quant=int8-vllm" in lines[0] and "dit_quant=fp8-torch" in lines[0]
+    if not torch.cuda.is_available():  # the blocking reason, and no install command that could not help
+        assert "dit_quant=fp8-sgl cannot run here: backend 'sgl' needs a CUDA GPU (compute capability >= 8.9 " \
+               "for fp8); this machine has none; portable alternative: dit_quant=fp8-torch" in lines[0]
+        assert "install" not in lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
-    res = json.loads((only_job(tmp_path) / "result.json").read_text())
-    assert res["status"] == "skipped" and not (only_job(tmp_path) / "video.mp4").exists()
+    assert list(tmp_path.iterdir()) == [], "a job that never ran leaves no output folder"
 
 
-def test_unknown_mode_lists_valid_modes(run_lightq):
-    proc = run_lightq("dit_quant=bogus")
-    assert proc.returncode != 0
-    for mode in ("fp8-sgl", "int8-vllm", "fp8-torch", "int4-g128-marlin"):
-        assert mode in proc.stderr
+def test_unknown_mode_is_one_line_with_the_valid_modes(run_lightq, tmp_path):
+    for args in (["dit_quant=bogus"], ["-m", "dit_quant=none,bogus"]):
+        proc = run_lightq(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lightq: dit_quant=bogus is not a dit_quant option: "
+                                                       "choose one of "), proc.stderr
+        for mode in ("fp8-sgl", "int8-vllm", "fp8-torch", "int4-g128-marlin", "none"):
+            assert mode in lines[0]
+    proc = run_lightq("model=wan2.2")
+    assert proc.returncode == 2 and proc.stderr.startswith("lightq: model=wan2.2 is not a model option: choose one of")
+    assert "tiny-i2v" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_leaves_no_output_folder_but_keeps_other_files(run_lightq, tmp_path):
+    proc = run_lightq("model.frames=6")
+    assert proc.returncode == 2 and "4k+1" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("not lightq's")
+    proc = run_lightq("model.frames=6", f"hydra.run.dir={kept}")
+    assert proc.returncode == 2 and (kept / "notes.txt").read_text() == "not lightq's"
+    assert (kept / "result.json").is_file(), "a folder holding other files is left as it is, with the record"
 
 
 def test_help_says_what_lightq_is_and_lists_every_group(run_lightq, tmp_path):

@@ -112,3 +112,17 @@ def test_launcher_without_its_plugin_is_one_clear_error(monkeypatch):
                         lambda name, *a: None if name.startswith("hydra_plugins.hydra_submitit") else real(name, *a))
     with pytest.raises(LightqError, match=r"hydra/launcher=slurm needs .*pip install hydra-submitit-launcher"):
         sweep.check_launcher(["-m", "hydra/launcher=slurm"])
+
+
+def test_slurm_launcher_without_sbatch_is_one_clear_error(monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    for option in ("slurm", "submitit_slurm"):
+        with pytest.raises(LightqError, match=rf"hydra/launcher={option} submits the sweep with SLURM's sbatch, "
+                                              "which is not on this machine's PATH"):
+            sweep.check_launcher(["-m", f"hydra/launcher={option}"])
+    sweep.check_launcher(["-m", "hydra/launcher=submitit_local"])  # runs here: no SLURM needed
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")
+    sweep.check_launcher(["-m", "hydra/launcher=slurm"])

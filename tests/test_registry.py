@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -51,16 +52,18 @@ def test_auto_on_cpu_picks_torch_and_explains_every_rejection(installed):
     spec, reason = registry.choose("fp8", "auto", PROFILES["cpu"])
     assert spec is TORCH_SPEC
     assert reason.startswith("auto: torch (")
-    assert f"vllm: '{MISSING}' is not installed; install: pip install lightq-vllm" in reason
-    assert "sgl: needs a CUDA GPU, this run is on the CPU" in reason
+    # the device blocks first: installing a GPU library could not help on this machine, so no install command
+    assert "vllm: needs a CUDA GPU (compute capability >= 8.9 for fp8); this machine has none" in reason
+    assert "sgl: needs a CUDA GPU (compute capability >= 8.9 for fp8); this machine has none" in reason
+    assert "install" not in reason
     assert reason.index("sgl:") < reason.index("vllm:")  # in preference order (fp8: sgl first outside the DiT)
 
 
 @pytest.mark.parametrize("profile,scheme,expected,rejected", [
-    ("sm80", "fp8", "torch", "sgl: scheme 'fp8' needs compute capability >= 8.9, this GPU is A100 (profile) (sm80)"),
+    ("sm80", "fp8", "torch", "sgl: needs compute capability >= 8.9 for fp8; this GPU is A100 (profile) (sm80)"),
     ("sm89", "fp8", "sgl", None),
     ("sm90", "int8", "sgl", "vllm:"),
-    ("sm89", "fp8-b128", "torch", "deepgemm: scheme 'fp8-b128' needs compute capability >= 9.0"),
+    ("sm89", "fp8-b128", "torch", "deepgemm: needs compute capability >= 9.0 for fp8-b128"),
     ("sm90", "fp8-b128", "deepgemm", None),
     ("sm100", "int4-g128", "torch", None),
 ])
@@ -85,7 +88,11 @@ def test_named_backend(installed):
     assert spec is None
     assert reason == "backend 'marlin' is not installed (installed: deepgemm, sgl, torch, vllm)"
     spec, reason = registry.choose("fp8", "sgl", PROFILES["cpu"])
-    assert spec is None and reason == "backend 'sgl' needs a CUDA GPU, this run is on the CPU"
+    assert spec is None and reason == "backend 'sgl' needs a CUDA GPU (compute capability >= 8.9 for fp8); this machine has none"
+    spec, reason = registry.choose("fp8", "sgl", replace(PROFILES["cpu"], chosen=True))
+    assert reason.endswith("; the CPU was chosen (hardware=cpu)")
+    spec, reason = registry.choose("fp8", "vllm", PROFILES["sm90"])  # the GPU would do: the missing library, and how
+    assert reason == f"backend 'vllm' needs the package '{MISSING}', which is not installed; install: pip install lightq-vllm"
     spec, reason = registry.choose("int4-g128", "sgl", PROFILES["sm90"])
     assert spec is None and "does not implement scheme 'int4-g128' (it has: fp8, int8)" in reason
 
@@ -248,18 +255,20 @@ def test_cli_table_for_a_gpu_profile(fake_site):
     assert rows["torch"].endswith("fp8 any, int8 any, fp8-b128 any, int4-g128 any  available here")
     assert "fp8 sm89+, fp8-b128 sm90+" in rows["goodgpu"] and rows["goodgpu"].endswith("available here")
     assert rows["missingkernel"].endswith(
-        f"not here: '{MISSING}' is not installed; install: pip install lightq-missingkernel")
+        f"not here: needs the package '{MISSING}', which is not installed; install: pip install lightq-missingkernel")
     assert "3.1.4" in rows["raising"] and rows["raising"].endswith("available here")  # found, never imported
     assert "unusable: entry point failed to load: ModuleNotFoundError" in rows["brokenentry"]
 
 
-def test_cli_table_for_sm80_lists_per_scheme_reasons(fake_site):
+def test_cli_table_for_sm80_names_the_least_capability_needed(fake_site):
     proc = run_table(fake_site, "--hardware", "sm80")
     assert proc.returncode == 0, proc.stderr
     rows = table_rows(proc.stdout)
-    assert rows["goodgpu"].endswith(
-        "not here: fp8: scheme 'fp8' needs compute capability >= 8.9, this GPU is A100 (profile) (sm80); "
-        "fp8-b128: scheme 'fp8-b128' needs compute capability >= 9.0, this GPU is A100 (profile) (sm80)")
+    assert rows["goodgpu"].endswith("not here: needs compute capability >= 8.9; this GPU is A100 (profile) (sm80)")
+    proc = run_table(fake_site, "--hardware", "sm89")  # only some schemes: each refused one with its reason
+    assert table_rows(proc.stdout)["goodgpu"].endswith(
+        "available here for fp8; not fp8-b128: needs compute capability >= 9.0 for fp8-b128; "
+        "this GPU is L40S / RTX 4090 (profile) (sm89)")
 
 
 def test_cli_deep_reports_import_failures(fake_site):
@@ -267,7 +276,8 @@ def test_cli_deep_reports_import_failures(fake_site):
     assert proc.returncode == 0, proc.stderr
     rows = table_rows(proc.stdout)
     assert rows["torch"].endswith("available here (loaded)")
-    assert rows["goodgpu"].endswith("not here: needs a CUDA GPU, this run is on the CPU")
+    assert rows["goodgpu"].endswith("not here: needs a CUDA GPU (compute capability >= 8.9); the CPU was chosen "
+                                    "(hardware=cpu)")
     assert rows["raising"].endswith(
         "not here: backend 'raising' failed to load (RuntimeError: undefined symbol: _ZN3c104cuda9SetDeviceEi "
         "(kernel library built against another torch)); install: pip install 'fakekernel==3.1.4'")

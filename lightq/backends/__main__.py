@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from importlib import metadata
 
 from ..hardware import PROFILES, Hardware, detect
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="device to judge availability for: detected (auto) or a profile")
     parser.add_argument("--deep", action="store_true", help="also import each usable implementation")
     args = parser.parse_args(argv)
-    hw = detect() if args.hardware == "auto" else PROFILES[args.hardware]
+    hw = detect() if args.hardware == "auto" else replace(PROFILES[args.hardware], chosen=True)
     found = []
     for reg in (registry, attention_registry):
         try:

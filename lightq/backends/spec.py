@@ -66,37 +66,52 @@ class BackendSpec:
         except Exception as exc:
             return False, f"cannot check '{scheme}' ({type(exc).__name__}: {exc})"
 
-    def _is_available(self, hw: Hardware) -> Check:
-        if not self.schemes:
-            return False, f"unusable: {self.description or 'declares no scheme'}"
+    # Reasons are verb phrases ("needs ...", "is ..."), read after the backend's name: "backend 'sgl' needs ...".
+    # The device is checked before the packages: where no GPU can run the backend, installing its library cannot
+    # help, so the install command is named only when the device would do.
+
+    def _device_problem(self, hw: Hardware, cap: float | None, scheme: str = "") -> str | None:
+        """Why ``hw`` cannot run kernels needing compute capability ``cap`` (None: the CPU will do), or None."""
+        if cap is None:
+            return None
+        need = f"compute capability >= {cap}" + (f" for {scheme}" if scheme else "")
+        if not hw.is_cuda:
+            return f"needs a CUDA GPU ({need}); {hw.no_gpu_reason()}"
+        if hw.capability is None:
+            return "cannot tell the GPU's compute capability"
+        if hw.capability < cap:
+            return f"needs {need}; this GPU is {hw.describe()}"
+        if self.max_capability is not None and hw.capability > self.max_capability:
+            return f"is built for compute capability <= {self.max_capability}; this GPU is {hw.describe()}"
+        return None
+
+    def _missing_package(self) -> str | None:
         for mod in self.requires:
             try:
                 found = importlib.util.find_spec(mod) is not None
             except Exception as exc:  # a broken parent package raises from find_spec
-                return False, f"'{mod}' cannot be looked up ({type(exc).__name__}: {exc}); install: {self.install}"
+                return f"cannot look up the package '{mod}' ({type(exc).__name__}: {exc}); install: {self.install}"
             if not found:
-                return False, f"'{mod}' is not installed; install: {self.install}"
-        needs_gpu = all(cap is not None for cap in self.schemes.values())
-        if needs_gpu and not hw.is_cuda:
-            return False, "needs a CUDA GPU, this run is on the CPU"
-        if hw.is_cuda and hw.capability is None:
-            return False, "the GPU's compute capability is unknown"
-        if hw.is_cuda and self.max_capability is not None and hw.capability > self.max_capability:
-            return False, f"built for compute capability <= {self.max_capability}, this GPU is {hw.describe()}"
-        return True, "available"
+                return f"needs the package '{mod}', which is not installed; install: {self.install}"
+        return None
+
+    def _is_available(self, hw: Hardware) -> Check:
+        if not self.schemes:
+            return False, f"is unusable: {self.description or 'it declares no scheme'}"
+        caps = [cap for cap in self.schemes.values() if cap is not None]
+        least = min(caps) if len(caps) == len(self.schemes) else None  # None: some scheme runs on the CPU
+        problem = self._device_problem(hw, least) or self._missing_package()
+        return (False, problem) if problem else (True, "available")
 
     def _can_implement(self, scheme: str, hw: Hardware, shape: tuple[int, int] | None) -> Check:
         if not isinstance(scheme, str) or scheme not in self.schemes:
             return False, f"does not implement scheme '{scheme}' (it has: {', '.join(self.schemes) or 'none'})"
+        problem = self._device_problem(hw, self.schemes[scheme], scheme)
+        if problem:
+            return False, problem
         ok, why = self.is_available(hw)
         if not ok:
             return ok, why
-        cap = self.schemes[scheme]
-        if cap is not None:
-            if not hw.is_cuda:
-                return False, f"scheme '{scheme}' needs a CUDA GPU (compute capability >= {cap}), this run is on the CPU"
-            if hw.capability < cap:
-                return False, f"scheme '{scheme}' needs compute capability >= {cap}, this GPU is {hw.describe()}"
         return self.fits(shape) if shape is not None else (True, "ok")
 
     def fits(self, shape: tuple[int, int]) -> Check:
