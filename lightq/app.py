@@ -55,7 +55,10 @@ def _task(cfg: DictConfig) -> int:
         if code == 2:  # the one line says it all: no output folder holding only the record of a job that never ran
             discard_unrun(out)
         sys.exit(code)
+    from .summary import summary
+
     print(f"lightq: ok -> {out}")
+    print(summary(result, out, cfg.model))
     return 0
 
 

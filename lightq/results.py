@@ -6,7 +6,8 @@ backend and why, quantized layer count, weight bytes), ``timings_s`` (the stages
 ``unaccounted`` sum to ``total``; ``denoise_steps`` per step and ``denoise_warmup``, the first step's excess over
 the median of the others), ``memory`` (peak host RSS and peak GPU allocation, bytes; ``peak_host_bytes_by_stage``
 the peak reached by the end of each stage),
-``quality`` (against the bf16 baseline: psnr, ssim, latent_cosine, speedup), ``outputs`` (files written),
+``quality`` (against the bf16 baseline: psnr, ssim, latent_cosine; ``speedup_denoise`` only when the baseline
+was timed in the same job, else ``speed`` says why not), ``outputs`` (files written),
 ``versions``.
 """
 

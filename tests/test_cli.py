@@ -45,6 +45,15 @@ def test_default_run_writes_video_latents_and_record(run_lightq, tmp_path):
     assert frames.std() > 1, "the decoded video is not a flat image"
     assert (job / "latents.pt").is_file() and (job / "config_resolved.yaml").is_file()
     assert (job / ".hydra" / "config.yaml").is_file() and (job / "lightq.log").read_text().strip()
+    said = proc.stdout.splitlines()  # the console summary, every line from the record
+    assert said[0] == f"lightq: ok -> {job.relative_to(tmp_path)}" or said[0] == f"lightq: ok -> {job}"
+    rows = {line.split()[0]: line for line in said[1:]}
+    assert set(rows) >= {"model", "t5", "dit", "vae", "time", "peak", "quality", "video", "record", "note"}
+    assert "dit          none: bf16, not quantized" in rows["dit"]
+    assert f"{res['timings_s']['total']:.1f} s in all" in rows["time"] and "decode" in rows["time"]
+    assert rows["quality"].endswith("this run is the bf16 baseline") and "speed" not in rows
+    assert str(job / "video.mp4") in rows["video"] or str((job / "video.mp4").relative_to(tmp_path)) in rows["video"]
+    assert "synthetic, so the video is noise" in rows["note"] and "model=wan2.1-t2v-1.3b" in rows["note"]
 
 
 @pytest.mark.parametrize("mode", ["fp8-torch", "int8-torch", "int4-g128-torch", "fp8-b128-torch"])
@@ -63,6 +72,12 @@ def test_portable_mode_i2v_all_three_components(run_lightq, tmp_path, mode):
     q = res["quality"]
     assert q["baseline"] == "bf16 baseline computed in this job" or q["baseline"].startswith("cached bf16 baseline")
     assert 15 < q["psnr_db"] < 90 and 0.5 < q["latent_cosine"] < 1.0
+    speed = next(line for line in proc.stdout.splitlines() if line.split()[:1] == ["speed"])
+    if q["baseline"].startswith("cached"):  # timed by another process: no ratio, the reason instead
+        assert "speedup_denoise" not in q and "not compared" in speed
+    else:
+        assert f"denoising {q['speedup_denoise']:.2f}x the bf16 run's" in speed
+    assert f"PSNR {q['psnr_db']:.2f} dB" in proc.stdout
     assert read_mp4(job / "video.mp4").shape == (5, 64, 64, 3)
 
 

@@ -31,6 +31,11 @@ from . import components as C
 
 log = logging.getLogger("lightq")
 
+# A cached baseline was timed by another process, at another time: the ratio of two such runs on a shared machine
+# says more about the machine's load than about the modes (docs/BENCHMARKS.md times both in one run).
+SPEED_NOT_COMPARED = ("not compared: the cached bf16 baseline was timed in another process (a ratio of separate runs "
+                      "on a shared machine is noise); python -m lightq.bench compares speed within one run")
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -173,7 +178,7 @@ def _baseline(cfg, hw, plans, gen: Generated, timer: StageTimer) -> tuple[dict |
         base = generate(base_cfg, hw, plan_run(base_cfg, hw), StageTimer())
         data = {"latents": base.latents, "video": base.video, "timings": base.timings}
         C.save_atomic(data, path)
-    return data, note + "bf16 baseline computed in this job"
+    return {**data, "timed_here": True}, note + "bf16 baseline computed in this job"
 
 
 def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, record: dict,
@@ -215,5 +220,8 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
     if base is not None:
         with timer("quality"):
             quality.update(compare(gen.video, base["video"], gen.latents, base["latents"], device))
-        quality["speedup_denoise"] = round(base["timings"]["denoise"] / gen.timings["denoise"], 4)
+        if base.get("timed_here"):  # both timed in this process, one after the other
+            quality["speedup_denoise"] = round(base["timings"]["denoise"] / gen.timings["denoise"], 4)
+        else:
+            quality["speed"] = SPEED_NOT_COMPARED
     record["quality"] = quality
