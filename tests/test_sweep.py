@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def sweep(tmp_path, *args):
@@ -53,7 +54,8 @@ def test_table_quality_ranks_as_the_numerics_imply(mode_sweep):
     root, _ = mode_sweep
     rows = {r["dit_mode"]: r for r in csv.DictReader((root / "results.csv").open())}
     assert rows["none"]["psnr_db"] == "baseline" and float(rows["none"]["speedup"]) == 1.0
-    assert rows["fp8-sgl"]["status"] == "skipped" and "install" in rows["fp8-sgl"]["reason"]
+    assert rows["fp8-sgl"]["status"] == "skipped" and "dit_quant=fp8-torch" in rows["fp8-sgl"]["reason"]
+    assert ("needs a CUDA GPU" if not torch.cuda.is_available() else "install") in rows["fp8-sgl"]["reason"]
     psnr = {m: float(rows[m]["psnr_db"]) for m in ("fp8-torch", "int8-torch", "int4-g128-torch")}
     cos = {m: float(rows[m]["latent_cosine"]) for m in psnr}
     # 8-bit formats lose far less than 4-bit weights; none of them is lossless
