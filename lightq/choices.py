@@ -43,5 +43,5 @@ def check_choices(argv: list[str]) -> None:
             options = loader.get_group_options(group)
             if option not in options:
                 hint = " (python -m lightq.backends: which backends can run here)" if group.endswith("_quant") else ""
-                raise LightqError(f"{group}={option} is not a {group} option: choose one of "
+                raise LightqError(f"{group}={option}: there is no such {group}; choose one of "
                                   f"{', '.join(options)}{hint}")

@@ -100,12 +100,12 @@ def test_unknown_mode_is_one_line_with_the_valid_modes(run_lightq, tmp_path):
         proc = run_lightq(*args)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("lightq: dit_quant=bogus is not a dit_quant option: "
+        assert len(lines) == 1 and lines[0].startswith("lightq: dit_quant=bogus: there is no such dit_quant; "
                                                        "choose one of "), proc.stderr
         for mode in ("fp8-sgl", "int8-vllm", "fp8-torch", "int4-g128-marlin", "none"):
             assert mode in lines[0]
     proc = run_lightq("model=wan2.2")
-    assert proc.returncode == 2 and proc.stderr.startswith("lightq: model=wan2.2 is not a model option: choose one of")
+    assert proc.returncode == 2 and proc.stderr.startswith("lightq: model=wan2.2: there is no such model; choose one of")
     assert "tiny-i2v" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
