@@ -1,6 +1,7 @@
-"""CPU checks of the attention plugin ``plugins/lightq-sageattention``, as CI installs it (editable, --no-deps):
-registered under ``lightq.attention``, its kernel library a declared dependency, importing it imports nothing
-heavy, and on the CPU or without the library it says why (with the install command) instead of raising."""
+"""CPU checks of the attention plugin ``plugins/lightq-sageattention``, as CI installs it (editable, without its
+``kernel`` extra): registered under ``lightq.attention``, its kernel library the ``kernel`` extra, importing it
+imports nothing heavy, and on the CPU or without the library it says why (the install command where the GPU would
+do) instead of raising."""
 
 import importlib.util
 import subprocess
@@ -23,7 +24,7 @@ MISSING = importlib.util.find_spec("sageattention") is None
 
 def test_registered_with_its_spec():
     assert "sageattention" in {ep.name for ep in entry_points(group=registry.GROUP)}, \
-        "run pip install --no-deps -e plugins/lightq-sageattention"
+        "run pip install -e plugins/lightq-sageattention"
     registry.specs.cache_clear()
     spec = registry.specs()["sageattention"]
     assert spec.schemes == {"int8-sage": 8.0} and spec.requires == ("sageattention", "triton")
@@ -32,7 +33,10 @@ def test_registered_with_its_spec():
 def test_pyproject_declares_entry_point_and_library():
     meta = tomllib.loads((ROOT / "plugins" / "lightq-sageattention" / "pyproject.toml").read_text())
     assert meta["project"]["entry-points"][registry.GROUP] == {"sageattention": "lightq_sageattention:SPEC"}
-    assert "lightq" in meta["project"]["dependencies"] and "sageattention==1.0.6" in meta["project"]["dependencies"]
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["project"]["dependencies"] == [core["name"]]
+    assert meta["project"]["optional-dependencies"]["kernel"] == ["sageattention==1.0.6"]
+    assert core["optional-dependencies"]["sageattention"] == ["lightq-sageattention[kernel]"]
 
 
 def test_importing_the_plugin_imports_no_kernel_library():
@@ -47,7 +51,9 @@ def test_plan_explains_why_not_and_auto_falls_back():
         p = plan.plan_attention(mode, PROFILES[hw])
         if MISSING or hw == "cpu":
             assert not p.ok and "int8-sage-sageattention cannot run here" in p.reason
-        if MISSING:
+        if hw == "cpu":  # no GPU: the blocking reason, not an install command that could not help
+            assert "needs a CUDA GPU" in p.reason and "install" not in p.reason
+        elif MISSING:
             assert "pip install 'sageattention==1.0.6'" in p.reason
     auto = plan.plan_attention(AttnQuantConfig(name="int8-sage-auto", scheme="int8-sage"), PROFILES["cpu"])
     assert auto.ok and auto.backend == "torch" and "sageattention:" in auto.reason
