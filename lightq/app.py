@@ -35,6 +35,7 @@ def _task(cfg: DictConfig) -> int:
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
+    fresh = not (out / results.RESULT_FILE).exists()  # no earlier job's record in this folder
     choices = job_choices(hc)
     multirun = hc.mode == RunMode.MULTIRUN
     previous = results.read_result(out) if cfg.resume else None
@@ -52,8 +53,8 @@ def _task(cfg: DictConfig) -> int:
     code = exit_code(result)
     if code:
         print(f"lightq: {result['reason']}", file=sys.stderr)
-        if code == 2:  # the one line says it all: no output folder holding only the record of a job that never ran
-            discard_unrun(out)
+        if code == 2 and fresh:  # the one line says it all: no new folder holding only the record of a job that
+            discard_unrun(out)  # never ran (a folder an earlier job wrote to keeps its record)
         sys.exit(code)
     from .summary import summary
 
