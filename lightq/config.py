@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from .attention import SCHEMES as ATTN_SCHEMES
 from .errors import LightqError
-from .paths import job_folder_name
+from .paths import conf_dir, job_folder_name
 
 SCHEMES = ("none", "fp8", "int8", "fp8-b128", "int4-g128")
 COMPONENTS = ("dit", "t5", "clip")
@@ -177,9 +177,39 @@ class LightqConfig:
     resume: bool = False
 
 
+QUANT_GROUPS = tuple(f"{c}_quant" for c in COMPONENTS)
+
+
+def backend_modes() -> dict[str, QuantConfig]:
+    """The plain mode ``<scheme>-<backend>`` of every scheme of every installed backend (and of the repository's
+    plugins where they are not installed, so that their modes plan and name the install command): a backend
+    plugin brings its modes with it. Torch-free: read from the registry's specs."""
+    from .backends.registry import scheme_backends
+
+    return {f"{s}-{b}": QuantConfig(name=f"{s}-{b}", scheme=s, backend=b) for s, b in scheme_backends()}
+
+
+def yaml_modes(group: str) -> list[str]:
+    """The modes of a quant group written as YAML in ``conf/<group>/``: ``none``, the ``*-auto`` modes, and the
+    modes whose options need a document (``dit_quant/fp8-triton.yaml``)."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def quant_modes(group: str) -> list[str]:
+    """Every option of a quant group: its YAML modes and the generated backend modes."""
+    return sorted(set(yaml_modes(group)) | set(backend_modes()))
+
+
 def register() -> None:
-    """Put the schema into Hydra's ConfigStore (idempotent); ``conf/config.yaml`` names it first."""
-    ConfigStore.instance().store(name="lightq_schema", node=LightqConfig)
+    """Put the schema, and every backend mode without a YAML file, into Hydra's ConfigStore (idempotent);
+    ``conf/config.yaml`` names the schema first. A stored node with the name of a YAML file would be merged into
+    it by Hydra's deprecated automatic schema matching, so a YAML file always wins."""
+    store = ConfigStore.instance()
+    store.store(name="lightq_schema", node=LightqConfig)
+    modes = backend_modes()
+    for group in QUANT_GROUPS:
+        for name in sorted(set(modes) - set(yaml_modes(group))):
+            store.store(group=group, name=name, node=modes[name])
 
 
 # ``hydra.sweep.subdir`` names job folders through this; registered on import, so that launchers resolving the

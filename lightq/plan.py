@@ -16,16 +16,8 @@ from .attention import registry as attention_registry
 from .backends import registry
 from .hardware import Hardware
 
-# Where each plugin backend comes from (the core ships only ``torch`` and ``triton``); every plugin is a GPU kernel
-# library.
-PLUGIN_INSTALL = {
-    "vllm": "pip install -e 'plugins/lightq-vllm[kernel]' (pulls vllm)",
-    "sgl": "pip install -e 'plugins/lightq-sgl[kernel]' (pulls sglang-kernel)",
-    "torchao": "pip install -e 'plugins/lightq-torchao[kernel]' (pulls torchao)",
-    "deepgemm": "pip install -e 'plugins/lightq-deepgemm[kernel]' (pulls vllm, which bundles DeepGEMM)",
-    "marlin": "pip install -e 'plugins/lightq-marlin[kernel]' (pulls vllm)",
-    "q8f": "pip install -e plugins/lightq-q8f (needs Q8-Kernels built for an Ada GPU)",
-}
+# Where the repository's plugins come from, for the hint when one is missing.
+LINEAR_PLUGIN_INSTALL = {name: known.install for name, known in registry.KNOWN_PLUGINS.items()}
 ATTENTION_PLUGIN_INSTALL = {
     "sageattention": "pip install -e 'plugins/lightq-sageattention[kernel]' (pulls sageattention)",
 }
@@ -55,7 +47,7 @@ def plan_component(component: str, quant, hw: Hardware) -> ComponentPlan:
     spec, why = registry.choose(quant.scheme, quant.backend, hw, component=component)
     if spec is not None:
         return ComponentPlan(component, quant.name, quant.scheme, spec.name, True, why)
-    return _refused(component, quant, why, PLUGIN_INSTALL, registry.specs(), hw)
+    return _refused(component, quant, why, LINEAR_PLUGIN_INSTALL, registry.specs(), hw)
 
 
 def plan_attention(attn, hw: Hardware) -> ComponentPlan:

@@ -24,6 +24,8 @@ PORTABLE = {"fp8-torch", "int8-torch", "int4-g128-torch", "fp8-b128-torch"}
 
 
 def options(group):
+    if group in config.QUANT_GROUPS:
+        return config.quant_modes(group)
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
@@ -34,10 +36,18 @@ def hydra_ctx():
         yield
 
 
-def test_every_mission_mode_has_its_yaml():
+def test_every_mission_mode_exists():
     for group, modes in MISSION_MODES.items():
         have = set(options(group))
         assert modes | PORTABLE <= have, f"{group} lacks {sorted((modes | PORTABLE) - have)}"
+
+
+def test_only_modes_that_say_more_than_their_name_are_yaml_files():
+    """Plain ``<scheme>-<backend>`` modes come from the installed backends (``config.backend_modes``); a YAML file
+    is kept for none, the auto modes and modes whose options need a comment."""
+    for group in config.QUANT_GROUPS:
+        for name in set(config.yaml_modes(group)) & set(config.backend_modes()):
+            assert OmegaConf.load(conf_dir() / group / f"{name}.yaml").options, f"{group}/{name}.yaml is plain"
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

@@ -160,3 +160,12 @@ def test_import_vllm_restores_the_attention_backend_switches(tmp_path, monkeypat
     else:
         assert import_vllm("flips_sdpa").VALUE == 1
     assert sdpa_switches() == before
+
+
+@pytest.mark.parametrize("name", sorted(PLUGINS))
+def test_known_plugin_table_matches_the_spec(name):
+    """``registry.KNOWN_PLUGINS`` keeps a plugin's modes where it is not installed: its schemes must be the spec's."""
+    from lightq.backends.registry import KNOWN_PLUGINS
+
+    assert set(KNOWN_PLUGINS[name].schemes) == set(specs()[name].schemes)
+    assert f"plugins/lightq-{name}" in KNOWN_PLUGINS[name].install

@@ -78,13 +78,17 @@ def test_requesting_triton_on_cpu_names_the_reason():
     assert spec is None and "triton" in why
 
 
-def test_mode_files_exist_for_every_component():
+def test_modes_exist_for_every_component():
+    from omegaconf import OmegaConf
+
+    from lightq import config
     from lightq.paths import conf_dir
 
-    for group in ("dit_quant", "t5_quant", "clip_quant"):
-        for scheme in ("fp8", "int8"):
-            text = (conf_dir() / group / f"{scheme}-triton.yaml").read_text()
-            assert "backend: triton" in text and f"scheme: {scheme}" in text
+    for group in config.QUANT_GROUPS:
+        assert {"fp8-triton", "int8-triton"} <= set(config.quant_modes(group))
+    for scheme in ("fp8", "int8"):  # the DiT's modes state their options (fused blocks) in a YAML file
+        mode = OmegaConf.load(conf_dir() / "dit_quant" / f"{scheme}-triton.yaml")
+        assert (mode.scheme, mode.backend, mode.options.fuse) == (scheme, "triton", True)
 
 
 def test_bench_cli_without_gpu_exits_2_with_one_line(capsys):

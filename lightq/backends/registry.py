@@ -6,6 +6,7 @@ runs on, returning the choice and, for ``auto``, why every candidate before it w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 
@@ -16,10 +17,10 @@ GROUP = "lightq.backends"
 
 # Order ``backend: auto`` tries, per scheme, fastest first, as measured on the H100 by ``python -m lightq.bench``
 # (docs/BACKENDS.md, docs/BENCHMARKS.md). Backends not named come last. The DiT has its own order: its linears
-# run at M = 32760+ tokens inside blocks where lightq's triton backend fuses the activation quantization into the
-# norm/modulation/GELU that produce it (14B block 1.36x bf16 vs sgl 1.09x, vLLM 0.85x), and where Marlin's
-# int4 kernel is slower than dequantize + bf16 matmul (0.40-0.50x vs 0.86-0.98x bf16). T5 and CLIP (M = 512 /
-# 257) take the fastest standalone linear.
+# run at M = 32760+ tokens inside blocks where a backend with ``fused_blocks`` runs the fused Wan block (the
+# activation quantization fused into the norm/modulation/GELU that produce it; docs/BENCHMARKS.md "Issue 8
+# targets"), and where Marlin's int4 kernel is slower than dequantize + bf16 matmul (docs/BACKENDS.md). T5 and
+# CLIP (M = 512 / 257) take the fastest standalone linear.
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "fp8": ("sgl", "vllm", "triton", "q8f", "torch"),
     "int8": ("vllm", "sgl", "triton", "q8f", "torchao", "torch"),
@@ -33,6 +34,36 @@ COMPONENT_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
         "int4-g128": ("torch", "marlin"),
     },
 }
+
+
+@dataclass(frozen=True)
+class KnownPlugin:
+    """A plugin of this repository (``plugins/lightq-<name>``): how to install it and the schemes it declares."""
+
+    install: str
+    schemes: tuple[str, ...]
+
+
+# Only so that a plugin's modes exist where it is not installed, and say how to install it. A plugin not listed
+# here needs no entry: its ``<scheme>-<name>`` modes exist once it is installed (``lightq.config.backend_modes``).
+KNOWN_PLUGINS: dict[str, KnownPlugin] = {
+    "vllm": KnownPlugin("pip install -e 'plugins/lightq-vllm[kernel]' (pulls vllm)", ("fp8", "int8")),
+    "sgl": KnownPlugin("pip install -e 'plugins/lightq-sgl[kernel]' (pulls sglang-kernel)", ("fp8", "int8")),
+    "torchao": KnownPlugin("pip install -e 'plugins/lightq-torchao[kernel]' (pulls torchao)", ("int8",)),
+    "deepgemm": KnownPlugin("pip install -e 'plugins/lightq-deepgemm[kernel]' (pulls vllm, which bundles DeepGEMM)",
+                            ("fp8-b128",)),
+    "marlin": KnownPlugin("pip install -e 'plugins/lightq-marlin[kernel]' (pulls vllm)", ("int4-g128",)),
+    "q8f": KnownPlugin("pip install -e plugins/lightq-q8f (needs Q8-Kernels built for an Ada GPU)", ("fp8", "int8")),
+}
+
+
+def scheme_backends() -> list[tuple[str, str]]:
+    """(scheme, backend) of every scheme of every installed backend, then of every known plugin not installed."""
+    have = specs()
+    pairs = [(scheme, name) for name, spec in have.items() for scheme in spec.schemes]
+    pairs += [(scheme, name) for name, known in KNOWN_PLUGINS.items()
+              if not have.get(name, BackendSpec(name, {}, "")).schemes for scheme in known.schemes]
+    return pairs
 
 
 def preference(scheme: str, component: str | None = None) -> tuple[str, ...]:
