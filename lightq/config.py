@@ -62,11 +62,14 @@ class AttnQuantConfig:
 class ModelConfig:
     """Which pipeline, its architectures, its weights and the video it makes.
 
-    ``weights``: ``synthetic`` (the embedded tiny checkpoint), ``random`` (real architecture, random weights,
-    for benchmarks), a local folder in the official Wan2.1 layout, or a Hub repo id.
+    ``family``: the model family record (``lightq.models.family``) that says which components the task has, how
+    each is built and what the video geometry must be. ``weights``: ``synthetic`` (the embedded tiny
+    checkpoint), ``random`` (real architecture, random weights, for benchmarks), a local folder in the official
+    Wan2.1 layout, or a Hub repo id.
     """
 
     name: str = "tiny"
+    family: str = "wan2.1"
     task: str = "t2v"
     dit_arch: str = "tiny"
     t5_arch: str = "tiny"
@@ -231,8 +234,10 @@ def validate(cfg: Any) -> None:
     if attn.options:
         raise LightqError(f"attn_quant={attn.name}: attention backends take no options, got {sorted(attn.options)}; "
                           "remove attn_quant.options")
-    if cfg.model.task not in ("t2v", "i2v"):
-        raise LightqError(f"model.task='{cfg.model.task}': choose t2v or i2v")
+    from .models.family import family
+
+    fam = family(cfg.model.family)
+    fam.components_of(cfg.model.task)  # an unknown task is an error here
     if cfg.offload.mode not in ("none", "model", "block", "phase"):
         raise LightqError(f"offload.mode='{cfg.offload.mode}': choose none, model, block or phase")
     if cfg.sampler.name not in ("unipc", "dpm++", "euler", "distill"):
@@ -244,10 +249,11 @@ def validate(cfg: Any) -> None:
     if cfg.sweep.isolate not in ISOLATE:
         raise LightqError(f"sweep.isolate='{cfg.sweep.isolate}': choose one of {', '.join(ISOLATE)}")
     m = cfg.model
-    if m.frames < 1 or (m.frames - 1) % 4:
-        raise LightqError(f"model.frames={m.frames}: Wan needs 4k+1 frames (e.g. 81, 33, 9)")
-    if m.height <= 0 or m.width <= 0 or m.height % 16 or m.width % 16:
-        raise LightqError(f"model.height/width={m.height}x{m.width}: both must be positive multiples of 16")
+    for comp in fam.pipeline(m.task):
+        table = fam.components[comp].arch_table()
+        if m[f"{comp}_arch"] not in table:
+            raise LightqError(f"model.{comp}_arch='{m[f'{comp}_arch']}': choose one of {', '.join(table)}")
+    fam.geometry(m).check(m.frames, m.height, m.width)
     if m.dtype not in DTYPES:
         raise LightqError(f"model.dtype='{m.dtype}': choose one of {', '.join(DTYPES)}")
     if not m.fps > 0:

@@ -17,11 +17,6 @@ from .errors import LightqError, from_os_error
 from .interrupts import Terminated, terminate_gracefully
 
 TINY = ("tiny", "tiny-i2v")
-HUB_PATTERNS = {
-    "dit": ["diffusion_pytorch_model*"],
-    "t5": ["models_t5_umt5-xxl-enc-bf16.pth"],
-    "clip": ["models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"],
-}
 
 
 def open_component_source(ref: str, component: str):
@@ -35,7 +30,10 @@ def open_component_source(ref: str, component: str):
 
         path = ensure_tiny("tiny-i2v" if component == "clip" else ref)
     else:
-        path = hub.resolve(ref, HUB_PATTERNS.get(component))
+        from .models.family import WAN21
+
+        hub_files = WAN21.components[component].hub if component in WAN21.components else ()
+        path = hub.resolve(ref, list(hub_files) or None)
     if path.is_dir():
         path = find_component_file(path, component, None)
     return open_source(path)

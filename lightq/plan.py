@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from .attention import registry as attention_registry
 from .backends import registry
 from .hardware import Hardware
+from .models.family import family
 
 # Where the repository's plugins come from, for the hint when one is missing.
 LINEAR_PLUGIN_INSTALL = {name: known.install for name, known in registry.KNOWN_PLUGINS.items()}
@@ -74,12 +75,11 @@ def _refused(component: str, quant, why: str, installs: dict[str, str], installe
     return ComponentPlan(component, quant.name, quant.scheme, None, False, reason)
 
 
-def components_of(task: str) -> tuple[str, ...]:
-    return ("t5", "clip", "dit") if task == "i2v" else ("t5", "dit")
-
-
 def plan_run(cfg, hw: Hardware) -> dict[str, ComponentPlan]:
-    plans = {c: plan_component(c, cfg[f"{c}_quant"], hw) for c in components_of(cfg.model.task)}
+    """One plan per quantizable component of the model's task, in pipeline order (the model family says which),
+    and the self-attention's."""
+    components = family(cfg.model.family).components_of(cfg.model.task)
+    plans = {c: plan_component(c, cfg[f"{c}_quant"], hw) for c in components}
     plans["attn"] = plan_attention(cfg.attn_quant, hw)
     return plans
 

@@ -279,7 +279,7 @@ class Parity:
     def check_dit(self, backend, scheme: str, rho: float) -> None:
         """``model=tiny``'s DiT with the plugin's mode against the same DiT with ``<scheme>-torch``."""
         try:
-            from lightq.models.layouts import QUANTIZABLE
+            from lightq.models.family import QUANTIZABLE
             from lightq.models.wan_dit import DIT_ARCHS, random_dit
             from lightq.quant.linear import swap_linears
         except ImportError as exc:

@@ -95,7 +95,7 @@ def test_fused_triton_block_runs_quantized_self_attention(kernels):
     from lightq.checkpoints.loader import load_component
     from lightq.fused import wan_block
     from lightq.models.attention import use_self_attention
-    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.family import QUANTIZABLE
     from lightq.models.rope import rope_tables
     from lightq.models.wan_dit import DiTArch, WanDiT
     from lightq.quant.method import QuantMethod

@@ -100,7 +100,7 @@ def _full(partial):
 
 def test_a_quantized_attention_run_is_never_the_bf16_baseline():
     none = {"name": "none", "scheme": "none", "backend": "auto"}
-    cfg = OmegaConf.create({"model": {"task": "t2v"}, "dit_quant": none, "t5_quant": none,
+    cfg = OmegaConf.create({"model": {"family": "wan2.1", "task": "t2v"}, "dit_quant": none, "t5_quant": none,
                             "attn_quant": MODES["int8-sage-torch"]})
     p = plan.plan_run(cfg, PROFILES["cpu"])
     assert set(p) == {"t5", "dit", "attn"} and not _is_baseline(p)

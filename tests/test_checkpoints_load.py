@@ -10,13 +10,13 @@ from lightq.checkpoints.sources import DictSource, open_source
 from lightq.checkpoints.writers import save_safetensors_atomic
 from lightq.checkpoints.loader import load_component
 from lightq.errors import CheckpointError
-from lightq.models import clip, layouts, t5, wan_dit
+from lightq.models import clip, family, t5, wan_dit
 from lightq.models.tiny import ensure_tiny
 from lightq.quant.linear import QLinear, swap_linears
 from lightq.quant.method import QuantMethod
 from lightq.quant.schemes import FP8_DTYPE, QuantizedWeight
 
-DIT = layouts.QUANTIZABLE["dit"]
+DIT = family.QUANTIZABLE["dit"]
 
 
 def build_dit():
@@ -97,7 +97,7 @@ def test_encoders_lightx2v_pth_round_trip(tmp_path, tiny_dir, component, scheme)
             "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
         ignore = clip.IGNORED_PREFIXES
     src = open_source(tiny_dir / file)
-    inc = layouts.QUANTIZABLE[component]
+    inc = family.QUANTIZABLE[component]
     out = convert(src, component=component, scheme=scheme, output=tmp_path, layout="lightx2v", progress=False)
     assert out.name.endswith(f"-{scheme}.pth")
     raw = torch.load(out, weights_only=True)

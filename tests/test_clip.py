@@ -8,7 +8,7 @@ from torch import nn
 from lightq.backends.torch_backend import SPEC as TORCH_SPEC
 from lightq.errors import LightqError
 from lightq.models.clip import CLIP_ARCHS, CLIP_MEAN, CLIP_STD, IGNORED_PREFIXES, ClipArch, ClipVisual
-from lightq.models.layouts import QUANTIZABLE
+from lightq.models.family import QUANTIZABLE
 from lightq.quant.linear import QLinear, selected, swap_linears
 
 TINY = CLIP_ARCHS["tiny"]

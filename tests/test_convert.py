@@ -195,7 +195,7 @@ def test_lightx2v_config_mapping(tmp_path):
                    "model.width=832", "seed=42", "sampler=distill", "sampler.denoising_steps=[1000,750,500,250]",
                    "sampler.guide_scale=1.0"]
     assert overrides_from_lightx2v(_json(tmp_path, {"dit_quantized": True, "dit_quant_scheme": "int8-triton"})) \
-        == ["dit_quant=int8-torch"]
+        == ["dit_quant=int8-triton"], "LightX2V's Triton mode is lightq's triton mode, not the portable one"
     attention = {"self_attn_1_type": "sage_attn2", "cross_attn_1_type": "sage_attn2", "cross_attn_2_type": "flash_attn3"}
     assert overrides_from_lightx2v(_json(tmp_path, attention)) == ["attn_quant=int8fp8-sage2-auto"]
     assert overrides_from_lightx2v(_json(tmp_path, {"self_attn_1_type": "torch_sdpa"})) == ["attn_quant=none"]
@@ -206,7 +206,7 @@ def test_lightx2v_config_mapping(tmp_path):
     ({"self_attn_1_type": "sage_attn3"}, "self_attn_1_type='sage_attn3': lightq takes sage_attn2"),
     ({"cross_attn_1_type": "npu_flash_attn"}, "cross_attn_1_type='npu_flash_attn'"),
     ({"dit_quantized": True, "dit_quant_scheme": "nvfp4"}, "dit_quant_scheme='nvfp4' is not a lightq dit mode"),
-    ({"t5_quantized": True, "t5_quant_scheme": "fp8-vllm"}, "t5_quant_scheme='fp8-vllm' is not a lightq t5 mode"),
+    ({"t5_quantized": True, "t5_quant_scheme": "int4-g128-sgl"}, "'int4-g128-sgl' is not a lightq t5 mode"),
     ({"dit_quantized": True}, "'dit_quant_scheme' is missing"),
     ({"lazy_load": True}, "lazy_load needs cpu_offload"),
     ({"cpu_offload": True, "offload_granularity": "layer"}, "offload_granularity='layer'"),

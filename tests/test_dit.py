@@ -9,7 +9,7 @@ import torch
 from lightq.backends.torch_backend import SPEC as TORCH_SPEC
 from lightq.backends.torch_backend import TorchBackend
 from lightq.errors import LightqError
-from lightq.models.layouts import QUANTIZABLE
+from lightq.models.family import QUANTIZABLE
 from lightq.models.rope import apply_rope, axis_dims, rope_tables
 from lightq.models.wan_dit import DIT_ARCHS, WanDiT, init_weights, random_dit
 from lightq.quant.linear import QLinear, matches, swap_linears

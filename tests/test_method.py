@@ -11,7 +11,7 @@ from lightq.backends.torch_backend import TorchBackend
 from lightq.checkpoints.loader import load_component
 from lightq.config import QuantConfig
 from lightq.errors import LightqError, QuantizationError
-from lightq.models.layouts import QUANTIZABLE
+from lightq.models.family import QUANTIZABLE
 from lightq.models.wan_dit import DIT_ARCHS, WanDiT
 from lightq.pipeline.components import describe
 from lightq.plan import ComponentPlan

@@ -130,7 +130,7 @@ def test_fused_dit_block_packs_its_qkv_once_and_runs_the_same():
     from lightq.backends.triton_backend import TritonBackend
     from lightq.checkpoints.loader import load_component
     from lightq.fused.wan_block import fuse_dit_blocks
-    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.family import QUANTIZABLE
     from lightq.models.wan_dit import DiTArch, WanDiT
     from lightq.quant.method import QuantMethod
 

@@ -93,13 +93,13 @@ def test_every_mode_of_every_component_on_every_profile(profile, libs, monkeypat
     # a run's plan is its components' plans: each component is planned alone, whatever the others' modes
     combos = list(product(DIT, T5, CLIP))
     for dn, tn, cn in combos[:: max(1, len(combos) // 50)]:
-        cfg = OmegaConf.create({"model": {"task": "i2v"}, "dit_quant": DIT[dn], "t5_quant": T5[tn],
-                                "clip_quant": CLIP[cn], "attn_quant": ATTN_NONE})
+        cfg = OmegaConf.create({"model": {"family": "wan2.1", "task": "i2v"}, "dit_quant": DIT[dn],
+                                "t5_quant": T5[tn], "clip_quant": CLIP[cn], "attn_quant": ATTN_NONE})
         assert plan.plan_run(cfg, hw) == {"t5": expected["t5", tn], "clip": expected["clip", cn],
                                           "dit": expected["dit", dn], "attn": plan.plan_attention(ATTN_NONE, hw)}
-    plans = plan.plan_run(OmegaConf.create({"model": {"task": "t2v"}, "dit_quant": DIT["none"],
-                                            "t5_quant": T5["none"], "clip_quant": CLIP["none"],
-                                            "attn_quant": ATTN_NONE}), hw)
+    plans = plan.plan_run(OmegaConf.create({"model": {"family": "wan2.1", "task": "t2v"},
+                                            "dit_quant": DIT["none"], "t5_quant": T5["none"],
+                                            "clip_quant": CLIP["none"], "attn_quant": ATTN_NONE}), hw)
     assert set(plans) == {"t5", "dit", "attn"}, "CLIP exists only for I2V"
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightq.backends.torch_backend import SPEC as TORCH_SPEC
 from lightq.errors import LightqError
-from lightq.models.layouts import QUANTIZABLE
+from lightq.models.family import QUANTIZABLE
 from lightq.models.t5 import T5_ARCHS, T5Arch, T5RMSNorm, UMT5Encoder, relative_position_bucket
 from lightq.models.tokenizer import EOS_ID, PAD_ID, ByteTokenizer, load_tokenizer
 from lightq.quant.linear import QLinear, selected, swap_linears

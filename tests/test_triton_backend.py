@@ -384,7 +384,7 @@ def test_backend_apply_matches_the_torch_backend(kernels):
 def test_fused_block_matches_the_unfused_block(kernels, monkeypatch):
     from lightq.backends.triton_backend import TritonBackend
     from lightq.checkpoints.loader import load_component
-    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.family import QUANTIZABLE
     from lightq.models.rope import rope_tables
     from lightq.models.wan_dit import Block, DiTArch, WanDiT
 
@@ -418,7 +418,7 @@ def test_fused_block_matches_the_unfused_block(kernels, monkeypatch):
 @needs_interpreter
 def test_blocks_on_other_backends_are_not_fused(kernels):
     from lightq.checkpoints.loader import load_component
-    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.family import QUANTIZABLE
     from lightq.models.wan_dit import DiTArch, WanDiT
 
     fused_block = kernels[3]

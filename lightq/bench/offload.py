@@ -47,20 +47,25 @@ class Row:
 
 
 def _conf(group: str, name: str):
+    """Option ``name`` of config group ``group`` as the run would compose it (on the schema; generated modes too)."""
     from omegaconf import OmegaConf
 
+    from .. import config
     from ..errors import LightqError
     from ..paths import conf_dir
 
+    schema = config.QuantConfig if group in config.QUANT_GROUPS else config.ModelConfig
     path = conf_dir() / group / f"{name}.yaml"
-    if not path.is_file():
-        raise LightqError(f"--{group.split('_')[-1]} {name}: no {path}")
-    return OmegaConf.load(path)
+    if path.is_file():
+        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+    if group in config.QUANT_GROUPS and name in config.backend_modes():
+        return OmegaConf.structured(config.backend_modes()[name])
+    raise LightqError(f"--{group.split('_')[-1]} {name}: no such option of {group}")
 
 
 def build(arch, scheme: str | None, backend, device: torch.device):
     """The random DiT on ``device``, its block linears quantized in place (one float weight alive at a time)."""
-    from ..models.layouts import QUANTIZABLE
+    from ..models.family import QUANTIZABLE
     from ..models.wan_dit import random_dit
     from ..quant.linear import swap_linears
 
@@ -70,11 +75,11 @@ def build(arch, scheme: str | None, backend, device: torch.device):
     return model
 
 
-def inputs(arch, frames: int, height: int, width: int, device: torch.device):
-    from ..pipeline.components import latent_shape
+def inputs(model_cfg, arch, frames: int, height: int, width: int, device: torch.device):
+    from ..models.family import family
 
     g = torch.Generator(device=device).manual_seed(0)
-    shape = latent_shape(frames, height, width)
+    shape = family(model_cfg.family).geometry(model_cfg).latent_shape(frames, height, width)
     x = torch.randn(1, *shape, generator=g, device=device)
     context = torch.randn(1, 512, arch.text_dim, generator=g, device=device)
     if not arch.is_i2v:
@@ -175,7 +180,7 @@ def markdown(rows: list[Row], info: str, args) -> str:
 def run(args) -> list[Row]:
     from ..backends.registry import specs
     from ..bench.timing import describe, device_info
-    from ..models.layouts import QUANTIZABLE
+    from ..models.family import QUANTIZABLE
     from ..models.wan_dit import DIT_ARCHS, WanDiT
     from ..offload.lazy import load_lazy
     from ..offload.placement import BlockOffload, WholeOffload
@@ -184,7 +189,8 @@ def run(args) -> list[Row]:
 
     dev = torch.device(args.device)
     pin = dev.type == "cuda"
-    arch = DIT_ARCHS[_conf("model", args.model).dit_arch]
+    model_cfg = _conf("model", args.model)
+    arch = DIT_ARCHS[model_cfg.dit_arch]
     quant = _conf("dit_quant", args.mode)
     scheme = None if quant.scheme == "none" else quant.scheme
     backend = specs()[quant.backend].load() if scheme else None
@@ -210,7 +216,7 @@ def run(args) -> list[Row]:
     _sync(dev)
     print(f"[{time.perf_counter() - t_start:7.1f}s] built {args.model} DiT ({arch.num_layers} blocks) in "
           f"{args.mode} on the GPU", flush=True)
-    x = inputs(arch, args.frames, args.height, args.width, dev)
+    x = inputs(model_cfg, arch, args.frames, args.height, args.width, dev)
     if "none" in configs:
         report(measure("none", model, x, args.steps))
     t = time.perf_counter()

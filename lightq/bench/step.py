@@ -36,8 +36,8 @@ import torch
 from ..checkpoints.loader import load_component
 from ..errors import LightqError
 from ..hardware import detect
-from ..models.layouts import QUANTIZABLE
 from ..models.attention import attention, self_attention, use_self_attention
+from ..models.family import QUANTIZABLE
 from ..models.rope import axis_dims, rope_tables
 from ..models.wan_dit import DIT_ARCHS, WanDiT
 from ..quant.method import QuantMethod

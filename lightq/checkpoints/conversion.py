@@ -1,7 +1,7 @@
 """Streaming checkpoint conversion: a float checkpoint in, a quantized checkpoint out, one tensor at a time.
 
 For every ``<p>.weight`` that is 2-D and whose prefix ``<p>`` matches the component's quantizable patterns
-(``lightq.models.layouts``) and no ``skip`` pattern, the output holds ``quantize_weight(W, scheme)`` — computed
+(``lightq.models.family``) and no ``skip`` pattern, the output holds ``quantize_weight(W, scheme)`` — computed
 in fp32 from the tensor as stored, exactly as the loader does at load time — as ``<p>.weight`` +
 ``<p>.weight_scale``; every other tensor is copied unchanged (``layout=lightx2v`` casts them to fp32 as
 LightX2V's converter does, unless ``float_dtype`` says otherwise).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ import torch
 
 from .. import __version__, staging
 from ..errors import CheckpointError
+from ..models.family import QUANTIZABLE, WAN21
 from ..progress import Progress
-from ..models.layouts import QUANTIZABLE
 from ..quant import schemes as S
 from ..quant.linear import check_skip, selected
 from . import formats as F
@@ -40,13 +39,8 @@ from .sources import TensorSource, sources_sha256
 from .writers import SafetensorsWriter, commit, mmap_safetensors, refuse_overwrite
 
 LAYOUTS = ("single", "chunked", "blocks", "lightx2v", "comfyui")
-LIGHTX2V_PTH = {
-    "t5": "models_t5_umt5-xxl-enc-{}.pth",
-    "clip": "models_clip_open-clip-xlm-roberta-large-vit-huge-14-{}.pth",
-}
 LIGHTX2V_CLIP_DROPPED = "textual."
-INDEX_STEM = {"dit": "diffusion_pytorch_model", "t5": "t5", "clip": "clip"}
-BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+BLOCK_RE = WAN21.block_key()
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -93,7 +87,7 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
         elif layout == "lightx2v":
             _write_pth(out, entries, overwrite, bar)
         else:
-            _write_folder(out, entries, meta, layout, INDEX_STEM[component], shard_bytes, overwrite, bar)
+            _write_folder(out, entries, meta, layout, WAN21.components[component].stem, shard_bytes, overwrite, bar)
     finally:
         bar.close()
     return out
@@ -144,8 +138,9 @@ def _foreign_entry(folder: Path) -> str | None:
 
 
 def _output_path(output: Path, component: str, scheme: str, layout: str) -> Path:
-    if layout == "lightx2v" and component in LIGHTX2V_PTH:
-        return output if output.suffix == ".pth" else output / LIGHTX2V_PTH[component].format(scheme)
+    lightx2v = WAN21.components[component].lightx2v
+    if layout == "lightx2v" and lightx2v:
+        return output if output.suffix == ".pth" else output / lightx2v.format(scheme)
     if layout in ("single", "comfyui", "lightx2v"):
         if output.suffix != ".safetensors":
             raise CheckpointError(f"output '{output}': layout={layout} writes one file, name it *.safetensors")

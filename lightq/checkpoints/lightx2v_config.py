@@ -6,8 +6,9 @@ Quantization, per component ``c`` in dit / t5 / clip (LightX2V's names):
     c_quantized: false                            ->  c_quant=none
     c_quantized_ckpt: "/path"                     ->  c_quant.ckpt=/path
 
-LightX2V's scheme names are lightq's mode names (``conf/<c>_quant/<name>.yaml``); its Triton kernels run the same
-numerics as lightq's portable torch modes (``fp8-triton`` -> ``fp8-torch``, ``int8-triton`` -> ``int8-torch``).
+LightX2V's scheme names are lightq's mode names (``lightq.config.quant_modes``): its ``fp8-triton`` /
+``int8-triton`` are lightq's triton modes of the same numerics (for the DiT, with its fused blocks), ``Default``
+is ``none``.
 Attention: ``self_attn_1_type``: ``sage_attn2`` (SageAttention2: int8 Q.K, fp8 P.V on Ada / Hopper) ->
 ``attn_quant=int8fp8-sage2-auto``; ``flash_attn2`` / ``flash_attn3`` / ``torch_sdpa`` -> ``attn_quant=none`` (bf16).
 ``cross_attn_1_type`` / ``cross_attn_2_type`` take the same values; lightq's cross-attention (512 text / 257 image
@@ -27,10 +28,10 @@ import json
 import re
 from pathlib import Path
 
+from ..config import COMPONENTS
 from ..errors import CheckpointError
 
-COMPONENTS = ("dit", "t5", "clip")
-SCHEME_ALIASES = {"fp8-triton": "fp8-torch", "int8-triton": "int8-torch", "Default": "none"}
+SCHEME_ALIASES = {"Default": "none"}
 GRANULARITIES = ("block", "phase", "model")
 ATTENTION_TYPES = {"sage_attn2": "int8fp8-sage2-auto", "flash_attn2": "none", "flash_attn3": "none", "torch_sdpa": "none"}
 RUN_OPTIONS = {
@@ -141,9 +142,9 @@ def _run_options(cfg: dict, used: set[str], path: Path) -> list[str]:
 
 
 def _modes(comp: str) -> set[str]:
-    from ..paths import conf_dir
+    from ..config import quant_modes  # the registry's specs: read only when a LightX2V config is given
 
-    return {p.stem for p in (conf_dir() / f"{comp}_quant").glob("*.yaml")}
+    return set(quant_modes(f"{comp}_quant"))
 
 
 def _value(v) -> str:

@@ -22,16 +22,9 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..models.layouts import QUANTIZABLE
+from ..models.family import WAN21
 from . import formats as F
 from .sources import BLOCK_FILE, NON_BLOCK_FILE, open_source
-
-T5_QUANT = "models_t5_umt5-xxl-enc-{}.pth"
-T5_BF16 = "models_t5_umt5-xxl-enc-bf16.pth"
-CLIP_QUANT = "models_clip_open-clip-xlm-roberta-large-vit-huge-14-{}.pth"
-CLIP_BF16 = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
-VAE_FILE = "Wan2.1_VAE.pth"
-DIT_INDEX_GLOB = "diffusion_pytorch_model*.safetensors.index.json"
 
 
 def find_component_file(folder: str | Path, component: str, scheme: str | None) -> Path:
@@ -39,15 +32,15 @@ def find_component_file(folder: str | Path, component: str, scheme: str | None) 
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
-    if component == "vae":
-        return _named(folder, [VAE_FILE], component, scheme)
-    if component in ("t5", "clip"):
-        quant, bf16 = (T5_QUANT, T5_BF16) if component == "t5" else (CLIP_QUANT, CLIP_BF16)
-        names = [bf16] if scheme is None else [quant.format(scheme), f"{component}-{scheme}.safetensors"]
-        return _named(folder, names, component, scheme)
-    if component == "dit":
+    record = WAN21.components.get(component)
+    if record is None:
+        raise CheckpointError(f"unknown component '{component}': choose {', '.join(WAN21.components)}")
+    if not record.official:  # found by content: the DiT's chunked, block-split or single files
         return _find_dit(folder, scheme)
-    raise CheckpointError(f"unknown component '{component}': choose dit, t5, clip or vae")
+    if scheme is None:
+        return _named(folder, [record.official], component, scheme)
+    names = ([record.lightx2v.format(scheme)] if record.lightx2v else []) + [f"{component}-{scheme}.safetensors"]
+    return _named(folder, names, component, scheme)
 
 
 def _named(folder: Path, names: list[str], component: str, scheme: str | None) -> Path:
@@ -81,7 +74,7 @@ def scheme_of(path: Path) -> str | None:
         return src.metadata["lightq.scheme"]
     for key in src:
         prefix, _, leaf = key.rpartition(".")
-        if leaf == "weight" and any(fnmatchcase(prefix, p) for p in QUANTIZABLE["dit"]):
+        if leaf == "weight" and any(fnmatchcase(prefix, p) for p in WAN21.quantizable["dit"]):
             kind = F.file_scheme(src, prefix)
             return None if kind == "float" else kind
     raise CheckpointError(f"{path}: holds no DiT block linear (blocks.*.self_attn.q.weight ...): not a Wan DiT "

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LightqError
+from .family import WAN21
 
-IGNORED_PREFIXES = ("textual.", "log_scale")
+IGNORED_PREFIXES = WAN21.components["clip"].ignored_prefixes
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..paths import cache_dir
+from .family import WAN21
 
 SEED = 20260101
 TINY = {
@@ -26,11 +27,11 @@ TINY = {
     "tiny": ("t2v", "tiny", "tiny", None, "tiny"),
     "tiny-i2v": ("i2v", "tiny-i2v", "tiny", "tiny", "tiny"),
 }
-DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-DIT_CHUNK = "diffusion_pytorch_model-{:05d}-of-{:05d}.safetensors"
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
-VAE_FILE = "Wan2.1_VAE.pth"
+DIT_INDEX = f"{WAN21.components['dit'].stem}.safetensors.index.json"
+DIT_CHUNK = WAN21.components["dit"].stem + "-{:05d}-of-{:05d}.safetensors"
+T5_FILE = WAN21.components["t5"].official
+CLIP_FILE = WAN21.components["clip"].official
+VAE_FILE = WAN21.components["vae"].official
 
 
 def _seeded_state(build, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from ..errors import LightqError
-from ..models.layouts import QUANTIZABLE
+from ..models.family import QUANTIZABLE, family
 from ..quant.linear import selected
 from ..quant.schemes import expected_layout
 from .binding import ALIGN, refs_of, refs_outside
-from .units import unit_specs
+from .units import streams_blocks, unit_specs
 
 GIB = 1 << 30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -62,23 +62,18 @@ def _size(nbytes: int) -> str:
 
 
 def _components(cfg) -> dict[str, tuple[nn.Module, str | None, tuple, torch.dtype]]:
-    from ..models.clip import CLIP_ARCHS, ClipVisual
-    from ..models.t5 import T5_ARCHS, UMT5Encoder
-    from ..models.vae import VAE_ARCHS, WanVAE
-    from ..models.wan_dit import DIT_ARCHS, WanDiT
-
-    m, dtype = cfg.model, DTYPES[cfg.model.dtype]
-
-    def quant(c):
-        q = cfg[f"{c}_quant"]
-        return (None if q.scheme == "none" else q.scheme), tuple(q.skip)
-
+    """Every component of the run built on the meta device (the model family says which), with its scheme
+    (``None``: high precision), skip patterns and dtype."""
+    m, fam = cfg.model, family(cfg.model.family)
+    out = {}
     with torch.device("meta"):
-        out = {"t5": (UMT5Encoder(T5_ARCHS[m.t5_arch]), *quant("t5"), dtype)}
-        if m.task == "i2v":
-            out["clip"] = (ClipVisual(CLIP_ARCHS[m.clip_arch]), *quant("clip"), dtype)
-        out["dit"] = (WanDiT(DIT_ARCHS[m.dit_arch]), *quant("dit"), dtype)
-        out["vae"] = (WanVAE(VAE_ARCHS[m.vae_arch]), None, (), torch.float32)
+        for comp in fam.pipeline(m.task):
+            model = fam.components[comp].build(m[f"{comp}_arch"])()
+            if comp == fam.decoder:
+                out[comp] = (model, None, (), torch.float32)
+                continue
+            q = cfg[f"{comp}_quant"]
+            out[comp] = (model, None if q.scheme == "none" else q.scheme, tuple(q.skip), DTYPES[m.dtype])
     return out
 
 
@@ -89,7 +84,7 @@ def gpu_weight_need(cfg) -> tuple[int, str]:
     for comp, (model, scheme, skip, dtype) in _components(cfg).items():
         size = _Sizer(model, comp, scheme, skip, dtype)
         total = size(refs_of(model))
-        if mode in ("block", "phase") and comp in ("dit", "t5"):
+        if mode in ("block", "phase") and streams_blocks(model):
             units = [size(s.refs) for block in model.blocks for s in unit_specs(block, mode)]
             slots = min(buffers, len(units))
             outside = size(refs_outside(model, model.blocks))

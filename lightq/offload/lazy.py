@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import queue
-import re
 import threading
 from collections import defaultdict
 from typing import Callable
@@ -25,11 +24,12 @@ from torch import nn
 from ..checkpoints.sources import NON_BLOCK_FILE, TensorSource
 from ..checkpoints.loader import load_component
 from ..errors import LightqError
+from ..models.family import WAN21
 from ..quant.linear import selected
 from .binding import Pack, layout_bytes
 from .units import unit_specs, units_per_block
 
-BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+BLOCK_KEY = WAN21.block_key()
 
 
 class _Holder(nn.Module):

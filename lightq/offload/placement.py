@@ -20,7 +20,7 @@ from torch import nn
 from .binding import Pack, layout_bytes, pinned_empty, refs_of, refs_outside, return_freed_heap
 from .lazy import LazyBlocks
 from .streaming import ResidentUnits, Streamer
-from .units import unit_specs
+from .units import streams_blocks, unit_specs
 
 
 class WholeOffload:
@@ -89,14 +89,6 @@ class BlockOffload:
         self.streamer = None
         self.outside.bind_host()
         self.on_device = None
-
-
-def streams_blocks(module: nn.Module) -> bool:
-    """Components whose blocks ``offload=block|phase`` streams: the Wan DiT and the umT5 encoder."""
-    from ..models.t5 import UMT5Encoder
-    from ..models.wan_dit import WanDiT
-
-    return isinstance(module, (WanDiT, UMT5Encoder))
 
 
 def place(module: nn.Module, mode: str, device: torch.device, buffers: int, pin: bool, ahead: int = 2):

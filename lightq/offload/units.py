@@ -40,6 +40,16 @@ def _phases(block: nn.Module) -> list[tuple[list[nn.Module], nn.Module, nn.Modul
     return phases()
 
 
+def streams_blocks(module: nn.Module) -> bool:
+    """Components whose blocks ``offload=block|phase`` streams: those whose ``blocks`` describe their offload phases
+    (``offload_phases``; in Wan2.1 the DiT and the umT5 encoder), or read lazily from disk (``lazy_blocks``)."""
+    if getattr(module, "lazy_blocks", None) is not None:
+        return True
+    blocks = getattr(module, "blocks", None)
+    return isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and all(
+        callable(getattr(block, "offload_phases", None)) for block in blocks)
+
+
 def units_per_block(block: nn.Module, granularity: str) -> int:
     return 1 if granularity == "block" else len(_phases(block))
 

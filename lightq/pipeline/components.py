@@ -13,13 +13,10 @@ from torch import nn
 from .. import staging
 from ..config import COMPONENTS
 from ..errors import LightqError
-from ..models.layouts import QUANTIZABLE
+from ..models.family import LatentGeometry, family
 from ..plan import ComponentPlan
 from ..quant.linear import check_skip
 from ..quant.method import QuantMethod
-
-LATENT_CHANNELS = 16
-VAE_STRIDE = (4, 8, 8)
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -91,42 +88,35 @@ def quant_methods(cfg, plans: dict[str, ComponentPlan]) -> dict[str, QuantMethod
     return {name: QuantMethod.build(plan, cfg[f"{name}_quant"]) for name, plan in plans.items() if name in COMPONENTS}
 
 
-def _load(component: str, build, cfg, method: QuantMethod | None, folder, device, dtype, progress,
-          ignore_prefixes=()) -> nn.Module:
+def _load(component: str, cfg, method: QuantMethod | None, folder, device, dtype, progress) -> nn.Module:
+    """Component ``component`` of the model's family, built for its ``<component>_arch`` and filled by the loader."""
     from ..checkpoints.loader import load_component
 
+    record = family(cfg.model.family).components[component]
+    build = record.build(cfg.model[f"{component}_arch"])
     if method is not None and method.quantizes and method.skip:  # before any tensor is read: a typo is an error
         with torch.device("meta"):
             names = [n for n, m in build().named_modules() if isinstance(m, nn.Linear)]
-        check_skip(names, QUANTIZABLE.get(component, ()), method.skip, f"{component}_quant.skip")
+        check_skip(names, record.quantizable, method.skip, f"{component}_quant.skip")
     source = _source(component, method, folder)
     if component == "dit" and cfg.offload.lazy_load:
         from ..offload import load_lazy as load_component  # blocks stream from disk while the DiT runs
-    model = load_component(build, source, include=QUANTIZABLE.get(component, ()), method=method, device=device,
-                           dtype=dtype, ignore_prefixes=ignore_prefixes, progress=progress, seed=cfg.seed,
+    model = load_component(build, source, include=record.quantizable, method=method, device=device, dtype=dtype,
+                           ignore_prefixes=record.ignored_prefixes, progress=progress, seed=cfg.seed,
                            component=component)
     return model.eval().requires_grad_(False)
 
 
 def load_t5(cfg, method, folder, device, dtype, progress):
-    from ..models.t5 import T5_ARCHS, UMT5Encoder
-
-    arch = T5_ARCHS[cfg.model.t5_arch]
-    return _load("t5", lambda: UMT5Encoder(arch), cfg, method, folder, device, dtype, progress)
+    return _load("t5", cfg, method, folder, device, dtype, progress)
 
 
 def load_clip(cfg, method, folder, device, dtype, progress):
-    from ..models.clip import CLIP_ARCHS, IGNORED_PREFIXES, ClipVisual
-
-    arch = CLIP_ARCHS[cfg.model.clip_arch]
-    return _load("clip", lambda: ClipVisual(arch), cfg, method, folder, device, dtype, progress, IGNORED_PREFIXES)
+    return _load("clip", cfg, method, folder, device, dtype, progress)
 
 
 def load_dit(cfg, method, folder, device, dtype, progress):
-    from ..models.wan_dit import DIT_ARCHS, WanDiT
-
-    arch = DIT_ARCHS[cfg.model.dit_arch]
-    model = _load("dit", lambda: WanDiT(arch), cfg, method, folder, device, dtype, progress)
+    model = _load("dit", cfg, method, folder, device, dtype, progress)
     if method is not None and method.fuse:
         from ..fused.wan_block import fuse_dit_blocks  # norm+modulation+quant, fused q/k/v, GELU+quant
 
@@ -145,10 +135,7 @@ def load_self_attention(plan: ComponentPlan | None):
 
 
 def load_vae(cfg, folder, device):
-    from ..models.vae import VAE_ARCHS, WanVAE
-
-    arch = VAE_ARCHS[cfg.model.vae_arch]
-    return _load("vae", lambda: WanVAE(arch), cfg, None, folder, device, torch.float32, False)
+    return _load(family(cfg.model.family).decoder, cfg, None, folder, device, torch.float32, False)
 
 
 def load_tokenizer_for(model_cfg, folder: Path | None):
@@ -182,14 +169,11 @@ def describe(module: nn.Module, method: QuantMethod | None) -> dict:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    return (LATENT_CHANNELS, (frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
-
-
-def initial_noise(seed: int, frames: int, height: int, width: int) -> torch.Tensor:
-    """Gaussian noise ``[1, 16, f, h, w]`` drawn on the CPU from ``seed``: the same on every device."""
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Gaussian noise ``[1, *shape]`` (the latent shape, ``LatentGeometry.latent_shape``) drawn on the CPU from
+    ``seed``: the same on every device."""
     g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((1, *latent_shape(frames, height, width)), generator=g, dtype=torch.float32)
+    return torch.randn((1, *shape), generator=g, dtype=torch.float32)
 
 
 def input_image(cfg, height: int, width: int) -> torch.Tensor:
@@ -215,16 +199,18 @@ def input_image(cfg, height: int, width: int) -> torch.Tensor:
     return t.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def i2v_condition(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
-    """Wan I2V conditioning ``y`` ``[1, 20, f, h, w]``: a 4-channel first-frame mask + the VAE latents of
-    (image, then frames-1 black frames). The mask marks the first *pixel* frame, folded 4-to-1 in time like the
-    VAE folds frames: latent frame 0 covers one frame repeated 4 times, each later latent frame 4 frames."""
+def i2v_condition(vae, image: torch.Tensor, frames: int, geometry: LatentGeometry) -> torch.Tensor:
+    """Wan I2V conditioning ``y`` ``[1, T + C, f, h, w]`` (T the VAE's temporal stride, 4; C its latent
+    channels, 16): a T-channel first-frame mask + the VAE latents of (image, then frames-1 black frames). The
+    mask marks the first *pixel* frame, folded T-to-1 in time like the VAE folds frames: latent frame 0 covers
+    one frame repeated T times, each later latent frame T frames."""
     _, h, w = image.shape
-    lat_f, lat_h, lat_w = (frames - 1) // 4 + 1, h // 8, w // 8
+    t = geometry.temporal
+    _, lat_f, lat_h, lat_w = geometry.latent_shape(frames, h, w)
     mask = torch.zeros(1, frames, lat_h, lat_w, device=image.device)
     mask[:, 0] = 1
-    mask = torch.cat([mask[:, :1].repeat(1, 4, 1, 1), mask[:, 1:]], dim=1)  # [1, 4 * lat_f, h, w]
-    mask = mask.view(lat_f, 4, lat_h, lat_w).transpose(0, 1)  # channel c of latent frame t: pixel frame 4t + c
+    mask = torch.cat([mask[:, :1].repeat(1, t, 1, 1), mask[:, 1:]], dim=1)  # [1, T * lat_f, h, w]
+    mask = mask.view(lat_f, t, lat_h, lat_w).transpose(0, 1)  # channel c of latent frame f: pixel frame T f + c
     video = torch.cat([image[:, None], image.new_zeros(3, frames - 1, h, w)], dim=1)
     latents = vae.encode(video[None].float())[0]
     return torch.cat([mask.to(latents), latents])[None]

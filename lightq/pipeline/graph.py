@@ -25,6 +25,7 @@ import torch
 from ..errors import LightqError
 from ..hardware import Hardware
 from ..models.attention import use_self_attention
+from ..models.family import family
 from ..plan import ComponentPlan
 from ..results import StageTimer
 from . import components as C
@@ -79,6 +80,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         log.info("DiT self-attention: %s (%s)", plans["attn"].mode, plans["attn"].reason)
     scfg = C.sampler_config(cfg)
     m = cfg.model
+    geometry = family(m.family).geometry(m)
     with timer("encode_text"), offload.active(t5):
         ids, mask = tokenizer([cfg.prompt, cfg.negative_prompt or ""])
         context = t5(ids.to(device), mask.to(device))
@@ -92,8 +94,8 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
                 clip_fea = clip(image[None].to(dtype))
             offload.release(clip)
             with offload.active(vae):
-                y = C.i2v_condition(vae, image, m.frames)
-    noise = C.initial_noise(cfg.seed, m.frames, m.height, m.width).to(device)
+                y = C.i2v_condition(vae, image, m.frames, geometry)
+    noise = C.initial_noise(cfg.seed, geometry.latent_shape(m.frames, m.height, m.width)).to(device)
     extra = {"clip_fea": clip_fea, "y": y} if m.task == "i2v" else {}
 
     def velocity(x, t, context):

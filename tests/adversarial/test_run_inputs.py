@@ -181,7 +181,7 @@ def test_skip_pattern_that_matches_nothing_fails_before_any_tensor_is_read(tmp_p
 def test_lazy_load_counts_its_quantized_layers_and_offload_on_cpu_is_said(tmp_path):
     from lightq.checkpoints.conversion import convert
     from lightq.convert import open_component_source
-    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.family import QUANTIZABLE
     from lightq.models.wan_dit import DIT_ARCHS, WanDiT
     from lightq.quant.linear import selected
 

@@ -209,7 +209,7 @@ def test_streamed_fused_triton_dit_matches_no_offload(mode):
     from lightq.backends.triton_backend import TritonBackend
     from lightq.checkpoints.loader import load_component
     from lightq.fused.wan_block import FusedBlock, fuse_dit_blocks
-    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.family import QUANTIZABLE
     from lightq.models.wan_dit import WanDiT
     from lightq.quant.method import QuantMethod
 

@@ -342,7 +342,7 @@ def test_qkv_rms_rope_gives_contiguous_q_k_v(fused_ops):
 
 def _dit(scheme, backend_name, dim=1536, heads=12, layers=1):
     from lightq.checkpoints.loader import load_component
-    from lightq.models.layouts import QUANTIZABLE
+    from lightq.models.family import QUANTIZABLE
     from lightq.models.wan_dit import DiTArch, WanDiT
     from lightq.quant.method import QuantMethod
 
