@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from lightq.checkpoints.sources import open_source
 from lightq.checkpoints.lightx2v_config import overrides_from_lightx2v
-from lightq.checkpoints.locate import find_component_file
+from lightq.checkpoints.locate import NotInFolder, find_component_file
 from lightq.errors import CheckpointError, LightqError
 from lightq.models.tiny import ensure_tiny
 
@@ -160,9 +160,9 @@ def test_find_component_file_like_lightx2v(tmp_path):
     assert find_component_file(folder, "dit", None) == folder
     assert find_component_file(folder, "t5", None).name == "models_t5_umt5-xxl-enc-bf16.pth"
     assert find_component_file(folder, "vae", None).name == "Wan2.1_VAE.pth"
-    with pytest.raises(CheckpointError, match="no DiT checkpoint holds fp8 .*found: model \\(bf16\\)"):
+    with pytest.raises(NotInFolder, match="no DiT checkpoint holds fp8 .*found: model \\(bf16\\)"):
         find_component_file(folder, "dit", "fp8")
-    with pytest.raises(CheckpointError, match="models_t5_umt5-xxl-enc-int8.pth"):
+    with pytest.raises(NotInFolder, match="models_t5_umt5-xxl-enc-int8.pth"):
         find_component_file(folder, "t5", "int8")
     from lightq.convert import run
     run(_cfg("component=dit", "scheme=fp8", f"source={folder}", f"output={folder / 'wan_fp8.safetensors'}"))
@@ -171,8 +171,9 @@ def test_find_component_file_like_lightx2v(tmp_path):
     assert find_component_file(folder, "t5", "int8").name == "models_t5_umt5-xxl-enc-int8.pth"
     src = open_source(folder / "wan_fp8.safetensors")
     save_file({k: src[k] for k in src}, folder / "copy_fp8.safetensors")  # a second fp8 file: ambiguous
-    with pytest.raises(CheckpointError, match="2 DiT checkpoints hold fp8 weights"):
+    with pytest.raises(CheckpointError, match="2 DiT checkpoints hold fp8 weights") as ambiguous:
         find_component_file(folder, "dit", "fp8")
+    assert not isinstance(ambiguous.value, NotInFolder), "an ambiguous folder never falls back to the bf16 file"
 
 
 def _json(tmp_path, cfg):

@@ -1,1 +1,2 @@
-"""Backends: the contract (``spec``, ``base``), the entry-point registry (``registry``), the torch backend."""
+"""Backends: the contract (``spec``, ``base``), the entry-point registry (``registry``), and the built-in ``torch``
+(portable reference) and ``triton`` (lightq's kernels) backends; plugins add the others."""

@@ -25,7 +25,7 @@ import functools
 import torch
 
 from ..errors import QuantizationError
-from ..quant import schemes as S
+from ..quant import schemes
 from .base import Backend
 from .torch_spec import SPEC  # noqa: F401  (re-exported: the implementation's spec)
 
@@ -34,7 +34,7 @@ from .torch_spec import SPEC  # noqa: F401  (re-exported: the implementation's s
 @functools.lru_cache(maxsize=None)
 def _cpu_rowwise_scaled_mm() -> bool:
     """Whether this torch build's CPU ``_scaled_mm`` takes row-wise scales (2.13 does; 2.11 only per-tensor)."""
-    a = torch.ones(16, 16).to(S.FP8_DTYPE)
+    a = torch.ones(16, 16).to(schemes.FP8_DTYPE)
     try:
         torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
         return True
@@ -66,13 +66,13 @@ class TorchBackend(Backend):
     def version(self) -> str:
         return torch.__version__
 
-    def pack(self, qw: S.QuantizedWeight) -> dict[str, torch.Tensor]:
+    def pack(self, qw: schemes.QuantizedWeight) -> dict[str, torch.Tensor]:
         # GEMM kernels want W^T as a column-major [K, N] view: keep data [N, K] contiguous, transpose lazily.
         return {"data": qw.data, "scale": qw.scale}
 
     def apply(self, x, packed, scheme, bias):
-        if scheme not in S.SCHEMES:
-            raise QuantizationError(f"torch backend: unknown scheme '{scheme}': choose one of {', '.join(S.SCHEMES)}")
+        if scheme not in schemes.SCHEMES:
+            raise QuantizationError(f"torch backend: unknown scheme '{scheme}': choose one of {', '.join(schemes.SCHEMES)}")
         lead, k = x.shape[:-1], x.shape[-1]
         if k != _in_features(packed, scheme):
             raise QuantizationError(f"torch backend: input has {k} features but the {scheme} weight expects "
@@ -80,7 +80,7 @@ class TorchBackend(Backend):
         x2 = x.reshape(-1, k)
         w, sw = packed["data"], packed["scale"]
         if scheme == "int4-g128":
-            wd = S.dequantize_weight(S.QuantizedWeight(scheme, w, sw, w.shape[0], k), x.dtype)
+            wd = schemes.dequantize_weight(schemes.QuantizedWeight(scheme, w, sw, w.shape[0], k), x.dtype)
             y = torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x.dtype))
             return y.reshape(*lead, -1)
         if scheme == "fp8":
@@ -95,14 +95,14 @@ class TorchBackend(Backend):
 
     @staticmethod
     def _fp8(x2, w, sw):
-        xq, sx = S.quantize_activation(x2, "fp8")
+        xq, sx = schemes.quantize_activation(x2, "fp8")
         if _scaled_mm_ok(x2.device, w.shape[0], w.shape[1]):
             return torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16)
         return (xq.float() @ w.float().t()) * sx * sw.t()
 
     @staticmethod
     def _int8(x2, w, sw):
-        xq, sx = S.quantize_activation(x2, "int8")
+        xq, sx = schemes.quantize_activation(x2, "int8")
         if not _int_mm_ok(x2.device, w.shape[0], w.shape[1]):
             return (xq.double() @ w.double().t()).to(torch.int32).float() * sx * sw.t()
         m = xq.shape[0]
@@ -113,12 +113,12 @@ class TorchBackend(Backend):
 
     @staticmethod
     def _fp8_b128(x2, w, sw):
-        xq, sx = S.quantize_activation(x2, "fp8-b128")  # [M, K] fp8, [M, G]
+        xq, sx = schemes.quantize_activation(x2, "fp8-b128")  # [M, K] fp8, [M, G]
         n, k = w.shape
-        sw_rows = sw.repeat_interleave(S.BLOCK, 0)[:n]  # [N, G]: row n's scale for each K block
+        sw_rows = sw.repeat_interleave(schemes.BLOCK, 0)[:n]  # [N, G]: row n's scale for each K block
         y = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x2.device)
         for g in range(sx.shape[1]):
-            cols = slice(g * S.GROUP, min((g + 1) * S.GROUP, k))
+            cols = slice(g * schemes.GROUP, min((g + 1) * schemes.GROUP, k))
             partial = xq[:, cols].float() @ w[:, cols].float().t()  # fp8 products, exact
             y += partial * sx[:, g:g + 1] * sw_rows[:, g][None, :]
         return y

@@ -29,7 +29,7 @@ import copy
 import torch
 
 from ..errors import BackendUnavailable, LightqError
-from ..quant import schemes as S
+from ..quant import schemes
 from .base import Backend
 from .spec import BackendSpec
 from .triton_spec import SPEC  # noqa: F401  (re-exported for callers that build the backend directly)
@@ -72,7 +72,7 @@ class TritonBackend(Backend):
 
         return triton.__version__
 
-    def pack(self, qw: S.QuantizedWeight) -> dict[str, torch.Tensor]:
+    def pack(self, qw: schemes.QuantizedWeight) -> dict[str, torch.Tensor]:
         self.check_scheme(qw.scheme)
         if qw.scheme not in self._tested and torch.cuda.is_available():
             self._tested.add(qw.scheme)  # before the test, which packs a weight of its own
@@ -109,10 +109,10 @@ class TritonBackend(Backend):
         w = torch.randn(48, k, device="cuda", generator=gen)
         try:
             xq, sx = self.quantize_activation(x, scheme)
-            rq, rs = S.quantize_activation(x, scheme)
+            rq, rs = schemes.quantize_activation(x, scheme)
             if not (torch.equal(xq.view(torch.int8), rq.view(torch.int8)) and torch.equal(sx, rs)):
                 raise RuntimeError("activation codes differ from quantize_activation")
-            qw = S.quantize_weight(w, scheme)
+            qw = schemes.quantize_weight(w, scheme)
             y = self.gemm_only(xq, sx, self.pack(qw), None, torch.float32 if scheme == "int8" else torch.bfloat16)
             ref = (xq.float() @ qw.data.float().t()) * sx * qw.scale.t()
             if not torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-3 * ref.abs().max().item()):

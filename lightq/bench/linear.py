@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..backends.registry import specs
 from ..errors import LightqError
 from ..hardware import detect
-from ..quant import schemes as S
+from ..quant import schemes
 from . import timing
 
 # (M, N, K) per model: DiT q/k/v/o (dim x dim), ffn.0 (ffn x dim), ffn.2 (dim x ffn) at 480p / 720p tokens.
@@ -106,7 +106,7 @@ class Backends:
 def _quantizer(backend, scheme):
     if backend.split_gemm:
         return lambda x: backend.quantize_activation(x, scheme)
-    return lambda x: S.quantize_activation(x, scheme)
+    return lambda x: schemes.quantize_activation(x, scheme)
 
 
 def measure_shape(family, label, m, n, k, modes, backends, hw, iters, copy_gbps) -> list[Row]:
@@ -126,9 +126,9 @@ def measure_shape(family, label, m, n, k, modes, backends, hw, iters, copy_gbps)
             row.note = f"unavailable: {load_error}"
             continue
         try:
-            packed = backend.pack(S.quantize_weight(w, scheme))
+            packed = backend.pack(schemes.quantize_weight(w, scheme))
             row.linear_ms = timing.time_ms(lambda: backend.apply(x, packed, scheme, bias), iters)
-            if scheme in S.WEIGHT_ONLY:
+            if scheme in schemes.WEIGHT_ONLY:
                 continue
             quant = _quantizer(backend, scheme)
             row.quant_ms = timing.time_ms(lambda: quant(x), iters)

@@ -32,9 +32,9 @@ from .. import __version__, staging
 from ..errors import CheckpointError
 from ..models.family import QUANTIZABLE, WAN21
 from ..progress import Progress
-from ..quant import schemes as S
+from ..quant import schemes
 from ..quant.linear import check_skip, selected
-from . import formats as F
+from . import formats
 from .sources import TensorSource, sources_sha256
 from .writers import SafetensorsWriter, commit, mmap_safetensors, refuse_overwrite
 
@@ -60,8 +60,8 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
     """Convert ``source`` and write it to ``output`` in ``layout``; returns the path written (file or folder)."""
     if component not in QUANTIZABLE:
         raise CheckpointError(f"component '{component}': choose one of {', '.join(QUANTIZABLE)}")
-    if scheme not in S.SCHEMES:
-        raise CheckpointError(f"scheme '{scheme}': choose one of {', '.join(S.SCHEMES)}")
+    if scheme not in schemes.SCHEMES:
+        raise CheckpointError(f"scheme '{scheme}': choose one of {', '.join(schemes.SCHEMES)}")
     if layout not in LAYOUTS:
         raise CheckpointError(f"layout '{layout}': choose one of {', '.join(LAYOUTS)}")
     if layout == "lightx2v" and scheme not in ("fp8", "int8"):
@@ -69,8 +69,8 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
                               "layout=single (lightq's own format) for it")
     if layout == "comfyui" and scheme != "fp8":
         raise CheckpointError(f"layout=comfyui is scaled fp8 only, not {scheme}")
-    if F.layout_of(source) != "float":
-        raise CheckpointError(f"{source.name} is already quantized ({F.layout_of(source)} layout); convert from the "
+    if formats.layout_of(source) != "float":
+        raise CheckpointError(f"{source.name} is already quantized ({formats.layout_of(source)} layout); convert from the "
                               "bf16 / fp32 original")
     if float_dtype is not None and float_dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"float_dtype '{float_dtype}': choose one of {', '.join(FLOAT_DTYPES)} or null")
@@ -164,7 +164,7 @@ def _plan(source: TensorSource, component: str, scheme: str, skip: tuple[str, ..
         if leaf == "weight" and len(shape) == 2 and selected(prefix, include, skip):
             if not dtype.is_floating_point:
                 raise CheckpointError(f"{source.file_of(key)}: '{key}' is {dtype}, expected a float weight")
-            S.check_quantizable(scheme, shape, key)
+            schemes.check_quantizable(scheme, shape, key)
             entries.extend(_quantized_entries(source, key, prefix, scheme, shape, layout))
         else:
             out_dtype = cast if (cast is not None and dtype.is_floating_point) else dtype
@@ -180,9 +180,9 @@ def _quantized_entries(source: TensorSource, key: str, prefix: str, scheme: str,
         if key not in memo:  # the weight entry computes, the scale entry right after it takes the result
             w = source[key]
             if layout == "comfyui":
-                memo[key] = F.quantize_fp8_per_tensor(w, key)
+                memo[key] = formats.quantize_fp8_per_tensor(w, key)
             else:
-                qw = S.quantize_weight(w, scheme, key)
+                qw = schemes.quantize_weight(w, scheme, key)
                 memo[key] = (qw.data, qw.scale)
         return memo[key]
 
@@ -192,11 +192,11 @@ def _quantized_entries(source: TensorSource, key: str, prefix: str, scheme: str,
     def scale() -> torch.Tensor:
         return memo.pop(key)[1] if key in memo else compute()[1]
 
-    data_shape, data_dtype, scale_shape = S.expected_layout(scheme, *shape)
+    data_shape, data_dtype, scale_shape = schemes.expected_layout(scheme, *shape)
     if layout == "comfyui":
-        return [Entry(key, S.FP8_DTYPE, shape, data), Entry(prefix + F.COMFY_SCALE, torch.float32, (), scale)]
+        return [Entry(key, schemes.FP8_DTYPE, shape, data), Entry(prefix + formats.COMFY_SCALE, torch.float32, (), scale)]
     return [Entry(key, data_dtype, tuple(data_shape), data),
-            Entry(prefix + F.SCALE, torch.float32, tuple(scale_shape), scale)]
+            Entry(prefix + formats.SCALE, torch.float32, tuple(scale_shape), scale)]
 
 
 def _copy(source: TensorSource, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -217,7 +217,7 @@ def _provenance(source: TensorSource, component: str, scheme: str, skip: tuple[s
         meta["lightq.comfyui"] = "scaled_fp8"
     else:
         meta["lightq.scheme"] = scheme
-        meta["lightq.granularity"] = F.GRANULARITY[scheme]
+        meta["lightq.granularity"] = formats.GRANULARITY[scheme]
     return meta
 
 
@@ -231,7 +231,7 @@ def _stream(path: Path, entries: list[Entry], meta: dict[str, str] | None, overw
 
 def _write_file(out: Path, entries: list[Entry], meta: dict[str, str], overwrite: bool, bar) -> None:
     if meta.get("lightq.comfyui"):
-        marker = Entry(F.COMFY_MARKER, S.FP8_DTYPE, (2,), lambda: torch.zeros(2, dtype=S.FP8_DTYPE))
+        marker = Entry(formats.COMFY_MARKER, schemes.FP8_DTYPE, (2,), lambda: torch.zeros(2, dtype=schemes.FP8_DTYPE))
         entries = entries + [marker]
     _stream(out, entries, meta, overwrite, bar)
 
@@ -286,7 +286,7 @@ def _shards(entries: list[Entry], stem: str, shard_bytes: int) -> dict[str, list
     size = 0
     for e in entries:
         nbytes = _nbytes(e)
-        if shards[-1] and size + nbytes > shard_bytes and not e.key.endswith((F.SCALE, F.COMFY_SCALE)):
+        if shards[-1] and size + nbytes > shard_bytes and not e.key.endswith((formats.SCALE, formats.COMFY_SCALE)):
             shards.append([])
             size = 0
         shards[-1].append(e)

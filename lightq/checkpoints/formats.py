@@ -27,7 +27,7 @@ import math
 import torch
 
 from ..errors import CheckpointError
-from ..quant import schemes as S
+from ..quant import schemes
 from .sources import TensorSource
 
 SCALE = ".weight_scale"
@@ -35,7 +35,7 @@ COMFY_SCALE = ".scale_weight"
 COMFY_INPUT_SCALE = ".scale_input"
 COMFY_MARKER = "scaled_fp8"
 GRANULARITY = {"fp8": "per-channel", "int8": "per-channel", "fp8-b128": "block128", "int4-g128": "group128"}
-QUANT_DTYPES = {S.FP8_DTYPE: "fp8", torch.int8: "int8", torch.uint8: "int4-g128", torch.float8_e5m2: "fp8-e5m2"}
+QUANT_DTYPES = {schemes.FP8_DTYPE: "fp8", torch.int8: "int8", torch.uint8: "int4-g128", torch.float8_e5m2: "fp8-e5m2"}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -74,7 +74,7 @@ def file_scheme(source: TensorSource, prefix: str) -> str:
         return "fp8"
     if kind == "fp8" and prefix + SCALE in source:
         n, k = source.shape(key)
-        if tuple(source.shape(prefix + SCALE)) == (-(-n // S.BLOCK), -(-k // S.BLOCK)) and n > 1:
+        if tuple(source.shape(prefix + SCALE)) == (-(-n // schemes.BLOCK), -(-k // schemes.BLOCK)) and n > 1:
             return "fp8-b128"
     return kind
 
@@ -105,7 +105,7 @@ def check_file_scheme(source: TensorSource, scheme: str | None, component: str |
 
 
 def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[int, int],
-                   device: torch.device | str = "cpu") -> S.QuantizedWeight:
+                   device: torch.device | str = "cpu") -> schemes.QuantizedWeight:
     """The validated ``QuantizedWeight`` of linear ``prefix`` (module weight ``shape`` = (N, K)) in ``scheme``."""
     key, n, k = prefix + ".weight", shape[0], shape[1]
     if key not in source:
@@ -118,7 +118,7 @@ def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[
     if have != scheme:
         raise CheckpointError(f"{source.file_of(key)}: '{key}' is stored as {have} but the mode expects {scheme}: "
                               f"pick a {have} mode or convert the bf16 checkpoint to {scheme}")
-    data_shape, data_dtype, scale_shape = S.expected_layout(scheme, n, k)
+    data_shape, data_dtype, scale_shape = schemes.expected_layout(scheme, n, k)
     if source.dtype(key) != data_dtype:
         raise CheckpointError(f"{source.file_of(key)}: '{key}' has dtype {source.dtype(key)}, {scheme} needs "
                               f"{data_dtype}")
@@ -137,11 +137,11 @@ def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[
         data = source[key].to(device)
         scale = source[scale_key].to(device)
         _check_scale_values(source, scale_key, scale)
-    if data.dtype == S.FP8_DTYPE:
+    if data.dtype == schemes.FP8_DTYPE:
         bad = torch.isnan(data.float()).sum().item()
         if bad:
             raise CheckpointError(f"{source.file_of(key)}: '{key}' holds {bad} NaN values; the file is corrupt")
-    return S.QuantizedWeight(scheme, data.contiguous(), scale.float().contiguous(), n, k)
+    return schemes.QuantizedWeight(scheme, data.contiguous(), scale.float().contiguous(), n, k)
 
 
 def _check_scale_layout(source: TensorSource, scale_key: str, want: tuple, bf16_ok: bool) -> None:
@@ -186,10 +186,10 @@ def quantize_fp8_per_tensor(w: torch.Tensor, name: str = "weight") -> tuple[torc
 
     Returns (float8_e4m3fn data, fp32 scalar scale); same rounding and NaN/Inf refusal as ``quantize_weight``.
     """
-    S.check_quantizable("fp8", tuple(w.shape), name)
+    schemes.check_quantizable("fp8", tuple(w.shape), name)
     w = w.detach().float()
     if not torch.isfinite(w).all():
         raise CheckpointError(f"{name}: NaN/Inf values in the weight; fix or re-export the checkpoint")
     amax = w.abs().amax()
-    scale = torch.where(amax > 0, amax / S.FP8_MAX, torch.ones_like(amax))
-    return (w / scale).clamp(-S.FP8_MAX, S.FP8_MAX).to(S.FP8_DTYPE), scale.reshape(())
+    scale = torch.where(amax > 0, amax / schemes.FP8_MAX, torch.ones_like(amax))
+    return (w / scale).clamp(-schemes.FP8_MAX, schemes.FP8_MAX).to(schemes.FP8_DTYPE), scale.reshape(())

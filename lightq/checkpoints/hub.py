@@ -18,11 +18,6 @@ _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 HUB_REF = re.compile(rf"^(?P<repo>{_PART}/{_PART})(?:/(?P<file>.+))?$")
 
 
-def is_hub_ref(ref: str) -> bool:
-    """Not a local path, and shaped like ``owner/repo`` or ``owner/repo/file``."""
-    return not Path(ref).expanduser().exists() and not ref.startswith(("/", ".", "~")) and bool(HUB_REF.match(ref))
-
-
 def resolve(ref: str | Path, allow_patterns: list[str] | None = None) -> Path:
     """A local path for ``ref``: itself when it exists locally, else the Hub file or snapshot in the cache."""
     text = str(ref)

@@ -34,7 +34,7 @@ from ..progress import Progress
 from ..quant.linear import selected, set_submodule
 from ..quant.method import QuantMethod
 from ..quant.schemes import dequantize_weight, quantize_weight
-from . import formats as F
+from . import formats
 from .sources import TensorSource
 
 RANDOM = "random"
@@ -63,10 +63,10 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
         fetch = _random_fetch(seed)
         pre_quantized = False
     else:
-        F.check_file_scheme(source, scheme, component)
-        pre_quantized = F.layout_of(source) != "float"
+        formats.check_file_scheme(source, scheme, component)
+        pre_quantized = formats.layout_of(source) != "float"
         if pre_quantized and scheme is None:
-            some = next(k for k in source if k.endswith((F.SCALE, F.COMFY_SCALE)) or k == F.COMFY_MARKER)
+            some = next(k for k in source if k.endswith((formats.SCALE, formats.COMFY_SCALE)) or k == formats.COMFY_MARKER)
             raise CheckpointError(f"{source.name} is pre-quantized (e.g. '{some}') but the mode is 'none': pick the "
                                   "matching quantized mode, or load the bf16 checkpoint")
         _check_keys(model, source, expected, ignore)
@@ -81,7 +81,7 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
         for name, lin in linears.items():
             n_k = tuple(lin.weight.shape)
             if pre_quantized:  # a float weight here is an error: the file was converted without this layer
-                qw = F.read_quantized(source, name, scheme, n_k, device)
+                qw = formats.read_quantized(source, name, scheme, n_k, device)
             else:
                 w = fetch(name + ".weight", n_k).to(quantize_on)
                 qw = quantize_weight(w, scheme, name=f"{name}.weight").to(device)
@@ -97,8 +97,8 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
             if key in done:
                 continue
             owner, _, leaf = key.rpartition(".")
-            if not isinstance(source, str) and leaf == "weight" and F.is_quantized(source, owner):
-                qw = F.read_quantized(source, owner, F.file_scheme(source, owner), shape, device)
+            if not isinstance(source, str) and leaf == "weight" and formats.is_quantized(source, owner):
+                qw = formats.read_quantized(source, owner, formats.file_scheme(source, owner), shape, device)
                 t = dequantize_weight(qw, dtype)
             else:
                 t = _finite(_cast(fetch(key, shape), dtype).to(device), key, source)
@@ -117,9 +117,9 @@ def _check_keys(model: nn.Module, source: TensorSource, expected: dict[str, tupl
     consumed = set()
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            consumed.update(F.aux_keys(source, name))
-    if F.COMFY_MARKER in source:
-        consumed.add(F.COMFY_MARKER)
+            consumed.update(formats.aux_keys(source, name))
+    if formats.COMFY_MARKER in source:
+        consumed.add(formats.COMFY_MARKER)
     missing = [k for k in expected if k not in source]
     unexpected = [k for k in source if k not in expected and k not in consumed
                   and not any(k.startswith(p) for p in ignore)]
@@ -128,7 +128,7 @@ def _check_keys(model: nn.Module, source: TensorSource, expected: dict[str, tupl
         if key not in source:
             continue
         owner = key.rpartition(".")[0]
-        if key.endswith(".weight") and F.is_quantized(source, owner):
+        if key.endswith(".weight") and formats.is_quantized(source, owner):
             continue  # quantized layouts are checked by formats.read_quantized
         if tuple(source.shape(key)) != shape:
             misshaped.append(f"{key} (file {tuple(source.shape(key))}, model {shape})")

@@ -13,7 +13,9 @@
             quantizable linear, read from the header only); exactly one must hold the requested scheme.
 
 For the encoders, a lightq-converted file ``<component>-<scheme>.safetensors`` is accepted too.
-Nothing found, or several DiT candidates, is one CheckpointError listing what the folder holds.
+Nothing found is a ``NotInFolder`` (a CheckpointError: a caller may fall back to the bf16 file and quantize at
+load); several DiT candidates for one scheme is a plain CheckpointError (ambiguous: never a fallback). Both list
+what the folder holds.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..models.family import WAN21
-from . import formats as F
+from . import formats
 from .sources import BLOCK_FILE, NON_BLOCK_FILE, open_source
+
+
+class NotInFolder(CheckpointError):
+    """The folder holds no file of the component in the requested scheme."""
 
 
 def find_component_file(folder: str | Path, component: str, scheme: str | None) -> Path:
@@ -48,7 +54,7 @@ def _named(folder: Path, names: list[str], component: str, scheme: str | None) -
         if (folder / name).is_file():
             return folder / name
     have = sorted(p.name for p in folder.iterdir() if p.suffix in (".pth", ".safetensors"))
-    raise CheckpointError(f"{folder}: no {component} checkpoint for {scheme or 'bf16'} (looked for "
+    raise NotInFolder(f"{folder}: no {component} checkpoint for {scheme or 'bf16'} (looked for "
                           f"{' or '.join(names)}; the folder has {', '.join(have) or 'no checkpoints'}); pass its "
                           "path as the mode's ckpt")
 
@@ -75,7 +81,7 @@ def scheme_of(path: Path) -> str | None:
     for key in src:
         prefix, _, leaf = key.rpartition(".")
         if leaf == "weight" and any(fnmatchcase(prefix, p) for p in WAN21.quantizable["dit"]):
-            kind = F.file_scheme(src, prefix)
+            kind = formats.file_scheme(src, prefix)
             return None if kind == "float" else kind
     raise CheckpointError(f"{path}: holds no DiT block linear (blocks.*.self_attn.q.weight ...): not a Wan DiT "
                           "checkpoint")
@@ -89,7 +95,7 @@ def _find_dit(folder: Path, scheme: str | None) -> Path:
         return matching[0]
     listing = ", ".join(f"{p.name or p} ({s or 'bf16'})" for p, s in classified) or "none"
     if not matching:
-        raise CheckpointError(f"{folder}: no DiT checkpoint holds {scheme or 'bf16'} weights (found: {listing}); "
+        raise NotInFolder(f"{folder}: no DiT checkpoint holds {scheme or 'bf16'} weights (found: {listing}); "
                               "convert one with python -m lightq.convert or pass the mode's ckpt")
     raise CheckpointError(f"{folder}: {len(matching)} DiT checkpoints hold {scheme or 'bf16'} weights "
                           f"({', '.join(p.name for p in matching)}); pass the one to use as the mode's ckpt")

@@ -65,9 +65,8 @@ def _source(component: str, method: QuantMethod | None, folder: Path | None):
     """The TensorSource of one component: the mode's ``ckpt`` if given, else its file in the model folder — the
     pre-quantized one of the mode's scheme when the folder has it, else the bf16 original (quantized at load)."""
     from ..checkpoints.hub import resolve
+    from ..checkpoints.locate import NotInFolder, find_component_file
     from ..checkpoints.sources import open_source
-    from ..checkpoints.locate import find_component_file
-    from ..errors import CheckpointError
 
     if method is not None and method.ckpt:
         return open_source(resolve(method.ckpt))
@@ -76,9 +75,8 @@ def _source(component: str, method: QuantMethod | None, folder: Path | None):
     if method is not None and method.quantizes:
         try:
             return open_source(find_component_file(folder, component, method.scheme))
-        except CheckpointError as exc:
-            if "several" in str(exc).lower():
-                raise
+        except NotInFolder:
+            pass  # no pre-quantized file: the bf16 one, quantized at load
     return open_source(find_component_file(folder, component, None))
 
 
