@@ -40,7 +40,7 @@ import torch
 
 from lightq.backends.spec import BackendSpec
 from lightq.backends.torch_backend import SPEC as TORCH_SPEC
-from lightq.backends.torch_backend import _scaled_mm_ok
+from lightq.backends.torch_backend import scaled_mm_ok
 from lightq.quant import schemes as S
 
 # Wan2.1 projection shapes (N, K): 1.3B (dim 1536, ffn 8960), 14B (5120, 13824), and 4096 / 10240.
@@ -62,7 +62,7 @@ def reference_roundings(scheme: str, dtype: torch.dtype, with_bias: bool, n: int
     """The roundings the ``torch`` backend applies to its result (``lightq.backends.torch_backend`` doc): on the
     ``_scaled_mm`` fp8 path a bf16 GEMM output and a bf16 bias add (the final cast of a bf16 value to fp16 is exact
     in fp16's normal range); everywhere else one rounding of the fp32 result into ``dtype``."""
-    if scheme == "fp8" and _scaled_mm_ok(device, n, k):
+    if scheme == "fp8" and scaled_mm_ok(device, n, k):
         return (torch.bfloat16, torch.bfloat16) if with_bias else (torch.bfloat16,)
     return (dtype,)
 

@@ -42,7 +42,7 @@ def make(lead, n, k, dtype, seed=0):
 
 def gemm_dtype(scheme, n, k):
     """bf16 when the fp8 GEMM goes through ``_scaled_mm`` (its row-wise output is bf16)."""
-    return torch.bfloat16 if scheme == "fp8" and TB._scaled_mm_ok(torch.device("cpu"), n, k) else None
+    return torch.bfloat16 if scheme == "fp8" and TB.scaled_mm_ok(torch.device("cpu"), n, k) else None
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
@@ -104,7 +104,7 @@ def test_fp8_path_choice_and_agreement(monkeypatch, n, k, fast):
     assert bool(calls) == fast
     assert_close_to_reference(y, x, qw, bias, gemm_dtype=torch.bfloat16 if fast else None)
     if fast:  # the emulation of the same product agrees within the same bound
-        monkeypatch.setattr(TB, "_scaled_mm_ok", lambda device, n, k: False)
+        monkeypatch.setattr(TB, "scaled_mm_ok", lambda device, n, k: False)
         emulated = BACKEND.apply(x, BACKEND.pack(qw), "fp8", bias)
         assert len(calls) == 1
         assert_close_to_reference(emulated, x, qw, bias)

@@ -42,7 +42,7 @@ def _cpu_rowwise_scaled_mm() -> bool:
         return False
 
 
-def _scaled_mm_ok(device: torch.device, n: int, k: int) -> bool:
+def scaled_mm_ok(device: torch.device, n: int, k: int) -> bool:
     """``_scaled_mm`` with row-wise scales: K and N multiples of 16, fp8 tensor cores (sm89+) on CUDA, and on
     CPU a torch build that supports row-wise scaling."""
     if n % 16 or k % 16:
@@ -96,7 +96,7 @@ class TorchBackend(Backend):
     @staticmethod
     def _fp8(x2, w, sw):
         xq, sx = schemes.quantize_activation(x2, "fp8")
-        if _scaled_mm_ok(x2.device, w.shape[0], w.shape[1]):
+        if scaled_mm_ok(x2.device, w.shape[0], w.shape[1]):
             return torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16)
         return (xq.float() @ w.float().t()) * sx * sw.t()
 
