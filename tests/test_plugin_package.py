@@ -73,5 +73,5 @@ def test_a_missing_repository_plugin_keeps_its_modes_and_names_the_install(monke
     modes = config.backend_modes()
     assert {"fp8-sgl", "int8-sgl"} <= set(modes)
     p = plan.plan_component("dit", modes["fp8-sgl"], PROFILES["sm90"])
-    assert not p.ok and "install: pip install -e plugins/lightq-sgl" in p.reason
+    assert not p.ok and "install: pip install -e 'plugins/lightq-sgl[kernel]'" in p.reason
     assert "dit_quant=fp8-torch" in p.reason and "\n" not in p.reason
