@@ -112,7 +112,7 @@ def test_encoders_lightx2v_pth_round_trip(tmp_path, tiny_dir, component, scheme)
     assert _same_state(got, ref)
 
 
-# --- files written the way LightX2V's converter and ComfyUI write them, independently of lightq.convert ---
+# --- files written the way LightX2V's converter writes them (ComfyUI's: test_checkpoints_comfyui.py), independently of lightq.convert ---
 
 def _lightx2v_file(state: dict, dtype: torch.dtype) -> dict:
     """LightX2V tools/convert: 2-D keys whose 3rd part is self_attn/cross_attn/ffn are quantized per row in the
@@ -139,15 +139,13 @@ def _expected_from(file: dict, scheme: str):
     """The reference: the DiT with exactly the file's (data, scale) put into QLinears by hand."""
     torch.manual_seed(0)
     model = build_dit()
-    model.load_state_dict({k: v for k, v in file.items() if not k.endswith(("_scale", ".scale_weight"))
-                           and k != "scaled_fp8" and k in model.state_dict() and v.dtype.is_floating_point
+    model.load_state_dict({k: v for k, v in file.items() if not k.endswith("_scale") and k in model.state_dict() and v.dtype.is_floating_point
                            and v.dtype != FP8_DTYPE}, strict=False)
     model = model.to(torch.bfloat16)
 
     def weight_for(name, lin):
         d = file[name + ".weight"]
-        s = file[name + ".weight_scale"] if name + ".weight_scale" in file else \
-            file[name + ".scale_weight"].reshape(()).expand(d.shape[0], 1)
+        s = file[name + ".weight_scale"]
         return QuantizedWeight(scheme, d, s.float().contiguous(), d.shape[0], d.shape[1])
 
     from lightq.backends.registry import specs
@@ -163,35 +161,6 @@ def test_lightx2v_converter_file_loads_and_matches(tmp_path, dit_src, qdtype, sc
     save_file(file, tmp_path / "wan_lightx2v.safetensors")
     got = load_component(build_dit, open_source(tmp_path / "wan_lightx2v.safetensors"), include=DIT, method=QuantMethod.portable(scheme))
     assert torch.equal(_run(got), _run(_expected_from(file, scheme)))
-
-
-def test_comfyui_scaled_fp8_file_loads_exactly(tmp_path, dit_src):
-    """ComfyUI scaled fp8: ``scale_weight`` fp32 scalar per tensor, optional ``scale_input``, ``scaled_fp8`` marker."""
-    file = {}
-    for k in dit_src:
-        w = dit_src[k]
-        prefix = k[: -len(".weight")]
-        if k.endswith(".weight") and any(__import__("fnmatch").fnmatchcase(prefix, p) for p in DIT):
-            s = w.float().abs().amax() / 448
-            file[k] = (w.float() / s).to(FP8_DTYPE)
-            file[prefix + ".scale_weight"] = s.reshape(())
-            file[prefix + ".scale_input"] = torch.tensor(1.0)
-        else:
-            file[k] = w
-    file["scaled_fp8"] = torch.zeros(2, dtype=FP8_DTYPE)
-    save_file(file, tmp_path / "wan2.1_fp8_scaled.safetensors")
-    src = open_source(tmp_path / "wan2.1_fp8_scaled.safetensors")
-    got = load_component(build_dit, src, include=DIT, method=QuantMethod.portable("fp8"))
-    assert torch.equal(_run(got), _run(_expected_from(file, "fp8")))
-    with pytest.raises(CheckpointError, match="stored as fp8 but the mode expects int8"):
-        load_component(build_dit, src, include=DIT, method=QuantMethod.portable("int8"))
-    # lightq's own comfyui writer produces the same conventions and loads too
-    out = convert(dit_src, component="dit", scheme="fp8", output=tmp_path / "c.safetensors", layout="comfyui",
-                  progress=False)
-    raw = load_file(out)
-    assert raw["scaled_fp8"].dtype == FP8_DTYPE and raw["scaled_fp8"].shape == (2,)
-    assert raw["blocks.0.self_attn.q.scale_weight"].shape == () and raw["blocks.0.self_attn.q.scale_weight"].dtype == torch.float32
-    load_component(build_dit, open_source(out), include=DIT, method=QuantMethod.portable("fp8"))
 
 
 # --- corruption and mismatch: each its own clear error ---

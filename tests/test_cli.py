@@ -68,6 +68,8 @@ def test_portable_mode_i2v_all_three_components(run_lightq, tmp_path, mode):
     for comp in ("dit", "t5", "clip"):
         assert res["components"][comp]["mode"] == mode and res["components"][comp]["backend"] == "torch"
         assert res["components"][comp]["quantized_layers"] > 0
+        scheme = mode.rpartition("-")[0]
+        assert res["components"][comp]["checkpoint"]["weights"] == f"{scheme}, quantized at load"
     assert res["components"]["vae"]["quantized_layers"] == 0
     assert "encode_image" in res["timings_s"]
     q = res["quality"]

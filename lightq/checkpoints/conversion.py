@@ -9,7 +9,9 @@ LightX2V's converter does, unless ``float_dtype`` says otherwise).
 Layouts: ``single`` (one .safetensors), ``chunked`` (shards + ``*.safetensors.index.json``), ``blocks``
 (``block_{i}.safetensors`` + ``non_block.safetensors`` + index, LightX2V's lazy-load split), ``lightx2v``
 (LightX2V's own files: DiT one .safetensors, T5 / CLIP ``.pth`` under LightX2V's names, CLIP without the text
-tower; fp8 / int8 only), ``comfyui`` (scaled fp8: per-tensor ``scale_weight`` and the ``scaled_fp8`` marker).
+tower; fp8 / int8 only), ``comfyui`` (ComfyUI's current format: fp8 weights, a per-tensor fp32 ``weight_scale``
+and a ``comfy_quant`` ``{"format": "float8_e4m3fn"}`` tensor per layer; no ``input_scale``, so ComfyUI and lightq
+quantize activations dynamically).
 
 Memory: the output header is planned from the source header, then tensors are read, quantized and written one
 at a time (peak: one source tensor, its fp32 copy and its quantized form). Output goes to a temporary file or
@@ -35,6 +37,7 @@ from ..progress import Progress
 from ..quant import schemes
 from ..quant.linear import check_skip, selected
 from . import formats
+from .conventions import COMFY_CONF, FP8_E4M3
 from .sources import TensorSource, sources_sha256
 from .writers import SafetensorsWriter, commit, mmap_safetensors, refuse_overwrite
 
@@ -194,9 +197,16 @@ def _quantized_entries(source: TensorSource, key: str, prefix: str, scheme: str,
 
     data_shape, data_dtype, scale_shape = schemes.expected_layout(scheme, *shape)
     if layout == "comfyui":
-        return [Entry(key, schemes.FP8_DTYPE, shape, data), Entry(prefix + formats.COMFY_SCALE, torch.float32, (), scale)]
+        conf = comfy_conf()
+        return [Entry(key, schemes.FP8_DTYPE, shape, data), Entry(prefix + formats.SCALE, torch.float32, (), scale),
+                Entry(prefix + COMFY_CONF, torch.uint8, tuple(conf.shape), lambda: conf)]
     return [Entry(key, data_dtype, tuple(data_shape), data),
             Entry(prefix + formats.SCALE, torch.float32, tuple(scale_shape), scale)]
+
+
+def comfy_conf() -> torch.Tensor:
+    """ComfyUI's per-layer description of a float8_e4m3fn layer: the uint8 bytes of its JSON object."""
+    return torch.tensor(list(json.dumps({"format": FP8_E4M3}).encode()), dtype=torch.uint8)
 
 
 def _copy(source: TensorSource, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -213,9 +223,7 @@ def _provenance(source: TensorSource, component: str, scheme: str, skip: tuple[s
         "lightq.skip": json.dumps(list(skip)),
         "lightq.layout": layout,
     }
-    if layout == "comfyui":  # per-tensor scales: not one of lightq's schemes, ComfyUI's marker says what it is
-        meta["lightq.comfyui"] = "scaled_fp8"
-    else:
+    if layout != "comfyui":  # ComfyUI's per-layer comfy_quant tensors say what each layer holds
         meta["lightq.scheme"] = scheme
         meta["lightq.granularity"] = formats.GRANULARITY[scheme]
     return meta
@@ -230,9 +238,6 @@ def _stream(path: Path, entries: list[Entry], meta: dict[str, str] | None, overw
 
 
 def _write_file(out: Path, entries: list[Entry], meta: dict[str, str], overwrite: bool, bar) -> None:
-    if meta.get("lightq.comfyui"):
-        marker = Entry(formats.COMFY_MARKER, schemes.FP8_DTYPE, (2,), lambda: torch.zeros(2, dtype=schemes.FP8_DTYPE))
-        entries = entries + [marker]
     _stream(out, entries, meta, overwrite, bar)
 
 
@@ -286,7 +291,7 @@ def _shards(entries: list[Entry], stem: str, shard_bytes: int) -> dict[str, list
     size = 0
     for e in entries:
         nbytes = _nbytes(e)
-        if shards[-1] and size + nbytes > shard_bytes and not e.key.endswith((formats.SCALE, formats.COMFY_SCALE)):
+        if shards[-1] and size + nbytes > shard_bytes and not e.key.endswith((formats.SCALE, COMFY_CONF)):
             shards.append([])
             size = 0
         shards[-1].append(e)

@@ -1,6 +1,8 @@
 """Pre-quantized checkpoint layouts: recognise them, read one quantized linear, validate it against the mode.
 
-Layouts (``<p>`` is a linear's key prefix, ``[N, K]`` = ``[out, in]``):
+Files are seen through ``lightq.checkpoints.conventions`` (wrapper prefixes dropped, ComfyUI's markers turned
+into one per-layer table, legacy names renamed). Layouts (``<p>`` is a linear's key prefix, ``[N, K]`` =
+``[out, in]``):
 
 ``lightx2v``  ``<p>.weight`` int8 / float8_e4m3fn ``[N, K]`` + ``<p>.weight_scale`` fp32 ``[N, 1]``; W = data * scale.
               LightX2V's converter computes scales in the source dtype, so files made from the bf16 release
@@ -9,12 +11,20 @@ Layouts (``<p>`` is a linear's key prefix, ``[N, K]`` = ``[out, in]``):
               ceil(K/128)]``, int4-g128 uint8 ``[N, K/2]`` + scale ``[K/128, N]``), and the header metadata
               ``lightq.scheme``, ``lightq.granularity``, ``lightq.component``, ``lightq.source_sha256``,
               ``lightq.version``.
-``comfyui``   scaled fp8 (ComfyUI ``scaled_fp8_ops``): ``<p>.weight`` float8_e4m3fn + ``<p>.scale_weight`` fp32
-              scalar (one scale per tensor, W = data * scale_weight), an optional ``<p>.scale_input`` (a static
-              per-tensor activation scale, x_q = x / scale_input), and a ``scaled_fp8`` marker tensor whose dtype
-              is the weights' fp8 dtype. A per-tensor scale s is converted exactly to lightq's per-channel fp8
-              layout: data unchanged, scale ``[N, 1]`` filled with s. ``scale_input`` is validated and not used:
-              lightq quantizes activations dynamically per token (a finer scale than one static per tensor).
+``comfyui``   ComfyUI's per-layer table (``conventions``): format ``float8_e4m3fn`` (``<p>.weight`` fp8) or
+              ``int8_tensorwise`` without ``convrot`` (int8), ``<p>.weight_scale`` fp32, one value per tensor or
+              per output channel (``[N]`` / ``[N, 1]``), optional ``<p>.input_scale`` (a calibrated static
+              activation scale, x_q = x / input_scale), optional ``full_precision_matrix_mult`` (weight-only:
+              ComfyUI dequantizes the weight and multiplies in high precision). Other formats are refused by name.
+``modelopt``  no table, ``<p>.weight`` fp8 + ``<p>.weight_scale`` fp32 scalar + ``<p>.input_scale`` fp32 scalar
+              (NVIDIA ModelOpt's FP8 export, also in diffusers folders).
+``fp8-cast``  ``<p>.weight`` float8_e4m3fn with no scale at all (kijai's ``*_fp8_e4m3fn`` files): scale 1.
+
+A per-tensor scale s is converted exactly to lightq's per-channel layout: data unchanged, scale ``[N, 1]`` filled
+with s. How activations are handled is the layer's ``activation_of``: ``dynamic`` (the mode's per-token / per-group
+quantization), ``static`` (an ``input_scale``: lightq has no static-activation mode, so a quantized mode refuses
+the layer in one line, never ignores the scale) or ``weight-only`` (only ``<component>_quant=none`` takes it: the
+weights are dequantized at load and multiplied in the run's dtype, as ComfyUI does).
 
 Every check names the tensor: wrong scheme for the mode, missing scale, scale of the wrong shape (transposed
 included) or dtype, NaN/Inf in data or scale, a float weight where the mode expects a quantized one.
@@ -22,47 +32,72 @@ included) or dtype, NaN/Inf in data or scale, a float weight where the mode expe
 
 from __future__ import annotations
 
-import math
+import json
+from functools import lru_cache
 
 import torch
 
 from ..errors import CheckpointError
 from ..quant import schemes
+from .conventions import QUANT_METADATA, file_layers
 from .sources import TensorSource
 
 SCALE = ".weight_scale"
-COMFY_SCALE = ".scale_weight"
-COMFY_INPUT_SCALE = ".scale_input"
-COMFY_MARKER = "scaled_fp8"
+INPUT_SCALE = ".input_scale"
 GRANULARITY = {"fp8": "per-channel", "int8": "per-channel", "fp8-b128": "block128", "int4-g128": "group128"}
 QUANT_DTYPES = {schemes.FP8_DTYPE: "fp8", torch.int8: "int8", torch.uint8: "int4-g128", torch.float8_e5m2: "fp8-e5m2"}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+COMFY_FORMATS = {"float8_e4m3fn": "fp8", "int8_tensorwise": "int8"}
+ACTIVATIONS = {"fp8": "fp8, dynamic per token", "int8": "int8, dynamic per token",
+               "fp8-b128": "fp8, dynamic per 1x128 group", "int4-g128": "not quantized (weight-only scheme)"}
+
+
+@lru_cache(maxsize=8)
+def _table(raw: str) -> dict[str, dict]:
+    return json.loads(raw)["layers"]
+
+
+def comfy_layers(source: TensorSource) -> dict[str, dict]:
+    """ComfyUI's per-layer table of ``source`` (layer -> its JSON object), empty for other layouts."""
+    raw = source.metadata.get(QUANT_METADATA)
+    if raw is None:
+        return {}
+    try:
+        return _table(raw)
+    except (ValueError, KeyError, TypeError):
+        return file_layers(source)  # raises the one-line error
 
 
 def layout_of(source: TensorSource) -> str:
-    """``lightq`` | ``comfyui`` | ``lightx2v`` | ``float`` (no quantized tensor)."""
+    """``lightq`` | ``comfyui`` | ``modelopt`` | ``lightx2v`` | ``fp8-cast`` | ``float`` (no quantized tensor)."""
     if "lightq.scheme" in source.metadata:
         return "lightq"
-    if COMFY_MARKER in source or any(k.endswith(COMFY_SCALE) for k in source):
+    if comfy_layers(source):
         return "comfyui"
+    if any(k.endswith(INPUT_SCALE) for k in source):
+        return "modelopt"
     if any(k.endswith(SCALE) for k in source):
         return "lightx2v"
+    if any(k.endswith(".weight") and source.dtype(k) == schemes.FP8_DTYPE and len(source.shape(k)) == 2
+           for k in source):
+        return "fp8-cast"
     return "float"
 
 
 def aux_keys(source: TensorSource, prefix: str) -> list[str]:
     """The scale keys that belong to linear ``prefix`` in this file (consumed with its weight)."""
-    return [prefix + s for s in (SCALE, COMFY_SCALE, COMFY_INPUT_SCALE) if prefix + s in source]
+    return [prefix + s for s in (SCALE, INPUT_SCALE) if prefix + s in source]
 
 
 def is_quantized(source: TensorSource, prefix: str) -> bool:
-    """Does the file hold ``<prefix>.weight`` quantized (by its dtype, or by a scale next to it)?"""
+    """Does the file hold ``<prefix>.weight`` quantized (a 2-D weight of a quantized dtype, or a scale next to it)?"""
     key = prefix + ".weight"
-    return bool(aux_keys(source, prefix)) or (key in source and source.dtype(key) in QUANT_DTYPES)
+    return bool(aux_keys(source, prefix)) or (key in source and source.dtype(key) in QUANT_DTYPES
+                                              and len(source.shape(key)) == 2)
 
 
 def file_scheme(source: TensorSource, prefix: str) -> str:
-    """The scheme the file stores linear ``prefix`` in (from metadata, dtype and scale shape)."""
+    """The scheme the file stores linear ``prefix`` in (from metadata, ComfyUI's table, dtype and scale shape)."""
     key = prefix + ".weight"
     kind = QUANT_DTYPES.get(source.dtype(key), "float")
     if kind == "float" and not aux_keys(source, prefix):
@@ -70,13 +105,62 @@ def file_scheme(source: TensorSource, prefix: str) -> str:
     meta = source.metadata.get("lightq.scheme")
     if meta:
         return meta
-    if prefix + COMFY_SCALE in source:
-        return "fp8"
+    conf = comfy_layers(source).get(prefix)
+    if conf is not None:
+        fmt = conf.get("format")
+        if fmt not in COMFY_FORMATS or conf.get("convrot") or (conf.get("params") or {}).get("convrot"):
+            what = f"{fmt} with convrot" if fmt in COMFY_FORMATS else fmt
+            raise CheckpointError(f"{source.file_of(key)}: layer '{prefix}' is ComfyUI format '{what}'; lightq reads "
+                                  f"{' and '.join(COMFY_FORMATS)} layers: use a float8_e4m3fn file or the bf16 "
+                                  "original (quantized at load)")
+        return COMFY_FORMATS[fmt]
     if kind == "fp8" and prefix + SCALE in source:
         n, k = source.shape(key)
         if tuple(source.shape(prefix + SCALE)) == (-(-n // schemes.BLOCK), -(-k // schemes.BLOCK)) and n > 1:
             return "fp8-b128"
     return kind
+
+
+def activation_of(source: TensorSource, prefix: str) -> str:
+    """How the file means linear ``prefix``'s activations to be handled: ``weight-only`` | ``static`` | ``dynamic``."""
+    if (comfy_layers(source).get(prefix) or {}).get("full_precision_matrix_mult"):
+        return "weight-only"
+    return "static" if prefix + INPUT_SCALE in source else "dynamic"
+
+
+def weight_only_file(source: TensorSource) -> bool:
+    """True when the file's every quantized layer is weight-only (ComfyUI ``full_precision_matrix_mult``)."""
+    table = comfy_layers(source)
+    return bool(table) and all(conf.get("full_precision_matrix_mult") for conf in table.values())
+
+
+def check_activations(source: TensorSource, prefix: str, scheme: str, component: str | None) -> None:
+    """Refuse, in one line, a layer whose activation handling the mode's ``scheme`` would not honour."""
+    how = activation_of(source, prefix)
+    where, option = source.file_of(prefix + ".weight"), f"{component or '<component>'}_quant"
+    if how == "weight-only":
+        raise CheckpointError(f"{where}: '{prefix}' is weight-only (ComfyUI full_precision_matrix_mult: dequantized "
+                              f"weights, high-precision GEMM), but the mode computes in {scheme}: run it with "
+                              f"{option}=none, which does exactly that, or quantize the bf16 original at load")
+    if how == "static":
+        raise CheckpointError(f"{where}: '{prefix}' carries a calibrated static activation scale "
+                              f"('{prefix}{INPUT_SCALE}') but {scheme} quantizes activations dynamically per token, "
+                              "and lightq has no static-activation mode: load the bf16 original (quantized at load)")
+
+
+def numerics(source: TensorSource | str, scheme: str | None, dtype: torch.dtype) -> dict[str, str]:
+    """What result.json records of a loaded component: the file's layout, where the weights came from, and how
+    activations are computed."""
+    layout = "random" if isinstance(source, str) else layout_of(source)
+    high = str(dtype).replace("torch.", "")
+    if scheme is None:
+        weights = (f"the file's quantized weights dequantized to {high} at load (weight-only)"
+                   if layout not in ("float", "random") else f"{high}")
+        return {"layout": layout, "weights": weights, "activations": f"{high} (not quantized)"}
+    weights = f"{scheme}, quantized at load" if layout in ("float", "random") else f"{scheme}, read from the file"
+    if not isinstance(source, str) and layout in ("comfyui", "modelopt", "fp8-cast"):
+        weights += " (per-tensor scales held per channel)" if layout != "fp8-cast" else " (scale 1)"
+    return {"layout": layout, "weights": weights, "activations": ACTIVATIONS.get(scheme, scheme)}
 
 
 def check_file_scheme(source: TensorSource, scheme: str | None, component: str | None = None) -> None:
@@ -97,11 +181,6 @@ def check_file_scheme(source: TensorSource, scheme: str | None, component: str |
     comp = meta.get("lightq.component")
     if component is not None and comp is not None and comp != component:
         raise CheckpointError(f"{source.name} is a '{comp}' checkpoint (lightq.component), not '{component}'")
-    if COMFY_MARKER in source:
-        dt = source.dtype(COMFY_MARKER)
-        if dt == torch.float8_e5m2:
-            raise CheckpointError(f"{source.name}: ComfyUI scaled_fp8 marker says float8_e5m2 weights; lightq runs "
-                                  "e4m3 only: use the e4m3fn file or the bf16 original")
 
 
 def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[int, int],
@@ -125,18 +204,10 @@ def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[
     if tuple(source.shape(key)) != tuple(data_shape):
         raise CheckpointError(f"{source.file_of(key)}: '{key}' has shape {tuple(source.shape(key))}, the model "
                               f"needs {tuple(data_shape)} for {scheme}")
-    if prefix + COMFY_SCALE in source:
-        data = source[key].to(device)
-        scale = _comfy_scale(source, prefix, n).to(device)
-    else:
-        scale_key = prefix + SCALE
-        if scale_key not in source:
-            raise CheckpointError(f"{source.file_of(key)}: '{key}' is {data_dtype} but its scale '{scale_key}' is "
-                                  "missing; the file is incomplete, convert again")
-        _check_scale_layout(source, scale_key, scale_shape, bf16_ok="lightq.scheme" not in source.metadata)
-        data = source[key].to(device)
-        scale = source[scale_key].to(device)
-        _check_scale_values(source, scale_key, scale)
+    data = source[key].to(device)
+    scale = _scale(source, prefix, scheme, n, scale_shape, data_dtype).to(device)
+    if prefix + INPUT_SCALE in source:
+        _one_value(source, prefix + INPUT_SCALE)
     if data.dtype == schemes.FP8_DTYPE:
         bad = torch.isnan(data.float()).sum().item()
         if bad:
@@ -164,21 +235,34 @@ def _check_scale_values(source: TensorSource, scale_key: str, scale: torch.Tenso
                               "the file is corrupt")
 
 
-def _comfy_scale(source: TensorSource, prefix: str, n: int) -> torch.Tensor:
-    """ComfyUI's per-tensor ``scale_weight`` as lightq's per-channel ``[N, 1]`` (every row the same scale)."""
-    skey = prefix + COMFY_SCALE
-    if source.dtype(skey) != torch.float32 or math.prod(source.shape(skey)) != 1:
-        raise CheckpointError(f"{source.file_of(skey)}: ComfyUI scale '{skey}' must be one float32 value, got "
-                              f"{source.dtype(skey)} {tuple(source.shape(skey))}")
-    s = source[skey].reshape(())
-    _check_scale_values(source, skey, s)
-    ikey = prefix + COMFY_INPUT_SCALE
-    if ikey in source:
-        si = source[ikey]
-        if si.numel() != 1:
-            raise CheckpointError(f"{source.file_of(ikey)}: '{ikey}' must be one value, got shape {tuple(si.shape)}")
-        _check_scale_values(source, ikey, si.float())
-    return s.float().expand(n, 1).contiguous()
+def _scale(source: TensorSource, prefix: str, scheme: str, n: int, want: tuple, data_dtype) -> torch.Tensor:
+    """The weight's scale in lightq's layout: as stored, or a per-tensor / ``[N]`` scale as ``[N, 1]``, or 1 for
+    an fp8 weight stored without any scale (a plain cast)."""
+    key, scale_key = prefix + ".weight", prefix + SCALE
+    if scale_key not in source:
+        if data_dtype == schemes.FP8_DTYPE and scheme == "fp8" and layout_of(source) == "fp8-cast":
+            return torch.ones(n, 1)
+        raise CheckpointError(f"{source.file_of(key)}: '{key}' is {data_dtype} but its scale '{scale_key}' is "
+                              "missing; the file is incomplete, convert again")
+    shape = tuple(source.shape(scale_key))
+    if scheme in ("fp8", "int8") and shape in ((), (1,)):
+        return _one_value(source, scale_key).expand(n, 1).contiguous()
+    if scheme in ("fp8", "int8") and shape == (n,) and n > 1:
+        want = shape
+    _check_scale_layout(source, scale_key, want, bf16_ok="lightq.scheme" not in source.metadata)
+    scale = source[scale_key]
+    _check_scale_values(source, scale_key, scale)
+    return scale.float().reshape(n, 1) if want == (n,) else scale
+
+
+def _one_value(source: TensorSource, key: str) -> torch.Tensor:
+    """A per-tensor fp32 scale (shape ``()`` or ``(1,)``), checked finite and positive, as a 0-d fp32 tensor."""
+    if source.dtype(key) != torch.float32 or torch.Size(source.shape(key)).numel() != 1:
+        raise CheckpointError(f"{source.file_of(key)}: '{key}' must be one float32 value, got {source.dtype(key)} "
+                              f"{tuple(source.shape(key))}")
+    value = source[key].reshape(())
+    _check_scale_values(source, key, value)
+    return value.float()
 
 
 def quantize_fp8_per_tensor(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:

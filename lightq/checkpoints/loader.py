@@ -11,7 +11,8 @@ tensor, moved to ``device``), and the selected linears — those matching ``incl
   what ``lightq.convert`` does: load-time and converted weights are bit-identical.
 
 A quantized tensor in the file at a linear the mode keeps in high precision (``skip``) is dequantized into
-``dtype``. Key problems (missing, unexpected and not covered by ``ignore_prefixes``, mis-shaped) are collected
+``dtype`` (this is also how a weight-only file, ComfyUI's ``full_precision_matrix_mult``, runs under mode
+``none``). The module's ``checkpoint_numerics`` (``formats.numerics``) says which numerics ran. Key problems (missing, unexpected and not covered by ``ignore_prefixes``, mis-shaped) are collected
 before anything is loaded and raised as one CheckpointError listing up to five keys.
 ``source="random"`` makes every tensor from ``(seed, key)`` alone with ``random_tensor`` (matrices uniform with the
 variance of N(0, 1/fan_in), 1-D ``weight`` ones, biases zeros): the same bits on every device, computed on the GPU
@@ -65,8 +66,9 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
     else:
         formats.check_file_scheme(source, scheme, component)
         pre_quantized = formats.layout_of(source) != "float"
-        if pre_quantized and scheme is None:
-            some = next(k for k in source if k.endswith((formats.SCALE, formats.COMFY_SCALE)) or k == formats.COMFY_MARKER)
+        if pre_quantized and scheme is None and not formats.weight_only_file(source):
+            some = next((k for k in source if k.endswith(formats.SCALE)), None) or next(
+                k for k in source if k.endswith(".weight") and formats.is_quantized(source, k[:-len(".weight")]))
             raise CheckpointError(f"{source.name} is pre-quantized (e.g. '{some}') but the mode is 'none': pick the "
                                   "matching quantized mode, or load the bf16 checkpoint")
         _check_keys(model, source, expected, ignore)
@@ -82,6 +84,7 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
             n_k = tuple(lin.weight.shape)
             if pre_quantized:  # a float weight here is an error: the file was converted without this layer
                 qw = formats.read_quantized(source, name, scheme, n_k, device)
+                formats.check_activations(source, name, scheme, component)
             else:
                 w = fetch(name + ".weight", n_k).to(quantize_on)
                 qw = quantize_weight(w, scheme, name=f"{name}.weight").to(device)
@@ -110,6 +113,7 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
     if leftover:
         raise CheckpointError(f"{', '.join(leftover[:5])} were never loaded (buffers are not checkpoint tensors: "
                               "the module must create them itself)")
+    model.checkpoint_numerics = formats.numerics(source, scheme, dtype)
     return model.eval()
 
 
@@ -118,8 +122,6 @@ def _check_keys(model: nn.Module, source: TensorSource, expected: dict[str, tupl
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             consumed.update(formats.aux_keys(source, name))
-    if formats.COMFY_MARKER in source:
-        consumed.add(formats.COMFY_MARKER)
     missing = [k for k in expected if k not in source]
     unexpected = [k for k in source if k not in expected and k not in consumed
                   and not any(k.startswith(p) for p in ignore)]

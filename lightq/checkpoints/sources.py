@@ -12,7 +12,9 @@ checkpoint, whatever its file layout:
 Safetensors are memory-mapped through ``safe_open``: ``source[key]`` reads one tensor, ``shape`` / ``dtype`` read
 only the header. A corrupt or truncated file raises ``CheckpointError`` naming the file and the problem.
 
-``source.subset(keys)`` is a view of some keys of a source (one offloaded block's tensors), behind the same interface.
+``source.subset(keys)`` is a view of some keys of a source (one offloaded block's tensors), behind the same interface;
+``RenamedSource`` shows a source under other key names (``lightq.checkpoints.conventions``: the published key
+conventions seen through lightq's names). ``open_source`` returns the file seen through those conventions.
 ``file_sha256`` / ``sources_sha256`` identify the files a source reads.
 """
 
@@ -201,9 +203,50 @@ class SubsetSource(TensorSource):
         return self._source.file_of(key)
 
 
+class RenamedSource(TensorSource):
+    """``source`` under other key names: ``names`` maps each visible key to the key stored in ``source`` (keys not
+    in ``names`` are hidden); ``metadata`` replaces the header metadata (default: the source's)."""
+
+    def __init__(self, source: TensorSource, names: dict[str, str], metadata: dict[str, str] | None = None):
+        self._source, self._names = source, dict(names)
+        self.name, self.files = source.name, source.files
+        self.metadata = dict(source.metadata if metadata is None else metadata)
+
+    def stored_key(self, key: str) -> str:
+        """The name ``key`` has in the file (for error messages)."""
+        return self._names[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._source[self._names[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, key) -> bool:
+        return key in self._names
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._source.shape(self._names[key])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._source.dtype(self._names[key])
+
+    def file_of(self, key: str) -> Path:
+        return self._source.file_of(self._names[key])
+
+
 def open_source(path: str | os.PathLike) -> TensorSource:
-    """Open a checkpoint file or folder (see the module docstring for the layouts recognised)."""
-    path = Path(path)
+    """Open a checkpoint file or folder (see the module docstring for the layouts recognised), seen through
+    ``conventions.normalize``."""
+    from .conventions import normalize
+
+    return normalize(_open(Path(path)))
+
+
+def _open(path: Path) -> TensorSource:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file():

@@ -161,7 +161,8 @@ def describe(module: nn.Module, method: QuantMethod | None) -> dict:
         st = t.untyped_storage()
         storages[(t.device, st.data_ptr())] = st.nbytes()
     return {"quantized_layers": len(qlinears) + (lazy.quantized_layers() if lazy is not None else 0),
-            "weight_bytes": sum(storages.values()), **(method.record() if method is not None else {})}
+            "weight_bytes": sum(storages.values()), "checkpoint": getattr(module, "checkpoint_numerics", {}),
+            **(method.record() if method is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
