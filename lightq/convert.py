@@ -22,7 +22,7 @@ TINY = ("tiny", "tiny-i2v")
 def open_component_source(ref: str, component: str):
     """The float checkpoint of ``component`` that ``ref`` names (file, folder, Hub reference or tiny model)."""
     from .checkpoints import hub
-    from .checkpoints.sources import open_source
+    from .checkpoints.conventions import open_source
     from .checkpoints.locate import find_component_file
 
     if ref in TINY:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from lightq.backends.registry import specs
 from lightq.checkpoints.conversion import convert
 from lightq.checkpoints.loader import load_component
-from lightq.checkpoints.sources import open_source
+from lightq.checkpoints.conventions import open_source
 from lightq.errors import CheckpointError
 from lightq.models import family, wan_dit
 from lightq.models.tiny import ensure_tiny

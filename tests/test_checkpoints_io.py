@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightq.checkpoints.sources import file_sha256, open_source, sources_sha256
+from lightq.checkpoints.conventions import open_source
+from lightq.checkpoints.sources import file_sha256, sources_sha256
 from lightq.checkpoints.writers import SafetensorsWriter, mmap_safetensors, save_safetensors_atomic
 from lightq.errors import CheckpointError
 

@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightq.checkpoints.conversion import convert
-from lightq.checkpoints.sources import DictSource, open_source
+from lightq.checkpoints.conventions import open_source
+from lightq.checkpoints.sources import DictSource
 from lightq.checkpoints.writers import save_safetensors_atomic
 from lightq.checkpoints.loader import load_component
 from lightq.errors import CheckpointError

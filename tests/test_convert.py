@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightq.checkpoints.sources import open_source
+from lightq.checkpoints.conventions import open_source
 from lightq.checkpoints.lightx2v_config import overrides_from_lightx2v
 from lightq.checkpoints.locate import NotInFolder, find_component_file
 from lightq.errors import CheckpointError, LightqError

@@ -184,7 +184,7 @@ def run(args) -> list[Row]:
     from ..models.wan_dit import DIT_ARCHS, WanDiT
     from ..offload.lazy import load_lazy
     from ..offload.placement import BlockOffload, WholeOffload
-    from ..checkpoints.sources import open_source
+    from ..checkpoints.conventions import open_source
     from ..quant.method import QuantMethod
 
     dev = torch.device(args.device)

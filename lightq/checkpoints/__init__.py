@@ -1,8 +1,10 @@
 """Checkpoints: lazy reading of every published layout, streamed atomic writing, loading into modules.
 
-- ``sources``         ``TensorSource`` / ``open_source`` (safetensors, chunked, block split, .pth), file hashes
+- ``sources``         ``TensorSource`` / ``open_files`` (safetensors, chunked, block split, .pth), file hashes
+- ``conventions``     ``open_source``: files seen through the published key conventions (wrapper prefixes,
+                      ComfyUI's per-layer markers)
 - ``writers``         ``SafetensorsWriter`` / ``save_safetensors_atomic``: streamed atomic writing
-- ``formats``         pre-quantized layouts (lightq, LightX2V, ComfyUI scaled fp8): detection and validation
+- ``formats``         pre-quantized layouts (lightq, LightX2V, ComfyUI, ModelOpt fp8, plain fp8 casts): detection and validation
 - ``loader``          ``load_component``: meta-device build, tensor-by-tensor fill, QLinear swap
 - ``conversion``      streaming quantized conversion behind ``python -m lightq.convert``
 - ``hub``             Hugging Face Hub references (``owner/repo[/file]``), offline-aware
@@ -15,7 +17,7 @@ Names are imported lazily, so ``hub`` and ``lightx2v_config`` work without impor
 from importlib import import_module
 
 _EXPORTS = {
-    "TensorSource": "sources", "open_source": "sources", "save_safetensors_atomic": "writers",
+    "TensorSource": "sources", "open_source": "conventions", "save_safetensors_atomic": "writers",
     "load_component": "loader", "find_component_file": "locate", "overrides_from_lightx2v": "lightx2v_config",
 }
 

@@ -1,4 +1,5 @@
-"""Published key conventions seen through lightq's names: ``normalize(source)`` is what every loader reads.
+"""Published key conventions seen through lightq's names: ``open_source(path)`` = ``normalize(open_files(path))``
+is what every loader reads.
 
 - Wrapper prefixes: when every key sits under one of ``model.diffusion_model.``, ``diffusion_model.`` or
   ``model.`` (ComfyUI's full checkpoints, kijai's WanVideoWrapper files, diffusers' single-file exports), the
@@ -21,11 +22,12 @@ itself when nothing changes); ``lightq.checkpoints.formats`` reads the table.
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
 from ..errors import CheckpointError
-from .sources import RenamedSource, TensorSource
+from .sources import RenamedSource, TensorSource, open_files
 
 WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 QUANT_METADATA = "_quantization_metadata"
@@ -33,6 +35,11 @@ COMFY_CONF = ".comfy_quant"
 COMFY_MARKER = "scaled_fp8"
 LEGACY_SCALES = {".scale_weight": ".weight_scale", ".scale_input": ".input_scale"}
 FP8_E4M3 = "float8_e4m3fn"
+
+
+def open_source(path: str | os.PathLike) -> TensorSource:
+    """The checkpoint file or folder at ``path`` (``sources.open_files``), seen through ``normalize``."""
+    return normalize(open_files(path))
 
 
 def wrapper_prefix(keys: list[str]) -> str:

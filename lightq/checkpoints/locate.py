@@ -26,7 +26,8 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..models.family import WAN21
 from . import formats
-from .sources import BLOCK_FILE, NON_BLOCK_FILE, open_source
+from .conventions import open_source
+from .sources import BLOCK_FILE, NON_BLOCK_FILE
 
 
 class NotInFolder(CheckpointError):

@@ -1,6 +1,6 @@
 """Reading checkpoint files, one tensor at a time (writing them: ``lightq.checkpoints.writers``).
 
-``open_source(path)`` gives a ``TensorSource``, a lazy read-only mapping ``key -> tensor`` over one
+``open_files(path)`` gives a ``TensorSource``, a lazy read-only mapping ``key -> tensor`` over one
 checkpoint, whatever its file layout:
 
 - one ``.safetensors`` file;
@@ -14,7 +14,7 @@ only the header. A corrupt or truncated file raises ``CheckpointError`` naming t
 
 ``source.subset(keys)`` is a view of some keys of a source (one offloaded block's tensors), behind the same interface;
 ``RenamedSource`` shows a source under other key names (``lightq.checkpoints.conventions``: the published key
-conventions seen through lightq's names). ``open_source`` returns the file seen through those conventions.
+conventions seen through lightq's names); ``conventions.open_source`` is what loaders open.
 ``file_sha256`` / ``sources_sha256`` identify the files a source reads.
 """
 
@@ -238,15 +238,10 @@ class RenamedSource(TensorSource):
         return self._source.file_of(self._names[key])
 
 
-def open_source(path: str | os.PathLike) -> TensorSource:
-    """Open a checkpoint file or folder (see the module docstring for the layouts recognised), seen through
-    ``conventions.normalize``."""
-    from .conventions import normalize
-
-    return normalize(_open(Path(path)))
-
-
-def _open(path: Path) -> TensorSource:
+def open_files(path: str | os.PathLike) -> TensorSource:
+    """Open a checkpoint file or folder (see the module docstring for the layouts recognised), keys as stored;
+    ``conventions.open_source`` is this seen through the published key conventions."""
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_file():

@@ -66,7 +66,7 @@ def _source(component: str, method: QuantMethod | None, folder: Path | None):
     pre-quantized one of the mode's scheme when the folder has it, else the bf16 original (quantized at load)."""
     from ..checkpoints.hub import resolve
     from ..checkpoints.locate import NotInFolder, find_component_file
-    from ..checkpoints.sources import open_source
+    from ..checkpoints.conventions import open_source
 
     if method is not None and method.ckpt:
         return open_source(resolve(method.ckpt))

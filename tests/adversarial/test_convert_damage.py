@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from lightq import staging
-from lightq.checkpoints.sources import open_source
+from lightq.checkpoints.conventions import open_source
 
 from .conftest import no_partials, one_line, snapshot
 
