@@ -110,8 +110,9 @@ def test_legacy_scaled_fp8_runs_w8a8(tmp_path, state, prefix):
     src = _save(tmp_path, file)
     got = load_component(build_dit, src, include=DIT, method=QuantMethod.portable("fp8"), component="dit")
     assert torch.equal(_run(got), _run(_reference(state, quantized, "fp8")))
-    assert got.checkpoint_numerics == {"layout": "comfyui", "weights": "fp8, read from the file (per-tensor scales "
-                                       "held per channel)", "activations": "fp8, dynamic per token"}
+    assert got.checkpoint_numerics == {"layout": "comfyui", "key_names": "official",
+                                       "weights": "fp8, read from the file (per-tensor scales held per channel)",
+                                       "activations": "fp8, dynamic per token"}
     with pytest.raises(CheckpointError, match="stored as fp8 but the mode expects int8"):
         load_component(build_dit, src, include=DIT, method=QuantMethod.portable("int8"))
 
@@ -151,7 +152,8 @@ def _current(state, prefix="model.diffusion_model.", per_channel=False, fmt="flo
             quantized[layer] = (q, s)
         else:
             file[prefix + k] = w
-    metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})} if in_header else None
+    table = json.dumps({"format_version": "1.0", "layers": layers})
+    metadata = {"_quantization_metadata": table} if in_header else None
     return file, quantized, metadata
 
 

@@ -4,7 +4,9 @@
 - ``conventions``     ``open_source``: files seen through the published key conventions (wrapper prefixes,
                       ComfyUI's per-layer markers)
 - ``writers``         ``SafetensorsWriter`` / ``save_safetensors_atomic``: streamed atomic writing
-- ``formats``         pre-quantized layouts (lightq, LightX2V, ComfyUI, ModelOpt fp8, plain fp8 casts): detection and validation
+- ``formats``         pre-quantized layouts (lightq, LightX2V, ComfyUI, ModelOpt fp8, plain fp8 casts): detection
+                      and validation
+- ``diffusers``       diffusers' / transformers' key names of the Wan2.1 components <-> the official ones
 - ``loader``          ``load_component``: meta-device build, tensor-by-tensor fill, QLinear swap
 - ``conversion``      streaming quantized conversion behind ``python -m lightq.convert``
 - ``hub``             Hugging Face Hub references (``owner/repo[/file]``), offline-aware

@@ -15,6 +15,9 @@ is what every loader reads.
     renamed to the current ``<layer>.weight_scale`` / ``<layer>.input_scale``. A legacy ``scale_input`` of
     exactly 1 is dropped, as ComfyUI drops it (it stands for "no calibrated activation scale").
 
+- diffusers / transformers names (``-Diffusers`` folders' components): the official names
+  (``lightq.checkpoints.diffusers``).
+
 Layer names in the table lose the wrapper prefix with the keys. The result is a ``RenamedSource`` (or the source
 itself when nothing changes); ``lightq.checkpoints.formats`` reads the table.
 """
@@ -27,6 +30,7 @@ import os
 import torch
 
 from ..errors import CheckpointError
+from .diffusers import official_view
 from .sources import RenamedSource, TensorSource, open_files
 
 WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -38,8 +42,9 @@ FP8_E4M3 = "float8_e4m3fn"
 
 
 def open_source(path: str | os.PathLike) -> TensorSource:
-    """The checkpoint file or folder at ``path`` (``sources.open_files``), seen through ``normalize``."""
-    return normalize(open_files(path))
+    """The checkpoint file or folder at ``path`` (``sources.open_files``), seen through ``normalize`` and, for a
+    diffusers / transformers file, under the official names (``diffusers.official_view``)."""
+    return official_view(normalize(open_files(path)))
 
 
 def wrapper_prefix(keys: list[str]) -> str:

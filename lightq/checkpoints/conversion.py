@@ -11,7 +11,8 @@ Layouts: ``single`` (one .safetensors), ``chunked`` (shards + ``*.safetensors.in
 (LightX2V's own files: DiT one .safetensors, T5 / CLIP ``.pth`` under LightX2V's names, CLIP without the text
 tower; fp8 / int8 only), ``comfyui`` (ComfyUI's current format: fp8 weights, a per-tensor fp32 ``weight_scale``
 and a ``comfy_quant`` ``{"format": "float8_e4m3fn"}`` tensor per layer; no ``input_scale``, so ComfyUI and lightq
-quantize activations dynamically).
+quantize activations dynamically), ``diffusers`` (one .safetensors under diffusers' / transformers' names, for a
+``-Diffusers`` folder's component subfolder: ``checkpoints.diffusers``; the same tensors as ``single``).
 
 Memory: the output header is planned from the source header, then tensors are read, quantized and written one
 at a time (peak: one source tensor, its fp32 copy and its quantized form). Output goes to a temporary file or
@@ -38,10 +39,11 @@ from ..quant import schemes
 from ..quant.linear import check_skip, selected
 from . import formats
 from .conventions import COMFY_CONF, FP8_E4M3
+from .diffusers import written_as
 from .sources import TensorSource, sources_sha256
 from .writers import SafetensorsWriter, commit, mmap_safetensors, refuse_overwrite
 
-LAYOUTS = ("single", "chunked", "blocks", "lightx2v", "comfyui")
+LAYOUTS = ("single", "chunked", "blocks", "lightx2v", "comfyui", "diffusers")
 LIGHTX2V_CLIP_DROPPED = "textual."
 BLOCK_RE = WAN21.block_key()
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,8 +74,12 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
                               "layout=single (lightq's own format) for it")
     if layout == "comfyui" and scheme != "fp8":
         raise CheckpointError(f"layout=comfyui is scaled fp8 only, not {scheme}")
+    if layout == "diffusers" and component == "clip" and scheme not in ("fp8", "int8"):
+        raise CheckpointError(f"layout=diffusers splits CLIP's fused q/k/v by rows, which {scheme}'s scales are not "
+                              "laid out in: use fp8 or int8, or layout=single")
     if formats.layout_of(source) != "float":
-        raise CheckpointError(f"{source.name} is already quantized ({formats.layout_of(source)} layout); convert from the "
+        raise CheckpointError(f"{source.name} is already quantized ({formats.layout_of(source)} layout); convert from "
+                              "the "
                               "bf16 / fp32 original")
     if float_dtype is not None and float_dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"float_dtype '{float_dtype}': choose one of {', '.join(FLOAT_DTYPES)} or null")
@@ -85,7 +91,7 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
     meta = _provenance(source, component, scheme, tuple(skip), layout)
     bar = Progress(len(entries), f"converting -> {out.name}", "tensors", progress)
     try:
-        if layout in ("single", "comfyui") or (layout == "lightx2v" and component == "dit"):
+        if layout in ("single", "comfyui", "diffusers") or (layout == "lightx2v" and component == "dit"):
             _write_file(out, entries, meta, overwrite, bar)
         elif layout == "lightx2v":
             _write_pth(out, entries, overwrite, bar)
@@ -144,7 +150,7 @@ def _output_path(output: Path, component: str, scheme: str, layout: str) -> Path
     lightx2v = WAN21.components[component].lightx2v
     if layout == "lightx2v" and lightx2v:
         return output if output.suffix == ".pth" else output / lightx2v.format(scheme)
-    if layout in ("single", "comfyui", "lightx2v"):
+    if layout in ("single", "comfyui", "lightx2v", "diffusers"):
         if output.suffix != ".safetensors":
             raise CheckpointError(f"output '{output}': layout={layout} writes one file, name it *.safetensors")
         return output
@@ -172,7 +178,22 @@ def _plan(source: TensorSource, component: str, scheme: str, skip: tuple[str, ..
         else:
             out_dtype = cast if (cast is not None and dtype.is_floating_point) else dtype
             entries.append(Entry(key, out_dtype, shape, _copy(source, key, out_dtype)))
-    return entries
+    return [piece for e in entries for piece in _diffusers_pieces(e, component)] if layout == "diffusers" else entries
+
+
+def _diffusers_pieces(e: Entry, component: str) -> list[Entry]:
+    """``e`` under diffusers' names (``diffusers.written_as``); the pieces of one tensor share one computation."""
+    pieces = written_as(component, e.key, e.shape)
+    held: dict[str, torch.Tensor] = {}
+
+    def piece(transform, last: bool):
+        def make() -> torch.Tensor:
+            if "t" not in held:
+                held["t"] = e.make()
+            t = held.pop("t") if last else held["t"]
+            return transform(t) if transform is not None else t
+        return make
+    return [Entry(name, e.dtype, shape, piece(fn, i == len(pieces) - 1)) for i, (name, shape, fn) in enumerate(pieces)]
 
 
 def _quantized_entries(source: TensorSource, key: str, prefix: str, scheme: str, shape: tuple[int, int],

@@ -152,15 +152,16 @@ def numerics(source: TensorSource | str, scheme: str | None, dtype: torch.dtype)
     """What result.json records of a loaded component: the file's layout, where the weights came from, and how
     activations are computed."""
     layout = "random" if isinstance(source, str) else layout_of(source)
+    names = {"key_names": getattr(source, "convention", "") or "official"} if not isinstance(source, str) else {}
     high = str(dtype).replace("torch.", "")
     if scheme is None:
         weights = (f"the file's quantized weights dequantized to {high} at load (weight-only)"
                    if layout not in ("float", "random") else f"{high}")
-        return {"layout": layout, "weights": weights, "activations": f"{high} (not quantized)"}
+        return {"layout": layout, **names, "weights": weights, "activations": f"{high} (not quantized)"}
     weights = f"{scheme}, quantized at load" if layout in ("float", "random") else f"{scheme}, read from the file"
     if not isinstance(source, str) and layout in ("comfyui", "modelopt", "fp8-cast"):
         weights += " (per-tensor scales held per channel)" if layout != "fp8-cast" else " (scale 1)"
-    return {"layout": layout, "weights": weights, "activations": ACTIVATIONS.get(scheme, scheme)}
+    return {"layout": layout, **names, "weights": weights, "activations": ACTIVATIONS.get(scheme, scheme)}
 
 
 def check_file_scheme(source: TensorSource, scheme: str | None, component: str | None = None) -> None:

@@ -12,7 +12,8 @@ tensor, moved to ``device``), and the selected linears — those matching ``incl
 
 A quantized tensor in the file at a linear the mode keeps in high precision (``skip``) is dequantized into
 ``dtype`` (this is also how a weight-only file, ComfyUI's ``full_precision_matrix_mult``, runs under mode
-``none``). The module's ``checkpoint_numerics`` (``formats.numerics``) says which numerics ran. Key problems (missing, unexpected and not covered by ``ignore_prefixes``, mis-shaped) are collected
+``none``). The module's ``checkpoint_numerics`` (``formats.numerics``) says which numerics ran. Key problems
+(missing, unexpected and not covered by ``ignore_prefixes``, mis-shaped) are collected
 before anything is loaded and raised as one CheckpointError listing up to five keys.
 ``source="random"`` makes every tensor from ``(seed, key)`` alone with ``random_tensor`` (matrices uniform with the
 variance of N(0, 1/fan_in), 1-D ``weight`` ones, biases zeros): the same bits on every device, computed on the GPU

@@ -12,6 +12,10 @@
             classified by the scheme they hold (header metadata, else the dtype and scale shape of the first
             quantizable linear, read from the header only); exactly one must hold the requested scheme.
 
+A diffusers model folder (``model_index.json``, or ``transformer/`` holding safetensors) is read by component
+subfolder (``diffusers.SUBFOLDERS``), each found by content as the DiT is (its files are seen under the official
+names, ``checkpoints.diffusers``).
+
 For the encoders, a lightq-converted file ``<component>-<scheme>.safetensors`` is accepted too.
 Nothing found is a ``NotInFolder`` (a CheckpointError: a caller may fall back to the bf16 file and quantize at
 load); several DiT candidates for one scheme is a plain CheckpointError (ambiguous: never a fallback). Both list
@@ -27,6 +31,7 @@ from ..errors import CheckpointError
 from ..models.family import WAN21
 from . import formats
 from .conventions import open_source
+from .diffusers import SUBFOLDERS
 from .sources import BLOCK_FILE, NON_BLOCK_FILE
 
 
@@ -42,8 +47,15 @@ def find_component_file(folder: str | Path, component: str, scheme: str | None) 
     record = WAN21.components.get(component)
     if record is None:
         raise CheckpointError(f"unknown component '{component}': choose {', '.join(WAN21.components)}")
+    if is_diffusers_folder(folder):  # -Diffusers: the component's subfolder, its files found by content
+        sub = folder / SUBFOLDERS[component]
+        if not sub.is_dir():
+            raise NotInFolder(f"{folder} is a diffusers model folder without {SUBFOLDERS[component]}/ (the "
+                              f"{component}); "
+                              "is it the model of this task?")
+        return _find_by_content(sub, component, scheme)
     if not record.official:  # found by content: the DiT's chunked, block-split or single files
-        return _find_dit(folder, scheme)
+        return _find_by_content(folder, component, scheme)
     if scheme is None:
         return _named(folder, [record.official], component, scheme)
     names = ([record.lightx2v.format(scheme)] if record.lightx2v else []) + [f"{component}-{scheme}.safetensors"]
@@ -61,7 +73,8 @@ def _named(folder: Path, names: list[str], component: str, scheme: str | None) -
 
 
 def dit_candidates(folder: Path) -> list[Path]:
-    """Every DiT checkpoint in ``folder``: an indexed or block-split set (the folder) and standalone files."""
+    """Every checkpoint of one component in ``folder`` (a DiT folder, a diffusers component subfolder): an
+    indexed or block-split set (the folder) and standalone files."""
     found: list[Path] = []
     chunk_files: set[str] = set()
     if list(folder.glob("*.safetensors.index.json")) or (folder / NON_BLOCK_FILE).is_file():
@@ -74,29 +87,37 @@ def dit_candidates(folder: Path) -> list[Path]:
     return found
 
 
-def scheme_of(path: Path) -> str | None:
-    """The scheme a DiT checkpoint holds (None: high precision), from its header only."""
+def is_diffusers_folder(folder: Path) -> bool:
+    """A diffusers pipeline folder: ``model_index.json``, or a ``transformer/`` subfolder holding safetensors."""
+    return (folder / "model_index.json").is_file() or any((folder / SUBFOLDERS["dit"]).glob("*.safetensors"))
+
+
+def scheme_of(path: Path, component: str = "dit") -> str | None:
+    """The scheme a checkpoint of ``component`` holds (None: high precision), from its header only."""
     src = open_source(path)
     if "lightq.scheme" in src.metadata:
         return src.metadata["lightq.scheme"]
+    patterns = WAN21.quantizable.get(component, ())
     for key in src:
         prefix, _, leaf = key.rpartition(".")
-        if leaf == "weight" and any(fnmatchcase(prefix, p) for p in WAN21.quantizable["dit"]):
+        if leaf == "weight" and any(fnmatchcase(prefix, p) for p in patterns):
             kind = formats.file_scheme(src, prefix)
             return None if kind == "float" else kind
-    raise CheckpointError(f"{path}: holds no DiT block linear (blocks.*.self_attn.q.weight ...): not a Wan DiT "
+    if not patterns:
+        return None
+    raise CheckpointError(f"{path}: holds no {component} linear ({patterns[0]}.weight ...): not a Wan {component} "
                           "checkpoint")
 
 
-def _find_dit(folder: Path, scheme: str | None) -> Path:
+def _find_by_content(folder: Path, component: str, scheme: str | None) -> Path:
     candidates = dit_candidates(folder)
-    classified = [(p, scheme_of(p)) for p in candidates]
+    classified = [(p, scheme_of(p, component)) for p in candidates]
     matching = [p for p, s in classified if s == scheme]
     if len(matching) == 1:
         return matching[0]
     listing = ", ".join(f"{p.name or p} ({s or 'bf16'})" for p, s in classified) or "none"
     if not matching:
-        raise NotInFolder(f"{folder}: no DiT checkpoint holds {scheme or 'bf16'} weights (found: {listing}); "
-                              "convert one with python -m lightq.convert or pass the mode's ckpt")
-    raise CheckpointError(f"{folder}: {len(matching)} DiT checkpoints hold {scheme or 'bf16'} weights "
+        raise NotInFolder(f"{folder}: no {component} checkpoint holds {scheme or 'bf16'} weights (found: {listing}); "
+                          "convert one with python -m lightq.convert or pass the mode's ckpt")
+    raise CheckpointError(f"{folder}: {len(matching)} {component} checkpoints hold {scheme or 'bf16'} weights "
                           f"({', '.join(p.name for p in matching)}); pass the one to use as the mode's ckpt")

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -178,6 +179,7 @@ class SubsetSource(TensorSource):
         self._source, self._keys = source, list(keys)
         self._set = frozenset(self._keys)
         self.name, self.files, self.metadata = source.name, source.files, source.metadata
+        self.convention = getattr(source, "convention", "")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._set:
@@ -203,21 +205,37 @@ class SubsetSource(TensorSource):
         return self._source.file_of(key)
 
 
-class RenamedSource(TensorSource):
-    """``source`` under other key names: ``names`` maps each visible key to the key stored in ``source`` (keys not
-    in ``names`` are hidden); ``metadata`` replaces the header metadata (default: the source's)."""
+@dataclass(frozen=True)
+class Derived:
+    """A visible tensor made from stored ones: ``cat`` (rows of ``parts`` concatenated), ``view`` (the one part
+    reshaped) or ``t`` (the one 2-D part transposed); ``shape`` is the result's."""
 
-    def __init__(self, source: TensorSource, names: dict[str, str], metadata: dict[str, str] | None = None):
+    parts: tuple[str, ...]
+    shape: tuple[int, ...]
+    op: str
+
+    def make(self, source: "TensorSource") -> torch.Tensor:
+        if self.op == "cat":
+            return torch.cat([source[k] for k in self.parts], dim=0)
+        t = source[self.parts[0]]
+        return t.reshape(self.shape) if self.op == "view" else t.t().contiguous()
+
+
+class RenamedSource(TensorSource):
+    """``source`` under other key names: ``names`` maps each visible key to the key stored in ``source`` or to a
+    ``Derived`` tensor (keys not in ``names`` are hidden); ``metadata`` replaces the header metadata (default: the
+    source's); ``convention`` names the key convention seen through (``official_names`` in result.json)."""
+
+    def __init__(self, source: TensorSource, names: dict[str, "str | Derived"], metadata: dict[str, str] | None = None,
+                 convention: str = ""):
         self._source, self._names = source, dict(names)
         self.name, self.files = source.name, source.files
         self.metadata = dict(source.metadata if metadata is None else metadata)
-
-    def stored_key(self, key: str) -> str:
-        """The name ``key`` has in the file (for error messages)."""
-        return self._names[key]
+        self.convention = convention or getattr(source, "convention", "")
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._source[self._names[key]]
+        stored = self._names[key]
+        return stored.make(self._source) if isinstance(stored, Derived) else self._source[stored]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -229,13 +247,16 @@ class RenamedSource(TensorSource):
         return key in self._names
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._source.shape(self._names[key])
+        stored = self._names[key]
+        return stored.shape if isinstance(stored, Derived) else self._source.shape(stored)
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._source.dtype(self._names[key])
+        stored = self._names[key]
+        return self._source.dtype(stored.parts[0] if isinstance(stored, Derived) else stored)
 
     def file_of(self, key: str) -> Path:
-        return self._source.file_of(self._names[key])
+        stored = self._names[key]
+        return self._source.file_of(stored.parts[0] if isinstance(stored, Derived) else stored)
 
 
 def open_files(path: str | os.PathLike) -> TensorSource:

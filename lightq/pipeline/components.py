@@ -137,6 +137,7 @@ def load_vae(cfg, folder, device):
 
 
 def load_tokenizer_for(model_cfg, folder: Path | None):
+    from ..checkpoints.diffusers import TOKENIZER_SUBFOLDER
     from ..models.t5 import T5_ARCHS
     from ..models.tokenizer import BYTE_TOKENIZER, load_tokenizer
 
@@ -145,7 +146,7 @@ def load_tokenizer_for(model_cfg, folder: Path | None):
     if model_cfg.weights == "random":  # random weights have no vocabulary to honour: no tokenizer files needed
         where = BYTE_TOKENIZER
     if where != BYTE_TOKENIZER and folder is not None:
-        where = folder / model_cfg.tokenizer if (folder / model_cfg.tokenizer).exists() else folder
+        where = next((p for p in (folder / model_cfg.tokenizer, folder / TOKENIZER_SUBFOLDER) if p.exists()), folder)
     return load_tokenizer(where, arch.text_len, arch.vocab)
 
 
