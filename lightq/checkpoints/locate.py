@@ -115,9 +115,10 @@ def _find_by_content(folder: Path, component: str, scheme: str | None) -> Path:
     matching = [p for p, s in classified if s == scheme]
     if len(matching) == 1:
         return matching[0]
+    label = "DiT" if component == "dit" else component
     listing = ", ".join(f"{p.name or p} ({s or 'bf16'})" for p, s in classified) or "none"
     if not matching:
-        raise NotInFolder(f"{folder}: no {component} checkpoint holds {scheme or 'bf16'} weights (found: {listing}); "
+        raise NotInFolder(f"{folder}: no {label} checkpoint holds {scheme or 'bf16'} weights (found: {listing}); "
                           "convert one with python -m lightq.convert or pass the mode's ckpt")
-    raise CheckpointError(f"{folder}: {len(matching)} {component} checkpoints hold {scheme or 'bf16'} weights "
+    raise CheckpointError(f"{folder}: {len(matching)} {label} checkpoints hold {scheme or 'bf16'} weights "
                           f"({', '.join(p.name for p in matching)}); pass the one to use as the mode's ckpt")
