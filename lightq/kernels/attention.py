@@ -5,8 +5,9 @@ Two steps, exactly the reference's numerics (read that module's docstring for th
 1. ``_quant_kernel`` (one program per block of tokens and head): fp32 ``(x - mean) * mul`` of a ``[BLOCK, D]``
    tile, its amax, scale ``amax / qmax`` (1 where 0), codes ``rint(x / s)`` (int8) or ``e4m3(x / s)``, written as
    ``[B, H, L, D]`` so the attention kernel reads contiguous tiles; with ``CHANNEL`` it applies given per-channel
-   scales instead (sage2's V). Q takes ``mul = log2(e) / sqrt(D)``, K its token mean. ``x / s`` is correctly
-   rounded (``act_quant.divide``), so codes and scales are the reference's bit for bit.
+   scales instead (sage2's V). Q takes ``mul = log2(e) / sqrt(D)``, K its token mean. ``x / s`` is an IEEE
+   division (``div_rn``; the reciprocal-and-correction shortcut of ``act_quant.divide`` is exact only for 16-bit
+   inputs, and ``c q`` or ``k - mean`` are full fp32 values), so codes and scales are the reference's bit for bit.
 2. ``_attn_kernel`` (one program per ``BLOCK_M`` queries and head): flash attention's online softmax over key
    blocks of ``BLOCK_N`` = 64 keys (the K / V quantization block, so one scale per tile; fixed, since P's rounding
    depends on the running maximum and so on the key tiling): ``S = dot(Q, K^T) (s_q s_k)`` (int8 -> int32 exact, or
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import Tuned, interpreting, kernel_op
-from .act_quant import divide, row_scale
+from .act_quant import row_scale
 from .rounding import fp8_rne, round_to, soft_rounding
 
 BLOCK_Q = 128
@@ -41,9 +42,9 @@ SCHEMES = {"int8-sage": (False, False, False), "int8fp8-sage2": (False, True, Tr
 
 
 @triton.jit
-def _encode(xf, scale, inv, IS_FP8: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Codes of fp32 ``xf`` for ``scale`` / its reciprocal ``inv`` (``xf``'s shape): e4m3 RNE or int8 rint."""
-    v = divide(xf, scale, inv, INTERPRETED)
+def _encode(xf, scale, IS_FP8: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Codes of fp32 ``xf`` for ``scale`` (``xf``'s shape): e4m3 RNE or int8 rint of the IEEE quotient."""
+    v = tl.div_rn(xf, scale)
     if IS_FP8:
         q = fp8_rne(tl.clamp(v, -448.0, 448.0), INTERPRETED)
     else:
@@ -68,13 +69,11 @@ def _quant_kernel(x_ptr, mean_ptr, scale_ptr, out_ptr, L, H, stride_b, stride_l,
     if CHANNEL:
         s = tl.load(scale_ptr + bh * D + cols)
         scale = tl.broadcast_to(s[None, :], (BLOCK, D))
-        inv = tl.broadcast_to(tl.div_rn(tl.full((D,), 1.0, tl.float32), s)[None, :], (BLOCK, D))
     else:
         s = row_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 448.0 if IS_FP8 else 127.0)
         tl.store(scale_ptr + bh * tl.cdiv(L, BLOCK) + blk, s)
         scale = tl.broadcast_to(s, (BLOCK, D))
-        inv = tl.broadcast_to(tl.div_rn(1.0, s), (BLOCK, D))
-    q = _encode(x, scale, inv, IS_FP8, INTERPRETED)
+    q = _encode(x, scale, IS_FP8, INTERPRETED)
     if TRANSPOSED:  # [B, H, D, L]: the K-major layout an fp8 P.V product wants for V on Hopper
         offs = (bh * D + cols)[None, :] * L + rows.to(tl.int64)[:, None]
     else:
