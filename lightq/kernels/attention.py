@@ -35,6 +35,7 @@ from .rounding import fp8_rne, round_to, soft_rounding
 
 BLOCK_Q = 128
 BLOCK_K = 64
+ROW_ALIGN = 16  # fp8 elements per 16 bytes
 LOG2E = 1.4426950408889634
 FP8_MAX = 448.0
 # scheme -> (Q/K in fp8, P.V in fp8, V scale per channel (else per key block))
@@ -53,7 +54,7 @@ def _encode(xf, scale, IS_FP8: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _quant_kernel(x_ptr, mean_ptr, scale_ptr, out_ptr, L, H, stride_b, stride_l, stride_h, mul,
+def _quant_kernel(x_ptr, mean_ptr, scale_ptr, out_ptr, L, LP, H, stride_b, stride_l, stride_h, mul,
                   HAS_MEAN: tl.constexpr, CHANNEL: tl.constexpr, TRANSPOSED: tl.constexpr, IS_FP8: tl.constexpr,
                   INTERPRETED: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr):
     blk, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -74,8 +75,8 @@ def _quant_kernel(x_ptr, mean_ptr, scale_ptr, out_ptr, L, H, stride_b, stride_l,
         tl.store(scale_ptr + bh * tl.cdiv(L, BLOCK) + blk, s)
         scale = tl.broadcast_to(s, (BLOCK, D))
     q = _encode(x, scale, IS_FP8, INTERPRETED)
-    if TRANSPOSED:  # [B, H, D, L]: the K-major layout an fp8 P.V product wants for V on Hopper
-        offs = (bh * D + cols)[None, :] * L + rows.to(tl.int64)[:, None]
+    if TRANSPOSED:  # [B, H, D, LP]: the K-major layout an fp8 P.V product wants for V on Hopper
+        offs = (bh * D + cols)[None, :] * LP + rows.to(tl.int64)[:, None]
     else:
         offs = (bh * L + rows.to(tl.int64))[:, None] * D + cols[None, :]
     tl.store(out_ptr + offs, q, mask=mask)
@@ -83,20 +84,23 @@ def _quant_kernel(x_ptr, mean_ptr, scale_ptr, out_ptr, L, H, stride_b, stride_l,
 
 def _quantize(x: torch.Tensor, block: int, fp8: bool, mean: torch.Tensor | None = None, mul: float = 1.0,
               channel_scale: torch.Tensor | None = None, transposed: bool = False):
-    """``x`` ``[B, L, H, D]`` -> (codes as a ``[B, H, L, D]`` tensor, stored ``[B, H, D, L]`` if ``transposed``;
-    scales ``[B, H, ceil(L / block)]``, or ``channel_scale`` ``[B, H, D]`` as given)."""
+    """``x`` ``[B, L, H, D]`` -> (codes as a ``[B, H, L, D]`` tensor, stored ``[B, H, D, LP]`` if ``transposed``,
+    ``LP`` = ``L`` rounded up to ``ROW_ALIGN`` so every row starts 16-byte aligned (the fp8 V tiles load unaligned
+    otherwise, docs/BENCHMARKS.md "Quantized attention"); scales ``[B, H, ceil(L / block)]``, or ``channel_scale``
+    ``[B, H, D]`` as given)."""
     b, n, h, d = x.shape
     dtype = torch.float8_e4m3fn if fp8 else torch.int8
-    codes = torch.empty((b, h, d, n) if transposed else (b, h, n, d), dtype=dtype, device=x.device)
+    lp = triton.cdiv(n, ROW_ALIGN) * ROW_ALIGN
+    codes = torch.empty((b, h, d, lp) if transposed else (b, h, n, d), dtype=dtype, device=x.device)
     if channel_scale is None:
         scale = torch.empty((b, h, triton.cdiv(n, block)), dtype=torch.float32, device=x.device)
     else:
         scale = channel_scale
     _quant_kernel[(triton.cdiv(n, block), h, b)](
-        x, x if mean is None else mean, scale, codes, n, h, x.stride(0), x.stride(1), x.stride(2), mul,
+        x, x if mean is None else mean, scale, codes, n, lp, h, x.stride(0), x.stride(1), x.stride(2), mul,
         HAS_MEAN=mean is not None, CHANNEL=channel_scale is not None, TRANSPOSED=transposed, IS_FP8=fp8,
         INTERPRETED=interpreting(), BLOCK=block, D=d)
-    return (codes.transpose(-1, -2) if transposed else codes), scale
+    return (codes[..., :n].transpose(-1, -2) if transposed else codes), scale
 
 
 @triton.jit
