@@ -32,8 +32,9 @@ def open_component_source(ref: str, component: str):
     else:
         from .models.family import WAN21
 
-        hub_files = WAN21.components[component].hub if component in WAN21.components else ()
-        path = hub.resolve(ref, list(hub_files) or None)
+        record = WAN21.components.get(component)
+        patterns = [*record.hub, f"{record.diffusers}/*", "model_index.json"] if record is not None else None
+        path = hub.resolve(ref, patterns)
     if path.is_dir():
         path = find_component_file(path, component, None)
     return open_source(path)

@@ -135,6 +135,7 @@ def test_hub_offline_uncached_is_one_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.stdout.startswith("CheckpointError 'lightx2v/Encoders-Lightx2v/models_t5_umt5-xxl-enc-fp8.pth' is not "
                                "in the Hugging Face cache and offline mode is on"), r.stdout + r.stderr
+    assert "hf download lightx2v/Encoders-Lightx2v models_t5_umt5-xxl-enc-fp8.pth" in r.stdout
 
 
 def test_hub_cached_file_resolves_offline(tmp_path):

@@ -117,7 +117,7 @@ def run_components(cfg, model: str):
     methods = C.quant_methods(cfg, plan.plan_run(cfg, hw))
     cpu = torch.device("cpu")
     offload = C.Offload(cfg.offload, cpu, cfg)
-    folder = C.model_folder(cfg.model)
+    folder = C.model_folder(cfg)
     dit = C.load_dit(cfg, methods["dit"], folder, offload.home, torch.bfloat16, False)
     t5 = C.load_t5(cfg, methods["t5"], folder, offload.home, torch.bfloat16, False)
     ids, mask = C.load_tokenizer_for(cfg.model, folder)(["a red fox", ""])
@@ -166,7 +166,7 @@ def test_mixed_precision_and_quantize_on_read(cfg_of, tmp_path, offload):
 
 def dit_and_inputs(cfg):
     hw = hardware.resolve("cpu")
-    folder = C.model_folder(cfg.model)
+    folder = C.model_folder(cfg)
     dit = C.load_dit(cfg, C.quant_methods(cfg, plan.plan_run(cfg, hw))["dit"], folder, torch.device("cpu"),
                      torch.bfloat16, False)
     g = torch.Generator().manual_seed(0)

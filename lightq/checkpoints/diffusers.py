@@ -35,9 +35,10 @@ import re
 from typing import Callable
 
 from ..errors import CheckpointError
+from ..models.family import WAN21
 from .sources import Derived, RenamedSource, TensorSource
 
-SUBFOLDERS = {"dit": "transformer", "t5": "text_encoder", "clip": "image_encoder", "vae": "vae"}
+SUBFOLDERS = {name: c.diffusers for name, c in WAN21.components.items()}
 TOKENIZER_SUBFOLDER = "tokenizer"
 AUX = (".weight_scale", ".input_scale")
 

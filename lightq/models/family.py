@@ -7,7 +7,7 @@ A ``ModelFamily`` holds
   architectures (``build(arch)``, imported only when called), the linears that are quantized (``fnmatch``
   patterns over the official key prefixes; everything else — norms, modulation, embeddings, the patch conv, the
   head, time/text/image projections — stays in high precision), the official release's file name, LightX2V's
-  pre-quantized file name, and the Hub download patterns;
+  pre-quantized file name, the Hub download patterns, and its subfolder in a diffusers model folder;
 - ``tasks``: the quantizable components of each task, in pipeline order (``t2v``: umT5 then DiT; ``i2v`` adds CLIP);
 - ``decoder``: the component that turns latents into frames (never quantized, loaded in fp32);
 - ``block_prefix``: the key prefix of the blocks that offload streams and the converter splits (``blocks.<i>.``);
@@ -42,6 +42,7 @@ class Component:
     hub: tuple[str, ...] = ()  # Hub download patterns of the official weights
     chunk_stem: str = ""  # stem of a chunked safetensors set (``<stem>-00001-of-00002.safetensors`` + index)
     ignored_prefixes: tuple[str, ...] = ()  # keys of the released file that the model does not use
+    diffusers: str = ""  # the component's subfolder in a diffusers (-Diffusers) model folder
 
     @property
     def stem(self) -> str:
@@ -137,6 +138,7 @@ WAN21 = ModelFamily(
             ),
             hub=("diffusion_pytorch_model*",),
             chunk_stem="diffusion_pytorch_model",
+            diffusers="transformer",
         ),
         # umT5-xxl encoder: attention q,k,v,o and the gated FFN (gate.0, fc1, fc2). Token embedding and norms stay.
         "t5": Component(
@@ -148,6 +150,7 @@ WAN21 = ModelFamily(
             official="models_t5_umt5-xxl-enc-bf16.pth",
             lightx2v="models_t5_umt5-xxl-enc-{}.pth",
             hub=("models_t5_umt5-xxl-enc-bf16.pth",),
+            diffusers="text_encoder",
         ),
         # open-clip XLM-RoBERTa ViT-H/14, vision tower only: fused qkv, out projection, MLP.
         "clip": Component(
@@ -160,8 +163,10 @@ WAN21 = ModelFamily(
             lightx2v="models_clip_open-clip-xlm-roberta-large-vit-huge-14-{}.pth",
             hub=("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",),
             ignored_prefixes=("textual.", "log_scale"),  # the released file's text tower, unused by Wan
+            diffusers="image_encoder",
         ),
-        "vae": Component("vae", "lightq.models.vae:WanVAE", "VAE_ARCHS", official="Wan2.1_VAE.pth"),
+        "vae": Component("vae", "lightq.models.vae:WanVAE", "VAE_ARCHS", official="Wan2.1_VAE.pth",
+                         hub=("Wan2.1_VAE.pth",), diffusers="vae"),
     },
     tasks={"t2v": ("t5", "dit"), "i2v": ("t5", "clip", "dit")},
 )

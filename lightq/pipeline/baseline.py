@@ -68,7 +68,7 @@ def weights_identity(cfg) -> object:
         return ["random", cfg.seed, repr(archs), generator, torch.__version__]
     from .components import model_folder
 
-    return ["files", files_identity(model_folder(m))]
+    return ["files", files_identity(model_folder(cfg))]
 
 
 def key(cfg, device: str) -> str:

@@ -41,9 +41,10 @@ def sampler_config(cfg):
 # ---------------------------------------------------------------------------------------------- weights
 
 
-def model_folder(model_cfg) -> Path | None:
-    """The folder holding the model's files: the tiny synthetic one, a local folder, or a Hub snapshot.
-    ``None`` for ``weights=random``."""
+def model_folder(cfg) -> Path | None:
+    """The folder holding the model's files: the tiny synthetic one, a local folder, or a Hub snapshot of the files
+    this job reads (``hub_patterns``). ``None`` for ``weights=random``."""
+    model_cfg = cfg.model
     w = model_cfg.weights
     if w == "random":
         return None
@@ -58,7 +59,31 @@ def model_folder(model_cfg) -> Path | None:
         return Path(w).expanduser()
     from ..checkpoints.hub import resolve
 
-    return resolve(w)
+    return resolve(w, hub_patterns(cfg))
+
+
+def hub_patterns(cfg) -> list[str]:
+    """The files of a Hub model repository this job reads (``snapshot_download``'s ``allow_patterns``): for every
+    component of the task whose mode names no ``ckpt`` of its own, its official file(s), its LightX2V
+    pre-quantized file for the mode's scheme, and its diffusers subfolder; the tokenizer's folder; diffusers'
+    ``model_index.json``."""
+    fam = family(cfg.model.family)
+    patterns = ["model_index.json"]
+    for name in fam.pipeline(cfg.model.task):
+        quant = cfg.get(f"{name}_quant")
+        if quant is not None and quant.ckpt:
+            continue  # its weights come from the mode's own file
+        record = fam.components[name]
+        patterns += list(record.hub)
+        if record.lightx2v and quant is not None and quant.scheme not in ("none", None):
+            patterns.append(record.lightx2v.format(quant.scheme))
+        if record.diffusers:
+            patterns.append(f"{record.diffusers}/*")
+    if cfg.model.tokenizer != "byte":
+        from ..checkpoints.diffusers import TOKENIZER_SUBFOLDER
+
+        patterns += [f"{cfg.model.tokenizer}/*", f"{TOKENIZER_SUBFOLDER}/*"]
+    return patterns
 
 
 def _source(component: str, method: QuantMethod | None, folder: Path | None):

@@ -60,7 +60,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     offload = C.Offload(cfg.offload, device, cfg)
     comps = {}
     with timer("load"):
-        folder = C.model_folder(cfg.model)
+        folder = C.model_folder(cfg)
         tokenizer = C.load_tokenizer_for(cfg.model, folder)
         methods = C.quant_methods(cfg, plans)
         t5 = C.load_t5(cfg, methods["t5"], folder, offload.home, dtype, True)
