@@ -5,11 +5,12 @@ is merged onto these dataclasses: a misspelt key or a value of the wrong type fa
 anything runs. Values that need more than a type check (scheme names, shapes) are checked by ``validate``.
 
 Groups: ``model``, ``dit_quant``, ``t5_quant``, ``clip_quant``, ``attn_quant``, ``offload``, ``hardware``, ``sampler``,
-``tracking``.
+``tracking``; ``lora`` is a list of ``LoraEntry`` and ``lora_mode`` how they apply.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -159,6 +160,18 @@ class SweepConfig:
 
 
 @dataclass
+class LoraEntry:
+    """One LoRA of the run's ``lora`` list: ``path`` a file or a Hub ``owner/repo/file``, ``strength`` its weight
+    (1 = as trained, 0 = off). ``lightq.checkpoints.lora`` reads the layouts; docs/LORA.md."""
+
+    path: str = ""
+    strength: float = 1.0
+
+
+LORA_MODES = ("merged", "unmerged")
+
+
+@dataclass
 class LightqConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dit_quant: QuantConfig = field(default_factory=QuantConfig)
@@ -178,6 +191,10 @@ class LightqConfig:
     save_frames: bool = False
     from_lightx2v: Optional[str] = None
     resume: bool = False
+    # LoRAs of the DiT, stacked in order: lora='[{path: a.safetensors, strength: 0.8}]'; sweep with
+    # -m lora.0.strength=0,0.5,1. lora_mode: merged (into the weight before quantization) | unmerged (side path)
+    lora: list[LoraEntry] = field(default_factory=list)
+    lora_mode: str = "merged"
 
 
 QUANT_GROUPS = tuple(f"{c}_quant" for c in COMPONENTS)
@@ -246,6 +263,10 @@ def validate(cfg: Any) -> None:
         raise LightqError(f"quality.baseline='{cfg.quality.baseline}': choose auto, always or never")
     if cfg.tracking.name not in TRACKERS:
         raise LightqError(f"tracking.name='{cfg.tracking.name}': choose one of {', '.join(TRACKERS)}")
+    if cfg.lora_mode not in LORA_MODES:
+        raise LightqError(f"lora_mode='{cfg.lora_mode}': choose merged (added to the weights before quantization) or "
+                          "unmerged (a low-rank side path next to the quantized GEMM)")
+    lora_entries(cfg.lora)
     if cfg.sweep.isolate not in ISOLATE:
         raise LightqError(f"sweep.isolate='{cfg.sweep.isolate}': choose one of {', '.join(ISOLATE)}")
     m = cfg.model
@@ -282,3 +303,20 @@ def _validate_task_inputs(cfg: Any) -> None:
         load_rgb(cfg.image)
     elif m.weights not in SYNTHETIC_IMAGE_WEIGHTS:
         raise LightqError(f"model={m.name} is image-to-video and needs its input picture: pass image=<png or jpg>")
+
+
+def lora_entries(entries) -> list[tuple[str, float]]:
+    """``(path, strength)`` of each ``lora`` entry, or a LightqError naming the bad one."""
+    out = []
+    for i, e in enumerate(entries or ()):
+        try:
+            path, strength = e.get("path"), e.get("strength", 1.0)
+        except AttributeError:  # not a mapping
+            path, strength = None, None
+        if not path or not isinstance(path, str):
+            raise LightqError(f"lora[{i}]: give the LoRA file as lora=[{{path: <file or owner/repo/file>, strength: "
+                              "1.0}]")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise LightqError(f"lora[{i}].strength={strength!r}: give a finite number (1.0 = as trained, 0 = off)")
+        out.append((path, float(strength)))
+    return out

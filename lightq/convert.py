@@ -2,6 +2,7 @@
 
     python -m lightq.convert component=dit scheme=fp8 source=/models/Wan2.1-T2V-14B output=/models/dit-fp8.safetensors
     python -m lightq.convert component=t5 scheme=int8 source=tiny layout=lightx2v output=/tmp/enc
+    python -m lightq.convert source=tiny output=/tmp/dit-fp8-lora.safetensors lora='[{path: style.safetensors, strength: 0.8}]'
 
 ``source`` is a checkpoint file, a model folder (the component's file is found by name, as LightX2V does), a Hub
 ``owner/repo[/file]``, or ``tiny`` / ``tiny-i2v``. The numerics, layouts, atomic write and provenance are those of
@@ -53,7 +54,21 @@ def run(cfg) -> Path:
     source = open_component_source(str(cfg.source), cfg.component)
     return convert(source, component=cfg.component, scheme=cfg.scheme, output=cfg.output, layout=cfg.layout,
                    skip=list(cfg.skip), overwrite=bool(cfg.overwrite), float_dtype=cfg.float_dtype,
-                   shard_bytes=shard_bytes, progress=bool(cfg.progress))
+                   shard_bytes=shard_bytes, progress=bool(cfg.progress), lora=_lora(cfg, source))
+
+
+def _lora(cfg, source):
+    """The ``lora`` list merged into the conversion, checked against the source's own tensors (2-D ``.weight``
+    keys are its linears), or None."""
+    from .checkpoints.lora import load_loras
+
+    if not cfg.lora:
+        return None
+    if cfg.component != "dit":
+        raise LightqError(f"lora= applies to the DiT; component={cfg.component} has no published LoRA layout")
+    shapes = {k: tuple(source.shape(k)) for k in source}
+    linears = {k[:-len(".weight")] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
+    return load_loras(cfg.lora, "merged", shapes, linears)
 
 
 def _shard_bytes(shard_gb) -> int:

@@ -42,7 +42,7 @@ def test_help_lists_the_converter_options_only(tmp_path):
     options = [line.split()[0] for line in proc.stdout.split("Options (key=value):")[1].split("Defaults:")[0]
                .splitlines() if line.startswith("  ") and not line.startswith("   ")]
     assert options == ["component", "scheme", "source", "output", "layout", "skip", "overwrite", "float_dtype",
-                       "shard_gb", "progress"]
+                       "shard_gb", "progress", "lora"]
     assert set(options) == set(_cfg()), "every converter key is described, and nothing else"
     assert "dit_quant" not in proc.stdout and "powered by Hydra" not in proc.stdout
     assert list(tmp_path.iterdir()) == []

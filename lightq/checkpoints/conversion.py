@@ -14,6 +14,9 @@ and a ``comfy_quant`` ``{"format": "float8_e4m3fn"}`` tensor per layer; no ``inp
 quantize activations dynamically), ``diffusers`` (one .safetensors under diffusers' / transformers' names, for a
 ``-Diffusers`` folder's component subfolder: ``checkpoints.diffusers``; the same tensors as ``single``).
 
+``lora`` (a merged ``checkpoints.lora.LoraStack``) is merged into each tensor it targets before that tensor is
+quantized or copied (``lightq.quant.lora.merge``, the loader's arithmetic), and recorded as ``lightq.lora``.
+
 Memory: the output header is planned from the source header, then tensors are read, quantized and written one
 at a time (peak: one source tensor, its fp32 copy and its quantized form). Output goes to a temporary file or
 folder next to the destination and is renamed into place only when complete; provenance (source sha256, scheme,
@@ -27,7 +30,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -42,6 +45,9 @@ from .conventions import COMFY_CONF, FP8_E4M3
 from .diffusers import written_as
 from .sources import TensorSource, sources_sha256
 from .writers import SafetensorsWriter, commit, mmap_safetensors, refuse_overwrite
+
+if TYPE_CHECKING:
+    from .lora import LoraStack
 
 LAYOUTS = ("single", "chunked", "blocks", "lightx2v", "comfyui", "diffusers")
 LIGHTX2V_CLIP_DROPPED = "textual."
@@ -61,7 +67,7 @@ class Entry:
 
 def convert(source: TensorSource, *, component: str, scheme: str, output: str | os.PathLike, layout: str = "single",
             skip: tuple[str, ...] | list[str] = (), overwrite: bool = False, float_dtype: str | None = None,
-            shard_bytes: int = 4 << 30, progress: bool = True) -> Path:
+            shard_bytes: int = 4 << 30, progress: bool = True, lora: "LoraStack | None" = None) -> Path:
     """Convert ``source`` and write it to ``output`` in ``layout``; returns the path written (file or folder)."""
     if component not in QUANTIZABLE:
         raise CheckpointError(f"component '{component}': choose one of {', '.join(QUANTIZABLE)}")
@@ -87,8 +93,12 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
     check_destination(out, source, overwrite)
     staging.remove_stale(out.parent)
     cast = FLOAT_DTYPES[float_dtype] if float_dtype else (torch.float32 if layout == "lightx2v" else None)
-    entries = _plan(source, component, scheme, tuple(skip), layout, cast)
+    if lora is not None and not lora.merged_mode:
+        raise CheckpointError("lightq.convert merges LoRAs into the weights: lora_mode=unmerged has no meaning here")
+    entries = _plan(source, component, scheme, tuple(skip), layout, cast, lora)
     meta = _provenance(source, component, scheme, tuple(skip), layout)
+    if lora is not None:
+        meta["lightq.lora"] = json.dumps([{"file": Path(f.path).name, "strength": f.strength} for f in lora.files])
     bar = Progress(len(entries), f"converting -> {out.name}", "tensors", progress)
     try:
         if layout in ("single", "comfyui", "diffusers") or (layout == "lightx2v" and component == "dit"):
@@ -160,7 +170,7 @@ def _output_path(output: Path, component: str, scheme: str, layout: str) -> Path
 
 
 def _plan(source: TensorSource, component: str, scheme: str, skip: tuple[str, ...], layout: str,
-          cast: torch.dtype | None) -> list[Entry]:
+          cast: torch.dtype | None, lora: "LoraStack | None" = None) -> list[Entry]:
     include = QUANTIZABLE[component]
     check_skip([k.rpartition(".")[0] for k in source if k.endswith(".weight") and len(source.shape(k)) == 2],
                include, skip, f"{source.name}")
@@ -174,10 +184,10 @@ def _plan(source: TensorSource, component: str, scheme: str, skip: tuple[str, ..
             if not dtype.is_floating_point:
                 raise CheckpointError(f"{source.file_of(key)}: '{key}' is {dtype}, expected a float weight")
             schemes.check_quantizable(scheme, shape, key)
-            entries.extend(_quantized_entries(source, key, prefix, scheme, shape, layout))
+            entries.extend(_quantized_entries(source, key, prefix, scheme, shape, layout, lora))
         else:
             out_dtype = cast if (cast is not None and dtype.is_floating_point) else dtype
-            entries.append(Entry(key, out_dtype, shape, _copy(source, key, out_dtype)))
+            entries.append(Entry(key, out_dtype, shape, _copy(source, key, out_dtype, lora)))
     return [piece for e in entries for piece in _diffusers_pieces(e, component)] if layout == "diffusers" else entries
 
 
@@ -197,12 +207,14 @@ def _diffusers_pieces(e: Entry, component: str) -> list[Entry]:
 
 
 def _quantized_entries(source: TensorSource, key: str, prefix: str, scheme: str, shape: tuple[int, int],
-                       layout: str) -> list[Entry]:
+                       layout: str, lora: "LoraStack | None" = None) -> list[Entry]:
     memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         if key not in memo:  # the weight entry computes, the scale entry right after it takes the result
             w = source[key]
+            if lora is not None and lora.touches(key):
+                w = lora.merged(key, w)
             if layout == "comfyui":
                 memo[key] = formats.quantize_fp8_per_tensor(w, key)
             else:
@@ -230,7 +242,10 @@ def comfy_conf() -> torch.Tensor:
     return torch.tensor(list(json.dumps({"format": FP8_E4M3}).encode()), dtype=torch.uint8)
 
 
-def _copy(source: TensorSource, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+def _copy(source: TensorSource, key: str, dtype: torch.dtype, lora: "LoraStack | None" = None
+          ) -> Callable[[], torch.Tensor]:
+    if lora is not None and lora.touches(key):
+        return lambda: lora.merged(key, source[key]).to(dtype)
     return lambda: source[key].to(dtype)
 
 

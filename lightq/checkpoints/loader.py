@@ -12,7 +12,10 @@ tensor, moved to ``device``), and the selected linears — those matching ``incl
 
 A quantized tensor in the file at a linear the mode keeps in high precision (``skip``) is dequantized into
 ``dtype`` (this is also how a weight-only file, ComfyUI's ``full_precision_matrix_mult``, runs under mode
-``none``). The module's ``checkpoint_numerics`` (``formats.numerics``) says which numerics ran. Key problems
+``none``). The module's ``checkpoint_numerics`` (``formats.numerics``) says which numerics ran. ``lora`` (a
+``checkpoints.lora.LoraStack``) changes the tensors it targets as they are read: merged into the float weight
+before ``quantize_weight`` (a pre-quantized weight is dequantized, merged and requantized) and into high-precision
+tensors before the cast to ``dtype``; or, unmerged, a side path on each targeted linear. Key problems
 (missing, unexpected and not covered by ``ignore_prefixes``, mis-shaped) are collected
 before anything is loaded and raised as one CheckpointError listing up to five keys.
 ``source="random"`` makes every tensor from ``(seed, key)`` alone with ``random_tensor`` (matrices uniform with the
@@ -26,7 +29,7 @@ from __future__ import annotations
 import math
 import zlib
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
@@ -39,13 +42,16 @@ from ..quant.schemes import dequantize_weight, quantize_weight
 from . import formats
 from .sources import TensorSource
 
+if TYPE_CHECKING:
+    from .lora import LoraStack
+
 RANDOM = "random"
 
 
 def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *, include: Iterable[str] = (),
                    method: QuantMethod | None = None, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.bfloat16, ignore_prefixes: Iterable[str] = (), progress: bool = True,
-                   component: str | None = None, seed: int = 0) -> nn.Module:
+                   component: str | None = None, seed: int = 0, lora: "LoraStack | None" = None) -> nn.Module:
     """Build ``build()`` on the meta device and fill it from ``source`` (see the module docstring)."""
     device = torch.device(device)
     with torch.device("meta"):
@@ -75,6 +81,8 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
         _check_keys(model, source, expected, ignore)
         fetch = lambda key, shape: source[key]  # noqa: E731
 
+    if lora is not None:
+        lora.note_source(pre_quantized)
     linears = {name: model.get_submodule(name) for name in quantized}
     done: set[str] = set()
     source_file = Path(str(getattr(source, "name", RANDOM))).name
@@ -82,19 +90,26 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
                    progress, leave=False)
     try:
         for name, lin in linears.items():
-            n_k = tuple(lin.weight.shape)
+            n_k, key = tuple(lin.weight.shape), name + ".weight"
+            merge = lora is not None and lora.merged_mode and lora.touches(key)
             if pre_quantized:  # a float weight here is an error: the file was converted without this layer
                 qw = formats.read_quantized(source, name, scheme, n_k, device)
                 formats.check_activations(source, name, scheme, component)
+                if merge:  # dequantize, merge, requantize (the LoRA record says so)
+                    w = lora.merged(key, dequantize_weight(qw.to(quantize_on)))
+                    qw = quantize_weight(w, scheme, name=key).to(device)
             else:
-                w = fetch(name + ".weight", n_k).to(quantize_on)
-                qw = quantize_weight(w, scheme, name=f"{name}.weight").to(device)
+                w = fetch(key, n_k).to(quantize_on)
+                qw = quantize_weight(lora.merged(key, w) if merge else w, scheme, name=key).to(device)
                 del w
             bias = None
             if lin.bias is not None:
-                bias = _finite(_cast(fetch(name + ".bias", tuple(lin.bias.shape)), dtype).to(device), name + ".bias",
-                               source)
-            set_submodule(model, name, method.linear(name, qw, bias))
+                bias = _high_precision(fetch(name + ".bias", tuple(lin.bias.shape)), name + ".bias", source, dtype,
+                                       device, quantize_on, lora)
+            qlinear = method.linear(name, qw, bias)
+            if lora is not None:
+                lora.attach_side_path(qlinear, name, dtype, device)
+            set_submodule(model, name, qlinear)
             done.update((name + ".weight", name + ".bias"))
             bar.update(2 if lin.bias is not None else 1)
         for key, shape in expected.items():
@@ -103,13 +118,16 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
             owner, _, leaf = key.rpartition(".")
             if not isinstance(source, str) and leaf == "weight" and formats.is_quantized(source, owner):
                 qw = formats.read_quantized(source, owner, formats.file_scheme(source, owner), shape, device)
-                t = dequantize_weight(qw, dtype)
+                t = _high_precision(dequantize_weight(qw), key, source, dtype, device, quantize_on, lora)
             else:
-                t = _finite(_cast(fetch(key, shape), dtype).to(device), key, source)
+                t = _high_precision(fetch(key, shape), key, source, dtype, device, quantize_on, lora)
             _assign(model, key, t)
             bar.update(1)
     finally:
         bar.close()
+    if lora is not None:  # unmerged: the high-precision linears' side paths
+        for name, m in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
+            lora.attach_side_path(m, name, dtype, device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"{', '.join(leftover[:5])} were never loaded (buffers are not checkpoint tensors: "
@@ -202,6 +220,15 @@ def _finite(t: torch.Tensor, key: str, source) -> torch.Tensor:
                               "file is damaged (download or convert it again), or its values overflow "
                               f"{t.dtype} (use model.dtype=bf16)")
     return t
+
+
+def _high_precision(t: torch.Tensor, key: str, source, dtype: torch.dtype, device: torch.device,
+                    work: torch.device, lora: "LoraStack | None") -> torch.Tensor:
+    """A tensor kept in high precision, in ``dtype`` on ``device`` and checked finite: the LoRA stack's terms of
+    ``key`` merged first (computed on ``work``, the quantizing device) when it has any."""
+    if lora is not None and lora.touches(key):
+        t = lora.prepare(key, t.to(work), dtype)
+    return _finite(_cast(t, dtype).to(device), key, source)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -18,7 +18,9 @@ with the quantization moved into the kernels that produce each linear's input:
     x      = add_gated(x, y; gate2)                              one pass over x, y and the gate
 
 so no bf16 normalised activation is written and re-read, q/k/v are quantized once for one GEMM, and the RMSNorm /
-RoPE chain (7 elementwise passes in fp32 in the unfused block) is one kernel per tensor. The numerics are the
+RoPE chain (7 elementwise passes in fp32 in the unfused block) is one kernel per tensor. An unmerged LoRA's side
+path is added to each GEMM's output from that GEMM's quantized activation (``LowRankPath.add_quantized``; q/k/v
+share one block-diagonal path, ``qkv_lora``); o and the text k/v run as QLinears, with theirs. The numerics are the
 unfused block's up to reduction order (see ``lightq.kernels.fused_norm_quant``). The q/k/v QLinears keep their buffers as views of
 the concatenated weight, so a fused model holds no second copy (moving it to another device materialises the views
 separately: fuse after placing the model).
@@ -32,6 +34,7 @@ from torch import nn
 from ..models.attention import attention, self_attention
 from ..models.wan_dit import Block, CrossAttention, SelfAttention
 from ..quant.linear import QLinear
+from ..quant.lora import LowRankPath
 from ..kernels.act_quant import act_quant
 from ..kernels.fused_norm_quant import add_gated, add_norm_quant, norm_quant, qkv_rms_rope, rms_rope
 
@@ -70,7 +73,9 @@ def fuse_dit_blocks(model: nn.Module) -> int:
 
 
 def _gemm(lin: QLinear, xq: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return lin.backend.gemm_only(xq, sx, lin.packed(), lin.bias, dtype)
+    """The linear's GEMM on an activation quantized by a fused kernel, plus its unmerged LoRA side path if any."""
+    y = lin.backend.gemm_only(xq, sx, lin.packed(), lin.bias, dtype)
+    return y if lin.lora is None else lin.lora.add_quantized(y, xq, sx)
 
 
 class FusedSelfAttention(SelfAttention):
@@ -84,7 +89,8 @@ class FusedSelfAttention(SelfAttention):
         """``[M, 3 dim]`` q/k/v projections of ``LN(x) * (1 + scale1) + shift1`` (fused norm + quant, one GEMM)."""
         xq, sx = norm_quant(x2, seq_len, None, None, mod, 0, 1, eps, self.q.scheme == "fp8", dtype)
         packed = {"data": self.qkv_data, "scale": self.qkv_scale}
-        return self.q.backend.gemm_only(xq, sx, packed, self.qkv_bias, dtype)
+        qkv = self.q.backend.gemm_only(xq, sx, packed, self.qkv_bias, dtype)
+        return qkv if self.qkv_lora is None else self.qkv_lora.add_quantized(qkv, xq, sx)
 
     def attend(self, qkv: torch.Tensor, b: int, seq_len: int, rope) -> torch.Tensor:
         cos, sin = rope
@@ -148,6 +154,10 @@ class FusedBlock(Block):
         attn.register_buffer("qkv_data", data, persistent=False)
         attn.register_buffer("qkv_scale", scale, persistent=False)
         attn.register_buffer("qkv_bias", bias, persistent=False)
+        # unmerged LoRAs of q / k / v: one side path on the shared input, outputs block-diagonal like the codes
+        attn.qkv_lora = LowRankPath.block_diagonal([p.lora for p in parts], dim)
+        for part in parts:
+            part.lora = None
         attn.__class__ = FusedSelfAttention
         block.cross_attn.__class__ = FusedCrossAttention
         block.ffn.__class__ = FusedFFN

@@ -87,9 +87,12 @@ DIT_ARCHS: dict[str, DiTArch] = {
 # --- building blocks ---------------------------------------------------------------------------------------------
 
 def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` computed in fp32 whatever the weight dtype (time embedding and head, as officially)."""
+    """``linear(x)`` computed in fp32 whatever the weight dtype (time embedding and head, as officially), plus the
+    linear's unmerged LoRA side path ``lora(x, y)`` when it has one (``lightq.quant.lora``)."""
     bias = None if linear.bias is None else linear.bias.float()
-    return F.linear(x.float(), linear.weight.float(), bias)
+    y = F.linear(x.float(), linear.weight.float(), bias)
+    side = getattr(linear, "lora", None)
+    return y if side is None else side(x.float(), y)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

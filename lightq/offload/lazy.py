@@ -218,7 +218,7 @@ def is_block_split(source) -> bool:
 
 
 def load_lazy(build: Callable[[], nn.Module], source, *, include=(), method=None, device="cpu", dtype=torch.bfloat16,
-              ignore_prefixes=(), progress=True, component=None, seed=0) -> nn.Module:
+              ignore_prefixes=(), progress=True, component=None, seed=0, lora=None) -> nn.Module:
     """Like ``load_component``, but only the non-block tensors are loaded; blocks stream from disk when run."""
     if not is_block_split(source):
         name = getattr(source, "name", "weights=random" if source == "random" else str(source))
@@ -239,9 +239,9 @@ def load_lazy(build: Callable[[], nn.Module], source, *, include=(), method=None
 
     model = load_component(skeleton, source, include=include, method=method, device=device, dtype=dtype,
                            ignore_prefixes=(*ignore_prefixes, "blocks."), progress=progress, component=component,
-                           seed=seed)
+                           seed=seed, lora=lora)
     model.lazy_blocks = LazyBlocks(source, template, proxies,
-                                   dict(include=include, method=method, dtype=dtype, component=component))
+                                   dict(include=include, method=method, dtype=dtype, component=component, lora=lora))
     return model
 
 

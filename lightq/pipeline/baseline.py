@@ -11,8 +11,9 @@ A baseline is the bf16 run (every quantization mode ``none``) of the same job. I
   Hub snapshot, per file its relative name, size, modification time (ns) and the sha256 of its first and last MiB
   — a checkpoint changed in place gets a new key without reading 65 GB on every run.
 
-The quantization modes are not part of the key (the baseline is what they are compared with); neither is offload,
-which is bit-identical. A cached file that cannot be read, or does not hold a finite baseline, is removed and
+The run's LoRAs are (each file's resolved path, size and modification time, and its strength): the baseline
+applies them, merged into the bf16 weights, whatever the job's ``lora_mode``. The quantization modes are not part
+of the key (the baseline is what they are compared with); neither is offload, which is bit-identical. A cached file that cannot be read, or does not hold a finite baseline, is removed and
 treated as absent.
 """
 
@@ -80,12 +81,16 @@ def key(cfg, device: str) -> str:
     desc = {"model": OmegaConf.to_container(cfg.model), "sampler": repr(sampler_config(cfg)), "seed": cfg.seed,
             "prompt": cfg.prompt, "negative": cfg.negative_prompt, "image": hashlib.sha256(image).hexdigest(),
             "device": device, "weights": weights_identity(cfg)}
+    if cfg.lora:  # the baseline runs the same LoRAs (merged into bf16): which files, at which strengths
+        from ..checkpoints.lora import file_identity
+
+        desc["lora"] = [[file_identity(e.path), float(e.strength)] for e in cfg.lora]
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def bf16_config(cfg):
     """``cfg`` with every quantization mode ``none``, attention included (no scheme, checkpoint, skip list or
-    options left over), and
+    options left over), its LoRAs merged, and
     no lazy loading, which reads the mode's block-split checkpoint (offload itself stays: it is bit-identical)."""
     from omegaconf import OmegaConf
 
@@ -94,6 +99,7 @@ def bf16_config(cfg):
         base[f"{c}_quant"] = OmegaConf.structured(QuantConfig())
     base.attn_quant = OmegaConf.structured(AttnQuantConfig())
     base.offload.lazy_load = False
+    base.lora_mode = "merged"  # the same LoRAs, merged into the bf16 weights: the reference both modes approach
     return base
 
 

@@ -121,13 +121,32 @@ def _load(component: str, cfg, method: QuantMethod | None, folder, device, dtype
         with torch.device("meta"):
             names = [n for n, m in build().named_modules() if isinstance(m, nn.Linear)]
         check_skip(names, record.quantizable, method.skip, f"{component}_quant.skip")
+    lora = _lora_stack(cfg, component, build, record.quantizable, method)  # read and checked before any weight
     source = _source(component, method, folder)
     if component == "dit" and cfg.offload.lazy_load:
         from ..offload import load_lazy as load_component  # blocks stream from disk while the DiT runs
     model = load_component(build, source, include=record.quantizable, method=method, device=device, dtype=dtype,
                            ignore_prefixes=record.ignored_prefixes, progress=progress, seed=cfg.seed,
-                           component=component)
+                           component=component, lora=lora)
+    model.lora_stack = lora
     return model.eval().requires_grad_(False)
+
+
+LORA_COMPONENTS = ("dit",)  # the published Wan LoRA layouts target the DiT only (text-encoder keys are refused)
+
+
+def _lora_stack(cfg, component: str, build, include, method: QuantMethod | None):
+    """The run's ``lora`` list read and checked against ``component`` (built on meta), or None."""
+    if component not in LORA_COMPONENTS or not cfg.lora:
+        return None
+    from ..checkpoints.lora import load_loras, model_names
+    from ..quant.linear import selected
+
+    with torch.device("meta"):
+        shapes, linears = model_names(build())
+    quantizes = method is not None and method.quantizes
+    quantized = {n for n in linears if quantizes and selected(n, include, method.skip)}
+    return load_loras(cfg.lora, cfg.lora_mode, shapes, linears, quantized, component)
 
 
 def load_t5(cfg, method, folder, device, dtype, progress):
@@ -176,8 +195,9 @@ def load_tokenizer_for(model_cfg, folder: Path | None):
 
 
 def describe(module: nn.Module, method: QuantMethod | None) -> dict:
-    """Quantized layer count, weight bytes (parameters + quantized buffers) and the layers that left the chosen
-    backend (``QuantMethod.record``) of a loaded component."""
+    """Quantized layer count, weight bytes (parameters + quantized buffers, LoRA side paths included), the layers
+    that left the chosen backend (``QuantMethod.record``) and the LoRAs applied (``LoraStack.record``) of a loaded
+    component."""
     from ..quant.linear import QLinear
 
     qlinears = [m for m in module.modules() if isinstance(m, QLinear)]
@@ -186,9 +206,10 @@ def describe(module: nn.Module, method: QuantMethod | None) -> dict:
     for t in list(module.parameters()) + list(module.buffers()):
         st = t.untyped_storage()
         storages[(t.device, st.data_ptr())] = st.nbytes()
+    lora = getattr(module, "lora_stack", None)
     return {"quantized_layers": len(qlinears) + (lazy.quantized_layers() if lazy is not None else 0),
             "weight_bytes": sum(storages.values()), "checkpoint": getattr(module, "checkpoint_numerics", {}),
-            **(method.record() if method is not None else {})}
+            **(method.record() if method is not None else {}), **({"lora": lora.record()} if lora is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -1,7 +1,8 @@
 """``QLinear`` (a quantized drop-in for ``nn.Linear``) and the module swap driven by explicit patterns.
 
 A ``QLinear`` holds the backend's packed tensors as buffers (so ``.to(device)`` and offloading move them), the
-high-precision bias, and calls ``backend.apply``. Which linears of a model are quantized is decided by two lists
+high-precision bias, and calls ``backend.apply``; an unmerged LoRA adds its side path ``lora``
+(``lightq.quant.lora.LowRankPath``) to that output. Which linears of a model are quantized is decided by two lists
 of ``fnmatch`` patterns over module names: ``include`` (the component's quantizable linears, e.g.
 ``blocks.*.self_attn.q``) and ``skip`` (the user's exceptions). A name must match ``include`` and no ``skip``.
 """
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..backends.base import Backend
+from .lora import LowRankPath
 from .schemes import QuantizedWeight, quantize_weight
 
 
@@ -31,6 +33,7 @@ class QLinear(nn.Module):
         for name, t in packed.items():
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.lora: LowRankPath | None = None
 
     def packed(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self._packed_names}
@@ -39,7 +42,8 @@ class QLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.packed().values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backend.apply(x, self.packed(), self.scheme, self.bias)
+        y = self.backend.apply(x, self.packed(), self.scheme, self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, "
