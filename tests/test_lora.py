@@ -16,7 +16,8 @@ from lightq import config, hardware, plan
 from lightq.checkpoints.conversion import convert
 from lightq.checkpoints.loader import load_component
 from lightq.checkpoints.lora import load_loras, model_names
-from lightq.checkpoints.sources import DictSource, open_source
+from lightq.checkpoints.conventions import open_source
+from lightq.checkpoints.sources import DictSource
 from lightq.convert import open_component_source
 from lightq.errors import CheckpointError, LightqError
 from lightq.models.family import QUANTIZABLE, WAN21

@@ -103,12 +103,12 @@ def load_loras(entries, mode: str, shapes: dict[str, tuple[int, ...]], linears: 
         raise LightqError(f"lora_mode='{mode}': choose merged (added to the weight before quantization) or unmerged "
                           "(a low-rank side path next to the quantized GEMM)")
     from .hub import resolve
-    from .sources import open_source
+    from .sources import open_files
 
     names = _names(shapes)
     files = []
     for i, (ref, strength) in enumerate(pairs):
-        source = open_source(resolve(ref))
+        source = open_files(resolve(ref))  # as stored: the LoRA namings are read here, not renamed
         files.append(_read(source, LoraFile(i, ref, strength), shapes, linears, names, component))
     stack = LoraStack(files, mode, quantized)
     if mode == "unmerged":
