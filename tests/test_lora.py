@@ -242,7 +242,7 @@ def all_linears_file(tmp_path: Path, rank=4, extra=None) -> str:
 def dit_of(cfg):
     hw = hardware.resolve("cpu")
     method = C.quant_methods(cfg, plan.plan_run(cfg, hw))["dit"]
-    return C.load_dit(cfg, method, C.model_folder(cfg.model), torch.device("cpu"), torch.bfloat16, False)
+    return C.load_dit(cfg, method, C.model_folder(cfg), torch.device("cpu"), torch.bfloat16, False)
 
 
 @pytest.mark.parametrize("mode", ["none", "fp8-torch", "int4-g128-torch"])
@@ -396,7 +396,7 @@ def test_unmerged_and_merged_compose_with_offload(cfg_of, tmp_path, offload):
         hw = hardware.resolve("cpu")
         method = C.quant_methods(cfg, plan.plan_run(cfg, hw))["dit"]
         off = C.Offload(cfg.offload, torch.device("cpu"), cfg)
-        dit = C.load_dit(cfg, method, C.model_folder(cfg.model), off.home, torch.bfloat16, False)
+        dit = C.load_dit(cfg, method, C.model_folder(cfg), off.home, torch.bfloat16, False)
         with off.active(dit):
             out = dit(*tiny_inputs())
         off.release(dit)
