@@ -14,7 +14,6 @@ was timed in the same job, else ``speed`` says why not), ``outputs`` (files writ
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -42,8 +41,17 @@ def read_result(folder: Path) -> dict | None:
         return None
 
 
-def peak_host_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+def peak_host_bytes() -> int | None:
+    """Peak resident set size of this process so far: ``getrusage`` on POSIX (ru_maxrss is KiB on Linux, bytes on
+    macOS), psutil's peak working set on Windows; None where neither exists (unknown, never a made-up 0)."""
+    try:
+        import resource
+    except ImportError:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return int(getattr(psutil.Process().memory_info(), "peak_wset", 0)) or None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 

@@ -15,7 +15,6 @@ the temporary, which is published and renamed over ``path``. ``file_lock`` seria
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -71,6 +70,12 @@ def publish_mode(path: str | os.PathLike) -> None:
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: ask psutil, else keep the temporary
+        try:
+            import psutil
+        except ImportError:
+            return True
+        return psutil.pid_exists(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -121,10 +126,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 @contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive advisory lock (flock) on ``path`` (created if missing) for the ``with`` block."""
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block: ``filelock.FileLock``,
+    flock on POSIX and msvcrt locking on Windows; the file holds no data (it is truncated)."""
+    from filelock import FileLock
+
+    with FileLock(str(path)):
+        yield
