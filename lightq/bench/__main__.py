@@ -1,5 +1,5 @@
-"""``python -m lightq.bench linear|step|attention|pipeline [options]`` — see ``lightq.bench.linear``,
-``lightq.bench.step``, ``lightq.bench.attention`` and ``lightq.bench.pipeline``."""
+"""``python -m lightq.bench linear|step|attention|pipeline|lora [options]`` — see ``lightq.bench.linear``,
+``lightq.bench.step``, ``lightq.bench.attention``, ``lightq.bench.pipeline`` and ``lightq.bench.lora``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     stp.add_argument("--attn", type=_csv, default=[],
                      help="attn_quant modes (e.g. int8-sage-triton): each mode's block and step again with that "
                           "self-attention, error also against the same mode with bf16 attention")
+    lra = sub.add_parser("lora", help="a rank-r LoRA on one quantized DiT: load merged, block unmerged / merged")
+    lra.add_argument("--model", default="14b", choices=["14b", "1.3b"])
+    lra.add_argument("--mode", default="fp8-triton+fast_accum", help="the DiT mode, as bench step names it "
+                     "(fp8-triton+fast_accum is dit_quant=fp8-triton)")
+    lra.add_argument("--rank", type=int, default=64, help="LoRA rank on every block linear")
+    lra.add_argument("--layers", type=int, default=2, help="blocks built")
+    lra.add_argument("--iters", type=int, default=20, help="timed block calls (median)")
+    lra.add_argument("--repeat", type=int, default=3, help="loads timed per case (best)")
+    lra.add_argument("--json", default=None, help="also write the rows to this JSON file")
     att = sub.add_parser("attention", help="self-attention alone at 14B shapes: every attn_quant mode vs bf16 SDPA")
     att.add_argument("--tokens", type=_csv, default=["480p", "720p"],
                      help="comma-separated token counts or 480p (32760), 720p (75600)")
@@ -67,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             from .attention import run
 
             run(args.tokens, args.heads, args.modes, args.iters, args.check_rows, args.json)
+        elif args.command == "lora":
+            from .lora import run
+
+            run(args.model, args.mode, args.rank, args.layers, args.iters, args.repeat, args.json)
         elif args.command == "pipeline":
             from .pipeline import run
 
