@@ -4,8 +4,10 @@
 is merged onto these dataclasses: a misspelt key or a value of the wrong type fails at compose time, before
 anything runs. Values that need more than a type check (scheme names, shapes) are checked by ``validate``.
 
-Groups: ``model``, ``dit_quant``, ``t5_quant``, ``clip_quant``, ``attn_quant``, ``offload``, ``hardware``, ``sampler``,
-``tracking``; ``lora`` is a list of ``LoraEntry`` and ``lora_mode`` how they apply.
+Groups: ``model``, ``dit_quant``, ``dit_low_quant``, ``t5_quant``, ``clip_quant``, ``attn_quant``, ``offload``,
+``hardware``, ``sampler``, ``tracking``; ``lora`` is a list of ``LoraEntry`` and ``lora_mode`` how they apply.
+``dit_low_quant`` is the low-noise expert of a two-expert model (Wan2.2 A14B; ``dit_quant`` is then the high-noise
+one): its default ``same`` runs ``dit_quant``'s mode (``quant_of``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from .errors import LightqError
 from .paths import conf_dir, job_folder_name
 
 SCHEMES = ("none", "fp8", "int8", "fp8-b128", "int4-g128")
-COMPONENTS = ("dit", "t5", "clip")
+COMPONENTS = ("dit", "dit_low", "t5", "clip")
+SAME = "same"  # dit_low_quant's default: the mode of dit_quant
+INHERITED_MODES = {"dit_low_quant": "dit_quant"}  # a group offering every YAML mode of another
 TRACKERS = ("none", "mlflow")
 DTYPES = ("bf16", "fp16", "fp32")
 SEED_MAX = 2**32 - 1
@@ -66,13 +70,16 @@ class ModelConfig:
     ``family``: the model family record (``lightq.models.family``) that says which components the task has, how
     each is built and what the video geometry must be. ``weights``: ``synthetic`` (the embedded tiny
     checkpoint), ``random`` (real architecture, random weights, for benchmarks), a local folder in the official
-    Wan2.1 layout, or a Hub repo id.
+    layout, or a Hub repo id. Two-expert models (Wan2.2 A14B) add ``dit_low_arch`` (the low-noise expert),
+    ``boundary`` (the high-noise expert denoises while ``t >= boundary * 1000``) and ``guide_scale_low`` (the
+    low-noise expert's CFG scale; ``guide_scale`` is the high-noise one's).
     """
 
     name: str = "tiny"
     family: str = "wan2.1"
     task: str = "t2v"
     dit_arch: str = "tiny"
+    dit_low_arch: Optional[str] = None
     t5_arch: str = "tiny"
     clip_arch: Optional[str] = None
     vae_arch: str = "tiny"
@@ -86,16 +93,20 @@ class ModelConfig:
     steps: int = 4
     shift: float = 5.0
     guide_scale: float = 5.0
+    guide_scale_low: Optional[float] = None
+    boundary: Optional[float] = None
 
 
 @dataclass
 class SamplerConfig:
-    """Flow-matching sampler; ``None`` fields take the model's defaults (steps, shift, guide_scale)."""
+    """Flow-matching sampler; ``None`` fields take the model's defaults (steps, shift, guide_scale). A
+    ``guide_scale`` given here applies to both experts of a two-expert model unless ``guide_scale_low`` is given."""
 
     name: str = "unipc"
     steps: Optional[int] = None
     shift: Optional[float] = None
     guide_scale: Optional[float] = None
+    guide_scale_low: Optional[float] = None
     denoising_steps: Optional[list[int]] = None
 
 
@@ -175,6 +186,7 @@ LORA_MODES = ("merged", "unmerged")
 class LightqConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dit_quant: QuantConfig = field(default_factory=QuantConfig)
+    dit_low_quant: QuantConfig = field(default_factory=lambda: QuantConfig(name=SAME))
     t5_quant: QuantConfig = field(default_factory=QuantConfig)
     clip_quant: QuantConfig = field(default_factory=QuantConfig)
     attn_quant: AttnQuantConfig = field(default_factory=AttnQuantConfig)
@@ -215,9 +227,30 @@ def yaml_modes(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
+def inherited_modes(group: str) -> list[str]:
+    """The YAML modes ``group`` takes from another group's folder (``dit_low_quant``: every ``dit_quant`` file)
+    and has no file of its own for."""
+    if group not in INHERITED_MODES:
+        return []
+    return sorted(set(yaml_modes(INHERITED_MODES[group])) - set(yaml_modes(group)))
+
+
 def quant_modes(group: str) -> list[str]:
-    """Every option of a quant group: its YAML modes and the generated backend modes."""
-    return sorted(set(yaml_modes(group)) | set(backend_modes()))
+    """Every option of a quant group: its YAML modes (own and inherited) and the generated backend modes."""
+    return sorted(set(yaml_modes(group)) | set(inherited_modes(group)) | set(backend_modes()))
+
+
+def quant_of(cfg: Any, component: str) -> Any:
+    """The quantization mode ``component`` runs: its group's, except ``dit_low_quant=same`` (the default), which
+    runs ``dit_quant``'s mode, options and skip list with its own ``ckpt`` (a pre-quantized file holds one
+    expert; without one, the low-noise expert's file is found in its folder)."""
+    q = cfg[f"{component}_quant"]
+    if component != "dit_low" or q.name != SAME:
+        return q
+    d = cfg.dit_quant
+    return OmegaConf.structured(QuantConfig(name=d.name, scheme=d.scheme, backend=d.backend,
+                                            options=OmegaConf.to_container(d.options), ckpt=q.ckpt,
+                                            skip=list(d.skip)))
 
 
 def register() -> None:
@@ -228,7 +261,10 @@ def register() -> None:
     store.store(name="lightq_schema", node=LightqConfig)
     modes = backend_modes()
     for group in QUANT_GROUPS:
-        for name in sorted(set(modes) - set(yaml_modes(group))):
+        inherited = inherited_modes(group)
+        for name in inherited:
+            store.store(group=group, name=name, node=OmegaConf.load(conf_dir() / INHERITED_MODES[group] / f"{name}.yaml"))
+        for name in sorted(set(modes) - set(yaml_modes(group)) - set(inherited)):
             store.store(group=group, name=name, node=modes[name])
 
 
@@ -275,6 +311,7 @@ def validate(cfg: Any) -> None:
         if m[f"{comp}_arch"] not in table:
             raise LightqError(f"model.{comp}_arch='{m[f'{comp}_arch']}': choose one of {', '.join(table)}")
     fam.geometry(m).check(m.frames, m.height, m.width)
+    _validate_experts(cfg, fam)
     if m.dtype not in DTYPES:
         raise LightqError(f"model.dtype='{m.dtype}': choose one of {', '.join(DTYPES)}")
     if not m.fps > 0:
@@ -282,6 +319,31 @@ def validate(cfg: Any) -> None:
     if not 0 <= cfg.seed <= SEED_MAX:
         raise LightqError(f"seed={cfg.seed}: choose an integer from 0 to {SEED_MAX}")
     _validate_task_inputs(cfg)
+
+
+def _validate_experts(cfg: Any, fam) -> None:
+    """A quantization mode for a component the model does not have would be ignored: an error; a two-expert model
+    needs its low-noise expert's architecture and the boundary between the two."""
+    m = cfg.model
+    present = fam.components_of(m.task)
+    clip = cfg.clip_quant
+    if m.task != "t2v" and "clip" not in present and (clip.scheme != "none" or clip.ckpt):
+        raise LightqError(f"clip_quant={clip.name} quantizes a CLIP image encoder, which model={m.name} does not "
+                          "have (it conditions on the VAE-encoded image only): drop clip_quant=")
+    q = cfg.dit_low_quant
+    if "dit_low" not in present and (q.name not in (SAME, "none") or q.ckpt):
+        raise LightqError(f"dit_low_quant={q.name} quantizes the low-noise expert of a two-expert model, which "
+                          f"model={m.name} does not have: drop dit_low_quant=, or pick a Wan2.2 A14B model")
+    if "dit_low" in present:
+        if m.dit_low_arch is None or m.boundary is None:
+            raise LightqError(f"model={m.name} has two DiT experts: set model.dit_low_arch and model.boundary "
+                              "(e.g. 0.875; the high-noise expert denoises while t >= boundary * 1000)")
+        if not 0.0 < m.boundary < 1.0:
+            raise LightqError(f"model.boundary={m.boundary}: choose a value between 0 and 1 (the official 0.875 "
+                              "for T2V-A14B, 0.9 for I2V-A14B)")
+    elif m.boundary is not None or m.guide_scale_low is not None or cfg.sampler.guide_scale_low is not None:
+        raise LightqError(f"model.boundary / guide_scale_low belong to two-expert models; model={m.name} has one "
+                          "DiT: drop them")
 
 
 def _validate_task_inputs(cfg: Any) -> None:

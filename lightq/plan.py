@@ -78,8 +78,10 @@ def _refused(component: str, quant, why: str, installs: dict[str, str], installe
 def plan_run(cfg, hw: Hardware) -> dict[str, ComponentPlan]:
     """One plan per quantizable component of the model's task, in pipeline order (the model family says which),
     and the self-attention's."""
+    from .config import quant_of
+
     components = family(cfg.model.family).components_of(cfg.model.task)
-    plans = {c: plan_component(c, cfg[f"{c}_quant"], hw) for c in components}
+    plans = {c: plan_component(c, quant_of(cfg, c), hw) for c in components}
     plans["attn"] = plan_attention(cfg.attn_quant, hw)
     return plans
 

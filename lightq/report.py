@@ -26,9 +26,9 @@ from .results import RESULT_FILE
 LOCK_FILE = ".results.lock"
 COLUMNS = [
     "job", "status", "reason", "model",
-    "dit_mode", "dit_backend", "t5_mode", "t5_backend", "clip_mode", "clip_backend", "attn_mode", "attn_backend",
+    "dit_mode", "dit_backend", "dit_low_mode", "dit_low_backend", "t5_mode", "t5_backend", "clip_mode", "clip_backend", "attn_mode", "attn_backend",
     "load_s", "encode_s", "denoise_step_s", "decode_s", "total_s",
-    "peak_host_gib", "peak_gpu_gib", "dit_weight_mib", "t5_weight_mib", "clip_weight_mib",
+    "peak_host_gib", "peak_gpu_gib", "dit_weight_mib", "dit_low_weight_mib", "t5_weight_mib", "clip_weight_mib",
     "psnr_db", "ssim", "latent_cosine", "speedup",
 ]
 
@@ -71,7 +71,7 @@ def _is_baseline(res: dict) -> bool:
     return bool(comps) and all(c.get("scheme", "none") == "none" for c in comps.values())
 
 
-QUANT_GROUPS = ("dit_quant", "t5_quant", "clip_quant", "attn_quant")  # what a row may differ from its baseline in
+QUANT_GROUPS = ("dit_quant", "dit_low_quant", "t5_quant", "clip_quant", "attn_quant")  # what a row may differ from its baseline in
 UNRECORDED = ("resume", "tracking", "sweep", "hydra")  # overrides that change how a job is run, not what it computes
 
 
@@ -95,7 +95,7 @@ def row(job: str, res: dict, base_denoise: dict[str, float]) -> dict:
     mem, q = res.get("memory") or {}, res.get("quality") or {}
     model = (res.get("choices") or {}).get("model", "")
     r = {"job": job, "status": res.get("status"), "reason": res.get("reason", ""), "model": model}
-    for c in ("dit", "t5", "clip"):
+    for c in ("dit", "dit_low", "t5", "clip"):
         comp = comps.get(c) or {}
         r[f"{c}_mode"], r[f"{c}_backend"] = comp.get("mode", ""), comp.get("backend") or ""
         r[f"{c}_weight_mib"] = _mib(comp.get("weight_bytes"))

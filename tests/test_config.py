@@ -12,7 +12,8 @@ from lightq import config
 from lightq.errors import LightqError
 from lightq.paths import conf_dir
 
-GROUPS = ("model", "dit_quant", "t5_quant", "clip_quant", "offload", "hardware", "sampler")
+GROUPS = ("model", "dit_quant", "dit_low_quant", "t5_quant", "clip_quant", "offload", "hardware", "sampler")
+MODEL_FOR = {"clip_quant": "tiny-i2v", "dit_low_quant": "tiny-t2v-a14b"}  # a model that has the component
 
 MISSION_MODES = {
     "dit_quant": {"none", "fp8-vllm", "int8-vllm", "fp8-sgl", "int8-sgl", "fp8-q8f", "int8-q8f", "int8-torchao",
@@ -52,8 +53,8 @@ def test_only_modes_that_say_more_than_their_name_are_yaml_files():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_option_composes_typed_and_valid(hydra_ctx, group, option, tmp_path):
-    i2v_only = ["model=tiny-i2v"] if group == "clip_quant" else []  # a T2V model has no image encoder to quantize
-    cfg = compose("config", overrides=[*i2v_only, f"{group}={option}"])
+    model = [f"model={MODEL_FOR[group]}"] if group in MODEL_FOR else []
+    cfg = compose("config", overrides=[*model, f"{group}={option}"])
     assert OmegaConf.get_type(cfg) is config.LightqConfig
     assert OmegaConf.get_type(cfg[group]) is type(getattr(config.LightqConfig(), group))
     if group.endswith("_quant"):

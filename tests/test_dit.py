@@ -28,7 +28,7 @@ def official_keys(a) -> dict[str, tuple]:
         "head.head.weight": (a.out_dim * p, d), "head.head.bias": (a.out_dim * p,),
         "head.modulation": (1, 2, d),
     }
-    if a.model_type == "i2v":
+    if a.has_clip:  # the Wan2.1 I2V CLIP branch (Wan2.2's I2V expert has none)
         c = a.clip_dim
         keys.update({
             "img_emb.proj.0.weight": (c,), "img_emb.proj.0.bias": (c,),
@@ -52,7 +52,7 @@ def official_keys(a) -> dict[str, tuple]:
         "ffn.0.weight": (a.ffn_dim, d), "ffn.0.bias": (a.ffn_dim,),
         "ffn.2.weight": (d, a.ffn_dim), "ffn.2.bias": (d,),
     }
-    if a.model_type == "i2v":
+    if a.has_clip:
         block.update({"cross_attn.k_img.weight": (d, d), "cross_attn.k_img.bias": (d,),
                       "cross_attn.v_img.weight": (d, d), "cross_attn.v_img.bias": (d,),
                       "cross_attn.norm_k_img.weight": (d,)})
@@ -65,8 +65,9 @@ def inputs(a, batch=2, grid=(3, 8, 12), seed=1, text_tokens=20):
     g = torch.Generator().manual_seed(seed)
     kw = {}
     if a.model_type == "i2v":
-        kw = {"clip_fea": torch.randn(batch, 257, a.clip_dim, generator=g),
-              "y": torch.randn(batch, a.in_dim - a.out_dim, *grid, generator=g)}
+        kw = {"y": torch.randn(batch, a.in_dim - a.out_dim, *grid, generator=g)}
+        if a.has_clip:
+            kw["clip_fea"] = torch.randn(batch, 257, a.clip_dim, generator=g)
     x = torch.randn(batch, a.out_dim if kw else a.in_dim, *grid, generator=g)
     t = torch.tensor([999.0, 437.0][:batch])
     return x, t, torch.randn(batch, text_tokens, a.text_dim, generator=g), kw

@@ -56,8 +56,8 @@ def test_tasks_blocks_and_lookups():
     key = WAN21.block_key()
     assert key.match("blocks.12.ffn.0.weight").group(1) == "12" and not key.match("head.blocks.1.x")
     assert key.search("model.blocks.3.attn.q.weight").group(1) == "3"
-    assert family("wan2.1") is WAN21 and set(FAMILIES) == {"wan2.1"}
-    with pytest.raises(LightqError, match="model.family='wan9': choose one of wan2.1"):
+    assert family("wan2.1") is WAN21 and set(FAMILIES) == {"wan2.1", "wan2.2-a14b", "wan2.2-ti2v"}
+    with pytest.raises(LightqError, match="model.family=.wan9.: choose one of wan2.1, wan2.2-a14b, wan2.2-ti2v"):
         family("wan9")
     with pytest.raises(LightqError, match="model.task='v2v': choose t2v or i2v"):
         WAN21.components_of("v2v")

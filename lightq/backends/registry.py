@@ -34,6 +34,7 @@ COMPONENT_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
         "int4-g128": ("torch", "marlin"),
     },
 }
+COMPONENT_PREFERENCE["dit_low"] = COMPONENT_PREFERENCE["dit"]  # the low-noise expert of Wan2.2 A14B: the same DiT
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..errors import LightqError
 
 GIB = 2**30
-QUANT_GROUPS = ("dit_quant", "t5_quant", "clip_quant", "attn_quant")
+QUANT_GROUPS = ("dit_quant", "t5_quant", "clip_quant", "attn_quant", "dit_low_quant")
 
 
 @dataclass

@@ -6,7 +6,7 @@
             for ``None`` (bf16);
 - ``clip``: ``models_clip_open-clip-xlm-roberta-large-vit-huge-14-{fp8,int8}.pth``, the bf16 original
             ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``;
-- ``vae``:  ``Wan2.1_VAE.pth``;
+- ``vae``:  ``Wan2.1_VAE.pth`` (Wan2.2 TI2V: ``Wan2.2_VAE.pth``);
 - ``dit``:  the folder's DiT checkpoints — the official ``diffusion_pytorch_model*.safetensors`` (with its index:
             the folder itself is returned), a block split, and every other ``*.safetensors`` in the folder — are
             classified by the scheme they hold (header metadata, else the dtype and scale shape of the first
@@ -16,6 +16,8 @@ A diffusers model folder (``model_index.json``, or ``transformer/`` holding safe
 subfolder (``diffusers.SUBFOLDERS``), each found by content as the DiT is (its files are seen under the official
 names, ``checkpoints.diffusers``).
 
+A component with a ``subfolder`` in its family record (Wan2.2 A14B's experts: ``high_noise_model/``,
+``low_noise_model/``) is looked for there, as the official release and LightX2V place them.
 For the encoders, a lightq-converted file ``<component>-<scheme>.safetensors`` is accepted too.
 Nothing found is a ``NotInFolder`` (a CheckpointError: a caller may fall back to the bf16 file and quantize at
 load); several DiT candidates for one scheme is a plain CheckpointError (ambiguous: never a fallback). Both list
@@ -28,7 +30,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..models.family import WAN21
+from ..models.family import WAN21, ModelFamily
 from . import formats
 from .conventions import open_source
 from .diffusers import SUBFOLDERS
@@ -39,23 +41,32 @@ class NotInFolder(CheckpointError):
     """The folder holds no file of the component in the requested scheme."""
 
 
-def find_component_file(folder: str | Path, component: str, scheme: str | None) -> Path:
-    """The file (or, for a chunked / block-split DiT, the folder) holding ``component`` in ``scheme``."""
+def find_component_file(folder: str | Path, component: str, scheme: str | None, fam: ModelFamily = WAN21) -> Path:
+    """The file (or, for a chunked / block-split DiT, the folder) holding ``component`` of family ``fam`` in
+    ``scheme``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
-    record = WAN21.components.get(component)
+    record = fam.components.get(component)
     if record is None:
-        raise CheckpointError(f"unknown component '{component}': choose {', '.join(WAN21.components)}")
+        raise CheckpointError(f"unknown component '{component}': choose {', '.join(fam.components)}")
     if is_diffusers_folder(folder):  # -Diffusers: the component's subfolder, its files found by content
-        sub = folder / SUBFOLDERS[component]
+        if not record.diffusers:
+            raise NotInFolder(f"{folder} is a diffusers model folder; lightq reads {fam.name}'s {component} in the "
+                              "official layout only: pass its file as the mode's ckpt or use the official release")
+        sub = folder / record.diffusers
         if not sub.is_dir():
-            raise NotInFolder(f"{folder} is a diffusers model folder without {SUBFOLDERS[component]}/ (the "
+            raise NotInFolder(f"{folder} is a diffusers model folder without {record.diffusers}/ (the "
                               f"{component}); "
                               "is it the model of this task?")
-        return _find_by_content(sub, component, scheme)
+        return _find_by_content(sub, component, scheme, fam)
+    if record.subfolder:
+        folder = folder / record.subfolder
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder.parent}: no {record.subfolder}/ folder for {component} ({fam.name} keeps "
+                                  f"each expert in its own folder, as released)")
     if not record.official:  # found by content: the DiT's chunked, block-split or single files
-        return _find_by_content(folder, component, scheme)
+        return _find_by_content(folder, component, scheme, fam)
     if scheme is None:
         return _named(folder, [record.official], component, scheme)
     names = ([record.lightx2v.format(scheme)] if record.lightx2v else []) + [f"{component}-{scheme}.safetensors"]
@@ -92,12 +103,13 @@ def is_diffusers_folder(folder: Path) -> bool:
     return (folder / "model_index.json").is_file() or any((folder / SUBFOLDERS["dit"]).glob("*.safetensors"))
 
 
-def scheme_of(path: Path, component: str = "dit") -> str | None:
-    """The scheme a checkpoint of ``component`` holds (None: high precision), from its header only."""
+def scheme_of(path: Path, component: str = "dit", fam: ModelFamily = WAN21) -> str | None:
+    """The scheme a checkpoint of ``component`` (of family ``fam``) holds (None: high precision), from its header
+    only."""
     src = open_source(path)
     if "lightq.scheme" in src.metadata:
         return src.metadata["lightq.scheme"]
-    patterns = WAN21.quantizable.get(component, ())
+    patterns = fam.quantizable.get(component, ())
     for key in src:
         prefix, _, leaf = key.rpartition(".")
         if leaf == "weight" and any(fnmatchcase(prefix, p) for p in patterns):
@@ -109,9 +121,9 @@ def scheme_of(path: Path, component: str = "dit") -> str | None:
                           "checkpoint")
 
 
-def _find_by_content(folder: Path, component: str, scheme: str | None) -> Path:
+def _find_by_content(folder: Path, component: str, scheme: str | None, fam: ModelFamily) -> Path:
     candidates = dit_candidates(folder)
-    classified = [(p, scheme_of(p, component)) for p in candidates]
+    classified = [(p, scheme_of(p, component, fam)) for p in candidates]
     matching = [p for p, s in classified if s == scheme]
     if len(matching) == 1:
         return matching[0]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import LightqError
 from ..models.attention import attention, self_attention
 from ..models.wan_dit import Block, CrossAttention, SelfAttention
 from ..quant.linear import QLinear
@@ -175,6 +176,9 @@ class FusedBlock(Block):
 
     def forward(self, x, e0, rope, text, image, dtype):
         b, seq_len, dim = x.shape
+        if e0.dim() != 3:
+            raise LightqError("the fused Wan block takes one timestep per sample; per-token timesteps (TI2V "
+                              "image-to-video) need the unfused block: set dit_quant.options.fuse=false")
         mod = (self.modulation.float() + e0).contiguous()  # [B, 6, dim]: shift1 scale1 gate1 shift2 scale2 gate2
         x2 = x.reshape(b * seq_len, dim).contiguous()
         y = self.self_attn(x2, mod, seq_len, b, rope, self.norm1.eps, dtype)

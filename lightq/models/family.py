@@ -1,5 +1,6 @@
 """A model family in one record: what the rest of lightq asks instead of importing model classes or copying the
-family's file names. ``WAN21`` is the Wan2.1 family (T2V 1.3B / 14B, I2V 14B).
+family's file names. ``WAN21`` is the Wan2.1 family (T2V 1.3B / 14B, I2V 14B); ``WAN22_A14B`` Wan2.2's two-expert
+T2V / I2V A14B models; ``WAN22_TI2V`` Wan2.2's TI2V-5B (text- and image-to-video from one DiT, the Wan2.2 VAE).
 
 A ``ModelFamily`` holds
 
@@ -10,20 +11,22 @@ A ``ModelFamily`` holds
   pre-quantized file name, the Hub download patterns, and its subfolder in a diffusers model folder;
 - ``tasks``: the quantizable components of each task, in pipeline order (``t2v``: umT5 then DiT; ``i2v`` adds CLIP);
 - ``decoder``: the component that turns latents into frames (never quantized, loaded in fp32);
+- ``experts``: for a mixture of denoising experts (Wan2.2 A14B), the DiT components from the high-noise one to the
+  low-noise one; the model config's ``boundary`` says where the first hands over (``lightq.pipeline.sampler``);
 - ``block_prefix``: the key prefix of the blocks that offload streams and the converter splits (``blocks.<i>.``);
 - ``geometry(model)``: the latent geometry of a model config, from its VAE and DiT architectures
   (``LatentGeometry``: channels, the VAE's temporal and spatial strides, the DiT's patch), which gives the
   latent shape and the frame / size rules a config must follow;
 
-Torch-free at import: ``lightq.plan`` and ``lightq.config`` read it before anything loads. Adding Wan2.2 is a
-second record (its two DiT experts and its VAE): see docs/ARCHITECTURE.md.
+Torch-free at import: ``lightq.plan`` and ``lightq.config`` read it before anything loads. A component's
+``subfolder`` is where its files sit in the model folder (Wan2.2's ``high_noise_model/`` and ``low_noise_model/``).
 """
 
 from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..errors import LightqError
@@ -43,6 +46,7 @@ class Component:
     chunk_stem: str = ""  # stem of a chunked safetensors set (``<stem>-00001-of-00002.safetensors`` + index)
     ignored_prefixes: tuple[str, ...] = ()  # keys of the released file that the model does not use
     diffusers: str = ""  # the component's subfolder in a diffusers (-Diffusers) model folder
+    subfolder: str = ""  # the folder of its files inside the model folder ("" for the model folder itself)
 
     @property
     def stem(self) -> str:
@@ -94,6 +98,7 @@ class ModelFamily:
     tasks: dict[str, tuple[str, ...]]
     decoder: str = "vae"
     block_prefix: str = "blocks"
+    experts: tuple[str, ...] = ()
 
     @property
     def quantizable(self) -> dict[str, tuple[str, ...]]:
@@ -171,7 +176,40 @@ WAN21 = ModelFamily(
     tasks={"t2v": ("t5", "dit"), "i2v": ("t5", "clip", "dit")},
 )
 
-FAMILIES: dict[str, ModelFamily] = {WAN21.name: WAN21}
+_WAN21_DIT = WAN21.components["dit"]
+_T5, _VAE21 = WAN21.components["t5"], WAN21.components["vae"]
+
+# Wan2.2 A14B: two 14B DiT experts in the official subfolders (each a chunked set with its index, or LightX2V's
+# single files / block splits placed there), umT5 and the Wan2.1 VAE at the top. ``dit`` is the high-noise expert
+# (the first steps), ``dit_low`` the low-noise one; their architectures are ``model.dit_arch`` / ``dit_low_arch``.
+WAN22_A14B = ModelFamily(
+    name="wan2.2-a14b",
+    components={
+        "dit": replace(_WAN21_DIT, subfolder="high_noise_model", hub=("high_noise_model/diffusion_pytorch_model*",)),
+        "dit_low": replace(_WAN21_DIT, name="dit_low", subfolder="low_noise_model",
+                           hub=("low_noise_model/diffusion_pytorch_model*",), diffusers="transformer_2"),
+        "t5": _T5,
+        "vae": _VAE21,
+    },
+    tasks={"t2v": ("t5", "dit", "dit_low"), "i2v": ("t5", "dit", "dit_low")},
+    experts=("dit", "dit_low"),
+)
+
+# Wan2.2 TI2V-5B: one DiT (chunked, in the model folder) on the Wan2.2 VAE's 48 latent channels; image-to-video
+# replaces the first latent frame instead of adding input channels, so both tasks have the same components.
+WAN22_TI2V = ModelFamily(
+    name="wan2.2-ti2v",
+    components={
+        "dit": _WAN21_DIT,
+        "t5": _T5,
+        # no diffusers subfolder: diffusers' key names of the Wan2.2 VAE are not mapped (checkpoints.diffusers)
+        "vae": Component("vae", "lightq.models.vae22:Wan22VAE", "VAE22_ARCHS", official="Wan2.2_VAE.pth",
+                         hub=("Wan2.2_VAE.pth",)),
+    },
+    tasks={"t2v": ("t5", "dit"), "i2v": ("t5", "dit")},
+)
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (WAN21, WAN22_A14B, WAN22_TI2V)}
 QUANTIZABLE = WAN21.quantizable
 
 

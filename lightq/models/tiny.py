@@ -1,7 +1,9 @@
-"""The embedded tiny models: the real Wan2.1 architectures at toy size, with deterministic synthetic weights.
+"""The embedded tiny models: the real Wan2.1 and Wan2.2 architectures at toy size, with deterministic synthetic
+weights.
 
-``ensure_tiny(name)`` writes, once, a model folder in the official Wan2.1 file layout — the DiT as bf16
-safetensors chunks with their index, the umT5 encoder and CLIP as ``.pth``, the VAE as ``Wan2.1_VAE.pth`` — under
+``ensure_tiny(name)`` writes, once, a model folder in the official file layout of its family — each DiT as bf16
+safetensors chunks with their index (Wan2.2 A14B: in ``high_noise_model/`` and ``low_noise_model/``), the umT5
+encoder and CLIP as ``.pth``, the VAE as ``Wan2.1_VAE.pth`` (Wan2.2 TI2V: ``Wan2.2_VAE.pth``) — under
 ``<cache>/tiny/<version>/<name>`` (the folder appears complete or not at all), and returns it. The run then loads it
 through the same loader as real weights. Weights are a seeded model's own initialisation, so they are
 deterministic for a given torch version.
@@ -19,14 +21,21 @@ from pathlib import Path
 import torch
 
 from ..paths import cache_dir
-from .family import WAN21
+from .family import WAN21, family
 
 SEED = 20260101
+# name: (family, task, {component: arch}) — every component of the family's pipeline for the task
 TINY = {
-    # name: (task, dit arch, t5 arch, clip arch or None, vae arch)
-    "tiny": ("t2v", "tiny", "tiny", None, "tiny"),
-    "tiny-i2v": ("i2v", "tiny-i2v", "tiny", "tiny", "tiny"),
+    "tiny": ("wan2.1", "t2v", {"t5": "tiny", "dit": "tiny", "vae": "tiny"}),
+    "tiny-i2v": ("wan2.1", "i2v", {"t5": "tiny", "clip": "tiny", "dit": "tiny-i2v", "vae": "tiny"}),
+    # Wan2.2 at toy size: two experts in high_noise_model/ and low_noise_model/ (A14B), the Wan2.2 VAE (TI2V)
+    "tiny-t2v-a14b": ("wan2.2-a14b", "t2v", {"t5": "tiny", "dit": "tiny", "dit_low": "tiny", "vae": "tiny"}),
+    "tiny-i2v-a14b": ("wan2.2-a14b", "i2v", {"t5": "tiny", "dit": "tiny-i2v-a14b", "dit_low": "tiny-i2v-a14b",
+                                             "vae": "tiny"}),
+    "tiny-ti2v-5b": ("wan2.2-ti2v", "t2v", {"t5": "tiny", "dit": "tiny-ti2v", "vae": "tiny"}),
 }
+SEEDS = {"dit": SEED, "t5": SEED + 1, "vae": SEED + 2, "clip": SEED + 3, "dit_low": SEED + 4}
+DTYPES = {"t5": torch.bfloat16, "vae": torch.float32, "clip": torch.float16}  # as released; DiTs bf16
 DIT_INDEX = f"{WAN21.components['dit'].stem}.safetensors.index.json"
 DIT_CHUNK = WAN21.components["dit"].stem + "-{:05d}-of-{:05d}.safetensors"
 T5_FILE = WAN21.components["t5"].official
@@ -40,16 +49,19 @@ def _seeded_state(build, seed: int, dtype: torch.dtype) -> dict[str, torch.Tenso
     return {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
 
 
-def version(name: str) -> str:
-    """Changes whenever the architectures or this writer change, so a stale cache is never reused."""
-    from . import clip, t5, vae, wan_dit
+def _records(name: str):
+    """(component, its family record, its arch) of tiny model ``name``, in pipeline order."""
+    fam_name, task, archs = TINY[name]
+    fam = family(fam_name)
+    return [(c, fam.components[c], archs[c]) for c in fam.pipeline(task)]
 
-    task, dit, t5a, clipa, vaea = TINY[name]
-    desc = repr((name, SEED, torch.__version__, wan_dit.DIT_ARCHS[dit], t5.T5_ARCHS[t5a],
-                 clip.CLIP_ARCHS[clipa] if clipa else None, vae.VAE_ARCHS[vaea],
-                 Path(__file__).read_bytes(), Path(wan_dit.__file__).read_bytes(), Path(t5.__file__).read_bytes(),
-                 Path(clip.__file__).read_bytes(), Path(vae.__file__).read_bytes()))
-    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+def version(name: str) -> str:
+    """Changes whenever the architectures or the model code (every file of ``lightq/models``) change, so a stale
+    cache is never reused."""
+    parts: list = [name, SEED, torch.__version__, [(c, record.arch_table()[arch]) for c, record, arch in _records(name)]]
+    parts += [p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 def _write_dit_chunks(state: dict[str, torch.Tensor], folder: Path, chunks: int = 2) -> None:
@@ -68,26 +80,31 @@ def _write_dit_chunks(state: dict[str, torch.Tensor], folder: Path, chunks: int 
 
 
 def _write(name: str, folder: Path) -> None:
-    from . import clip, t5, vae, wan_dit
+    for component, record, arch in _records(name):
+        state = _seeded_state(record.build(arch), SEEDS[component], DTYPES.get(component, torch.bfloat16))
+        if not record.official:  # a DiT: safetensors chunks with their index, in its subfolder
+            (folder / record.subfolder).mkdir(exist_ok=True)
+            _write_dit_chunks(state, folder / record.subfolder)
+            continue
+        if component == "clip":
+            # the released file holds the whole XLM-RoBERTa CLIP; the text half is present and ignored by the loader
+            state["textual.token_embedding.weight"] = torch.zeros(8, 8, dtype=torch.float16)
+            state["log_scale"] = torch.tensor(4.6052, dtype=torch.float16)
+        torch.save(state, folder / record.official)
 
-    task, dit_a, t5_a, clip_a, vae_a = TINY[name]
-    _write_dit_chunks(_seeded_state(lambda: wan_dit.WanDiT(wan_dit.DIT_ARCHS[dit_a]), SEED, torch.bfloat16), folder)
-    torch.save(_seeded_state(lambda: t5.UMT5Encoder(t5.T5_ARCHS[t5_a]), SEED + 1, torch.bfloat16), folder / T5_FILE)
-    torch.save(_seeded_state(lambda: vae.WanVAE(vae.VAE_ARCHS[vae_a]), SEED + 2, torch.float32), folder / VAE_FILE)
-    if clip_a:
-        state = _seeded_state(lambda: clip.ClipVisual(clip.CLIP_ARCHS[clip_a]), SEED + 3, torch.float16)
-        # the released file holds the whole XLM-RoBERTa CLIP; the text half is present and ignored by the loader
-        state["textual.token_embedding.weight"] = torch.zeros(8, 8, dtype=torch.float16)
-        state["log_scale"] = torch.tensor(4.6052, dtype=torch.float16)
-        torch.save(state, folder / CLIP_FILE)
+
+def _marker(name: str) -> Path:
+    """A file that exists once the folder is complete (the folder appears by one rename, whole)."""
+    dit = next(record for c, record, _ in _records(name) if c == "dit")
+    return Path(dit.subfolder) / DIT_INDEX
 
 
 def ensure_tiny(name: str) -> Path:
-    """The folder of tiny model ``name`` (``tiny`` or ``tiny-i2v``), written on first use."""
+    """The folder of tiny model ``name`` (one of ``TINY``), written on first use."""
     if name not in TINY:
         raise KeyError(f"no tiny model '{name}' (have {', '.join(TINY)})")
     final = cache_dir() / "tiny" / version(name) / name
-    if (final / DIT_INDEX).is_file():
+    if (final / _marker(name)).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
@@ -96,7 +113,7 @@ def ensure_tiny(name: str) -> Path:
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: theirs is identical
-            if not (final / DIT_INDEX).is_file():
+            if not (final / _marker(name)).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

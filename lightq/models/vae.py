@@ -199,11 +199,12 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """If ``temporal``, time x2 except frame 0; then spatial x2 (nearest) and a 3x3 conv halving the channels."""
+    """If ``temporal``, time x2 except frame 0; then spatial x2 (nearest) and a 3x3 conv to ``out_dim`` channels
+    (Wan2.1: half of ``dim``, the default; Wan2.2: ``dim``)."""
 
-    def __init__(self, dim: int, temporal: bool):
+    def __init__(self, dim: int, temporal: bool, out_dim: int | None = None):
         super().__init__()
-        self.resample = nn.ModuleDict({"1": nn.Conv2d(dim, dim // 2, 3, padding=1)})
+        self.resample = nn.ModuleDict({"1": nn.Conv2d(dim, dim // 2 if out_dim is None else out_dim, 3, padding=1)})
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1)) if temporal else None
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
@@ -303,18 +304,7 @@ class WanVAE(nn.Module):
             self._init_weights()
 
     def _init_weights(self) -> None:
-        """Random weights that keep activations at unit scale: every conv ~ N(0, 1 / fan_in), zero bias.
-
-        Unlike PyTorch's default (variance 1 / (3 fan_in)), this keeps the encoder sensitive to its input
-        (latents of different videos differ by ~0.2 per element, not ~0.04); the decoder's output conv gets half
-        that scale so decoded videos of random weights rarely reach the clamp. Real checkpoints overwrite all.
-        """
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-                nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
-                nn.init.zeros_(module.bias)
-        with torch.no_grad():
-            self.decoder.head["2"].weight.mul_(0.5)
+        init_weights(self)
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.arch.z_dim, 1, 1, 1)
@@ -374,28 +364,54 @@ class WanVAE(nn.Module):
         return video
 
     def _check_video(self, video: torch.Tensor) -> None:
-        s, k = self.arch.spatial_factor, self.arch.temporal_factor
-        if video.dim() != 5 or video.shape[1] != 3:
-            raise LightqError(
-                f"VAE encode expects a video [batch, 3, frames, height, width], got shape {tuple(video.shape)}: "
-                "add the batch dimension and put RGB channels second"
-            )
-        frames, height, width = video.shape[2:]
-        if frames < 1 or (frames - 1) % k:
-            raise LightqError(
-                f"VAE encode got {frames} frames; the Wan VAE needs 1 + {k}k frames (e.g. {1 + k} or {1 + 2 * k}): "
-                f"trim or pad the clip to {1 + k * max(0, (frames - 1) // k)} or {1 + k * ((frames + k - 2) // k)}"
-            )
-        if height % s or width % s or height == 0 or width == 0:
-            raise LightqError(
-                f"VAE encode got {height}x{width} pixels; height and width must be positive multiples of {s} "
-                f"(of {2 * s} for the DiT's 2x2 patches): resize or crop the video"
-            )
+        check_video(self.arch, video)
 
     def _check_latents(self, latents: torch.Tensor) -> None:
-        z = self.arch.z_dim
-        if latents.dim() != 5 or latents.shape[1] != z or min(latents.shape[2:]) < 1:
-            raise LightqError(
-                f"VAE decode expects latents [batch, {z}, frames, height, width] with every size >= 1, "
-                f"got shape {tuple(latents.shape)}: pass the DiT output with its batch dimension"
-            )
+        check_latents(self.arch, latents)
+
+
+def init_weights(vae: nn.Module) -> None:
+    """Random weights that keep activations at unit scale: every conv ~ N(0, 1 / fan_in), zero bias.
+
+    Unlike PyTorch's default (variance 1 / (3 fan_in)), this keeps the encoder sensitive to its input (latents of
+    different videos differ by ~0.2 per element, not ~0.04); the decoder's output conv (``decoder.head.2``) gets
+    half that scale so decoded videos of random weights rarely reach the clamp. Real checkpoints overwrite all.
+    """
+    for module in vae.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
+            nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        vae.decoder.head["2"].weight.mul_(0.5)
+
+
+def check_video(arch, video: torch.Tensor) -> None:
+    """A LightqError unless ``video`` is ``[B, 3, 1 + kT, H, W]`` with H, W multiples of the VAE's spatial factor
+    (``arch``: anything with ``temporal_factor`` and ``spatial_factor``)."""
+    s, k = arch.spatial_factor, arch.temporal_factor
+    if video.dim() != 5 or video.shape[1] != 3:
+        raise LightqError(
+            f"VAE encode expects a video [batch, 3, frames, height, width], got shape {tuple(video.shape)}: "
+            "add the batch dimension and put RGB channels second"
+        )
+    frames, height, width = video.shape[2:]
+    if frames < 1 or (frames - 1) % k:
+        raise LightqError(
+            f"VAE encode got {frames} frames; the Wan VAE needs 1 + {k}k frames (e.g. {1 + k} or {1 + 2 * k}): "
+            f"trim or pad the clip to {1 + k * max(0, (frames - 1) // k)} or {1 + k * ((frames + k - 2) // k)}"
+        )
+    if height % s or width % s or height == 0 or width == 0:
+        raise LightqError(
+            f"VAE encode got {height}x{width} pixels; height and width must be positive multiples of {s} "
+            f"(of {2 * s} for the DiT's 2x2 patches): resize or crop the video"
+        )
+
+
+def check_latents(arch, latents: torch.Tensor) -> None:
+    """A LightqError unless ``latents`` is ``[B, z_dim, T, h, w]`` with every size >= 1."""
+    z = arch.z_dim
+    if latents.dim() != 5 or latents.shape[1] != z or min(latents.shape[2:]) < 1:
+        raise LightqError(
+            f"VAE decode expects latents [batch, {z}, frames, height, width] with every size >= 1, "
+            f"got shape {tuple(latents.shape)}: pass the DiT output with its batch dimension"
+        )

@@ -1,17 +1,20 @@
-"""The Wan2.1 diffusion transformer (T2V and I2V), parameter for parameter in the official checkpoint layout.
+"""The Wan diffusion transformer (Wan2.1 T2V / I2V, Wan2.2 A14B experts and TI2V-5B), parameter for parameter in
+the official checkpoint layout.
 
 Every parameter name is a key of the official ``diffusion_pytorch_model*.safetensors`` (and of LightX2V's files):
 ``patch_embedding``, ``text_embedding.{0,2}``, ``time_embedding.{0,2}``, ``time_projection.1``,
 ``blocks.{i}.{modulation, self_attn.{q,k,v,o,norm_q,norm_k}, norm3, cross_attn.{q,k,v,o,norm_q,norm_k}, ffn.{0,2}}``
-(I2V adds ``cross_attn.{k_img,v_img,norm_k_img}`` and ``img_emb.proj.{0,1,3,4}``), ``head.{head,modulation}``.
+(Wan2.1 I2V adds ``cross_attn.{k_img,v_img,norm_k_img}`` and ``img_emb.proj.{0,1,3,4}``; Wan2.2's I2V expert has no
+CLIP branch, ``clip_dim=None``), ``head.{head,modulation}``.
 The model holds no buffers, so it builds under ``torch.device("meta")`` and loads with
 ``load_state_dict(sd, assign=True)``.
 
-Forward, for latents ``x`` ``[B, 16, F, H, W]``, timesteps ``t`` ``[B]`` in [0, 1000], text ``context``
-``[B, L <= 512, text_dim]`` (zero-padded to 512 tokens, as the official model does):
+Forward, for latents ``x`` ``[B, out_dim, F, H, W]``, timesteps ``t`` ``[B]`` in [0, 1000] (or ``[B, L]``, one per
+token, as Wan2.2's TI2V gives its kept first frame t = 0), text ``context`` ``[B, L <= 512, text_dim]`` (zero-padded
+to 512 tokens, as the official model does):
 
     tokens   = patch_embedding(x ++ y) -> [B, F*H/2*W/2, dim]     (I2V: y [B, 20, F, H, W] joins x on channels)
-    e        = time_embedding(sinusoid_256(t)),  e0 = time_projection(e) -> 6 vectors per sample
+    e        = time_embedding(sinusoid_256(t)),  e0 = time_projection(e) -> 6 vectors per sample (or per token)
     block:   x += gate1 * self_attn(LN(x) * (1 + scale1) + shift1)       (RMS-normed q/k, 3-D RoPE)
              x += cross_attn(LN_affine(x), text [, image])
              x += gate2 * ffn(LN(x) * (1 + scale2) + shift2)              (shift/scale/gate = modulation + e0)
@@ -41,7 +44,8 @@ CLIP_TOKENS = 257
 
 @dataclass(frozen=True)
 class DiTArch:
-    """Hyper-parameters of one Wan2.1 DiT size (the official ``config.json`` fields)."""
+    """Hyper-parameters of one Wan DiT size (the official ``config.json`` fields). ``model_type`` ``i2v`` takes the
+    VAE conditioning ``y``; ``clip_dim`` (Wan2.1 I2V) adds the CLIP image branch, ``None`` (Wan2.2) has none."""
 
     dim: int
     ffn_dim: int
@@ -54,12 +58,12 @@ class DiTArch:
     text_len: int = TEXT_LEN
     patch_size: tuple[int, int, int] = (1, 2, 2)
     model_type: str = "t2v"
-    clip_dim: int = 1280
+    clip_dim: int | None = 1280
     eps: float = 1e-6
 
     def __post_init__(self):
-        if self.model_type not in ("t2v", "i2v"):
-            raise LightqError(f"DiT model_type must be 't2v' or 'i2v', got '{self.model_type}'")
+        if self.model_type not in ("t2v", "i2v", "ti2v"):
+            raise LightqError(f"DiT model_type must be 't2v', 'i2v' or 'ti2v', got '{self.model_type}'")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise LightqError(f"DiT dim {self.dim} must split into {self.num_heads} heads of even size")
 
@@ -69,7 +73,13 @@ class DiTArch:
 
     @property
     def is_i2v(self) -> bool:
+        """Takes the VAE image conditioning ``y`` on its input channels."""
         return self.model_type == "i2v"
+
+    @property
+    def has_clip(self) -> bool:
+        """Takes CLIP image tokens ``clip_fea`` (the Wan2.1 I2V image branch)."""
+        return self.is_i2v and self.clip_dim is not None
 
 
 _TINY = DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=128)
@@ -81,10 +91,28 @@ DIT_ARCHS: dict[str, DiTArch] = {
     "1.3b": DiTArch(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "14b": DiTArch(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     "14b-i2v": DiTArch(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="i2v"),
+    # Wan2.2: each A14B expert is a 14B DiT (the T2V one is Wan2.1's 14B); TI2V-5B works on the Wan2.2 VAE's 48 channels
+    "tiny-i2v-a14b": DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=128, in_dim=36,
+                             model_type="i2v", clip_dim=None),
+    "tiny-ti2v": DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=128, in_dim=48, out_dim=48,
+                         model_type="ti2v"),
+    "a14b-i2v": DiTArch(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, model_type="i2v",
+                        clip_dim=None),
+    "ti2v-5b": DiTArch(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48,
+                       model_type="ti2v"),
 }
 
 
 # --- building blocks ---------------------------------------------------------------------------------------------
+
+def modulation_terms(modulation: torch.Tensor, e: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """The ``n`` fp32 terms (shift, scale, gate, ...) of ``modulation [1, n, dim] + e``, each ``[B, 1, dim]`` for
+    per-sample ``e [B, n, dim]`` or ``[B, L, dim]`` for per-token ``e [B, L, n, dim]``: both broadcast over tokens."""
+    m = modulation.float()
+    if e.dim() == 3:
+        return (m + e).chunk(n, dim=1)
+    return tuple(c.squeeze(2) for c in (m.unsqueeze(0) + e).chunk(n, dim=2))
+
 
 def _linear_fp32(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)`` computed in fp32 whatever the weight dtype (time embedding and head, as officially), plus the
@@ -156,7 +184,7 @@ class CrossAttention(nn.Module):
         self.num_heads, self.head_dim = arch.num_heads, arch.head_dim
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, arch.eps), RMSNorm(dim, arch.eps)
-        if arch.is_i2v:
+        if arch.has_clip:
             self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, arch.eps)
 
@@ -185,8 +213,9 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
     def forward(self, x, e0, rope, text, image, dtype):
-        """``x`` fp32 residual stream ``[B, L, dim]``; ``e0`` fp32 ``[B, 6, dim]``; ``text``/``image`` in ``dtype``."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
+        """``x`` fp32 residual stream ``[B, L, dim]``; ``e0`` fp32 ``[B, 6, dim]`` (or ``[B, L, 6, dim]`` per token);
+        ``text``/``image`` in ``dtype``."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation_terms(self.modulation, e0, 6)
         y = self.self_attn((self.norm1(x) * (1 + scale1) + shift1).to(dtype), rope)
         x = x + y.float() * gate1
         x = x + self.cross_attn(self.norm3(x).to(dtype), text, image).float()
@@ -210,7 +239,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 2, arch.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + e[:, None, :]).chunk(2, dim=1)
+        """``e`` fp32 ``[B, dim]`` (or ``[B, L, dim]`` per token)."""
+        shift, scale = modulation_terms(self.modulation, e.unsqueeze(-2), 2)
         return _linear_fp32(self.head, self.norm(x) * (1 + scale) + shift)
 
 
@@ -244,7 +274,7 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.num_layers))
         self.head = Head(arch)
-        if arch.is_i2v:
+        if arch.has_clip:
             self.img_emb = ImageProjection(arch.clip_dim, dim)
         if not self.patch_embedding.weight.is_meta:
             init_weights(self)
@@ -268,14 +298,18 @@ class WanDiT(nn.Module):
         x = tokens.flatten(2).transpose(1, 2).float()
         rope = rope_tables(grid, arch.head_dim, x.device)
 
-        t = t.to(x.device).reshape(-1).expand(b)
+        t = t.to(x.device)
+        per_token = t.dim() == 2
+        t = t.reshape(-1) if per_token else t.reshape(-1).expand(b)
         time_mlp0, _, time_mlp2 = self.time_embedding
         e = _linear_fp32(time_mlp2, F.silu(_linear_fp32(time_mlp0, sinusoidal_embedding(t, arch.freq_dim))))
         e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, arch.dim))
+        if per_token:  # [B * L, ...] -> [B, L, ...]
+            e, e0 = e.unflatten(0, (b, -1)), e0.unflatten(0, (b, -1))
 
         text = F.pad(context.to(dtype), (0, 0, 0, arch.text_len - context.shape[1]))
         text = self.text_embedding(text)
-        image = self.img_emb(clip_fea, dtype) if arch.is_i2v else None
+        image = self.img_emb(clip_fea, dtype) if arch.has_clip else None
 
         for block in self.blocks:
             x = block(x, e0, rope, text, image, dtype)
@@ -289,10 +323,14 @@ class WanDiT(nn.Module):
 
     def _check_inputs(self, x, t, context, clip_fea, y) -> None:
         arch = self.arch
-        if arch.is_i2v and (clip_fea is None or y is None):
+        if arch.has_clip and (clip_fea is None or y is None):
             raise LightqError("the I2V DiT needs clip_fea (CLIP image tokens) and y (VAE image conditioning)")
+        if arch.is_i2v and y is None:
+            raise LightqError("the I2V DiT needs y (VAE image conditioning)")
         if not arch.is_i2v and (clip_fea is not None or y is not None):
             raise LightqError("clip_fea / y are image-to-video inputs; this DiT is text-to-video")
+        if not arch.has_clip and clip_fea is not None:
+            raise LightqError("clip_fea is the Wan2.1 I2V CLIP input; this DiT has no CLIP image branch")
         x_channels = arch.out_dim if arch.is_i2v else arch.in_dim
         if x.dim() != 5 or x.shape[1] != x_channels:
             raise LightqError(f"DiT input latents must be [B, {x_channels}, F, H, W], got {tuple(x.shape)}")
@@ -300,15 +338,17 @@ class WanDiT(nn.Module):
         if any(s % p for s, p in zip(spatial, arch.patch_size)):
             raise LightqError(f"latent size {spatial} is not divisible by the patch size {arch.patch_size}; "
                               "choose a resolution that is a multiple of 16 pixels")
-        if t.numel() not in (1, b):
-            raise LightqError(f"DiT timesteps must have one value per sample ({b}), got shape {tuple(t.shape)}")
+        tokens = math.prod(s // p for s, p in zip(spatial, arch.patch_size))
+        if not (t.numel() in (1, b) or tuple(t.shape) == (b, tokens)):
+            raise LightqError(f"DiT timesteps must have one value per sample ({b}) or per token ([{b}, {tokens}]), "
+                              f"got shape {tuple(t.shape)}")
         if context.dim() != 3 or context.shape[0] != b or context.shape[2] != arch.text_dim \
                 or context.shape[1] > arch.text_len:
             raise LightqError(f"DiT text context must be [{b}, L <= {arch.text_len}, {arch.text_dim}], "
                               f"got {tuple(context.shape)}")
         if not arch.is_i2v:
             return
-        if clip_fea.dim() != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != arch.clip_dim:
+        if arch.has_clip and (clip_fea.dim() != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != arch.clip_dim):
             raise LightqError(f"clip_fea must be [{b}, {CLIP_TOKENS}, {arch.clip_dim}], got {tuple(clip_fea.shape)}")
         y_shape = (b, arch.in_dim - x_channels, *spatial)
         if tuple(y.shape) != y_shape:

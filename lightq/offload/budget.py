@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import LightqError
-from ..models.family import QUANTIZABLE, family
+from ..config import quant_of
+from ..models.family import family
 from ..quant.linear import selected
 from ..quant.schemes import expected_layout
 from .binding import ALIGN, refs_of, refs_outside
@@ -37,9 +38,9 @@ def _aligned(n: int) -> int:
 class _Sizer:
     """Bytes of tensor refs of one meta-built component once loaded in ``scheme`` (``None``: high precision)."""
 
-    def __init__(self, model: nn.Module, component: str, scheme: str | None, skip, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, include: tuple[str, ...], scheme: str | None, skip, dtype: torch.dtype):
         self.names = {id(m): n for n, m in model.named_modules()}
-        self.include, self.skip = QUANTIZABLE.get(component, ()), tuple(skip)
+        self.include, self.skip = include, tuple(skip)
         self.scheme, self.dtype = scheme, dtype
 
     def __call__(self, refs) -> int:
@@ -72,7 +73,7 @@ def _components(cfg) -> dict[str, tuple[nn.Module, str | None, tuple, torch.dtyp
             if comp == fam.decoder:
                 out[comp] = (model, None, (), torch.float32)
                 continue
-            q = cfg[f"{comp}_quant"]
+            q = quant_of(cfg, comp)
             out[comp] = (model, None if q.scheme == "none" else q.scheme, tuple(q.skip), DTYPES[m.dtype])
     return out
 
@@ -82,7 +83,7 @@ def gpu_weight_need(cfg) -> tuple[int, str]:
     mode, buffers = cfg.offload.mode, cfg.offload.buffers
     needs = {}
     for comp, (model, scheme, skip, dtype) in _components(cfg).items():
-        size = _Sizer(model, comp, scheme, skip, dtype)
+        size = _Sizer(model, family(cfg.model.family).components[comp].quantizable, scheme, skip, dtype)
         total = size(refs_of(model))
         if mode in ("block", "phase") and streams_blocks(model):
             units = [size(s.refs) for block in model.blocks for s in unit_specs(block, mode)]

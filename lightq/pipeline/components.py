@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import staging
-from ..config import COMPONENTS
+from ..config import COMPONENTS, quant_of
 from ..errors import LightqError
 from ..models.family import LatentGeometry, family
 from ..plan import ComponentPlan
@@ -29,12 +29,21 @@ def sampler_config(cfg):
     from .sampler import SamplerConfig
 
     s, m = cfg.sampler, cfg.model
+    guide_scale = s.guide_scale if s.guide_scale is not None else m.guide_scale
+    if s.guide_scale_low is not None:
+        low = s.guide_scale_low
+    elif s.guide_scale is not None:
+        low = s.guide_scale  # the sampler's one scale, for both experts
+    else:
+        low = m.guide_scale_low
     return SamplerConfig(
         name=s.name,
         steps=s.steps if s.steps is not None else m.steps,
         shift=s.shift if s.shift is not None else m.shift,
-        guide_scale=s.guide_scale if s.guide_scale is not None else m.guide_scale,
+        guide_scale=guide_scale,
         denoising_steps=tuple(s.denoising_steps) if s.denoising_steps else None,
+        guide_scale_low=low if m.boundary is not None else None,
+        boundary=m.boundary,
     )
 
 
@@ -70,7 +79,7 @@ def hub_patterns(cfg) -> list[str]:
     fam = family(cfg.model.family)
     patterns = ["model_index.json"]
     for name in fam.pipeline(cfg.model.task):
-        quant = cfg.get(f"{name}_quant")
+        quant = quant_of(cfg, name) if name in COMPONENTS else None
         if quant is not None and quant.ckpt:
             continue  # its weights come from the mode's own file
         record = fam.components[name]
@@ -86,7 +95,7 @@ def hub_patterns(cfg) -> list[str]:
     return patterns
 
 
-def _source(component: str, method: QuantMethod | None, folder: Path | None):
+def _source(component: str, method: QuantMethod | None, folder: Path | None, fam):
     """The TensorSource of one component: the mode's ``ckpt`` if given, else its file in the model folder — the
     pre-quantized one of the mode's scheme when the folder has it, else the bf16 original (quantized at load)."""
     from ..checkpoints.hub import resolve
@@ -99,34 +108,37 @@ def _source(component: str, method: QuantMethod | None, folder: Path | None):
         return "random"
     if method is not None and method.quantizes:
         try:
-            return open_source(find_component_file(folder, component, method.scheme))
+            return open_source(find_component_file(folder, component, method.scheme, fam))
         except NotInFolder:
             pass  # no pre-quantized file: the bf16 one, quantized at load
-    return open_source(find_component_file(folder, component, None))
+    return open_source(find_component_file(folder, component, None, fam))
 
 
 def quant_methods(cfg, plans: dict[str, ComponentPlan]) -> dict[str, QuantMethod]:
     """The quantization method of every planned component with linears (each backend loaded once, options
     applied); the self-attention plan (``attn``) is ``load_self_attention``'s."""
-    return {name: QuantMethod.build(plan, cfg[f"{name}_quant"]) for name, plan in plans.items() if name in COMPONENTS}
+    return {name: QuantMethod.build(plan, quant_of(cfg, name)) for name, plan in plans.items() if name in COMPONENTS}
 
 
 def _load(component: str, cfg, method: QuantMethod | None, folder, device, dtype, progress) -> nn.Module:
     """Component ``component`` of the model's family, built for its ``<component>_arch`` and filled by the loader."""
     from ..checkpoints.loader import load_component
 
-    record = family(cfg.model.family).components[component]
+    fam = family(cfg.model.family)
+    record = fam.components[component]
     build = record.build(cfg.model[f"{component}_arch"])
     if method is not None and method.quantizes and method.skip:  # before any tensor is read: a typo is an error
         with torch.device("meta"):
             names = [n for n, m in build().named_modules() if isinstance(m, nn.Linear)]
         check_skip(names, record.quantizable, method.skip, f"{component}_quant.skip")
     lora = _lora_stack(cfg, component, build, record.quantizable, method)  # read and checked before any weight
-    source = _source(component, method, folder)
-    if component == "dit" and cfg.offload.lazy_load:
+    source = _source(component, method, folder, fam)
+    if component in ("dit", *fam.experts) and cfg.offload.lazy_load:
         from ..offload import load_lazy as load_component  # blocks stream from disk while the DiT runs
+    # random weights: each expert after the first draws from its own seed, so that the experts differ
+    seed = cfg.seed + (fam.experts.index(component) if component in fam.experts else 0)
     model = load_component(build, source, include=record.quantizable, method=method, device=device, dtype=dtype,
-                           ignore_prefixes=record.ignored_prefixes, progress=progress, seed=cfg.seed,
+                           ignore_prefixes=record.ignored_prefixes, progress=progress, seed=seed,
                            component=component, lora=lora)
     model.lora_stack = lora
     return model.eval().requires_grad_(False)
@@ -157,8 +169,9 @@ def load_clip(cfg, method, folder, device, dtype, progress):
     return _load("clip", cfg, method, folder, device, dtype, progress)
 
 
-def load_dit(cfg, method, folder, device, dtype, progress):
-    model = _load("dit", cfg, method, folder, device, dtype, progress)
+def load_dit(cfg, method, folder, device, dtype, progress, component: str = "dit"):
+    """A DiT (``component``: ``dit``, or an expert of the family such as ``dit_low``), fused when the method says."""
+    model = _load(component, cfg, method, folder, device, dtype, progress)
     if method is not None and method.fuse:
         from ..fused.wan_block import fuse_dit_blocks  # norm+modulation+quant, fused q/k/v, GELU+quant
 
@@ -245,6 +258,21 @@ def input_image(cfg, height: int, width: int) -> torch.Tensor:
     return t.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def first_frame_latents(vae, image: torch.Tensor) -> torch.Tensor:
+    """Wan2.2 TI2V image-to-video: the VAE latents ``[1, C, 1, h, w]`` of the image alone, which replace the first
+    latent frame throughout sampling (``sampler.sample``'s ``keep``)."""
+    return vae.encode(image[None, :, None].float())
+
+
+def token_timesteps(t: torch.Tensor, kept_frames: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Per-token timesteps ``[B, f * h * w]`` for a DiT token ``grid`` (f, h, w): 0 on the tokens of the first
+    ``kept_frames`` latent frames (clean: they are the image), ``t`` elsewhere, as the official TI2V mask gives."""
+    f, h, w = grid
+    per_frame = t[:, None].expand(-1, f).clone()
+    per_frame[:, :kept_frames] = 0.0
+    return per_frame.repeat_interleave(h * w, dim=1)
+
+
 def i2v_condition(vae, image: torch.Tensor, frames: int, geometry: LatentGeometry) -> torch.Tensor:
     """Wan I2V conditioning ``y`` ``[1, T + C, f, h, w]`` (T the VAE's temporal stride, 4; C its latent
     channels, 16): a T-channel first-frame mask + the VAE latents of (image, then frames-1 black frames). The
@@ -300,9 +328,13 @@ class Offload:
 
     @contextmanager
     def active(self, module: nn.Module | None):
+        self.start(module)
+        yield
+
+    def start(self, module: nn.Module | None) -> None:
+        """Put ``module`` where it runs (its weights on the device, or its blocks streaming); ``release`` undoes it."""
         if module is not None and self.mode != "none":
             self._placement(module).start()
-        yield
 
     def release(self, module: nn.Module | None) -> None:
         if module is not None and self.mode != "none":

@@ -1,4 +1,6 @@
 """The pipeline graph of one job: text encoder -> image encoder (I2V) -> DiT denoising loop -> VAE decode -> writer.
+The DiT may be two experts (Wan2.2 A14B: ``dit`` for the high-noise steps, ``dit_low`` after the boundary,
+``Experts``), each in its own mode; under offload only the active one is on the device.
 
 ``run_pipeline(cfg, hw, plans, out, record, timer)`` loads every component with its planned mode, generates the
 video, writes ``video.mp4`` and ``latents.pt`` into ``out``, times each stage (``lightq.results.STAGES``), and
@@ -10,6 +12,9 @@ Stages and what flows between them (B = 1; CFG runs the DiT once more with the n
     prompt --tokenizer--> ids [1, L] --T5--> context [1, L, text_dim]
     image  --CLIP--> clip_fea [1, 257, clip_dim];  image --VAE.encode--> y [1, 20, f, h, w]   (I2V only)
     noise [1, 16, f, h, w] --sampler(DiT(x, t, context, clip_fea, y))--> latents --VAE.decode--> video [1, 3, F, H, W]
+
+Wan2.2 A14B I2V has no CLIP (``y`` only); Wan2.2 TI2V (48 latent channels) has neither: its image's latents replace
+the first latent frame (``sampler.sample``'s ``keep``) and those tokens get timestep 0.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class Generated:
 
 def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTimer | None = None) -> Generated:
     """Load, encode, denoise, decode, each a stage of ``timer``. Everything but the outputs is freed on return."""
-    from .sampler import guide_scale_of, sample
+    from .sampler import needs_uncond, sample
 
     timer = timer if timer is not None else StageTimer()
     device = torch.device("cuda" if hw.is_cuda else "cpu")
@@ -65,10 +70,11 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         methods = C.quant_methods(cfg, plans)
         t5 = C.load_t5(cfg, methods["t5"], folder, offload.home, dtype, True)
         clip = C.load_clip(cfg, methods["clip"], folder, offload.home, dtype, True) if "clip" in plans else None
-        dit = C.load_dit(cfg, methods["dit"], folder, offload.home, dtype, True)
+        experts = {name: C.load_dit(cfg, methods[name], folder, offload.home, dtype, True, component=name)
+                   for name in family(cfg.model.family).experts or ("dit",)}
         vae = C.load_vae(cfg, folder, offload.home)
         self_attention = C.load_self_attention(plans.get("attn"))
-    for name, module in (("t5", t5), ("clip", clip), ("dit", dit), ("vae", vae)):
+    for name, module in (("t5", t5), ("clip", clip), *experts.items(), ("vae", vae)):
         if module is not None:
             comps[name] = C.describe(module, methods.get(name))
             p = plans.get(name)
@@ -86,28 +92,39 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         context = t5(ids.to(device), mask.to(device))
         cond, uncond = context[:1], context[1:]
     offload.release(t5)
-    clip_fea = y = None
+    arch = experts["dit"].arch
+    extra, keep = {}, None
     if m.task == "i2v":
         with timer("encode_image"):
             image = C.input_image(cfg, m.height, m.width).to(device)
-            with offload.active(clip):
-                clip_fea = clip(image[None].to(dtype))
-            offload.release(clip)
+            if clip is not None:
+                with offload.active(clip):
+                    extra["clip_fea"] = clip(image[None].to(dtype))
+                offload.release(clip)
             with offload.active(vae):
-                y = C.i2v_condition(vae, image, m.frames, geometry)
-    noise = C.initial_noise(cfg.seed, geometry.latent_shape(m.frames, m.height, m.width)).to(device)
-    extra = {"clip_fea": clip_fea, "y": y} if m.task == "i2v" else {}
+                if arch.is_i2v:
+                    extra["y"] = C.i2v_condition(vae, image, m.frames, geometry)
+                else:
+                    keep = C.first_frame_latents(vae, image)
+            offload.release(vae)
+    shape = geometry.latent_shape(m.frames, m.height, m.width)
+    noise = C.initial_noise(cfg.seed, shape).to(device)
+    grid = tuple(n // p for n, p in zip(shape[1:], geometry.patch))
+    active = Experts(list(experts.values()), scfg, offload)
 
     def velocity(x, t, context):
-        return dit(x.to(dtype), t, context, **extra).float()
+        model = active.at(float(t[0]))
+        if keep is not None:
+            t = C.token_timesteps(t, keep.shape[2], grid)
+        return model(x.to(dtype), t, context, **extra).float()
 
     steps = StepTimes(timer.sync)
     installed = use_self_attention(self_attention) if self_attention is not None else nullcontext()
-    with timer("denoise"), offload.active(dit), installed:
+    with timer("denoise"), installed:
         steps.begin()
-        latents = sample(velocity, noise, scfg, cond, uncond if guide_scale_of(scfg) != 1.0 else None, True,
-                         generator=torch.Generator(device).manual_seed(cfg.seed), on_step=steps.lap)
-    offload.release(dit)
+        latents = sample(velocity, noise, scfg, cond, uncond if needs_uncond(scfg) else None, True,
+                         generator=torch.Generator(device).manual_seed(cfg.seed), on_step=steps.lap, keep=keep)
+    active.close()
     with timer("decode"), offload.active(vae):
         video = vae.decode(latents.float(), progress=True)[0].transpose(0, 1)  # [F, 3, H, W]
         video = video.float().clamp(-1, 1).cpu()
@@ -115,6 +132,37 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
                   if k in timer.times}, **steps.summary()}
     log.info("stage times (s): %s", timings)
     return Generated(latents[0].float().cpu(), video, timings, comps)
+
+
+class Experts:
+    """The DiT experts of a run in denoising order (one, or Wan2.2 A14B's high- then low-noise expert).
+
+    ``at(t)`` is the expert of the step at timestep ``t`` (``sampler.high_noise``); when it changes, the previous
+    one is released and the next one started through ``offload`` (under ``offload=model`` only the active expert's
+    weights are on the device; under block / phase each streams its own blocks). ``close`` releases the active one.
+    """
+
+    def __init__(self, models: list, scfg, offload: C.Offload):
+        self.models, self.scfg, self.offload = models, scfg, offload
+        self.active: int | None = None
+
+    def at(self, t: float):
+        from .sampler import high_noise
+
+        i = 0 if len(self.models) == 1 or high_noise(self.scfg, t) else 1
+        if i != self.active:
+            if self.active is not None:
+                self.offload.release(self.models[self.active])
+                log.info("denoise: t=%.1f is below the boundary %.3f: the low-noise expert takes over", t,
+                         self.scfg.boundary)
+            self.offload.start(self.models[i])
+            self.active = i
+        return self.models[i]
+
+    def close(self) -> None:
+        if self.active is not None:
+            self.offload.release(self.models[self.active])
+            self.active = None
 
 
 class StepTimes:

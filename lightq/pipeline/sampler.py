@@ -18,6 +18,12 @@ Schedule (Wan's, ``num_train_timesteps = 1000``): base sigmas ``s`` evenly space
 
 All solvers work in the lambda = log((1 - s) / s) time of the data-prediction ODE (lambda = +inf at s = 0).
 CFG: ``v = v_uncond + guide_scale * (v_cond - v_uncond)``; one model pass only when ``guide_scale == 1``.
+
+Two experts (Wan2.2 A14B): with a ``boundary`` b, a step at timestep ``t >= b * 1000`` belongs to the high-noise
+expert and takes ``guide_scale``, every later one to the low-noise expert with ``guide_scale_low`` (``high_noise``
+says which; the caller's model function picks the expert by the same rule).
+Kept frames (Wan2.2 TI2V image-to-video): ``keep`` latents replace the first frames of ``x`` before the first step
+and after every step, as the official pipeline does, so they pass through unchanged.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class SamplerConfig:
     shift: float = 5.0
     guide_scale: float = 5.0
     denoising_steps: tuple | None = None
+    guide_scale_low: float | None = None  # the low-noise expert's (None: guide_scale)
+    boundary: float | None = None  # two experts: the high-noise one runs while t >= boundary * 1000
 
 
 class Schedule(NamedTuple):
@@ -63,8 +71,8 @@ def _check(cfg: SamplerConfig) -> None:
         raise LightqError(f"unknown sampler '{cfg.name}': choose one of {', '.join(SOLVERS)}")
     if cfg.shift <= 0:
         raise LightqError(f"sampler shift must be > 0, got {cfg.shift}")
-    if cfg.guide_scale < 0:
-        raise LightqError(f"guide_scale must be >= 0, got {cfg.guide_scale}")
+    if cfg.guide_scale < 0 or (cfg.guide_scale_low is not None and cfg.guide_scale_low < 0):
+        raise LightqError(f"guide_scale must be >= 0, got {cfg.guide_scale} / {cfg.guide_scale_low}")
     if cfg.name != "distill":
         if cfg.denoising_steps is not None:
             raise LightqError(f"denoising_steps only applies to the 'distill' sampler, not '{cfg.name}'; "
@@ -216,11 +224,34 @@ class UniPC(_Solver):
 _SOLVER_CLASSES = {"unipc": UniPC, "dpm++": DPMSolverPP, "euler": Euler, "distill": Distill}
 
 
+def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    if keep is None:
+        return x
+    x = x.clone()
+    x[:, :, :keep.shape[2]] = keep.to(x)
+    return x
+
+
 # --- guidance and the loop ----------------------------------------------------------------------------------------
 
-def guide_scale_of(cfg: SamplerConfig) -> float:
-    """The CFG scale actually used: step-distilled models run without CFG."""
-    return 1.0 if cfg.name == "distill" else float(cfg.guide_scale)
+def guide_scale_of(cfg: SamplerConfig, high_noise_step: bool = True) -> float:
+    """The CFG scale actually used at a step of the high-noise expert (or the only model) or, with
+    ``high_noise_step=False``, of the low-noise expert: step-distilled models run without CFG."""
+    if cfg.name == "distill":
+        return 1.0
+    if not high_noise_step and cfg.guide_scale_low is not None:
+        return float(cfg.guide_scale_low)
+    return float(cfg.guide_scale)
+
+
+def needs_uncond(cfg: SamplerConfig) -> bool:
+    """Whether any step runs CFG (the negative prompt is then encoded)."""
+    return guide_scale_of(cfg, True) != 1.0 or (cfg.boundary is not None and guide_scale_of(cfg, False) != 1.0)
+
+
+def high_noise(cfg: SamplerConfig, t: float) -> bool:
+    """Whether the step at timestep ``t`` belongs to the high-noise expert (always, for one model)."""
+    return cfg.boundary is None or t >= cfg.boundary * NUM_TRAIN_TIMESTEPS
 
 
 def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
@@ -234,29 +265,29 @@ def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: A
 
 def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any, uncond: Any = None,
            progress: bool = True, generator: torch.Generator | None = None,
-           on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+           on_step: Callable[[int], None] | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise ``noise`` ``[B, C, F, H, W]`` into fp32 latents.
 
     ``model_fn(x, t, c)`` returns the velocity for ``x`` at timesteps ``t`` ``[B]`` (fp32) with conditioning
     ``c``, which is ``cond`` or ``uncond`` passed through untouched (a tensor, a dict of keyword arguments, ...).
     ``uncond`` is needed only when CFG is on. ``generator`` draws the
     re-noising of the ``distill`` sampler (torch's global RNG when None). ``progress``: ``lightq.progress``.
-    ``on_step(i)`` is called after step ``i`` (the job times each step with it).
+    ``on_step(i)`` is called after step ``i`` (the job times each step with it). ``keep`` ``[B, C, k, H, W]``:
+    latents that replace the first ``k`` frames before the first step and after each (see the module doc).
     """
     _check(cfg)
-    scale = guide_scale_of(cfg)
-    if scale != 1.0 and uncond is None:
-        raise LightqError(f"guide_scale {scale} needs the unconditional (negative prompt) inputs; "
+    if needs_uncond(cfg) and uncond is None:
+        raise LightqError(f"guide_scale {cfg.guide_scale} needs the unconditional (negative prompt) inputs; "
                           "pass uncond or set guide_scale=1")
     sched = timesteps(cfg)
     solver = _SOLVER_CLASSES[cfg.name](sched.sigmas, generator)
-    x = noise.float()
+    x = _kept(noise.float(), keep)
     steps = sched.timesteps.tolist()
     with Progress(len(steps), f"denoise ({cfg.name})", "steps", progress) as bar:
         for i, t in enumerate(steps):
             t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-            v = guided_velocity(model_fn, x, t_batch, cond, uncond, scale)
-            x = solver.step(i, x, v)
+            v = guided_velocity(model_fn, x, t_batch, cond, uncond, guide_scale_of(cfg, high_noise(cfg, t)))
+            x = _kept(solver.step(i, x, v), keep)
             bar.update()
             if on_step is not None:
                 on_step(i)
