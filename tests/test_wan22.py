@@ -292,7 +292,7 @@ def test_ti2v_image_to_video_keeps_the_image_latents(hydra_ctx):
 
     cfg = compose("config", overrides=["model=tiny-ti2v-5b", "model.task=i2v"])
     gen = generate(cfg, resolve(cfg.hardware.name), plan_run(cfg, resolve(cfg.hardware.name)))
-    vae = C.load_vae(cfg, C.model_folder(cfg.model), torch.device("cpu"))
+    vae = C.load_vae(cfg, C.model_folder(cfg), torch.device("cpu"))
     image = C.input_image(cfg, cfg.model.height, cfg.model.width)
     assert torch.equal(gen.latents[:, :1], C.first_frame_latents(vae, image)[0])
     assert gen.latents.shape == (48, 3, 4, 4) and gen.video.shape == (9, 3, 64, 64)
