@@ -25,7 +25,7 @@ from .paths import conf_dir
 log = logging.getLogger("lightq")
 
 
-def _task(cfg: DictConfig) -> int:
+def _task(cfg: DictConfig) -> int | float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -49,6 +49,8 @@ def _task(cfg: DictConfig) -> int:
         result = sweep.run_job(cfg, out, choices, multirun)
     if multirun:
         sweep.record(Path(hc.sweep.dir), out, result, hc.job.num)
+        if cfg.sweep.objective is not None:  # what the sweeper optimizes (a NaN marks a job that measured none)
+            return results.objective_value(result, cfg.sweep.objective)
         return exit_code(result)
     code = exit_code(result)
     if code:

@@ -165,9 +165,13 @@ class TrackingConfig:
 
 @dataclass
 class SweepConfig:
-    """How a sweep (``-m``) runs each job. ``isolate``: auto (a fresh process per job on CUDA) | always | never."""
+    """How a sweep (``-m``) runs each job. ``isolate``: auto (a fresh process per job on CUDA) | always | never.
+    ``objective``: the number of result.json each job returns to Hydra's sweeper (``quality.psnr_db``,
+    ``timings_s.denoise``, ... : ``results.OBJECTIVES``), which Optuna-style sweepers optimize; null returns
+    the exit code."""
 
     isolate: str = "auto"
+    objective: Optional[str] = None
 
 
 @dataclass
@@ -305,6 +309,9 @@ def validate(cfg: Any) -> None:
     lora_entries(cfg.lora)
     if cfg.sweep.isolate not in ISOLATE:
         raise LightqError(f"sweep.isolate='{cfg.sweep.isolate}': choose one of {', '.join(ISOLATE)}")
+    from .results import check_objective
+
+    check_objective(cfg.sweep.objective)
     m = cfg.model
     for comp in fam.pipeline(m.task):
         table = fam.components[comp].arch_table()

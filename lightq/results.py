@@ -34,6 +34,33 @@ def write_json_atomic(path: Path, data: Any) -> None:
     staging.write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
+# what a sweep may optimize (``sweep.objective``): the numbers of result.json a job measures
+OBJECTIVES = {"quality": ("psnr_db", "ssim", "latent_cosine", "speedup_denoise"),
+              "timings_s": (*STAGES, "denoise_warmup", "unaccounted", "total"),
+              "memory": ("peak_host_bytes", "peak_gpu_bytes")}
+
+
+def check_objective(path: str | None) -> None:
+    """Raise LightqError unless ``path`` is None or ``<group>.<key>`` of ``OBJECTIVES``."""
+    from .errors import LightqError
+
+    if path is None:
+        return
+    group, _, key = str(path).partition(".")
+    if key not in OBJECTIVES.get(group, ()):
+        known = ", ".join(f"{g}.{k}" for g, keys in OBJECTIVES.items() for k in keys)
+        raise LightqError(f"sweep.objective='{path}' is not a number a job records: choose one of {known}")
+
+
+def objective_value(result: dict, path: str) -> float:
+    """The number at ``path`` (``group.key``) of a job's record, returned to Hydra's sweeper; NaN when the job did
+    not measure it (skipped or failed, or the bf16 baseline itself has no quality against itself), which
+    Optuna-style sweepers record as a failed trial instead of a made-up score."""
+    group, _, key = path.partition(".")
+    value = (result.get(group) or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
 def read_result(folder: Path) -> dict | None:
     try:
         return json.loads((Path(folder) / RESULT_FILE).read_text())

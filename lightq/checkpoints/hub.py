@@ -88,7 +88,8 @@ def _why(ref: str, repo: str, revision: str | None, filename: str | None, exc: E
         return (f"'{ref}' is not in the Hugging Face cache and the Hub cannot be reached (network error): connect, "
                 f"or run `{fetch}` elsewhere and pass the local path")
     if name in ("RepositoryNotFoundError", "GatedRepoError"):
-        return f"Hub repository of '{ref}' not found or not accessible ({name}); check the name or log in (hf auth login)"
+        return (f"Hub repository of '{ref}' not found or not accessible ({name}); check the name or log in "
+                "(hf auth login)")
     if name == "RevisionNotFoundError":
         return f"'{ref}': revision '{revision}' does not exist in {repo}; check the branch, tag or commit"
     if name in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
