@@ -116,27 +116,70 @@ def test_cfg_formula_and_guide_scale_one_is_a_single_pass():
     assert not torch.equal(outs[1.0], outs[5.0])
 
 
-def test_model_sees_batched_fp32_timesteps_and_distill_has_no_cfg():
+def test_model_sees_batched_fp32_timesteps():
     seen = []
 
     def model_fn(x, t, cond):
         seen.append(t.clone())
         return torch.zeros_like(x)
 
-    cfg = SamplerConfig(name="distill", guide_scale=5.0)
-    sample(model_fn, torch.randn(3, 4, 1, 2, 2), cfg, "c", None, progress=False)
+    sample(model_fn, torch.randn(3, 4, 1, 2, 2), SamplerConfig(name="distill", guide_scale=1.0), "c", None,
+           progress=False)
     assert len(seen) == 4 and all(t.shape == (3,) and t.dtype == torch.float32 for t in seen)
     assert [t[0].item() for t in seen] == pytest.approx([1000.0, 937.5, 2500 / 3, 625.0], rel=1e-6)
 
 
-def test_distill_renoising_follows_the_generator():
-    def run(seed):
-        g = torch.Generator().manual_seed(seed)
-        return sample(lambda x, t, c: x * 0.1, torch.ones(1, 2, 1, 2, 2), SamplerConfig(name="distill"), None,
-                      progress=False, generator=g)
+def _lightx2v_distill(model_fn, latents, step_list, shift, guide_scale=None):
+    """LightX2V's WanStepDistillScheduler (set_denoising_timesteps + step_post), its CFG in WanModel.infer, written
+    out step by step from its source: timesteps index 1000 - k of the shifted fp32 grid; after each model call
+    ``x0 = latents - sigma * v``, then ``x0 + v * sigma_next`` except at the last step."""
+    sigmas = torch.linspace(1.0, 0.0, 1001)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    index = [1000 - k for k in step_list]
+    timesteps, sigmas = (sigmas * 1000)[index], sigmas[index]
+    for i, t in enumerate(timesteps):
+        t_in = torch.stack([t])
+        v = model_fn(latents, t_in, "c")
+        if guide_scale is not None:
+            v_uncond = model_fn(latents, t_in, "u")
+            v = v_uncond + guide_scale * (v - v_uncond)
+        v = v.to(torch.float32)
+        x = latents.to(torch.float32) - sigmas[i].item() * v
+        if i < len(index) - 1:
+            x = x + v * sigmas[i + 1].item()
+        latents = x
+    return latents
 
-    assert torch.equal(run(1), run(1))
-    assert not torch.equal(run(1), run(2))
+
+@pytest.mark.parametrize("step_list, shift, guide_scale", [
+    ((1000, 750, 500, 250), 5.0, None), ((999, 934, 862, 756, 603, 410, 250, 140, 74), 8.0, None),
+    ((1000, 750, 500, 250), 5.0, 3.0),
+])
+def test_distill_steps_exactly_as_lightx2v(step_list, shift, guide_scale):
+    def model_fn(x, t, cond):  # depends on x, t and the conditioning, so every term of the rule shows
+        return torch.sin(x * (t[0] / 1000.0) + (0.3 if cond == "c" else -0.2)) * 0.7
+
+    noise = torch.randn(1, 4, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    cfg = SamplerConfig(name="distill", shift=shift, guide_scale=1.0 if guide_scale is None else guide_scale,
+                        denoising_steps=step_list)
+    ours = sample(model_fn, noise, cfg, "c", "u" if guide_scale is not None else None, progress=False)
+    assert torch.equal(ours, _lightx2v_distill(model_fn, noise.clone(), step_list, shift, guide_scale))
+    # deterministic: the same noise gives the same video, whatever the global RNG does
+    torch.manual_seed(123)
+    assert torch.equal(ours, sample(model_fn, noise, cfg, "c", "u" if guide_scale is not None else None,
+                                    progress=False))
+
+
+def test_distill_with_cfg_runs_two_passes_per_step():
+    calls = []
+
+    def model_fn(x, t, cond):
+        calls.append(cond)
+        return torch.zeros_like(x)
+
+    sample(model_fn, torch.randn(1, 1, 1, 2, 2), SamplerConfig(name="distill", guide_scale=5.0), "c", "u",
+           progress=False)
+    assert calls == ["c", "u"] * 4
 
 
 def test_no_progress_output_off_a_terminal(capsys):

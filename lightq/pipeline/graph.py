@@ -123,7 +123,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     with timer("denoise"), installed:
         steps.begin()
         latents = sample(velocity, noise, scfg, cond, uncond if needs_uncond(scfg) else None, True,
-                         generator=torch.Generator(device).manual_seed(cfg.seed), on_step=steps.lap, keep=keep)
+                         on_step=steps.lap, keep=keep)
     active.close()
     with timer("decode"), offload.active(vae):
         video = vae.decode(latents.float(), progress=True)[0].transpose(0, 1)  # [F, 3, H, W]

@@ -13,8 +13,10 @@ Schedule (Wan's, ``num_train_timesteps = 1000``): base sigmas ``s`` evenly space
              midpoint form, first order at the first and last steps, as Wan's ``FlowDPMSolverMultistepScheduler``.
 - ``euler``: the ``dpm++`` schedule with float timesteps; ``x += (s_next - s) * v``.
 - ``distill``: LightX2V's step-distilled schedule: fp32 sigmas linspace(1, 0, 1001)[:-1] shifted, one step per
-             entry ``k`` of ``denoising_steps`` (default 1000, 750, 500, 250) at index ``1000 - k``; each step
-             predicts x0 and re-noises it to the next sigma with fresh Gaussian noise. No CFG.
+             entry ``k`` of ``denoising_steps`` (default 1000, 750, 500, 250) at index ``1000 - k``; each step is
+             deterministic, as LightX2V's ``WanStepDistillScheduler`` (since its #506): ``x0 = x - s * v``, then
+             ``x_next = x0 + s_next * v`` (``x0`` itself at the last step), in fp32. CFG as the other solvers
+             (``conf/sampler/distill.yaml`` sets ``guide_scale`` 1: the distilled models are CFG-distilled).
 
 All solvers work in the lambda = log((1 - s) / s) time of the data-prediction ODE (lambda = +inf at s = 0).
 CFG: ``v = v_uncond + guide_scale * (v_cond - v_uncond)``; one model pass only when ``guide_scale == 1``.
@@ -119,10 +121,9 @@ def _lam(sigma: float) -> float:
 
 
 class _Solver:
-    def __init__(self, sigmas: torch.Tensor, generator: torch.Generator | None = None):
+    def __init__(self, sigmas: torch.Tensor):
         self.sigmas = [float(s) for s in sigmas]
         self.num_steps = len(self.sigmas) - 1
-        self.generator = generator
 
     def x0(self, i: int, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return x - self.sigmas[i] * v
@@ -137,22 +138,20 @@ class Euler(_Solver):
 
 
 class Distill(_Solver):
-    """Predict x0, then (except at the last step) re-noise it to the next sigma with fresh noise."""
+    """Predict x0, then move it back along the same velocity to the next sigma: ``x0 + s_next * v``."""
 
     def step(self, i, x, v):
         x0 = self.x0(i, x, v)
         if i == self.num_steps - 1:
             return x0
-        s_next = self.sigmas[i + 1]
-        noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=self.generator)
-        return (1.0 - s_next) * x0 + s_next * noise
+        return x0 + v * self.sigmas[i + 1]
 
 
 class DPMSolverPP(_Solver):
     """DPM-Solver++(2M), midpoint: ``x_t = (s_t/s_0) x - a_t (e^-h - 1) (m0 + (m0 - m1) / (2 r))``."""
 
-    def __init__(self, sigmas, generator=None):
-        super().__init__(sigmas, generator)
+    def __init__(self, sigmas):
+        super().__init__(sigmas)
         self.prev_x0 = None
 
     def step(self, i, x, v):
@@ -171,8 +170,8 @@ class UniPC(_Solver):
     """UniPC-bh2, order 2, data prediction: a corrector (UniC) refines the previous step with the new model
     output, then a predictor (UniP) takes the next step. Order 1 at the first step (warm-up) and the last."""
 
-    def __init__(self, sigmas, generator=None):
-        super().__init__(sigmas, generator)
+    def __init__(self, sigmas):
+        super().__init__(sigmas)
         self.history: list[torch.Tensor] = []  # x0 predictions, newest last
         self.last_sample = None
         self.last_order = 1
@@ -235,10 +234,8 @@ def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 # --- guidance and the loop ----------------------------------------------------------------------------------------
 
 def guide_scale_of(cfg: SamplerConfig, high_noise_step: bool = True) -> float:
-    """The CFG scale actually used at a step of the high-noise expert (or the only model) or, with
-    ``high_noise_step=False``, of the low-noise expert: step-distilled models run without CFG."""
-    if cfg.name == "distill":
-        return 1.0
+    """The CFG scale at a step of the high-noise expert (or the only model) or, with ``high_noise_step=False``,
+    of the low-noise expert (1: a single model pass, no CFG)."""
     if not high_noise_step and cfg.guide_scale_low is not None:
         return float(cfg.guide_scale_low)
     return float(cfg.guide_scale)
@@ -264,14 +261,13 @@ def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: A
 
 
 def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any, uncond: Any = None,
-           progress: bool = True, generator: torch.Generator | None = None,
-           on_step: Callable[[int], None] | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+           progress: bool = True, on_step: Callable[[int], None] | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise ``noise`` ``[B, C, F, H, W]`` into fp32 latents.
 
     ``model_fn(x, t, c)`` returns the velocity for ``x`` at timesteps ``t`` ``[B]`` (fp32) with conditioning
     ``c``, which is ``cond`` or ``uncond`` passed through untouched (a tensor, a dict of keyword arguments, ...).
-    ``uncond`` is needed only when CFG is on. ``generator`` draws the
-    re-noising of the ``distill`` sampler (torch's global RNG when None). ``progress``: ``lightq.progress``.
+    ``uncond`` is needed only when CFG is on; every solver is deterministic given ``noise``. ``progress``:
+    ``lightq.progress``.
     ``on_step(i)`` is called after step ``i`` (the job times each step with it). ``keep`` ``[B, C, k, H, W]``:
     latents that replace the first ``k`` frames before the first step and after each (see the module doc).
     """
@@ -280,7 +276,7 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any
         raise LightqError(f"guide_scale {cfg.guide_scale} needs the unconditional (negative prompt) inputs; "
                           "pass uncond or set guide_scale=1")
     sched = timesteps(cfg)
-    solver = _SOLVER_CLASSES[cfg.name](sched.sigmas, generator)
+    solver = _SOLVER_CLASSES[cfg.name](sched.sigmas)
     x = _kept(noise.float(), keep)
     steps = sched.timesteps.tolist()
     with Progress(len(steps), f"denoise ({cfg.name})", "steps", progress) as bar:
