@@ -92,10 +92,11 @@ def main() -> None:
     from .overrides import literal_prompts
     from .sweep import check_launcher
 
+    from .lightx2v.cli import expand
+
     config.register()
-    sys.argv = _expand_lightx2v(sys.argv)
     try:
-        sys.argv = [sys.argv[0], *literal_prompts(sys.argv[1:])]
+        sys.argv = [sys.argv[0], *literal_prompts(expand(sys.argv[1:]))]
         check_launcher(sys.argv[1:])
         check_choices(sys.argv[1:])
     except LightqError as exc:
@@ -109,18 +110,3 @@ def main() -> None:
             ("interrupted", 130)
         print(f"lightq: {what}; the job's record says so and resume=true runs it again", file=sys.stderr)
         sys.exit(code)
-
-
-def _expand_lightx2v(argv: list[str]) -> list[str]:
-    """``from_lightx2v=cfg.json`` becomes the equivalent lightq overrides (unsupported keys are errors)."""
-    hits = [a for a in argv[1:] if a.startswith("from_lightx2v=")]
-    if not hits:
-        return argv
-    from .checkpoints.lightx2v_config import overrides_from_lightx2v
-
-    try:
-        extra = [o for h in hits for o in overrides_from_lightx2v(h.split("=", 1)[1])]
-    except LightqError as exc:
-        print(f"lightq: {exc}", file=sys.stderr)
-        sys.exit(2)
-    return argv + extra

@@ -32,6 +32,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 SEED_MAX = 2**32 - 1
 SYNTHETIC_IMAGE_WEIGHTS = ("synthetic", "random")  # weights whose I2V runs may go without image= (a gradient)
 ISOLATE = ("auto", "always", "never")
+I2V_SIZES = ("crop", "max_area")
 
 
 @dataclass
@@ -72,7 +73,10 @@ class ModelConfig:
     checkpoint), ``random`` (real architecture, random weights, for benchmarks), a local folder in the official
     layout, or a Hub repo id. Two-expert models (Wan2.2 A14B) add ``dit_low_arch`` (the low-noise expert),
     ``boundary`` (the high-noise expert denoises while ``t >= boundary * 1000``) and ``guide_scale_low`` (the
-    low-noise expert's CFG scale; ``guide_scale`` is the high-noise one's).
+    low-noise expert's CFG scale; ``guide_scale`` is the high-noise one's). ``i2v_size``: how an I2V video takes its
+    size from ``height`` x ``width``: ``crop`` exactly that size (the picture resized to cover it, centre-cropped),
+    ``max_area`` LightX2V's rule (the picture's aspect ratio within that area, each side a multiple of the latent
+    grid; ``LatentGeometry.max_area``).
     """
 
     name: str = "tiny"
@@ -90,6 +94,7 @@ class ModelConfig:
     width: int = 64
     frames: int = 9
     fps: int = 16
+    i2v_size: str = "crop"
     steps: int = 4
     shift: float = 5.0
     guide_scale: float = 5.0
@@ -187,6 +192,17 @@ LORA_MODES = ("merged", "unmerged")
 
 
 @dataclass
+class LightX2VRecord:
+    """What ``from_lightx2v=`` imported (``lightq.lightx2v``), kept in result.json: the JSON ``config``, LightX2V's
+    ``model_cls``, its kernel choices and a note on every meaning that differs from lightq's or goes unused."""
+
+    config: Optional[str] = None
+    model_cls: Optional[str] = None
+    kernels: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LightqConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dit_quant: QuantConfig = field(default_factory=QuantConfig)
@@ -205,7 +221,7 @@ class LightqConfig:
     image: Optional[str] = None
     seed: int = 42
     save_frames: bool = False
-    from_lightx2v: Optional[str] = None
+    from_lightx2v: LightX2VRecord = field(default_factory=LightX2VRecord)
     resume: bool = False
     # LoRAs of the DiT, stacked in order: lora='[{path: a.safetensors, strength: 0.8}]'; sweep with
     # -m lora.0.strength=0,0.5,1. lora_mode: merged (into the weight before quantization) | unmerged (side path)
@@ -321,6 +337,8 @@ def validate(cfg: Any) -> None:
     _validate_experts(cfg, fam)
     if m.dtype not in DTYPES:
         raise LightqError(f"model.dtype='{m.dtype}': choose one of {', '.join(DTYPES)}")
+    if m.i2v_size not in I2V_SIZES:
+        raise LightqError(f"model.i2v_size='{m.i2v_size}': choose one of {', '.join(I2V_SIZES)}")
     if not m.fps > 0:
         raise LightqError(f"model.fps={m.fps}: give a positive frame rate (e.g. 16)")
     if not 0 <= cfg.seed <= SEED_MAX:

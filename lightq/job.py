@@ -33,6 +33,8 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
         with timer("setup"):
             text = OmegaConf.to_yaml(cfg, resolve=True)
             staging.write_atomic(out / "config_resolved.yaml", lambda tmp: tmp.write_text(text))
+            if cfg.from_lightx2v.config:
+                result["from_lightx2v"] = OmegaConf.to_container(cfg.from_lightx2v)
             hw = hardware.resolve(cfg.hardware.name)
             result["hardware"] = {"name": hw.name, "device": hw.device, "capability": hw.capability,
                                   "gpu": hw.gpu_name}

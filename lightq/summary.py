@@ -65,7 +65,8 @@ def summary(result: dict, out: Path, model) -> str:
     rows: list[tuple[str, str]] = []
     hw = result.get("hardware") or {}
     device = hw.get("gpu") or hw.get("name") or "?"
-    rows.append(("model", f"{model.name} ({model.task}, {model.frames} frames {model.width}x{model.height}, "
+    width, height = result.get("width", model.width), result.get("height", model.height)  # the video's own
+    rows.append(("model", f"{model.name} ({model.task}, {model.frames} frames {width}x{height}, "
                           f"{model.steps} steps, weights {model.weights}) on {device}"))
     for name, comp in (result.get("components") or {}).items():
         rows.append((name, _component(name, comp)))

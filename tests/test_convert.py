@@ -1,6 +1,5 @@
 """python -m lightq.convert end to end, interrupted writes, Hub offline errors, LightX2V config and file locating."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,6 @@ import torch
 from safetensors.torch import save_file
 
 from lightq.checkpoints.conventions import open_source
-from lightq.checkpoints.lightx2v_config import overrides_from_lightx2v
 from lightq.checkpoints.locate import NotInFolder, find_component_file
 from lightq.errors import CheckpointError, LightqError
 from lightq.models.tiny import ensure_tiny
@@ -175,44 +173,3 @@ def test_find_component_file_like_lightx2v(tmp_path):
     with pytest.raises(CheckpointError, match="2 DiT checkpoints hold fp8 weights") as ambiguous:
         find_component_file(folder, "dit", "fp8")
     assert not isinstance(ambiguous.value, NotInFolder), "an ambiguous folder never falls back to the bf16 file"
-
-
-def _json(tmp_path, cfg):
-    p = tmp_path / "cfg.json"
-    p.write_text(json.dumps(cfg))
-    return p
-
-
-def test_lightx2v_config_mapping(tmp_path):
-    cfg = {"infer_steps": 4, "target_video_length": 81, "target_height": 480, "target_width": 832, "seed": 42,
-           "sample_shift": 5.0, "sample_guide_scale": 5, "enable_cfg": False,
-           "denoising_step_list": [1000, 750, 500, 250],
-           "dit_quantized": True, "dit_quant_scheme": "fp8-sgl", "dit_quantized_ckpt": "/m/wan fp8.safetensors",
-           "t5_quantized": True, "t5_quant_scheme": "int8-vllm", "clip_quantized": False,
-           "cpu_offload": True, "offload_granularity": "phase", "lazy_load": True}
-    got = overrides_from_lightx2v(_json(tmp_path, cfg))
-    assert got == ["dit_quant=fp8-sgl", "dit_quant.ckpt='/m/wan fp8.safetensors'", "t5_quant=int8-vllm",
-                   "clip_quant=none", "offload=phase", "offload.lazy_load=true", "sampler.steps=4",
-                   "sampler.shift=5.0", "sampler.guide_scale=5", "model.frames=81", "model.height=480",
-                   "model.width=832", "seed=42", "sampler=distill", "sampler.denoising_steps=[1000,750,500,250]",
-                   "sampler.guide_scale=1.0"]
-    assert overrides_from_lightx2v(_json(tmp_path, {"dit_quantized": True, "dit_quant_scheme": "int8-triton"})) \
-        == ["dit_quant=int8-triton"], "LightX2V's Triton mode is lightq's triton mode, not the portable one"
-    attention = {"self_attn_1_type": "sage_attn2", "cross_attn_1_type": "sage_attn2", "cross_attn_2_type": "flash_attn3"}
-    assert overrides_from_lightx2v(_json(tmp_path, attention)) == ["attn_quant=int8fp8-sage2-auto"]
-    assert overrides_from_lightx2v(_json(tmp_path, {"self_attn_1_type": "torch_sdpa"})) == ["attn_quant=none"]
-
-
-@pytest.mark.parametrize("cfg, message", [
-    ({"attn_type": "flash_attn3"}, "does not support: attn_type"),
-    ({"self_attn_1_type": "sage_attn3"}, "self_attn_1_type='sage_attn3': lightq takes sage_attn2"),
-    ({"cross_attn_1_type": "npu_flash_attn"}, "cross_attn_1_type='npu_flash_attn'"),
-    ({"dit_quantized": True, "dit_quant_scheme": "nvfp4"}, "dit_quant_scheme='nvfp4' is not a lightq dit mode"),
-    ({"t5_quantized": True, "t5_quant_scheme": "int4-g128-sgl"}, "'int4-g128-sgl' is not a lightq t5 mode"),
-    ({"dit_quantized": True}, "'dit_quant_scheme' is missing"),
-    ({"lazy_load": True}, "lazy_load needs cpu_offload"),
-    ({"cpu_offload": True, "offload_granularity": "layer"}, "offload_granularity='layer'"),
-])
-def test_lightx2v_config_errors_name_the_key(tmp_path, cfg, message):
-    with pytest.raises(CheckpointError, match=message):
-        overrides_from_lightx2v(_json(tmp_path, cfg))

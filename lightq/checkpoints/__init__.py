@@ -11,16 +11,15 @@
 - ``conversion``      streaming quantized conversion behind ``python -m lightq.convert``
 - ``hub``             Hugging Face Hub references (``owner/repo[/file]``), offline-aware
 - ``locate``          ``find_component_file``: a component's file in a model folder, by LightX2V's names
-- ``lightx2v_config`` LightX2V JSON config -> lightq Hydra overrides
 
-Names are imported lazily, so ``hub`` and ``lightx2v_config`` work without importing torch.
+Names are imported lazily, so ``hub`` works without importing torch. LightX2V's JSON configs: ``lightq.lightx2v``.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
     "TensorSource": "sources", "open_source": "conventions", "save_safetensors_atomic": "writers",
-    "load_component": "loader", "find_component_file": "locate", "overrides_from_lightx2v": "lightx2v_config",
+    "load_component": "loader", "find_component_file": "locate",
 }
 
 __all__ = list(_EXPORTS)

@@ -25,6 +25,7 @@ Torch-free at import: ``lightq.plan`` and ``lightq.config`` read it before anyth
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -78,6 +79,15 @@ class LatentGeometry:
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (self.channels, (frames - 1) // self.temporal + 1, height // self.spatial, width // self.spatial)
+
+    def max_area(self, height: int, width: int, aspect: float) -> tuple[int, int]:
+        """LightX2V's I2V size (``WanRunner.run_vae_encoder``, no ``resize_mode``): the picture's ``aspect``
+        (height / width) within ``height * width`` pixels, each latent side floored to a multiple of the patch:
+        ``h = floor(sqrt(A * aspect) / spatial / patch_h) * patch_h * spatial``, ``w`` likewise with ``A / aspect``."""
+        area, ph, pw = height * width, self.patch[1], self.patch[2]
+        lat_h = int(math.sqrt(area * aspect) // self.spatial // ph * ph)
+        lat_w = int(math.sqrt(area / aspect) // self.spatial // pw * pw)
+        return lat_h * self.spatial, lat_w * self.spatial
 
     def check(self, frames: int, height: int, width: int) -> None:
         """Raise LightqError unless the video has ``1 + k * temporal`` frames and sizes the latent patch divides."""

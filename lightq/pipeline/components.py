@@ -235,8 +235,25 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn((1, *shape), generator=g, dtype=torch.float32)
 
 
+def video_size(cfg) -> tuple[int, int]:
+    """(height, width) of the video: ``model.height`` x ``model.width``, or for an I2V job with
+    ``model.i2v_size=max_area`` LightX2V's size for the input picture's aspect ratio (``LatentGeometry.max_area``;
+    the synthetic gradient's aspect is height / width)."""
+    m = cfg.model
+    if m.task != "i2v" or m.i2v_size != "max_area":
+        return m.height, m.width
+    aspect = m.height / m.width
+    if cfg.image:
+        from ..images import load_rgb
+
+        img = load_rgb(cfg.image)
+        aspect = img.height / img.width
+    return family(m.family).geometry(m).max_area(m.height, m.width, aspect)
+
+
 def input_image(cfg, height: int, width: int) -> torch.Tensor:
-    """The I2V input image ``[3, H, W]`` in [-1, 1]: resized to cover (H, W), centre-cropped.
+    """The I2V input image ``[3, H, W]`` in [-1, 1]: ``model.i2v_size=crop`` resized to cover (H, W) and
+    centre-cropped; ``max_area`` resized to (H, W) (``video_size`` kept the picture's aspect ratio), bicubic.
 
     With synthetic weights and no ``image``, a deterministic colour gradient stands in.
     """
@@ -250,10 +267,14 @@ def input_image(cfg, height: int, width: int) -> torch.Tensor:
     from ..images import load_rgb
 
     img = load_rgb(cfg.image)
-    scale = max(height / img.height, width / img.width)
-    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.BICUBIC)
-    left, top = (img.width - width) // 2, (img.height - height) // 2
-    img = img.crop((left, top, left + width, top + height))
+    if cfg.model.i2v_size == "max_area":
+        img = img.resize((width, height), Image.BICUBIC)
+    else:
+        scale = max(height / img.height, width / img.width)
+        img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))),
+                         Image.BICUBIC)
+        left, top = (img.width - width) // 2, (img.height - height) // 2
+        img = img.crop((left, top, left + width, top + height))
     t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
     return t.permute(2, 0, 1).float() / 127.5 - 1.0
 

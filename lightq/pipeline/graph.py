@@ -87,6 +87,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     scfg = C.sampler_config(cfg)
     m = cfg.model
     geometry = family(m.family).geometry(m)
+    height, width = C.video_size(cfg)
     with timer("encode_text"), offload.active(t5):
         ids, mask = tokenizer([cfg.prompt, cfg.negative_prompt or ""])
         context = t5(ids.to(device), mask.to(device))
@@ -96,7 +97,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     extra, keep = {}, None
     if m.task == "i2v":
         with timer("encode_image"):
-            image = C.input_image(cfg, m.height, m.width).to(device)
+            image = C.input_image(cfg, height, width).to(device)
             if clip is not None:
                 with offload.active(clip):
                     extra["clip_fea"] = clip(image[None].to(dtype))
@@ -107,7 +108,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
                 else:
                     keep = C.first_frame_latents(vae, image)
             offload.release(vae)
-    shape = geometry.latent_shape(m.frames, m.height, m.width)
+    shape = geometry.latent_shape(m.frames, height, width)
     noise = C.initial_noise(cfg.seed, shape).to(device)
     grid = tuple(n // p for n, p in zip(shape[1:], geometry.patch))
     active = Experts(list(experts.values()), scfg, offload)
@@ -249,7 +250,7 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
     if "attn" in plans:
         record["components"]["attn"] = plans["attn"].as_dict()
     record["timings_s"] = gen.timings
-    record["frames"] = int(gen.video.shape[0])
+    record["frames"], _, record["height"], record["width"] = (int(n) for n in gen.video.shape)
     outputs = record.setdefault("outputs", {})
     if not bool(torch.isfinite(gen.latents).all()):
         raise LightqError("the denoised latents hold NaN/Inf values, so nothing was written: every loaded tensor was "

@@ -68,17 +68,3 @@ def test_quoted_prompts_sweep_as_asked(lightq_cli, tmp_path):
     import yaml
 
     assert sorted(yaml.safe_load(f.read_text())["prompt"] for f in sweep.rglob("config_resolved.yaml")) == ["a, b", "c"]
-
-
-def test_lightx2v_values_are_data(tmp_path):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    from lightq.checkpoints.lightx2v_config import overrides_from_lightx2v
-
-    path = "/m/${oc.env:HOME}/it's a \\dir\\"
-    cfg = tmp_path / "x.json"
-    cfg.write_text(json.dumps({"dit_quantized": True, "dit_quant_scheme": "fp8-torch", "dit_quantized_ckpt": path}))
-    override = overrides_from_lightx2v(cfg)[1]
-    value = OverridesParser.create().parse_override(override).value()
-    assert OmegaConf.create({"ckpt": value}).ckpt == path

@@ -1,0 +1,351 @@
+"""A LightX2V JSON config as lightq settings with LightX2V's meaning: ``import_config(path, model_cls) -> Imported``.
+
+Model class (LightX2V's ``--model_cls``; a ``model_cls`` key in the JSON wins, as ``config.update`` does there):
+``wan2.1`` and ``wan2.1_distill`` run; any other class is refused. Given none, ``wan2.1_distill`` when the JSON has a
+``denoising_step_list``, else ``wan2.1`` (noted).
+
+Mapped, per component ``c`` in dit / t5 / clip:
+
+    c_quantized: true + c_quant_scheme: s  ->  c_quant=<s> (lightq's mode of the same name; ``Default`` is none;
+                                              for T5 / CLIP the bare fp8 / int8 are LightX2V's fp8-sgl / int8-vllm)
+    c_quantized false or absent            ->  c_quant=none (LightX2V's default; a scheme alone is unused, noted)
+    c_quantized_ckpt / c_original_ckpt     ->  c_quant.ckpt (the one LightX2V reads: quantized when c_quantized);
+                                              a relative path is a local file, read from the working directory
+                                              as LightX2V does (made absolute here: never a Hub download)
+    self_attn_1_type                       ->  attn_quant (sage_attn2 -> int8fp8-sage2-auto, bf16 kernels -> none)
+    cpu_offload + offload_granularity      ->  offload=block|phase|model (LightX2V's default granularity: block)
+    lazy_load                              ->  offload.lazy_load
+    enable_cfg (LightX2V's default: false) ->  sampler.guide_scale = sample_guide_scale if true, else 1 (no CFG)
+    wan2.1_distill + denoising_step_list   ->  sampler=distill, sampler.denoising_steps, shift (LightX2V's
+                                              deterministic WanStepDistillScheduler); wan2.1 ignores the list, as
+                                              LightX2V's WanScheduler does (unipc, infer_steps)
+    infer_steps / sample_shift             ->  sampler.steps / sampler.shift
+    target_video_length                    ->  model.frames
+    target_height / target_width           ->  model.height / model.width, with model.i2v_size=max_area: for I2V
+                                              LightX2V keeps the image's aspect ratio within that area
+    fps, seed                              ->  model.fps, seed
+
+Everything else is judged by ``lightq.lightx2v.keys`` (missing features, kernel choices, constants, placement,
+unused keys); an unknown key or value is one LightX2VError naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import LightqError
+from . import keys as K
+
+
+class LightX2VError(LightqError):
+    """A LightX2V config lightq cannot run with LightX2V's meaning; ``feature``: what it lacks (or ``None``)."""
+
+    def __init__(self, message: str, feature: str | None = None):
+        super().__init__(message)
+        self.feature = feature
+
+
+COMPONENTS = ("dit", "t5", "clip")
+SCHEME_ALIASES = {"dit": {"Default": "none"},
+                  "t5": {"Default": "none", "fp8": "fp8-sgl", "int8": "int8-vllm"},
+                  "clip": {"Default": "none", "fp8": "fp8-sgl", "int8": "int8-vllm"}}
+GRANULARITIES = ("block", "phase", "model")
+SELF_ATTENTION = {"sage_attn2": "int8fp8-sage2-auto"}  # the rest of KERNELS["self_attn_1_type"]: bf16 (none)
+RUN_KEYS = ("infer_steps", "sample_shift", "sample_guide_scale", "enable_cfg", "denoising_step_list",
+            "target_video_length", "target_height", "target_width", "fps", "seed")
+OFFLOAD_KEYS = ("cpu_offload", "offload_granularity", "lazy_load")
+CLASS_KEYS = ("model_cls", "task")
+TASKS = ("t2v", "i2v")
+
+
+@dataclass
+class Imported:
+    """lightq settings of one LightX2V config: group ``choices`` (group -> option), ``values`` (dotted key ->
+    value), and the record result.json keeps (model class, kernel choices, notes on meaning)."""
+
+    path: Path
+    model_cls: str
+    choices: dict[str, str] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    kernels: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def record(self) -> dict:
+        return {"config": str(self.path), "model_cls": self.model_cls, "kernels": dict(self.kernels),
+                "notes": list(self.notes)}
+
+    def overrides(self) -> list[str]:
+        """The same settings written as command-line overrides (for people: docs, messages)."""
+        return [f"{g}={o}" for g, o in self.choices.items()] + \
+            [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in self.values.items()]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LightX2VError(f"from_lightx2v={path}: no such file: give the path of a LightX2V JSON config") from None
+    except (OSError, ValueError) as exc:
+        raise LightX2VError(f"from_lightx2v={path}: not a readable JSON config ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise LightX2VError(f"from_lightx2v={path}: a LightX2V config is a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def import_config(json_path: str | Path, model_cls: str | None = None) -> Imported:
+    """The lightq settings of LightX2V config ``json_path`` run as LightX2V's ``model_cls`` (see module doc)."""
+    path = Path(json_path)
+    cfg = read_json(path)
+    out = Imported(path, _model_class(cfg, model_cls, path))
+    if model_cls is None and "model_cls" not in cfg:
+        out.notes.append(f"model class {out.model_cls}: LightX2V takes it on its command line (--model_cls); "
+                         f"none given, so {out.model_cls} (from_lightx2v.model_cls=... names it)")
+    _refuse_missing(cfg, path)
+    used: set[str] = set()
+    for comp in COMPONENTS:
+        _quant(cfg, comp, used, out)
+    _attention_and_kernels(cfg, used, out)
+    _offload(cfg, used, out)
+    _run(cfg, used, out)
+    _judged(cfg, used, out)
+    unknown = [k for k in cfg if k not in used]
+    if unknown:
+        raise LightX2VError(f"{path}: {_plural(unknown, 'key')} {', '.join(unknown)}: not in the LightX2V Wan2.1 "
+                            "keys lightq knows (another model class's config?); refused rather than ignored")
+    return out
+
+
+def _plural(items: list, word: str) -> str:
+    return word if len(items) == 1 else f"{word}s"
+
+
+def _model_class(cfg: dict, given: str | None, path: Path) -> str:
+    cls, where = (cfg["model_cls"], "the JSON's model_cls") if "model_cls" in cfg else \
+        (given, "from_lightx2v.model_cls") if given else (None, "")
+    if cls is None:
+        cls = "wan2.1_distill" if "denoising_step_list" in cfg else "wan2.1"
+    elif cls not in K.WAN21_CLASSES:
+        planned = f" yet ({K.PLANNED_CLASSES[cls]})" if cls in K.PLANNED_CLASSES else ""
+        raise LightX2VError(f"{path}: model class {cls!r} ({where}) is not in lightq{planned}: it runs LightX2V's "
+                            f"{' and '.join(K.WAN21_CLASSES)} configs", f"model class {cls}")
+    task = cfg.get("task")
+    if task is not None and task not in TASKS:
+        raise LightX2VError(f"{path}: task={task!r}: lightq runs LightX2V's Wan2.1 {' and '.join(TASKS)} tasks",
+                            f"task {task}")
+    return cls
+
+
+def _refuse_missing(cfg: dict, path: Path) -> None:
+    """One line for the first missing feature the config turns on (and how many others it turns on)."""
+    hits = []
+    for missing in K.MISSING:
+        for key in cfg:
+            if missing.owns(key) and missing.active(cfg[key]) and missing.feature not in (h[0] for h in hits):
+                hits.append((missing.feature, key, missing.issue))
+    if not hits:
+        return
+    feature, key, issue = hits[0]
+    others = f" (it also uses: {', '.join(h[0] for h in hits[1:])})" if len(hits) > 1 else ""
+    value = json.dumps(cfg[key])
+    value = value if len(value) <= 40 else value[:37] + "..."
+    raise LightX2VError(f"{path}: {key}={value} asks for {feature}, which lightq does not have"
+                        f"{f' yet ({issue})' if issue else ''}; it cannot run this config with LightX2V's meaning"
+                        f"{others}", feature)
+
+
+def _owned_by_missing(key: str) -> bool:
+    return any(m.owns(key) for m in K.MISSING)
+
+
+def _quant(cfg: dict, comp: str, used: set[str], out: Imported) -> None:
+    q, s, c, orig = f"{comp}_quantized", f"{comp}_quant_scheme", f"{comp}_quantized_ckpt", f"{comp}_original_ckpt"
+    used.update(k for k in (q, s, c, orig) if k in cfg)
+    on = cfg.get(q, False)
+    if not isinstance(on, bool):
+        raise LightX2VError(f"{out.path}: {q}={on!r}: give true or false")
+    if not on:
+        if q in cfg or s in cfg:
+            out.choices[f"{comp}_quant"] = "none"
+        if s in cfg or c in cfg:
+            out.notes.append(f"{s if s in cfg else c} is unused: {q} is not true (LightX2V's default: false)")
+        if cfg.get(orig):
+            out.values[f"{comp}_quant.ckpt"] = _local_path(cfg[orig], orig, out)
+        return
+    scheme = cfg.get(s)
+    if not isinstance(scheme, str):
+        raise LightX2VError(f"{out.path}: {q} is true but {s} is missing: name the scheme (e.g. fp8-sgl)")
+    mode = SCHEME_ALIASES[comp].get(scheme, scheme)
+    have = _modes(comp)
+    if mode not in have:
+        raise LightX2VError(f"{out.path}: {s}={scheme!r}: quantization scheme {scheme} is not in lightq (python -m "
+                            "lightq.backends lists its modes)", f"quantization scheme {scheme}")
+    if mode != scheme:
+        out.notes.append(f"{s}={scheme}: LightX2V's {scheme} {comp} linear is its {mode}: {comp}_quant={mode}")
+    out.choices[f"{comp}_quant"] = mode
+    if cfg.get(c):
+        out.values[f"{comp}_quant.ckpt"] = _local_path(cfg[c], c, out)
+    if cfg.get(orig):
+        out.notes.append(f"{orig} is unused: LightX2V reads the quantized checkpoint when {q} is true")
+
+
+def _local_path(value: Any, key: str, out: Imported) -> str:
+    """A LightX2V checkpoint path: always a local path; a relative one is read from the working directory."""
+    if not isinstance(value, str):
+        raise LightX2VError(f"{out.path}: {key}={value!r}: give a path")
+    if os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value)
+    full = os.path.abspath(value)
+    out.notes.append(f"{key}={value}: a relative path, read from the working directory as LightX2V does ({full}), "
+                     "not from the Hub" + ("" if os.path.exists(full) else "; it does not exist there"))
+    return full
+
+
+def _attention_and_kernels(cfg: dict, used: set[str], out: Imported) -> None:
+    for key, table in K.KERNELS.items():
+        if key not in cfg:
+            continue
+        used.add(key)
+        value = cfg[key]
+        label = str(value)
+        if label not in table:
+            raise LightX2VError(f"{out.path}: {key}={value!r}: lightq knows the numerics of "
+                                f"{', '.join(table)} only", f"kernel {key}={value}")
+        out.kernels[key] = value
+        if table[label]:
+            out.notes.append(f"{key}={value}: {table[label]}")
+        if key == "self_attn_1_type":
+            out.choices["attn_quant"] = SELF_ATTENTION.get(label, "none")
+
+
+def _offload(cfg: dict, used: set[str], out: Imported) -> None:
+    used.update(k for k in OFFLOAD_KEYS if k in cfg)
+    on, gran, lazy = cfg.get("cpu_offload", False), cfg.get("offload_granularity"), cfg.get("lazy_load", False)
+    if not on:
+        if lazy:
+            raise LightX2VError(f"{out.path}: lazy_load: true needs cpu_offload: true (lightq streams lazily loaded "
+                                "blocks through the offload buffers)")
+        if "cpu_offload" in cfg:
+            out.choices["offload"] = "none"
+        if gran is not None:
+            out.notes.append(f"offload_granularity={gran} is unused: cpu_offload is not true")
+        return
+    gran = gran or "block"
+    if gran not in GRANULARITIES:
+        raise LightX2VError(f"{out.path}: offload_granularity={gran!r}: lightq offloads by "
+                            f"{', '.join(GRANULARITIES)}", f"offload granularity {gran}")
+    out.choices["offload"] = gran
+    if lazy:
+        out.values["offload.lazy_load"] = True
+
+
+def _number(cfg: dict, key: str, out: Imported, kind=(int, float)):
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        wanted = "an integer" if kind is int else "a number"
+        feature = "Wan2.2 MoE (two experts switched at a boundary)" if isinstance(value, list) else None
+        extra = " (a list is Wan2.2 MoE's, one value per expert: issue 20)" if feature else ""
+        raise LightX2VError(f"{out.path}: {key}={value!r}: give {wanted}{extra}", feature)
+    return value
+
+
+def _run(cfg: dict, used: set[str], out: Imported) -> None:
+    used.update(k for k in RUN_KEYS if k in cfg)
+    steps = cfg.get("denoising_step_list")
+    if steps is not None and (not isinstance(steps, list) or not steps
+                              or not all(isinstance(v, int) and not isinstance(v, bool) for v in steps)):
+        raise LightX2VError(f"{out.path}: denoising_step_list={steps!r}: give a list of integer timesteps")
+    if out.model_cls == "wan2.1_distill":
+        if steps is None:
+            raise LightX2VError(f"{out.path}: model class wan2.1_distill needs denoising_step_list (LightX2V's "
+                                "WanStepDistillScheduler reads it)")
+        out.choices["sampler"] = "distill"
+        out.values["sampler.denoising_steps"] = list(steps)
+        if "infer_steps" in cfg and cfg["infer_steps"] != len(steps):
+            out.notes.append(f"infer_steps={cfg['infer_steps']} is unused: wan2.1_distill runs the "
+                             f"{len(steps)} steps of denoising_step_list")
+    else:
+        if steps is not None:
+            out.notes.append("denoising_step_list is unused with model class wan2.1 (LightX2V's WanScheduler "
+                             "runs infer_steps); from_lightx2v.model_cls=wan2.1_distill uses it")
+        if "infer_steps" in cfg:
+            out.values["sampler.steps"] = _number(cfg, "infer_steps", out, int)
+    if "sample_shift" in cfg:
+        out.values["sampler.shift"] = _number(cfg, "sample_shift", out)
+    _guidance(cfg, out)
+    for key, target in (("target_video_length", "model.frames"), ("target_height", "model.height"),
+                        ("target_width", "model.width"), ("fps", "model.fps"), ("seed", "seed")):
+        if key in cfg:
+            out.values[target] = _number(cfg, key, out, int)
+    if "target_height" in cfg or "target_width" in cfg:
+        out.values["model.i2v_size"] = "max_area"
+
+
+def _guidance(cfg: dict, out: Imported) -> None:
+    cfg_on = cfg.get("enable_cfg", False)
+    if not isinstance(cfg_on, bool):
+        raise LightX2VError(f"{out.path}: enable_cfg={cfg_on!r}: give true or false")
+    scale = _number(cfg, "sample_guide_scale", out) if "sample_guide_scale" in cfg else None
+    if cfg_on:
+        if scale is None:
+            raise LightX2VError(f"{out.path}: enable_cfg is true but sample_guide_scale is missing (LightX2V needs "
+                                "it): add the guidance scale")
+        out.values["sampler.guide_scale"] = scale
+        return
+    out.values["sampler.guide_scale"] = 1.0
+    why = "enable_cfg is false" if "enable_cfg" in cfg else "enable_cfg is absent (LightX2V's default: false)"
+    out.notes.append(f"no CFG: {why}" + (f"; sample_guide_scale={scale} is unused" if scale not in (None, 1) else ""))
+
+
+def _judged(cfg: dict, used: set[str], out: Imported) -> None:
+    """Keys of ``lightq.lightx2v.keys``'s tables (other than kernels): constants, placement, unused, features off."""
+    for key, value in cfg.items():
+        if key in used:
+            continue
+        if key in CLASS_KEYS:
+            used.add(key)
+        elif key in K.CONSTANTS:
+            if _same(value, K.CONSTANTS[key]):
+                used.add(key)
+            else:
+                raise LightX2VError(f"{out.path}: {key}={json.dumps(value)}: lightq's Wan2.1 has "
+                                    f"{json.dumps(K.CONSTANTS[key])} (another model class's config?)",
+                                    f"constant {key}")
+        elif key in K.PLACEMENT:
+            used.add(key)
+            out.notes.append(f"{key}={json.dumps(value)}: where LightX2V keeps that component (no numerics); "
+                             "lightq's offload= places every component")
+        elif key in K.UNUSED:
+            used.add(key)
+            out.notes.append(f"{key} is unused ({K.UNUSED[key]})")
+        elif _owned_by_missing(key):  # a missing feature's key, left off
+            used.add(key)
+
+
+def _same(value: Any, constant: Any) -> bool:
+    if isinstance(constant, bool) or isinstance(value, bool):
+        return value is constant
+    if isinstance(constant, list):
+        return isinstance(value, (list, tuple)) and list(value) == constant
+    return value == constant
+
+
+def _modes(comp: str) -> set[str]:
+    from ..config import quant_modes  # the registry's specs: read only when a LightX2V config is given
+
+    return set(quant_modes(f"{comp}_quant"))
+
+
+def literal(value: Any) -> Any:
+    """``value`` as OmegaConf stores it literally: ``${`` escaped (backslashes before it doubled)."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", value)
+    if isinstance(value, list):
+        return [literal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: literal(v) for k, v in value.items()}
+    return value

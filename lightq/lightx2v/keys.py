@@ -1,0 +1,130 @@
+"""What lightq does with each LightX2V config key that is not mapped onto a lightq option (``importer`` maps those).
+
+- ``MISSING``: LightX2V features lightq does not have, feature -> the keys that turn it on. A config that turns one
+  on is refused in one line naming the feature, the key and the file. This table is the single place to switch a
+  feature on: the engineer who adds it removes its row and maps its keys in ``importer``.
+- ``KERNELS``: kernel choices: key -> value -> what lightq runs for it (``SAME``: the same numerics, another kernel;
+  a note: how the numerics differ). Recorded in result.json (``from_lightx2v.kernels`` / ``notes``).
+- ``CONSTANTS``: key -> the one value lightq's Wan2.1 has; another value is refused.
+- ``PLACEMENT``: where LightX2V keeps a component (memory, not numerics): accepted, noted.
+- ``UNUSED``: keys LightX2V itself does not read in a Wan2.1 run of this kind: accepted, noted.
+
+A key in none of these (and not mapped) is refused as unknown: nothing in a config is silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# LightX2V's model classes (its --model_cls) lightq runs; every other class is refused.
+WAN21_CLASSES = ("wan2.1", "wan2.1_distill")
+# classes another lightq issue brings: named in the refusal
+PLANNED_CLASSES = {"wan2.2": "issue 20", "wan2.2_moe": "issue 20", "wan2.2_moe_distill": "issue 20"}
+
+
+def _on(value: Any) -> bool:
+    """A value that turns a feature on: anything but false / null / empty / 0."""
+    return value not in (False, None, 0, "", [], {})
+
+
+def _parallel_on(value: Any) -> bool:
+    """``parallel``: a dict of group sizes (``seq_p_size``, ``cfg_p_size``, ``tensor_p_size``); all 1 is one GPU."""
+    if isinstance(value, dict):
+        return any(k.endswith("_size") and v not in (1, None) for k, v in value.items()) or \
+            any(not k.endswith("_size") for k in value)
+    return _on(value)
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A LightX2V feature lightq lacks: ``keys`` turn it on when ``active(value)``; ``issue`` where it is planned."""
+
+    feature: str
+    keys: tuple[str, ...]
+    active: Callable[[Any], bool] = _on
+    issue: str = ""
+    prefixes: tuple[str, ...] = field(default=())  # every key starting with one of these belongs to it too
+
+    def owns(self, key: str) -> bool:
+        return key in self.keys or (bool(self.prefixes) and key.startswith(self.prefixes))
+
+
+MISSING: tuple[Missing, ...] = (
+    Missing("LoRA", ("lora_configs", "lora_dynamic_apply"), issue="issue 19"),
+    Missing("Wan2.2 MoE (two experts switched at a boundary)",
+            ("boundary", "boundary_step_index", "high_noise_original_ckpt", "low_noise_original_ckpt",
+             "high_noise_quantized_ckpt", "low_noise_quantized_ckpt"), lambda v: v is not None, issue="issue 20"),
+    Missing("multi-GPU parallel inference", ("parallel",), _parallel_on),
+    Missing("multi-GPU parallel inference", ("seq_parallel", "cfg_parallel", "text_encoder_tensor_parallel",
+                                             "vae_decode_parallel", "load_from_rank0", "tp_mm_type",
+                                             "tp_rms_norm_type")),
+    Missing("feature caching", ("feature_caching",), lambda v: v != "NoCaching"),
+    Missing("feature caching", ("teacache_thresh", "coefficients", "use_ret_steps", "use_adaln_cache")),
+    Missing("sparse attention", ("dynamic_sparse_attn_setting", "rainfusion_attn_setting", "sol_attn_setting",
+                                 "sparse_type")),
+    Missing("the tiny autoencoder (TAE) decoder", ("use_tae", "tae_path")),
+    Missing("disaggregated serving", ("disagg_mode", "disagg_config", "rdma_buffer_slot_size")),
+    Missing("autoregressive / causal video generation", ("ar_config", "num_frame_per_block", "num_blocks",
+                                                         "frame_seq_length", "num_fragments", "causal_rope_type",
+                                                         "causal_self_attn_type", "chunk_latent_frames",
+                                                         "prev_frame_length", "memory_window_size")),
+    Missing("dynamic CFG", ("enable_dynamic_cfg", "cfg_interval", "enable_cfg_renorm", "cfg_renorm_min")),
+    Missing("the prompt enhancer", ("use_prompt_enhancer", "prompt_travel")),
+    Missing("video frame interpolation", ("video_frame_interpolation",)),
+    Missing("changing resolution during sampling", ("changing_resolution", "resolution_rate")),
+    Missing("I2V image resize modes (resize_mode / buckets)", ("resize_mode", "bucket_shape", "fixed_shape",
+                                                               "fixed_area", "aspect_ratio")),
+    Missing("I2V without the CLIP image encoder", ("use_image_encoder",), lambda v: v is False),
+    Missing("module unloading between stages", ("unload_modules",)),
+    Missing("audio-driven video (seko_talk, InfiniteTalk, Wan2.1 audio)", ("audio_sr", "video_duration",
+                                                                           "use_real_mel_spectrogram"),
+            lambda v: True, prefixes=("audio_", "infinitetalk_", "adapter_")),
+    Missing("quantized VAE / other models' encoders", (), lambda v: True,
+            prefixes=("video_vae_", "audio_vae_", "text_encoder_", "qwen25vl_", "qwen3_", "gemma_", "byt5_",
+                      "siglip_", "pe_")),
+)
+
+SAME = ""  # KERNELS value: the same numerics as lightq's, by another kernel
+
+_BF16_ATTENTION = {"flash_attn2": SAME, "flash_attn3": SAME, "torch_sdpa": SAME,
+                   "npu_flash_attn": "LightX2V's Ascend NPU kernel of bf16 attention; lightq runs bf16 attention",
+                   "intel_xpu_flash_attn": "LightX2V's Intel XPU kernel of bf16 attention; lightq runs bf16 attention"}
+SAGE2_NOTE = ("sage_attn2 -> attn_quant=int8fp8-sage2-auto: SageAttention2's formats (smoothed int8 Q.K, fp8 e4m3 "
+              "P.V with per-channel V scales), as LightX2V runs it on Hopper; SageAttention2 scales Q/K per thread "
+              "where lightq scales per block, so results agree within the scheme's error bound, not bit for bit. "
+              "On Ada (sm89) and Ampere (sm80) LightX2V's sage_attn2 runs int8 Q.K with fp16 P.V: "
+              "attn_quant=int8-sage-auto there")
+CROSS_SAGE_NOTE = ("LightX2V runs this cross-attention with SageAttention2 (int8 / fp8); lightq's cross-attention "
+                   "is always bf16")
+
+# key -> value -> SAME or how lightq's numerics differ. Self-attention's mode is mapped by ``importer``.
+KERNELS: dict[str, dict[str, str]] = {
+    "self_attn_1_type": {**_BF16_ATTENTION, "sage_attn2": SAGE2_NOTE},
+    "cross_attn_1_type": {**_BF16_ATTENTION, "sage_attn2": CROSS_SAGE_NOTE},
+    "cross_attn_2_type": {**_BF16_ATTENTION, "sage_attn2": CROSS_SAGE_NOTE},
+    "rope_type": {"torch_real_rope": SAME, "torch_complex_rope": SAME, "flashinfer_rope": SAME},
+    "rms_norm_type": {"torch": SAME, "sgl-kernel": SAME, "one-pass": SAME, "npu_rms_norm": SAME},
+    "layer_norm_type": {"torch": SAME, "Triton": SAME, "npu_layer_norm": SAME, "gcu_layer_norm": SAME},
+    "modulate_type": {"torch": SAME, "triton": SAME},
+    "use_compile": {"False": SAME, "True": "LightX2V torch.compiles the DiT; lightq runs it eagerly (same math)"},
+    "use_tiling_vae": {"False": SAME,
+                       "True": "LightX2V decodes the VAE in tiles; lightq decodes the whole latent at once, so "
+                               "pixels near tile seams differ"},
+}
+# key -> the value lightq's Wan2.1 has (as LightX2V writes it)
+CONSTANTS: dict[str, Any] = {
+    "text_len": 512, "use_31_block": True, "vae_stride": [4, 8, 8], "patch_size": [1, 2, 2],
+    "num_channels_latents": 16, "use_bfloat16": True, "do_mm_calib": False, "max_area": False,
+}
+
+# where a component lives: no numerics (lightq's offload= places every component; see the notes)
+PLACEMENT = ("t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload", "text_encoder_cpu_offload",
+             "text_encoder_offload_granularity", "offload_ratio", "t5_lazy_load", "vae_offload_cache",
+             "num_disk_workers")
+
+# accepted and noted: LightX2V does not read them in a Wan2.1 / wan2.1_distill run
+UNUSED = {
+    "target_fps": "only read with video_frame_interpolation",
+    "_comment": "a comment", "comment": "a comment", "comment_parallel": "a comment",
+}
