@@ -160,3 +160,20 @@ def test_sweep_over_configs_records_each_import(run_lightq, tmp_path):
                 for p in (tmp_path / "sweep").rglob("config_resolved.yaml")}  # folders: lightx2v=<stem>,<overrides>
     assert {k: (v["sampler"]["name"], v["sampler"]["guide_scale"]) for k, v in resolved.items()} == \
         {"lightx2v=a": ("unipc", 4), "lightx2v=b": ("distill", 1.0)}
+
+
+def test_i2v_max_area_keeps_the_pictures_aspect(tmp_path):
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from lightq.config import LightqConfig
+    from lightq.pipeline.components import input_image, video_size
+
+    Image.new("RGB", (64, 32), (200, 10, 10)).save(tmp_path / "wide.png")  # 64 wide, 32 high
+    cfg = OmegaConf.merge(OmegaConf.structured(LightqConfig), {"image": str(tmp_path / "wide.png"), "model": {
+        "name": "tiny-i2v", "task": "i2v", "clip_arch": "tiny", "height": 64, "width": 64, "i2v_size": "max_area"}})
+    # 4096 pixels at aspect 1/2: sqrt(2048) = 45.3 -> 5 latent rows of 8 -> 4 (patch 2) -> 32; sqrt(8192) -> 80
+    assert video_size(cfg) == (32, 80)
+    assert input_image(cfg, 32, 80).shape == (3, 32, 80)
+    cfg.model.i2v_size = "crop"
+    assert video_size(cfg) == (64, 64)

@@ -3,8 +3,8 @@
 A baseline is the bf16 run (every quantization mode ``none``) of the same job. It is cached under
 ``<cache>/baselines/<key>.pt``, ``key`` = sha256 over everything the bf16 run computes from:
 
-- the model config (sizes, frames, dtype, weights reference), the sampler settings, seed, prompts, the input
-  image's bytes and the device;
+- the model config (sizes, frames, dtype, weights reference), the sampler settings and the source of the solver's
+  step (a changed stepping rule is a new baseline), seed, prompts, the input image's bytes and the device;
 - what the weights are (``weights_identity``), not only where they are: for ``synthetic``, the tiny generator's
   version (architectures, seed, torch version and the generator's source, ``models.tiny.version``); for
   ``random``, the seed, the architectures, the source of the loader that draws them and the torch version; for a folder or
@@ -76,9 +76,12 @@ def key(cfg, device: str) -> str:
     from omegaconf import OmegaConf
 
     from .components import sampler_config
+    from .sampler import solver_class
 
     image = Path(cfg.image).read_bytes() if cfg.image else b""
-    desc = {"model": OmegaConf.to_container(cfg.model), "sampler": repr(sampler_config(cfg)), "seed": cfg.seed,
+    scfg = sampler_config(cfg)
+    solver = hashlib.sha256(inspect.getsource(solver_class(scfg.name)).encode()).hexdigest()
+    desc = {"model": OmegaConf.to_container(cfg.model), "sampler": repr(scfg), "solver": solver, "seed": cfg.seed,
             "prompt": cfg.prompt, "negative": cfg.negative_prompt, "image": hashlib.sha256(image).hexdigest(),
             "device": device, "weights": weights_identity(cfg)}
     if cfg.lora:  # the baseline runs the same LoRAs (merged into bf16): which files, at which strengths

@@ -223,6 +223,11 @@ class UniPC(_Solver):
 _SOLVER_CLASSES = {"unipc": UniPC, "dpm++": DPMSolverPP, "euler": Euler, "distill": Distill}
 
 
+def solver_class(name: str) -> type:
+    """The solver of sampler ``name`` (one of SOLVERS)."""
+    return _SOLVER_CLASSES[name]
+
+
 def _kept(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     if keep is None:
         return x
@@ -276,7 +281,7 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any
         raise LightqError(f"guide_scale {cfg.guide_scale} needs the unconditional (negative prompt) inputs; "
                           "pass uncond or set guide_scale=1")
     sched = timesteps(cfg)
-    solver = _SOLVER_CLASSES[cfg.name](sched.sigmas)
+    solver = solver_class(cfg.name)(sched.sigmas)
     x = _kept(noise.float(), keep)
     steps = sched.timesteps.tolist()
     with Progress(len(steps), f"denoise ({cfg.name})", "steps", progress) as bar:

@@ -140,7 +140,7 @@ def test_a_16_bit_picture_reaches_the_model_as_its_brightness(tmp_path):
     from lightq.pipeline.components import input_image
 
     path = _png(tmp_path / "g16.png", 32, 32, 16, 0, _rows(np.full((32, 32), 65535 // 4, ">u2")))
-    cfg = OmegaConf.create({"image": str(path), "model": {"weights": "synthetic"}})
+    cfg = OmegaConf.create({"image": str(path), "model": {"weights": "synthetic", "i2v_size": "crop"}})
     x = input_image(cfg, 16, 16)
     assert torch.allclose(x, torch.full_like(x, round(65535 / 4 / 257) / 127.5 - 1))
 
