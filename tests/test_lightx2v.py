@@ -86,7 +86,8 @@ def test_max_area_size_is_lightx2vs_rule():
 
 @pytest.mark.parametrize("cfg, model_cls, feature, message", [
     ({"lora_configs": [{"path": "l.safetensors", "strength": 1.0}]}, None, "LoRA",
-     "cfg.json: lora_configs=.* asks for LoRA, which lightq does not have yet \\(issue 19\\)"),
+     "cfg.json: lora_configs=.* asks for LoRA: lightq has lora=, but its import of lora_configs is not written yet "
+     "\\(issue 19\\)"),
     ({"boundary": 0.875, "parallel": {"seq_p_size": 4}}, None, "Wan2.2 MoE",
      "boundary=0.875 asks for Wan2.2 MoE .*issue 20.*also uses: multi-GPU parallel inference"),
     ({"feature_caching": "Tea"}, None, "feature caching", "feature_caching=\"Tea\""),

@@ -145,17 +145,17 @@ def _refuse_missing(cfg: dict, path: Path) -> None:
     hits = []
     for missing in K.MISSING:
         for key in cfg:
-            if missing.owns(key) and missing.active(cfg[key]) and missing.feature not in (h[0] for h in hits):
-                hits.append((missing.feature, key, missing.issue))
+            if missing.owns(key) and missing.active(cfg[key]) and missing.feature not in (h[0].feature for h in hits):
+                hits.append((missing, key))
     if not hits:
         return
-    feature, key, issue = hits[0]
-    others = f" (it also uses: {', '.join(h[0] for h in hits[1:])})" if len(hits) > 1 else ""
+    missing, key = hits[0]
+    others = f" (it also uses: {', '.join(h[0].feature for h in hits[1:])})" if len(hits) > 1 else ""
     value = json.dumps(cfg[key])
     value = value if len(value) <= 40 else value[:37] + "..."
-    raise LightX2VError(f"{path}: {key}={value} asks for {feature}, which lightq does not have"
-                        f"{f' yet ({issue})' if issue else ''}; it cannot run this config with LightX2V's meaning"
-                        f"{others}", feature)
+    raise LightX2VError(f"{path}: {key}={value} asks for {missing.feature}: {missing.why}"
+                        f"{f' yet ({missing.issue})' if missing.issue else ''}; lightq cannot run this config with "
+                        f"LightX2V's meaning{others}", missing.feature)
 
 
 def _owned_by_missing(key: str) -> bool:

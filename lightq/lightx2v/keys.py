@@ -38,20 +38,23 @@ def _parallel_on(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Missing:
-    """A LightX2V feature lightq lacks: ``keys`` turn it on when ``active(value)``; ``issue`` where it is planned."""
+    """A LightX2V feature lightq lacks: ``keys`` turn it on when ``active(value)``; ``issue`` where it is planned;
+    ``why`` what is missing (default: the feature itself)."""
 
     feature: str
     keys: tuple[str, ...]
     active: Callable[[Any], bool] = _on
     issue: str = ""
     prefixes: tuple[str, ...] = field(default=())  # every key starting with one of these belongs to it too
+    why: str = "lightq does not have it"
 
     def owns(self, key: str) -> bool:
         return key in self.keys or (bool(self.prefixes) and key.startswith(self.prefixes))
 
 
 MISSING: tuple[Missing, ...] = (
-    Missing("LoRA", ("lora_configs", "lora_dynamic_apply"), issue="issue 19"),
+    Missing("LoRA", ("lora_configs", "lora_dynamic_apply"), issue="issue 19",
+            why="lightq has lora=, but its import of lora_configs is not written"),
     Missing("Wan2.2 MoE (two experts switched at a boundary)",
             ("boundary", "boundary_step_index", "high_noise_original_ckpt", "low_noise_original_ckpt",
              "high_noise_quantized_ckpt", "low_noise_quantized_ckpt"), lambda v: v is not None, issue="issue 20"),
