@@ -443,3 +443,53 @@ def test_cli_bad_lora_one_line_exit_2_and_convert_writes_nothing(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "blocks.9.ffn.0.lora_down.weight" in proc.stderr and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]  # a job that never ran leaves nothing
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_shared_input_path_equals_separate_paths_on_quantized_activations(scheme, tmp_path):
+    """The fused q/k/v side path (one down-projection, each up added into its third of the output, LoRAs on q and v
+    only) equals the separate paths of q and v on the same quantized activation; and ``add_quantized`` equals
+    ``forward`` on the dequantized activation up to the bf16 rounding of the dequantized input."""
+    from lightq.quant.schemes import dequantize_activation, quantize_activation
+
+    src = dit_source()
+    mods = ["blocks.0.self_attn.q", "blocks.0.self_attn.v"]
+    t = {}
+    for m, (d, u) in factors(src, mods, 4).items():
+        t |= {f"{m}.lora_down.weight": d, f"{m}.lora_up.weight": u}
+    stack = stack_for("tiny", [{"path": write(tmp_path / "l.safetensors", t), "strength": 0.7}], "unmerged")[1]
+    paths = {m: LowRankPath.of(stack.low_rank(m + ".weight"), stack.strengths, torch.bfloat16, "cpu") for m in mods}
+    joint = LowRankPath.shared_input([paths[mods[0]], None, paths[mods[1]]], 128)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    xq, sx = quantize_activation(x, scheme)
+    y = torch.randn(40, 384).bfloat16()
+    got = joint.add_quantized(y.clone(), xq, sx)
+    for i, m in ((0, mods[0]), (2, mods[1])):
+        want = paths[m].add_quantized(y[:, i * 128:(i + 1) * 128].contiguous(), xq, sx)
+        assert torch.allclose(got[:, i * 128:(i + 1) * 128].float(), want.float(), rtol=2 ** -7, atol=1e-3), m
+        deq = dequantize_activation(xq, sx, scheme).bfloat16()
+        assert torch.allclose(want.float(), paths[m](deq, y[:, i * 128:(i + 1) * 128]).float(), rtol=2 ** -6,
+                              atol=2e-2), m
+    assert torch.equal(got[:, 128:256], y[:, 128:256]), "k has no LoRA: its third must not change"
+    joint.set_strengths([0.0])
+    assert torch.equal(joint.add_quantized(y.clone(), xq, sx), y)
+
+
+def test_offload_budget_counts_unmerged_side_paths(cfg_of, tmp_path):
+    """offload.max_gpu_gib's count grows by the side paths' bytes (read from the LoRA header) when unmerged, by
+    nothing when merged (the LoRA is inside the weights)."""
+    from lightq.offload import gpu_weight_need
+
+    src = dit_source()
+    mods = ["blocks.0.self_attn.q", "blocks.1.ffn.0"]
+    t = {}
+    for m, (d, u) in factors(src, mods, 8).items():
+        t |= {f"lora_unet_{m.replace('.', '_')}.lora_down.weight": d, f"lora_unet_{m.replace('.', '_')}.lora_up.weight": u}
+    path = write(tmp_path / "k.safetensors", t)
+    base, _ = gpu_weight_need(cfg_of("dit_quant=fp8-torch"))
+    merged, _ = gpu_weight_need(cfg_of("dit_quant=fp8-torch", f"lora=[{{path: '{path}'}}]"))
+    unmerged, _ = gpu_weight_need(cfg_of("dit_quant=fp8-torch", f"lora=[{{path: '{path}'}}]", "lora_mode=unmerged"))
+    aligned = lambda n: -(-n // 256) * 256  # noqa: E731
+    side = sum(aligned(8 * k * 2) + aligned(n * 8 * 2) + 2 * aligned(8 * 4)
+               for n, k in (src.shape(m + ".weight") for m in mods))
+    assert merged == base and unmerged == base + side

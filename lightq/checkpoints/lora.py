@@ -45,6 +45,7 @@ from ..config import LORA_MODES, lora_entries
 from ..errors import CheckpointError, LightqError
 from ..quant.lora import LowRank, LowRankPath, Term, attach, merge
 
+LORA_COMPONENTS = ("dit",)  # the published Wan LoRA layouts target the DiT only (text-encoder keys are refused)
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
 KOHYA_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoders.")
@@ -120,6 +121,23 @@ def load_loras(entries, mode: str, shapes: dict[str, tuple[int, ...]], linears: 
                 raise CheckpointError(f"lora[{f.index}] {f.path}: a full-weight delta of '{key}', a quantized layer, "
                                       "cannot run as a low-rank side path: use lora_mode=merged")
     return stack
+
+
+def side_path_ranks(entries, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Linear name -> total rank of its unmerged side path, from the LoRA files' headers alone (no tensor read, no
+    check: the offload budget, before loading; ``load_loras`` checks the files)."""
+    from .hub import resolve
+    from .sources import open_files
+
+    names, ranks = _names(shapes), {}
+    for ref, _ in lora_entries(entries):
+        source = open_files(resolve(ref))
+        for key in source:
+            naming, module, role = _split(key)
+            if role == "down" and len(source.shape(key)) == 2:
+                module = names.get(module, module.replace("_", ".")) if naming == "kohya" else module
+                ranks[module] = ranks.get(module, 0) + source.shape(key)[0]
+    return ranks
 
 
 def _names(shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
@@ -283,7 +301,7 @@ class LoraStack:
             return _cast(self.merged(key, t), dtype, t)
         if len(self.low_rank(key)) == len(self.terms[key]):
             return _cast(t, dtype, t)
-        self._kept[key] = t.detach().clone()
+        self._kept[key] = t.detach().to("cpu", copy=True)
         return _cast(self.merged(key, t, full_only=True), dtype, t)
 
     def attach_side_path(self, linear: nn.Module, name: str, dtype: torch.dtype, device) -> None:

@@ -20,7 +20,7 @@ with the quantization moved into the kernels that produce each linear's input:
 so no bf16 normalised activation is written and re-read, q/k/v are quantized once for one GEMM, and the RMSNorm /
 RoPE chain (7 elementwise passes in fp32 in the unfused block) is one kernel per tensor. An unmerged LoRA's side
 path is added to each GEMM's output from that GEMM's quantized activation (``LowRankPath.add_quantized``; q/k/v
-share one block-diagonal path, ``qkv_lora``); o and the text k/v run as QLinears, with theirs. The numerics are the
+share one path on their input, ``qkv_lora``); o and the text k/v run as QLinears, with theirs. The numerics are the
 unfused block's up to reduction order (see ``lightq.kernels.fused_norm_quant``). The q/k/v QLinears keep their buffers as views of
 the concatenated weight, so a fused model holds no second copy (moving it to another device materialises the views
 separately: fuse after placing the model).
@@ -155,8 +155,8 @@ class FusedBlock(Block):
         attn.register_buffer("qkv_data", data, persistent=False)
         attn.register_buffer("qkv_scale", scale, persistent=False)
         attn.register_buffer("qkv_bias", bias, persistent=False)
-        # unmerged LoRAs of q / k / v: one side path on the shared input, outputs block-diagonal like the codes
-        attn.qkv_lora = LowRankPath.block_diagonal([p.lora for p in parts], dim)
+        # unmerged LoRAs of q / k / v: one side path on their shared input, each up into its own third of the output
+        attn.qkv_lora = LowRankPath.shared_input([p.lora for p in parts], dim)
         for part in parts:
             part.lora = None
         attn.__class__ = FusedSelfAttention

@@ -2,7 +2,8 @@
 
 Weight bytes are counted on models built on the meta device: a linear the mode quantizes counts its quantized
 data + scale (``schemes.expected_layout``), every other float tensor counts in the model's dtype (the VAE in fp32),
-each tensor rounded up to the packing alignment. What must be on the GPU at once:
+each tensor rounded up to the packing alignment; an unmerged LoRA adds its side paths to their linears (ranks read
+from the LoRA files' headers). What must be on the GPU at once:
 
     none         every component
     model        the largest component
@@ -19,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from ..checkpoints.lora import LORA_COMPONENTS, side_path_ranks
 from ..errors import LightqError
 from ..config import quant_of
 from ..models.family import family
@@ -38,10 +40,12 @@ def _aligned(n: int) -> int:
 class _Sizer:
     """Bytes of tensor refs of one meta-built component once loaded in ``scheme`` (``None``: high precision)."""
 
-    def __init__(self, model: nn.Module, include: tuple[str, ...], scheme: str | None, skip, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, include: tuple[str, ...], scheme: str | None, skip, dtype: torch.dtype,
+                 lora_ranks: dict[str, int] | None = None):
         self.names = {id(m): n for n, m in model.named_modules()}
         self.include, self.skip = include, tuple(skip)
         self.scheme, self.dtype = scheme, dtype
+        self.lora_ranks = lora_ranks or {}
 
     def __call__(self, refs) -> int:
         total = 0
@@ -55,6 +59,11 @@ class _Sizer:
             else:
                 itemsize = self.dtype.itemsize if t.is_floating_point() else t.dtype.itemsize
                 total += _aligned(t.numel() * itemsize)
+            rank = self.lora_ranks.get(name, 0) if r.name == "weight" and isinstance(r.owner, nn.Linear) else 0
+            if rank:  # an unmerged LoRA's side path: down [R, K], up [N, R], fp32 alpha / r and scale [R]
+                n, k = t.shape
+                total += (_aligned(rank * k * self.dtype.itemsize) + _aligned(n * rank * self.dtype.itemsize)
+                          + 2 * _aligned(rank * 4))
         return total
 
 
@@ -83,7 +92,10 @@ def gpu_weight_need(cfg) -> tuple[int, str]:
     mode, buffers = cfg.offload.mode, cfg.offload.buffers
     needs = {}
     for comp, (model, scheme, skip, dtype) in _components(cfg).items():
-        size = _Sizer(model, family(cfg.model.family).components[comp].quantizable, scheme, skip, dtype)
+        ranks = None
+        if cfg.lora and cfg.lora_mode == "unmerged" and comp in LORA_COMPONENTS:
+            ranks = side_path_ranks(cfg.lora, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        size = _Sizer(model, family(cfg.model.family).components[comp].quantizable, scheme, skip, dtype, ranks)
         total = size(refs_of(model))
         if mode in ("block", "phase") and streams_blocks(model):
             units = [size(s.refs) for block in model.blocks for s in unit_specs(block, mode)]

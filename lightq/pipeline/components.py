@@ -144,14 +144,12 @@ def _load(component: str, cfg, method: QuantMethod | None, folder, device, dtype
     return model.eval().requires_grad_(False)
 
 
-LORA_COMPONENTS = ("dit",)  # the published Wan LoRA layouts target the DiT only (text-encoder keys are refused)
-
-
 def _lora_stack(cfg, component: str, build, include, method: QuantMethod | None):
     """The run's ``lora`` list read and checked against ``component`` (built on meta), or None."""
+    from ..checkpoints.lora import LORA_COMPONENTS, load_loras, model_names
+
     if component not in LORA_COMPONENTS or not cfg.lora:
         return None
-    from ..checkpoints.lora import load_loras, model_names
     from ..quant.linear import selected
 
     with torch.device("meta"):

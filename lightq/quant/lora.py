@@ -71,10 +71,14 @@ def merge(w: torch.Tensor, terms: list[Term], strengths: list[float]) -> torch.T
 class LowRankPath(nn.Module):
     """The unmerged side path of one linear (module docstring). ``down`` ``[R, K]``, ``up`` ``[N, R]`` in the run's
     dtype; ``scale`` fp32 ``[R]``; per rank row, the index of its LoRA (``rank_lora``) and its ``alpha / r``
-    (``rank_alpha``), from which ``set_strengths`` recomputes ``scale``."""
+    (``rank_alpha``), from which ``set_strengths`` recomputes ``scale``.
+
+    ``segments`` (``shared_input``): one path for linears that share their input and whose outputs are
+    concatenated (the fused q/k/v GEMM): ``(output offset, first rank row, rank)`` per linear, ``up`` ``[n, R]``
+    their ups side by side; each adds ``h[:, rows] @ up[:, rows]^T`` into its own output columns in place."""
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, rank_lora: list[int], rank_alpha: torch.Tensor,
-                 scale: torch.Tensor):
+                 scale: torch.Tensor, segments: list[tuple[int, int, int]] | None = None):
         super().__init__()
         # not persistent: a model's state dict stays its checkpoint's keys; offload moves them with the linear
         self.register_buffer("down", down.contiguous(), persistent=False)
@@ -82,6 +86,7 @@ class LowRankPath(nn.Module):
         self.register_buffer("rank_alpha", rank_alpha.float().contiguous(), persistent=False)
         self.register_buffer("scale", scale.float().contiguous(), persistent=False)
         self.rank_lora = list(rank_lora)
+        self.segments = segments
         self.active = bool((self.scale != 0).any())
 
     @classmethod
@@ -97,23 +102,20 @@ class LowRankPath(nn.Module):
         return cls(torch.cat(downs), torch.cat(ups, dim=1), lora, rank_alpha, _scale(lora, rank_alpha, strengths))
 
     @classmethod
-    def block_diagonal(cls, paths: list["LowRankPath | None"], out_features: int) -> "LowRankPath | None":
-        """One path for linears that share their input and whose outputs are concatenated (the fused q/k/v GEMM):
-        the downs stacked, the ups block-diagonal. ``None`` entries are linears without a LoRA."""
-        present = [p for p in paths if p is not None]
+    def shared_input(cls, paths: list["LowRankPath | None"], out_features: int) -> "LowRankPath | None":
+        """One path for linears of ``out_features`` outputs each that share their input, their outputs concatenated
+        in order (class docstring); ``None`` entries are linears without a LoRA."""
+        present = [(i, p) for i, p in enumerate(paths) if p is not None]
         if not present:
             return None
-        ref = present[0]
-        rank = sum(p.down.shape[0] for p in present)
-        up = torch.zeros(out_features * len(paths), rank, dtype=ref.up.dtype, device=ref.up.device)
-        col = 0
-        for i, p in enumerate(paths):
-            if p is not None:
-                r = p.down.shape[0]
-                up[i * out_features:(i + 1) * out_features, col:col + r] = p.up
-                col += r
-        return cls(torch.cat([p.down for p in present]), up, [j for p in present for j in p.rank_lora],
-                   torch.cat([p.rank_alpha for p in present]), torch.cat([p.scale for p in present]))
+        segments, row = [], 0
+        for i, p in present:
+            segments.append((i * out_features, row, p.down.shape[0]))
+            row += p.down.shape[0]
+        ps = [p for _, p in present]
+        return cls(torch.cat([p.down for p in ps]), torch.cat([p.up for p in ps], dim=1),
+                   [j for p in ps for j in p.rank_lora], torch.cat([p.rank_alpha for p in ps]),
+                   torch.cat([p.scale for p in ps]), segments)
 
     def set_strengths(self, strengths: list[float]) -> None:
         """Recompute ``scale`` in place (the tensor offload placed stays bound) from one strength per LoRA."""
@@ -125,10 +127,8 @@ class LowRankPath(nn.Module):
         if not self.active:
             return y
         dt = y.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        h = torch.mm(x2.to(dt), self.down.to(dt).t())
-        h = (h.float() * self.scale).to(dt)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h, self.up.to(dt).t()).view(y.shape)
+        h = torch.mm(x.reshape(-1, x.shape[-1]).to(dt), self.down.to(dt).t())
+        return self._add_up(y.reshape(-1, y.shape[-1]), (h.float() * self.scale).to(dt)).view(y.shape)
 
     def add_quantized(self, y: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         """``y + ((x_q @ A^T) * s_x * scale) @ B^T`` for a per-token quantized activation (codes ``[M, K]``, fp32
@@ -137,8 +137,16 @@ class LowRankPath(nn.Module):
             return y
         dt = y.dtype
         h = torch.mm(xq.to(dt), self.down.to(dt).t())
-        h = (h.float() * sx * self.scale).to(dt)
-        return torch.addmm(y, h, self.up.to(dt).t())
+        return self._add_up(y, (h.float() * sx * self.scale).to(dt))
+
+    def _add_up(self, y2: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``y2 + h @ up^T`` (``[M, N]``): one ``addmm``, or per segment in place into its output columns."""
+        up = self.up.to(y2.dtype)
+        if self.segments is None:
+            return torch.addmm(y2, h, up.t())
+        for out, row, rank in self.segments:
+            y2[:, out:out + up.shape[0]].addmm_(h[:, row:row + rank], up[:, row:row + rank].t())
+        return y2
 
     def extra_repr(self) -> str:
         return f"rank={self.down.shape[0]}, in={self.down.shape[1]}, out={self.up.shape[0]}"
