@@ -311,6 +311,9 @@ def validate(cfg: Any) -> None:
 
     fam = family(cfg.model.family)
     fam.components_of(cfg.model.task)  # an unknown task is an error here
+    if cfg.lora and fam.experts:
+        raise LightqError(f"lora= applies to one DiT and model={cfg.model.name} has {len(fam.experts)} denoising "
+                          f"experts ({', '.join(fam.experts)}): per-expert LoRAs are not supported yet; drop lora=")
     if cfg.offload.mode not in ("none", "model", "block", "phase"):
         raise LightqError(f"offload.mode='{cfg.offload.mode}': choose none, model, block or phase")
     if cfg.sampler.name not in ("unipc", "dpm++", "euler", "distill"):

@@ -377,6 +377,8 @@ def test_config_option_and_sweep_override(cfg_of):
         config.validate(bad)
     with pytest.raises(LightqError, match="lora_mode"):
         config.validate(cfg_of("lora_mode=fused"))
+    with pytest.raises(LightqError, match="experts"):  # which expert a LoRA is for is not said: refused
+        config.validate(cfg_of("model=tiny-t2v-a14b", "lora=[{path: a.safetensors}]"))
 
 
 @pytest.mark.parametrize("offload", [("block",), ("phase",), ("block", "lazy")])
