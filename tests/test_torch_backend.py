@@ -40,9 +40,10 @@ def make(lead, n, k, dtype, seed=0):
     return x.to(dtype), w, bias
 
 
-def gemm_dtype(scheme, n, k):
-    """bf16 when the fp8 GEMM goes through ``_scaled_mm`` (its row-wise output is bf16)."""
-    return torch.bfloat16 if scheme == "fp8" and TB.scaled_mm_ok(torch.device("cpu"), n, k) else None
+def gemm_dtype(scheme, n, k, dtype):
+    """bf16 when a bf16 fp8 GEMM goes through ``_scaled_mm`` (row-wise scaled, bias fused, rounded once to bf16)."""
+    fast = scheme == "fp8" and TB.scaled_mm_ok(torch.device("cpu"), n, k)
+    return torch.bfloat16 if fast and dtype == torch.bfloat16 else None
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
@@ -54,7 +55,7 @@ def test_apply_matches_float64_reference(scheme, lead, n, k, dtype, with_bias):
     qw = S.quantize_weight(w, scheme)
     y = BACKEND.apply(x, BACKEND.pack(qw), scheme, bias)
     assert y.shape == (*lead, n) and y.dtype == dtype
-    assert_close_to_reference(y, x, qw, bias, gemm_dtype=gemm_dtype(scheme, n, k))
+    assert_close_to_reference(y, x, qw, bias, gemm_dtype=gemm_dtype(scheme, n, k, dtype))
 
 
 def test_bias_in_16_bits_is_accepted_as_is():
@@ -102,12 +103,14 @@ def test_fp8_path_choice_and_agreement(monkeypatch, n, k, fast):
     qw = S.quantize_weight(w, "fp8")
     y = BACKEND.apply(x, BACKEND.pack(qw), "fp8", bias)
     assert bool(calls) == fast
-    assert_close_to_reference(y, x, qw, bias, gemm_dtype=torch.bfloat16 if fast else None)
-    if fast:  # the emulation of the same product agrees within the same bound
+    assert y.dtype == torch.float32
+    assert_close_to_reference(y, x, qw, bias)
+    assert not torch.equal(y, y.to(torch.bfloat16).float()), "an fp32 model's fp8 linear is not rounded to bf16"
+    if fast:  # the emulation of the same product agrees to fp32 rounding (the products are exact in both)
         monkeypatch.setattr(TB, "scaled_mm_ok", lambda device, n, k: False)
         emulated = BACKEND.apply(x, BACKEND.pack(qw), "fp8", bias)
         assert len(calls) == 1
-        assert_close_to_reference(emulated, x, qw, bias)
+        torch.testing.assert_close(y, emulated, rtol=1e-5, atol=1e-5 * float(emulated.abs().max()))
 
 
 def test_int8_path_uses_int_mm(monkeypatch):

@@ -6,8 +6,8 @@ GEMM, the scaling and the output cast. With ``A = sum_k |x_k w_k|`` (scales incl
 
     |y - ref| <= u_out * (|ref_no_bias| + |bias| + |ref|) + (K + 3) * 2**-24 * A + u_w * A
 
-- ``u_out``: unit roundoff of the output (2**-8 bf16, 2**-11 fp16, 2**-24 fp32); the fp8 ``_scaled_mm`` path
-  always rounds to bf16 first. The output is rounded once before the bias is added (16-bit paths) and once after.
+- ``u_out``: unit roundoff of the output (2**-8 bf16, 2**-11 fp16, 2**-24 fp32); ``gemm_dtype`` a coarser dtype the
+  GEMM rounds to first. The output is rounded once before the bias is added (16-bit paths) and once after.
 - ``(K + 3) * 2**-24 * A``: fp32 accumulation of K products (worst case K * 2**-24 * A) and up to three fp32
   roundings of the scaling. fp8 x fp8 and int8 x int8 products are exact, so no term for the inputs.
 - outputs in the subnormal range of ``x.dtype`` round with an absolute error of half its subnormal spacing.
@@ -60,7 +60,7 @@ def bound(no_bias, ref, abs_sum, bias, k: int, u_out: float, scheme: str, x_dtyp
 def assert_close_to_reference(y, x, qw, bias, *, gemm_dtype=None, extra_acc: float = 0.0) -> None:
     """Check ``y = backend.apply(x, ...)`` against the float64 reference, element by element.
 
-    ``gemm_dtype``: the dtype the GEMM itself rounds to when coarser than ``x.dtype`` (bf16 for ``_scaled_mm``).
+    ``gemm_dtype``: the dtype the GEMM itself rounds to when coarser than ``x.dtype``.
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)

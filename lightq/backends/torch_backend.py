@@ -3,10 +3,12 @@
 It is the reference every plugin is checked against, and the portable fallback (modes ``*-torch``).
 ``x`` may have any leading shape (``[K]``, ``[M, K]``, ``[B, L, K]``); the output keeps it, in ``x.dtype``.
 
-- fp8:       ``torch._scaled_mm`` with row-wise scales (x: per token, W: per channel); its output is bf16, so the
-             result carries one bf16 rounding whatever ``x.dtype`` is. Where ``_scaled_mm`` cannot run (K or N not
-             a multiple of 16, CUDA below sm89) the product is emulated: fp8 x fp8 products are exact in fp32
-             (and in TF32), accumulated in fp32, then scaled.
+- fp8:       ``torch._scaled_mm``, x scaled per token, W per channel. For bf16 activations the row-wise scaled
+             product with the bias fused, rounded once to bf16; for any other dtype the unscaled product in fp32
+             (tensor-wise unit scales), then both scales in fp32, so an fp32 or fp16 model's output is rounded only
+             to its own dtype. Where ``_scaled_mm`` cannot run (K or N not a multiple of 16, CUDA below sm89) the
+             product is emulated: fp8 x fp8 products are exact in fp32 (and in TF32), accumulated in fp32, then
+             scaled.
 - int8:      ``torch._int_mm`` (exact int32 accumulation) then both scales; M is padded to 17 rows on CUDA, where
              ``_int_mm`` needs M > 16. Where it cannot run (CUDA, K or N not a multiple of 8) the integer sum is
              computed exactly in float64 (|sum| <= 127**2 K < 2**53), so the result is bitwise the ``_int_mm`` one.
@@ -14,8 +16,8 @@ It is the reference every plugin is checked against, and the portable fallback (
              product ``xq_g @ wq_g^T`` is scaled by ``sx[:, g] * sw[n // 128, g]`` and accumulated in fp32.
 - int4-g128: weight-only: the weight is dequantized to the activation dtype, then one ``linear`` (bias fused).
 
-Bias is added in fp32 and rounded once with the output, except on the ``_scaled_mm`` path (added to its bf16
-output) and the int4 path (fused into the ``linear`` in ``x.dtype``).
+Bias is added in fp32 and rounded once with the output (fused into ``_scaled_mm`` for bf16 fp8, into the ``linear``
+in ``x.dtype`` for int4).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class TorchBackend(Backend):
             y = torch.nn.functional.linear(x2, wd, None if bias is None else bias.to(x.dtype))
             return y.reshape(*lead, -1)
         if scheme == "fp8":
-            y = self._fp8(x2, w, sw)
+            y, bias = self._fp8(x2, w, sw, bias)
         elif scheme == "int8":
             y = self._int8(x2, w, sw)
         else:
@@ -94,11 +96,17 @@ class TorchBackend(Backend):
         return y.to(x.dtype).reshape(*lead, -1)
 
     @staticmethod
-    def _fp8(x2, w, sw):
+    def _fp8(x2, w, sw, bias):
+        """(the product, the bias still to add: None once ``_scaled_mm`` fused it)."""
         xq, sx = schemes.quantize_activation(x2, "fp8")
-        if scaled_mm_ok(x2.device, w.shape[0], w.shape[1]):
-            return torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16)
-        return (xq.float() @ w.float().t()) * sx * sw.t()
+        if not scaled_mm_ok(x2.device, w.shape[0], w.shape[1]):
+            return (xq.float() @ w.float().t()) * sx * sw.t(), bias
+        if x2.dtype == torch.bfloat16:
+            fused = None if bias is None else bias.to(torch.bfloat16)
+            return torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw.t(), bias=fused, out_dtype=torch.bfloat16), None
+        one = torch.ones((), device=x2.device)
+        acc = torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return acc * sx * sw.t(), bias
 
     @staticmethod
     def _int8(x2, w, sw):

@@ -55,7 +55,8 @@ def check(y, x, qw, bias):
     """Compare (a row subset of) ``y`` with the float64 reference on the GPU."""
     rows = torch.arange(0, x.shape[0], 64 if x.shape[0] > 4096 else 1, device=x.device)
     fast = qw.scheme == "fp8" and fast_fp8(qw.out_features, qw.in_features)
-    assert_close_to_reference(y[rows], x[rows], qw, bias, gemm_dtype=torch.bfloat16 if fast else None,
+    assert_close_to_reference(y[rows], x[rows], qw, bias,
+                              gemm_dtype=torch.bfloat16 if fast and x.dtype == torch.bfloat16 else None,
                               extra_acc=FP8_TENSOR_CORE_ACC if fast else 0.0)
 
 
@@ -127,6 +128,16 @@ def test_gpu_agrees_with_cpu_backend(scheme):
     tol = bound(no_bias, ref, abs_sum, bias.cpu(), 8960, UNIT_ROUNDOFF[torch.bfloat16], scheme, torch.bfloat16,
                 FP8_TENSOR_CORE_ACC if scheme == "fp8" else 0.0)
     assert torch.all((y_gpu.cpu().double() - y_cpu.double()).abs() <= 2 * tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fp8_keeps_the_activation_dtype(dtype):
+    """An fp32 / fp16 model's fp8 linear is rounded to its own dtype only (tensor-wise ``_scaled_mm`` in fp32)."""
+    x, w, bias = make(257, 1536, 8960, dtype)
+    qw = S.quantize_weight(w, "fp8")
+    y = BACKEND.apply(x, BACKEND.pack(qw), "fp8", bias)
+    assert y.dtype == dtype
+    assert_close_to_reference(y, x, qw, bias, extra_acc=FP8_TENSOR_CORE_ACC if fast_fp8(1536, 8960) else 0.0)
 
 
 @pytest.mark.parametrize("scheme", S.SCHEMES)
