@@ -260,3 +260,16 @@ def test_building_the_models_on_meta_does_not_import_the_compiler():
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_include_left_out_keeps_a_pre_quantized_file_quantized(fp8_file, dit_src):
+    """Without include=, a quantized mode on a pre-quantized file takes every linear the file holds quantized
+    (it used to dequantize them all); on float weights it asks for include= instead of quantizing nothing."""
+    method = QuantMethod.portable("fp8")
+    default = load_component(build_dit, open_source(fp8_file), method=method, progress=False)
+    named = load_component(build_dit, open_source(fp8_file), include=DIT, method=method, progress=False)
+    count = sum(isinstance(m, QLinear) for m in default.modules())
+    assert count > 0 and count == sum(isinstance(m, QLinear) for m in named.modules())
+    assert _same_state(default, named)
+    with pytest.raises(CheckpointError, match="needs include="):
+        load_component(build_dit, dit_src, method=method, progress=False)

@@ -3,7 +3,10 @@
 Contract. ``build()`` constructs the module; it is called under the meta device, so nothing is allocated. Every
 parameter is then materialised from the source, one tensor at a time (cast to ``dtype`` when it is a float
 tensor, moved to ``device``), and the selected linears — those matching ``include`` and none of the method's
-``skip`` patterns, when ``method`` quantizes — become the method's ``QLinear``s (``QuantMethod.linear``):
+``skip`` patterns, when ``method`` quantizes — become the method's ``QLinear``s (``QuantMethod.linear``).
+``include`` left out (None) selects every linear a pre-quantized file holds quantized; with a float (or random)
+source and a quantizing method it must be given (a CheckpointError says so): nothing is silently left in high
+precision.
 
 - from the file's quantized weight + scale when the file is pre-quantized (``formats.read_quantized`` validates
   scheme, shapes, dtypes, NaN/Inf), or
@@ -48,7 +51,8 @@ if TYPE_CHECKING:
 RANDOM = "random"
 
 
-def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *, include: Iterable[str] = (),
+def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *,
+                   include: Iterable[str] | None = None,
                    method: QuantMethod | None = None, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.bfloat16, ignore_prefixes: Iterable[str] = (), progress: bool = True,
                    component: str | None = None, seed: int = 0, lora: "LoraStack | None" = None) -> nn.Module:
@@ -57,10 +61,16 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
     with torch.device("meta"):
         model = build()
     scheme = method.scheme if method is not None and method.quantizes else None
-    include, ignore = tuple(include), tuple(ignore_prefixes)
+    ignore = tuple(ignore_prefixes)
     skip = method.skip if method is not None else ()
-    quantized = ([name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-                  and selected(name, include, skip)] if scheme else [])
+    linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if scheme and include is None:
+        if isinstance(source, str) or formats.layout_of(source) == "float":
+            raise CheckpointError(f"load_component: scheme {scheme} on the float weights of "
+                                  f"{getattr(source, 'name', source)} needs include= (the linears to quantize, e.g. "
+                                  "the model family's Component.quantizable)")
+        include = [name for name in linear_names if formats.is_quantized(source, name)]
+    quantized = [name for name in linear_names if selected(name, tuple(include), skip)] if scheme else []
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     # quantize where it is fastest: on the GPU when there is one, even for a component kept in host memory
     # (offload); the scheme's arithmetic gives the same codes and scales on either device
