@@ -31,6 +31,7 @@ def _task(cfg: DictConfig) -> int | float:
 
     from . import sweep
     from .job import exit_code
+    from .parallel.layout import launched_world
     from .worker import job_choices
 
     hc = HydraConfig.get()
@@ -53,11 +54,14 @@ def _task(cfg: DictConfig) -> int | float:
             return results.objective_value(result, cfg.sweep.objective)
         return exit_code(result)
     code = exit_code(result)
+    rank = launched_world()[1]  # a torchrun launch's rank (0 without one)
     if code:
-        print(f"lightq: {result['reason']}", file=sys.stderr)
+        print(f"lightq{f' (rank {rank})' if rank else ''}: {result['reason']}", file=sys.stderr)
         if code == 2 and fresh:  # the one line says it all: no new folder holding only the record of a job that
             discard_unrun(out)  # never ran (a folder an earlier job wrote to keeps its record)
         sys.exit(code)
+    if rank:  # rank 0 reports the job
+        return 0
     from .summary import summary
 
     print(f"lightq: ok -> {out}")
@@ -95,6 +99,7 @@ def main() -> None:
     from .lightx2v.cli import expand
 
     config.register()
+    sys.argv = _rank_folders(sys.argv)
     try:
         sys.argv = [sys.argv[0], *literal_prompts(expand(sys.argv[1:]))]
         check_launcher(sys.argv[1:])
@@ -110,3 +115,24 @@ def main() -> None:
             ("interrupted", 130)
         print(f"lightq: {what}; the job's record says so and resume=true runs it again", file=sys.stderr)
         sys.exit(code)
+
+
+def _rank_folders(argv: list[str]) -> list[str]:
+    """On a rank other than 0 of a ``torchrun`` launch (``lightq.parallel``), Hydra's run and sweep folders go to a
+    temporary folder of this process, removed at exit: rank 0 alone writes the outputs and the record."""
+    from .parallel.layout import launched_world
+
+    try:
+        rank = launched_world()[1]
+    except LightqError as exc:
+        print(f"lightq: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if rank == 0:
+        return argv
+    import atexit
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=f"lightq-rank{rank}-")
+    atexit.register(shutil.rmtree, tmp, True)
+    return [*argv, f"hydra.run.dir={tmp}/run", f"hydra.sweep.dir={tmp}/sweep"]
+

@@ -133,6 +133,16 @@ class OffloadConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Several processes for one video (``lightq.parallel.layout``): ``mode`` none | ulysses | allgather | auto (how
+    self-attention spans the video tokens split over the processes), ``cfg`` 1 | 2 (2: the conditional and
+    unconditional DiT passes on two halves of the processes). Launched with ``torchrun``."""
+
+    mode: str = "none"
+    cfg: int = 1
+
+
+@dataclass
 class HardwareConfig:
     """``name``: auto (detect) | cpu | sm80 | sm89 | sm90 | sm100."""
 
@@ -173,10 +183,12 @@ class SweepConfig:
     """How a sweep (``-m``) runs each job. ``isolate``: auto (a fresh process per job on CUDA) | always | never.
     ``objective``: the number of result.json each job returns to Hydra's sweeper (``quality.psnr_db``,
     ``timings_s.denoise``, ... : ``results.OBJECTIVES``), which Optuna-style sweepers optimize; null returns
-    the exit code."""
+    the exit code. ``gpus``: ``all`` or GPU indices (``0,1,2,3``) that the sweep's concurrent isolated jobs share,
+    one job per GPU at a time (``lightq.gpu_slots``; use with a parallel launcher); null: every job sees every GPU."""
 
     isolate: str = "auto"
     objective: Optional[str] = None
+    gpus: Optional[Any] = None
 
 
 @dataclass
@@ -211,6 +223,7 @@ class LightqConfig:
     clip_quant: QuantConfig = field(default_factory=QuantConfig)
     attn_quant: AttnQuantConfig = field(default_factory=AttnQuantConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)

@@ -9,6 +9,7 @@ unexpected failure (traceback in result.json and the log).
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
                 result["from_lightx2v"] = OmegaConf.to_container(cfg.from_lightx2v)
             hw = hardware.resolve(cfg.hardware.name)
             result["hardware"] = {"name": hw.name, "device": hw.device, "capability": hw.capability,
-                                  "gpu": hw.gpu_name}
+                                  "gpu": hw.gpu_name, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
             if cfg.offload.mode != "none" and not hw.is_cuda:
                 note = (f"offload={cfg.offload.mode} moves weights between host and GPU memory; this run is on the "
                         "CPU, where everything is in host memory already: it runs, with the same results, and saves "
@@ -48,11 +49,12 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
             result["components"] = {c: p.as_dict() for c, p in plans.items()}
             problem = plan.first_problem(plans)
             if not problem:
-                from .pipeline.components import sampler_config  # torch and the models load only for a job that runs
-                from .pipeline.graph import run_pipeline
+                from .pipeline.components import parallel_layout, sampler_config  # torch and the models load
+                from .pipeline.graph import run_pipeline  # only for a job that runs
                 from .pipeline.sampler import timesteps
 
                 timesteps(sampler_config(cfg))  # the sampler's settings are checked before any model loads
+                parallel_layout(cfg)  # and the parallel layout against the launch
         if problem:
             result.update(status="skipped", reason=problem)
             log.info("skipped: %s", problem)

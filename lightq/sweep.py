@@ -72,8 +72,33 @@ def run_job(cfg: DictConfig, out: Path, choices: dict, multirun: bool) -> dict:
         tracker = tracking.start(cfg, out, choices)
     except LightqError as exc:
         return _setup_failure(out, choices, exc)
-    result = worker.run_in_subprocess(out, choices) if isolated else execute(cfg, out, choices)
+    if isolated and cfg.sweep.gpus is not None:
+        result = _on_a_free_gpu(cfg, out, choices)
+    elif cfg.sweep.gpus is not None and multirun:
+        result = _setup_failure(out, choices, LightqError(
+            "sweep.gpus gives each job its own GPU, which needs each job in its own process: this sweep's jobs run in "
+            "this process (sweep.isolate=never, or a CPU run); set sweep.isolate=always or drop sweep.gpus"))
+    else:
+        result = worker.run_in_subprocess(out, choices) if isolated else execute(cfg, out, choices)
     return tracker.finish(out, result)
+
+
+def _on_a_free_gpu(cfg: DictConfig, out: Path, choices: dict) -> dict:
+    """Run the isolated job on the first GPU of ``sweep.gpus`` no other job holds (``lightq.gpu_slots``)."""
+    from . import worker
+    from .gpu_slots import gpu_slot, parse_gpus
+
+    try:
+        import torch
+
+        gpus = parse_gpus(cfg.sweep.gpus, torch.cuda.device_count())
+    except LightqError as exc:
+        return _setup_failure(out, choices, exc)
+    with gpu_slot(gpus) as gpu:
+        result = worker.run_in_subprocess(out, choices, env={"CUDA_VISIBLE_DEVICES": str(gpu)})
+    result["device_assignment"] = {"gpu": gpu, "CUDA_VISIBLE_DEVICES": str(gpu)}
+    results.write_json_atomic(out / results.RESULT_FILE, result)
+    return result
 
 
 def _setup_failure(out: Path, choices: dict, exc: LightqError) -> dict:

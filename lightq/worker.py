@@ -116,14 +116,16 @@ def _death(returncode: int) -> tuple[str, str | None]:
     return f"the job's worker process exited with code {returncode} before writing its result", None
 
 
-def run_in_subprocess(job_dir: Path, choices: dict) -> dict:
-    """Run the job saved in ``job_dir`` as ``python -m lightq.worker`` and return its result (see module doc)."""
+def run_in_subprocess(job_dir: Path, choices: dict, env: dict | None = None) -> dict:
+    """Run the job saved in ``job_dir`` as ``python -m lightq.worker`` (``env``: variables set for it, e.g. its
+    ``CUDA_VISIBLE_DEVICES``) and return its result (see module doc)."""
     job_dir = Path(job_dir)
     results.write_json_atomic(job_dir / results.RESULT_FILE, {"status": "running", "reason": "", "choices": choices})
     t0 = time.perf_counter()
     stderr_path = job_dir / STDERR_FILE
     with open(stderr_path, "wb") as err, subprocess.Popen(
-            [sys.executable, "-m", "lightq.worker", str(job_dir)], stderr=err, env=_worker_env()) as proc:
+            [sys.executable, "-m", "lightq.worker", str(job_dir)], stderr=err, env={**_worker_env(), **(env or {})}) \
+            as proc:
         try:
             returncode = proc.wait()
         except BaseException:  # this process is being interrupted or terminated: so is the job's worker

@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import LightqError
 from .attention import attention, self_attention
 from .rope import apply_rope, rope_tables
+from .sequence import all_tokens, local_tokens
 
 TEXT_LEN = 512
 CLIP_TOKENS = 257
@@ -306,6 +307,9 @@ class WanDiT(nn.Module):
         e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, arch.dim))
         if per_token:  # [B * L, ...] -> [B, L, ...]
             e, e0 = e.unflatten(0, (b, -1)), e0.unflatten(0, (b, -1))
+        x, rope, *per = local_tokens(x, rope, *((e, e0) if per_token else ()))  # this process's tokens (sequence.py)
+        if per_token:
+            e, e0 = per
 
         text = F.pad(context.to(dtype), (0, 0, 0, arch.text_len - context.shape[1]))
         text = self.text_embedding(text)
@@ -313,7 +317,7 @@ class WanDiT(nn.Module):
 
         for block in self.blocks:
             x = block(x, e0, rope, text, image, dtype)
-        return self._unpatchify(self.head(x, e), grid)
+        return self._unpatchify(all_tokens(self.head(x, e)), grid)
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """``[B, f*h*w, p*q*r*C]`` -> ``[B, C, f*p, h*q, w*r]`` (patch offsets before channels, as officially)."""

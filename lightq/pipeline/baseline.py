@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import COMPONENTS, AttnQuantConfig, QuantConfig
+from ..config import COMPONENTS, AttnQuantConfig, ParallelConfig, QuantConfig
 
 log = logging.getLogger("lightq")
 SAMPLE_BYTES = 1 << 20  # hashed at each end of every weights file
@@ -93,8 +93,9 @@ def key(cfg, device: str) -> str:
 
 def bf16_config(cfg):
     """``cfg`` with every quantization mode ``none``, attention included (no scheme, checkpoint, skip list or
-    options left over), its LoRAs merged, and
-    no lazy loading, which reads the mode's block-split checkpoint (offload itself stays: it is bit-identical)."""
+    options left over), its LoRAs merged, no lazy loading, which reads the mode's block-split checkpoint (offload
+    itself stays: it is bit-identical), and one process (``parallel=none``: the baseline of a parallel run is the
+    single-GPU one)."""
     from omegaconf import OmegaConf
 
     base = cfg.copy()
@@ -103,6 +104,7 @@ def bf16_config(cfg):
     base.attn_quant = OmegaConf.structured(AttnQuantConfig())
     base.offload.lazy_load = False
     base.lora_mode = "merged"  # the same LoRAs, merged into the bf16 weights: the reference both modes approach
+    base.parallel = OmegaConf.structured(ParallelConfig())
     return base
 
 

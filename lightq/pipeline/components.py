@@ -24,6 +24,17 @@ def save_atomic(obj, path: Path) -> None:
     staging.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def parallel_layout(cfg):
+    """The run's ``lightq.parallel.layout.Layout`` (the DiT's head count and whether the sampler runs CFG decide what
+    fits); a LightqError when the config and the launch disagree."""
+    from ..parallel.layout import plan_layout
+    from .sampler import needs_uncond
+
+    m = cfg.model
+    heads = family(m.family).components["dit"].arch_table()[m.dit_arch].num_heads
+    return plan_layout(cfg.parallel, heads, needs_uncond(sampler_config(cfg)))
+
+
 def sampler_config(cfg):
     """The sampler settings of a run: the sampler group's values, else the model's defaults."""
     from .sampler import SamplerConfig

@@ -48,9 +48,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 @dataclass
 class Generated:
     latents: torch.Tensor  # [16, f, h, w] fp32, on the CPU
-    video: torch.Tensor  # [F, 3, H, W] in [-1, 1], fp32, on the CPU
+    video: torch.Tensor | None  # [F, 3, H, W] in [-1, 1], fp32, on the CPU
     timings: dict
     components: dict
+    parallel: dict | None = None  # result.json's "parallel" for a multi-process run (video None off rank 0)
 
 
 def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTimer | None = None) -> Generated:
@@ -58,6 +59,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     from .sampler import needs_uncond, sample
 
     timer = timer if timer is not None else StageTimer()
+    run = _parallel_runtime(cfg, hw)  # before anything touches a GPU: each rank takes its own
     device = torch.device("cuda" if hw.is_cuda else "cpu")
     dtype = DTYPES[cfg.model.dtype]
     if device.type == "cuda":
@@ -121,18 +123,41 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
 
     steps = StepTimes(timer.sync)
     installed = use_self_attention(self_attention) if self_attention is not None else nullcontext()
-    with timer("denoise"), installed:
+    with timer("denoise"), installed, (run.denoising() if run else nullcontext()):
         steps.begin()
         latents = sample(velocity, noise, scfg, cond, uncond if needs_uncond(scfg) else None, True,
-                         on_step=steps.lap, keep=keep)
+                         on_step=steps.lap, keep=keep, guidance=run.guidance() if run else None)
     active.close()
+    parallel = _parallel_record(run, hw) if run else None
+    if run and not run.layout.is_writer:  # rank 0 decodes and writes; the others are done
+        return Generated(latents[0].float().cpu(), None, dict(timer.times), comps, parallel)
     with timer("decode"), offload.active(vae):
         video = vae.decode(latents.float(), progress=True)[0].transpose(0, 1)  # [F, 3, H, W]
         video = video.float().clamp(-1, 1).cpu()
     timings = {**{k: timer.times[k] for k in ("load", "encode_text", "encode_image", "denoise", "decode")
                   if k in timer.times}, **steps.summary()}
     log.info("stage times (s): %s", timings)
-    return Generated(latents[0].float().cpu(), video, timings, comps)
+    return Generated(latents[0].float().cpu(), video, timings, comps, parallel)
+
+
+def _parallel_runtime(cfg, hw: Hardware):
+    """This rank's ``lightq.parallel.runtime.Runtime`` for a run launched on several processes, else None."""
+    if cfg.parallel.mode == "none" and cfg.parallel.cfg == 1:
+        return None  # one process (also the single-process bf16 baseline of a parallel run)
+    from ..parallel.runtime import start
+
+    layout = C.parallel_layout(cfg)
+    return start(layout, hw.is_cuda) if layout.world > 1 else None
+
+
+def _parallel_record(run, hw: Hardware) -> dict:
+    """result.json's ``parallel``: the layout, and every rank's device and peak GPU memory (a collective: every rank
+    calls it)."""
+    lay = run.layout
+    mine = {"rank": lay.rank, "device": torch.cuda.current_device() if hw.is_cuda else "cpu",
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if hw.is_cuda else 0}
+    return {"world_size": lay.world, "layout": lay.describe(), "cfg": lay.cfg, "sequence": lay.sp,
+            "attention": lay.attention, "ranks": run.gather(mine)}
 
 
 class Experts:
@@ -245,6 +270,10 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
     gen = generate(cfg, hw, plans, timer)
     record["memory"] = {**record.get("memory", {}),
                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if hw.is_cuda else 0}
+    if gen.parallel:
+        record["parallel"] = gen.parallel
+    if gen.video is None:  # a rank other than 0 of a parallel run: rank 0 writes the outputs and the record
+        return
     record["components"] = {name: {**(plans[name].as_dict() if name in plans else {}), **desc}
                             for name, desc in gen.components.items()}
     if "attn" in plans:

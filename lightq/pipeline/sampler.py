@@ -266,7 +266,8 @@ def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: A
 
 
 def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any, uncond: Any = None,
-           progress: bool = True, on_step: Callable[[int], None] | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+           progress: bool = True, on_step: Callable[[int], None] | None = None, keep: torch.Tensor | None = None,
+           guidance: Callable | None = None) -> torch.Tensor:
     """Denoise ``noise`` ``[B, C, F, H, W]`` into fp32 latents.
 
     ``model_fn(x, t, c)`` returns the velocity for ``x`` at timesteps ``t`` ``[B]`` (fp32) with conditioning
@@ -275,6 +276,8 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any
     ``lightq.progress``.
     ``on_step(i)`` is called after step ``i`` (the job times each step with it). ``keep`` ``[B, C, k, H, W]``:
     latents that replace the first ``k`` frames before the first step and after each (see the module doc).
+    ``guidance``: how a step's velocity is formed from ``model_fn`` (``guided_velocity``'s signature and result;
+    ``lightq.parallel.guidance`` splits its two passes over two processes); None: ``guided_velocity``.
     """
     _check(cfg)
     if needs_uncond(cfg) and uncond is None:
@@ -287,7 +290,8 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any
     with Progress(len(steps), f"denoise ({cfg.name})", "steps", progress) as bar:
         for i, t in enumerate(steps):
             t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-            v = guided_velocity(model_fn, x, t_batch, cond, uncond, guide_scale_of(cfg, high_noise(cfg, t)))
+            v = (guidance or guided_velocity)(model_fn, x, t_batch, cond, uncond,
+                                              guide_scale_of(cfg, high_noise(cfg, t)))
             x = _kept(solver.step(i, x, v), keep)
             bar.update()
             if on_step is not None:

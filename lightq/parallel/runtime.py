@@ -1,0 +1,80 @@
+"""The process groups of a ``torchrun`` launch and what one job installs on them.
+
+``start(layout, cuda)`` joins the launch's process group once per process (NCCL on GPUs, each rank on
+``cuda:LOCAL_RANK``; gloo on CPUs) and makes the layout's subgroups: one sequence-parallel group per CFG half
+(ranks ``c * sp .. c * sp + sp - 1``) and one CFG group per sequence position (ranks ``s, sp + s``). Every rank
+creates every group in the same order, as ``torch.distributed.new_group`` requires.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import LightqError
+from ..models.attention import current_self_attention, use_self_attention
+from ..models.sequence import use_sequence_split
+from .guidance import split_guidance
+from .layout import Layout
+from .sequence_parallel import TokenSplit, allgather_attention, ulysses_attention
+
+# A rank that waits longer than this for the others has lost them (a crashed or killed peer).
+TIMEOUT = timedelta(minutes=30)
+_groups: dict[tuple[int, int], tuple] = {}
+
+
+class Runtime:
+    """This rank's groups for ``layout``."""
+
+    def __init__(self, layout: Layout, sp_group, cfg_group):
+        self.layout, self.sp_group, self.cfg_group = layout, sp_group, cfg_group
+
+    @contextmanager
+    def denoising(self):
+        """Split the DiT's tokens and its self-attention over the sequence-parallel group (wrapping the
+        self-attention installed now) for the ``with`` block."""
+        lay = self.layout
+        with ExitStack() as stack:
+            if lay.sp > 1:
+                split = TokenSplit(self.sp_group, lay.sp_rank, lay.sp)
+                wrap = ulysses_attention if lay.attention == "ulysses" else allgather_attention
+                stack.enter_context(use_self_attention(wrap(current_self_attention(), split)))
+                stack.enter_context(use_sequence_split(split))
+            yield
+
+    def guidance(self):
+        """The sampler's guidance function: the split CFG pass with ``parallel.cfg=2``, else None (one process's)."""
+        return split_guidance(self.cfg_group, self.layout.cfg_rank) if self.layout.cfg == 2 else None
+
+    def gather(self, value):
+        """``value`` of every rank, in rank order (a picklable object)."""
+        values = [None] * self.layout.world
+        dist.all_gather_object(values, value)
+        return values
+
+
+def start(layout: Layout, cuda: bool) -> Runtime:
+    """Join the launch's process group (once per process) and return this rank's groups for ``layout``."""
+    if cuda:
+        if torch.cuda.device_count() <= layout.local_rank:
+            raise LightqError(f"rank {layout.rank} has LOCAL_RANK {layout.local_rank}, but this machine shows "
+                              f"{torch.cuda.device_count()} GPUs: launch at most that many processes per node")
+        torch.cuda.set_device(layout.local_rank)
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        except (RuntimeError, ValueError) as exc:
+            raise LightqError(f"could not join the {layout.world} processes of the launch ({exc}); start them with "
+                              "torchrun --nproc-per-node <N> -m lightq ...") from None
+    if dist.get_world_size() != layout.world:
+        raise LightqError(f"the process group has {dist.get_world_size()} ranks, the launch says {layout.world}")
+    key = (layout.cfg, layout.sp)
+    if key not in _groups:
+        sp_groups = [dist.new_group(list(range(c * layout.sp, (c + 1) * layout.sp))) for c in range(layout.cfg)]
+        cfg_groups = [dist.new_group([c * layout.sp + s for c in range(layout.cfg)]) for s in range(layout.sp)]
+        _groups[key] = (sp_groups, cfg_groups)
+    sp_groups, cfg_groups = _groups[key]
+    return Runtime(layout, sp_groups[layout.cfg_rank], cfg_groups[layout.sp_rank])

@@ -1,0 +1,108 @@
+"""Multi-process generation (``lightq.parallel``) on CPU: ``torchrun`` with the gloo backend, the tiny models.
+
+The bound: the same kernels on the same data give the same result. Every DiT operation but self-attention is per
+token, Ulysses hands each head exactly the inputs one process gives it, the all-gather of keys and values leaves
+every query row's inputs unchanged, and the CFG ranks combine the two velocities with the same fp32 operations, so
+the latents must equal the single-process run's bit for bit, given one thing held equal: torchrun starts each
+rank with one OpenMP thread, and a CPU GEMM's reduction order depends on its thread count, so the reference runs
+with ``OMP_NUM_THREADS=1`` too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightq.errors import LightqError
+from lightq.parallel.layout import plan_layout
+from lightq.parallel.sequence_parallel import slice_sizes
+
+QUICK = ["quality.compare=false", "model.steps=2"]
+# T2V tiny: 3 x 4 x 4 = 48 tokens; I2V at 48 x 80: 3 x 3 x 5 = 45 tokens, an uneven split over 2 and 4 ranks.
+I2V = ["model=tiny-i2v", "model.height=48", "model.width=80"]
+
+
+class P:  # a parallel config as OmegaConf gives it
+    def __init__(self, mode="none", cfg=1):
+        self.mode, self.cfg = mode, cfg
+
+
+def env(world, rank=0):
+    return {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+
+
+def test_layouts_of_the_launch():
+    lay = plan_layout(P("ulysses", 2), heads=40, guided=True, env=env(8, 5))
+    assert (lay.cfg, lay.sp, lay.attention, lay.cfg_rank, lay.sp_rank) == (2, 4, "ulysses", 1, 1)
+    assert lay.describe() == "cfg 2 x ulysses 4" and not lay.is_writer
+    assert plan_layout(P("auto"), heads=12, guided=False, env=env(8)).attention == "allgather"  # 8 does not divide 12
+    assert plan_layout(P("auto"), heads=12, guided=False, env=env(4)).attention == "ulysses"
+    assert plan_layout(P("none", 2), heads=12, guided=True, env=env(2)).describe() == "cfg 2"
+    assert plan_layout(P(), heads=12, guided=True, env={}).world == 1
+
+
+@pytest.mark.parametrize("pcfg, world, guided, words", [
+    (P("ulysses"), 1, True, "torchrun --nproc-per-node"),
+    (P(), 2, True, "parallel=none runs one"),
+    (P("ulysses"), 8, True, "use parallel.mode=allgather"),
+    (P("none", 2), 2, False, "set parallel.cfg=1"),
+    (P("none", 2), 3, True, "even number of processes"),
+    (P("none", 2), 4, True, "splits no tokens"),
+    (P("ring"), 2, True, "choose one of none, ulysses"),
+    (P("auto", 3), 6, True, "choose 1"),
+])
+def test_layouts_that_do_not_fit_say_why(pcfg, world, guided, words):
+    with pytest.raises(LightqError, match=words):
+        plan_layout(pcfg, heads=12, guided=guided, env=env(world))
+
+
+def test_slices_cover_every_token_once():
+    for n in (1, 45, 48, 32760, 75601):
+        for parts in (1, 2, 3, 4, 8):
+            sizes = slice_sizes(n, parts)
+            assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+
+
+def _run(tmp_path, name, args, procs=1):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+                if procs > 1 else [sys.executable])
+    res = subprocess.run([*launcher, "-m", "lightq", f"hydra.run.dir={name}", *QUICK, *args], cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    return res
+
+
+def _latents(tmp_path, name, args, procs=1):
+    res = _run(tmp_path, name, args, procs)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(tmp_path / name / "latents.pt")
+
+
+@pytest.mark.parametrize("procs, layout, args", [
+    (2, "ulysses", ["dit_quant=int8-torch", "attn_quant=int8-sage-torch"]),
+    (4, "cfg-allgather", I2V),
+    (2, "ulysses", [*I2V, "dit_quant=fp8-torch"]),
+    (4, "cfg-ulysses", ["model=tiny-t2v-a14b", "dit_quant=fp8-torch"]),  # two experts, CFG on both
+    (2, "ulysses", ["model=tiny-ti2v-5b", "model.task=i2v"]),  # per-token timesteps (the first frame kept)
+])
+def test_parallel_latents_equal_one_process(tmp_path, procs, layout, args):
+    one = _latents(tmp_path, "one", args)
+    many = _latents(tmp_path, "many", [f"parallel={layout}", *args], procs)
+    assert torch.equal(one, many), float((one - many).abs().max())
+    import json
+
+    record = json.loads((tmp_path / "many" / "result.json").read_text())
+    assert record["parallel"]["world_size"] == procs and len(record["parallel"]["ranks"]) == procs
+    assert [r["rank"] for r in record["parallel"]["ranks"]] == list(range(procs))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "one"]  # the other ranks wrote nothing here
+
+
+def test_a_launch_that_does_not_match_the_config_stops_every_rank_with_one_line(tmp_path):
+    res = _run(tmp_path, "bad", [], procs=2)
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith(("lightq:", "lightq (rank"))]  # not torchrun's
+    assert lines and all("2 processes were launched but parallel=none runs one" in ln for ln in lines), res.stderr
+    assert not (tmp_path / "bad").exists()
