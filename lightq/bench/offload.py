@@ -84,7 +84,7 @@ def inputs(model_cfg, arch, frames: int, height: int, width: int, device: torch.
     context = torch.randn(1, 512, arch.text_dim, generator=g, device=device)
     if not arch.is_i2v:
         return x, torch.tensor([900.0], device=device), context
-    clip_fea = torch.randn(1, 257, arch.clip_dim, generator=g, device=device)
+    clip_fea = torch.randn(1, 257, arch.clip_dim, generator=g, device=device) if arch.has_clip else None
     y = torch.randn(1, arch.in_dim - shape[0], *shape[1:], generator=g, device=device)
     return x, torch.tensor([900.0], device=device), context, clip_fea, y
 

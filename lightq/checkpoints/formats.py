@@ -164,6 +164,10 @@ def numerics(source: TensorSource | str, scheme: str | None, dtype: torch.dtype)
     return {"layout": layout, **names, "weights": weights, "activations": ACTIVATIONS.get(scheme, scheme)}
 
 
+# components that load the same model's checkpoints: a Wan2.2 A14B expert is a DiT (lightq.convert writes "dit")
+SAME_MODEL = {"dit_low": "dit"}
+
+
 def check_file_scheme(source: TensorSource, scheme: str | None, component: str | None = None) -> None:
     """File-level check of lightq header metadata against the requested scheme and component."""
     meta = source.metadata
@@ -180,7 +184,7 @@ def check_file_scheme(source: TensorSource, scheme: str | None, component: str |
             raise CheckpointError(f"{source.name}: lightq.granularity '{gran}' does not match scheme '{scheme}' "
                                   f"(expected '{GRANULARITY.get(scheme)}'); the file header is inconsistent")
     comp = meta.get("lightq.component")
-    if component is not None and comp is not None and comp != component:
+    if component is not None and comp is not None and SAME_MODEL.get(comp, comp) != SAME_MODEL.get(component, component):
         raise CheckpointError(f"{source.name} is a '{comp}' checkpoint (lightq.component), not '{component}'")
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from ..models.family import LatentGeometry, family
 from ..plan import ComponentPlan
 from ..quant.linear import check_skip
 from ..quant.method import QuantMethod
+
+log = logging.getLogger("lightq")
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -178,10 +181,19 @@ def load_clip(cfg, method, folder, device, dtype, progress):
     return _load("clip", cfg, method, folder, device, dtype, progress)
 
 
+def per_token_timesteps(cfg, arch) -> bool:
+    """Whether the run gives the DiT one timestep per token: Wan2.2 TI2V image-to-video (its kept first frame)."""
+    return cfg.model.task == "i2v" and arch.model_type == "ti2v"
+
+
 def load_dit(cfg, method, folder, device, dtype, progress, component: str = "dit"):
-    """A DiT (``component``: ``dit``, or an expert of the family such as ``dit_low``), fused when the method says."""
+    """A DiT (``component``: ``dit``, or an expert of the family such as ``dit_low``), fused when the method says,
+    except where the run gives per-token timesteps, which the fused block's modulation kernels do not take."""
     model = _load(component, cfg, method, folder, device, dtype, progress)
-    if method is not None and method.fuse:
+    if method is not None and method.fuse and per_token_timesteps(cfg, model.arch):
+        log.info("%s: the blocks stay unfused: TI2V image-to-video gives one timestep per token, the fused block "
+                 "one per sample", component)
+    elif method is not None and method.fuse:
         from ..fused.wan_block import fuse_dit_blocks  # norm+modulation+quant, fused q/k/v, GELU+quant
 
         fuse_dit_blocks(model)

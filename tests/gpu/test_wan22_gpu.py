@@ -1,0 +1,95 @@
+"""Wan2.2 on CUDA: the two experts and TI2V under every offload mode give the latents of offload=none, fp8-triton
+runs both experts on its own kernels, and offload=model holds one expert on the GPU at a time.
+
+Run on the GPU machine: ``python -m pytest tests/gpu/test_wan22_gpu.py -q -n 0``. Skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from lightq import config, hardware, plan
+from lightq.config import OffloadConfig
+from lightq.models.wan_dit import DiTArch, random_dit
+from lightq.paths import conf_dir
+from lightq.pipeline import components as C
+from lightq.pipeline.graph import Experts, generate
+from lightq.pipeline.sampler import SamplerConfig, timesteps
+
+CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)")]
+DEV = torch.device("cuda") if CUDA else None
+
+
+@pytest.fixture(scope="module")
+def cfg_of():
+    config.register()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        yield lambda *o: compose("config", overrides=["hardware=auto", "model.frames=5", *o])
+
+
+def run(cfg):
+    hw = hardware.resolve(cfg.hardware.name)
+    assert hw.is_cuda
+    return generate(cfg, hw, plan.plan_run(cfg, hw)).latents
+
+
+@pytest.mark.parametrize("model", [["model=tiny-t2v-a14b"], ["model=tiny-i2v-a14b"],
+                                   ["model=tiny-ti2v-5b", "model.task=i2v"]])
+def test_offload_modes_keep_the_latents(cfg_of, model):
+    common = [*model, "dit_quant=fp8-torch", "dit_low_quant=int8-torch"] if "a14b" in model[0] else \
+        [*model, "dit_quant=fp8-torch"]
+    reference = run(cfg_of(*common))
+    for v in (["offload=model"], ["offload=block"], ["offload=phase"], ["offload=block", "offload.buffers=1"]):
+        assert torch.equal(run(cfg_of(*common, *v)), reference), f"{v} changed the latents"
+
+
+def test_fp8_triton_runs_both_experts(tmp_path):
+    for extra in ([], ["offload=model"]):
+        out = tmp_path / ("model" if extra else "none")
+        proc = subprocess.run([sys.executable, "-m", "lightq", "model=tiny-t2v-a14b", "dit_quant=fp8-triton",
+                               *extra, f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads((out / "result.json").read_text())
+        for expert in ("dit", "dit_low"):
+            assert res["components"][expert]["mode"] == "fp8-triton"
+            assert res["components"][expert]["backend"] == "triton", res["components"][expert]
+        assert res["quality"]["latent_cosine"] > 0.99, res["quality"]
+
+
+def test_ti2v_image_to_video_with_a_fusing_mode_runs_unfused(cfg_of):
+    fused = run(cfg_of("model=tiny-ti2v-5b", "model.task=i2v", "dit_quant=fp8-triton"))
+    assert torch.isfinite(fused).all()
+
+
+def expert(seed: int):
+    arch = DiTArch(dim=1024, ffn_dim=4096, num_heads=8, num_layers=12, text_dim=1024)
+    return random_dit(arch, "cpu", seed=seed)
+
+
+@pytest.mark.parametrize("mode", ["model", "block"])
+def test_one_expert_on_the_gpu_at_a_time(mode):
+    high, low = expert(0), expert(1)
+    size = sum(p.numel() * p.element_size() for p in high.parameters())
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 16, 3, 16, 16, generator=g).to(DEV), torch.randn(1, 12, 1024, generator=g).to(DEV)
+    scfg = SamplerConfig(steps=6, shift=5.0, boundary=0.9)
+    offload = C.Offload(OffloadConfig(mode=mode), DEV)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    experts = Experts([high, low], scfg, offload)
+    outs = [experts.at(t)(x, torch.tensor([t], device=DEV), ctx) for t in timesteps(scfg).timesteps.tolist()]
+    experts.close()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 1.5 * size, f"offload={mode}: peak {peak / 2**20:.0f} MiB for experts of {size / 2**20:.0f} MiB"
+    resident_low = low.to(DEV)
+    assert torch.equal(outs[-1], resident_low(x, torch.tensor([timesteps(scfg).timesteps[-1].item()], device=DEV), ctx))
