@@ -136,10 +136,12 @@ class OffloadConfig:
 class ParallelConfig:
     """Several processes for one video (``lightq.parallel.layout``): ``mode`` none | ulysses | allgather | auto (how
     self-attention spans the video tokens split over the processes), ``cfg`` 1 | 2 (2: the conditional and
-    unconditional DiT passes on two halves of the processes). Launched with ``torchrun``."""
+    unconditional DiT passes on two halves of the processes). Launched with ``torchrun``. ``world``: the process
+    count the run was written for (a LightX2V config's ``seq_p_size x cfg_p_size``); null: whatever was launched."""
 
     mode: str = "none"
     cfg: int = 1
+    world: Optional[int] = None
 
 
 @dataclass

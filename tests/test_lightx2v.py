@@ -84,12 +84,39 @@ def test_max_area_size_is_lightx2vs_rule():
     assert geometry.max_area(480, 832, 720 / 1280) == (464, 832)  # by hand: sqrt(399360 * 0.5625) = 473.96 -> 58 rows of 8
 
 
+@pytest.mark.parametrize("par, mode, cfg_p, world, said", [
+    ({"seq_p_size": 4, "seq_p_attn_type": "ulysses", "cfg_p_size": 2}, "ulysses", 2, 8, None),
+    ({"seq_p_size": 8, "seq_p_attn_type": "ring"}, "allgather", 1, 8, "all-gathers them"),
+    ({"seq_p_size": 2, "seq_p_attn_type": "ulysses-4090", "seq_p_fp8_comm": True}, "ulysses", 1, 2, "in fp8"),
+    ({"cfg_p_size": 2}, "none", 2, 2, "CFG 2"),
+])
+def test_parallel_maps_onto_the_parallel_group(tmp_path, par, mode, cfg_p, world, said):
+    got = _imp(tmp_path, {"parallel": par, "enable_cfg": True, "sample_guide_scale": 5})
+    assert (got.values["parallel.mode"], got.values["parallel.cfg"], got.values["parallel.world"]) == \
+        (mode, cfg_p, world)
+    notes = " | ".join(got.notes)
+    assert f"torchrun --nproc-per-node {world}" in notes and (said is None or said in notes)
+
+
+def test_a_parallel_config_refuses_a_launch_of_another_size(tmp_path, run_lightq):
+    cfg = tmp_path / "sp.json"
+    cfg.write_text(json.dumps({"parallel": {"seq_p_size": 4, "seq_p_attn_type": "ulysses"}}))
+    res = run_lightq(f"from_lightx2v={cfg}")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].endswith("torchrun --nproc-per-node 4 -m lightq ...")
+
+
 @pytest.mark.parametrize("cfg, model_cls, feature, message", [
     ({"lora_configs": [{"path": "l.safetensors", "strength": 1.0}]}, None, "LoRA",
      "cfg.json: lora_configs=.* asks for LoRA: lightq has lora=, but its import of lora_configs is not written yet "
      "\\(issue 19\\)"),
-    ({"boundary": 0.875, "parallel": {"seq_p_size": 4}}, None, "Wan2.2 MoE",
-     "boundary=0.875 asks for Wan2.2 MoE .*issue 20.*also uses: multi-GPU parallel inference"),
+    ({"boundary": 0.875, "feature_caching": "Tea"}, None, "Wan2.2 MoE",
+     "boundary=0.875 asks for Wan2.2 MoE .*issue 20.*also uses: feature caching"),
+    ({"parallel": {"seq_p_size": 2, "tensor_p_size": 2}}, None, "tensor parallelism", "parallel.tensor_p_size=2"),
+    ({"parallel": {"seq_p_size": 4, "seq_p_attn_type": "zigzag"}}, None, "sequence-parallel attention zigzag",
+     "seq_p_attn_type='zigzag'"),
+    ({"parallel": {"seq_p_size": 4, "seq_p_frob": 1}}, None, None, "parallel.seq_p_frob: not a LightX2V parallel key"),
+    ({"parallel": {"cfg_p_size": 3}}, None, None, "cfg_p_size=3: CFG has two passes"),
     ({"feature_caching": "Tea"}, None, "feature caching", "feature_caching=\"Tea\""),
     ({}, "wan2.2_moe", "model class wan2.2_moe", "model class 'wan2.2_moe' \\(from_lightx2v.model_cls\\) is not in "
      "lightq yet \\(issue 20\\)"),

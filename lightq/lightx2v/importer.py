@@ -111,6 +111,7 @@ def import_config(json_path: str | Path, model_cls: str | None = None) -> Import
         _quant(cfg, comp, used, out)
     _attention_and_kernels(cfg, used, out)
     _offload(cfg, used, out)
+    _parallel(cfg, used, out)
     _run(cfg, used, out)
     _judged(cfg, used, out)
     unknown = [k for k in cfg if k not in used]
@@ -241,6 +242,52 @@ def _offload(cfg: dict, used: set[str], out: Imported) -> None:
     out.choices["offload"] = gran
     if lazy:
         out.values["offload.lazy_load"] = True
+
+
+def _parallel(cfg: dict, used: set[str], out: Imported) -> None:
+    """``parallel``: ``{seq_p_size, seq_p_attn_type, cfg_p_size, ...}`` -> lightq's ``parallel`` group; the process
+    count is kept as ``parallel.world`` so that a launch of another size is refused."""
+    if "parallel" not in cfg:
+        return
+    used.add("parallel")
+    par = cfg["parallel"]
+    if par in (False, None, {}):
+        return
+    if not isinstance(par, dict):
+        raise LightX2VError(f"{out.path}: parallel={par!r}: LightX2V's parallel is a dict of group sizes "
+                            "(seq_p_size, cfg_p_size)")
+    sizes = {}
+    for key in ("seq_p_size", "cfg_p_size", "tensor_p_size"):
+        value = par.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LightX2VError(f"{out.path}: parallel.{key}={value!r}: give a positive integer")
+        sizes[key] = value
+    if sizes["tensor_p_size"] > 1:
+        raise LightX2VError(f"{out.path}: parallel.tensor_p_size={sizes['tensor_p_size']}: tensor parallelism "
+                            "(linears split over GPUs): lightq does not have it", "tensor parallelism")
+    if sizes["cfg_p_size"] > 2:
+        raise LightX2VError(f"{out.path}: parallel.cfg_p_size={sizes['cfg_p_size']}: CFG has two passes, so 1 or 2")
+    attn = par.get("seq_p_attn_type", "ulysses")
+    if attn not in K.PARALLEL_ATTENTION:
+        raise LightX2VError(f"{out.path}: parallel.seq_p_attn_type={attn!r}: lightq knows "
+                            f"{', '.join(K.PARALLEL_ATTENTION)}", f"sequence-parallel attention {attn}")
+    unknown = [k for k in par if k not in (*sizes, "seq_p_attn_type", *K.PARALLEL_KEYS)]
+    if unknown:
+        raise LightX2VError(f"{out.path}: parallel.{unknown[0]}: not a LightX2V parallel key lightq knows; refused "
+                            "rather than ignored")
+    seq, cfg_p = sizes["seq_p_size"], sizes["cfg_p_size"]
+    if seq * cfg_p == 1:
+        return
+    mode, note = K.PARALLEL_ATTENTION[attn]
+    out.values["parallel.mode"] = mode if seq > 1 else "none"
+    out.values["parallel.cfg"] = cfg_p
+    out.values["parallel.world"] = seq * cfg_p
+    out.kernels["parallel"] = dict(par)
+    out.notes.append(f"parallel: launch with torchrun --nproc-per-node {seq * cfg_p} -m lightq ... "
+                     f"(sequence {seq} x CFG {cfg_p})")
+    out.notes.extend(f"parallel.{k}: {v}" for k, v in [("seq_p_attn_type", note)] +
+                     [(k, K.PARALLEL_KEYS[k]) for k in par if k in K.PARALLEL_KEYS] if v and par.get(k) not in
+                     (False, None))
 
 
 def _number(cfg: dict, key: str, out: Imported, kind=(int, float)):

@@ -28,14 +28,6 @@ def _on(value: Any) -> bool:
     return value not in (False, None, 0, "", [], {})
 
 
-def _parallel_on(value: Any) -> bool:
-    """``parallel``: a dict of group sizes (``seq_p_size``, ``cfg_p_size``, ``tensor_p_size``); all 1 is one GPU."""
-    if isinstance(value, dict):
-        return any(k.endswith("_size") and v not in (1, None) for k, v in value.items()) or \
-            any(not k.endswith("_size") for k in value)
-    return _on(value)
-
-
 @dataclass(frozen=True)
 class Missing:
     """A LightX2V feature lightq lacks: ``keys`` turn it on when ``active(value)``; ``issue`` where it is planned;
@@ -58,7 +50,6 @@ MISSING: tuple[Missing, ...] = (
     Missing("Wan2.2 MoE (two experts switched at a boundary)",
             ("boundary", "boundary_step_index", "high_noise_original_ckpt", "low_noise_original_ckpt",
              "high_noise_quantized_ckpt", "low_noise_quantized_ckpt"), lambda v: v is not None, issue="issue 20"),
-    Missing("multi-GPU parallel inference", ("parallel",), _parallel_on),
     Missing("multi-GPU parallel inference", ("seq_parallel", "cfg_parallel", "text_encoder_tensor_parallel",
                                              "vae_decode_parallel", "load_from_rank0", "tp_mm_type",
                                              "tp_rms_norm_type")),
@@ -119,6 +110,21 @@ KERNELS: dict[str, dict[str, str]] = {
 CONSTANTS: dict[str, Any] = {
     "text_len": 512, "use_31_block": True, "vae_stride": [4, 8, 8], "patch_size": [1, 2, 2],
     "num_channels_latents": 16, "use_bfloat16": True, "do_mm_calib": False, "max_area": False,
+}
+
+# ``parallel`` (mapped by ``importer``): how self-attention spans the split tokens, and the other keys of the dict
+PARALLEL_ATTENTION = {"ulysses": ("ulysses", SAME),
+                      "ulysses-4090": ("ulysses", "LightX2V's ulysses-4090 moves the all-to-all through host memory "
+                                                  "for GPUs without peer access; the same math as ulysses"),
+                      "ring": ("allgather", "LightX2V's ring attention passes keys and values around the ranks and "
+                                            "merges partial softmaxes; lightq all-gathers them (every query row "
+                                            "sees all keys at once: the single-GPU result, more memory per rank)")}
+PARALLEL_KEYS = {
+    "seq_p_head_parallel": SAME, "seq_p_tensor_fusion": SAME, "seq_p_prepost_backend": SAME,
+    "seq_p_fp8_comm": "LightX2V sends the sequence-parallel all-to-all in fp8; lightq sends the activations as they "
+                      "are (the single-GPU result, twice the bytes)",
+    "seq_p_quant_scheme": "LightX2V quantizes the sequence-parallel traffic; lightq sends the activations as they "
+                          "are (the single-GPU result, more bytes)",
 }
 
 # where a component lives: no numerics (lightq's offload= places every component; see the notes)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +111,10 @@ def markdown(outcomes: list[Outcome], source: str) -> str:
               "| result | configs |", "|---|---|"]
     lines += [f"| {v} | {n} |" for v, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))]
     lines += ["", "| config | model class | result | lightq settings, or the refusal |", "|---|---|---|---|"]
+    here = os.getcwd() + os.sep  # relative checkpoint paths resolve against it: the page shows them as ./...
     for o in outcomes:
         detail = " ".join(f"`{x}`" for x in o.imported.overrides()) if o.imported else o.reason.split(": ", 1)[1]
+        detail = detail.replace(here, "./")
         result = "imports" if o.imported else f"refused: {o.feature}"
         lines.append(f"| {o.path} | {o.model_cls or o.imported.model_cls if o.imported else o.model_cls or '-'} "
                      f"| {result} | {detail.replace('|', '&#124;')} |")

@@ -65,6 +65,10 @@ def plan_layout(pcfg, heads: int, guided: bool, env=None) -> Layout:
     a LightqError names what does not fit and the fix."""
     world, rank, local = launched_world(env)
     mode, cfg = str(pcfg.mode), pcfg.cfg
+    wanted = getattr(pcfg, "world", None)
+    if wanted is not None and wanted != world:
+        raise LightqError(f"parallel.world={wanted}: this run is written for {wanted} processes but {world} "
+                          f"{'was' if world == 1 else 'were'} launched: torchrun --nproc-per-node {wanted} -m lightq ...")
     if mode not in MODES:
         raise LightqError(f"parallel.mode='{mode}': choose one of {', '.join(MODES)}")
     if cfg not in (1, 2):
