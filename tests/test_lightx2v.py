@@ -107,9 +107,13 @@ def test_a_parallel_config_refuses_a_launch_of_another_size(tmp_path, run_lightq
 
 
 @pytest.mark.parametrize("cfg, model_cls, feature, message", [
-    ({"lora_configs": [{"path": "l.safetensors", "strength": 1.0}]}, None, "LoRA",
-     "cfg.json: lora_configs=.* asks for LoRA: lightq has lora=, but its import of lora_configs is not written yet "
-     "\\(issue 19\\)"),
+    ({"lora_configs": [{"path": "l.safetensors", "strength": "high"}]}, None, None,
+     "cfg.json: lora_configs\\[0\\].strength='high': give a number"),
+    ({"lora_configs": [{"path": "l.safetensors", "weight": 1.0}]}, None, None,
+     "cfg.json: lora_configs\\[0\\] has key weight: lightq knows path, strength, name"),
+    ({"lora_configs": [{"strength": 1.0}]}, None, None, "cfg.json: lora_configs\\[0\\]=.*give"),
+    ({"lora_configs": [{"path": "l.safetensors"}], "lora_dynamic_apply": "yes"}, None, None,
+     "cfg.json: lora_dynamic_apply='yes': give true or false"),
     ({"boundary": 0.875, "feature_caching": "Tea"}, None, "Wan2.2 MoE",
      "boundary=0.875 asks for Wan2.2 MoE .*issue 20.*also uses: feature caching"),
     ({"parallel": {"seq_p_size": 2, "tensor_p_size": 2}}, None, "tensor parallelism", "parallel.tensor_p_size=2"),
@@ -139,6 +143,28 @@ def test_refusals_are_one_line_naming_key_and_file(tmp_path, cfg, model_cls, fea
         _imp(tmp_path, cfg, model_cls)
     assert "\n" not in str(err.value) and str(tmp_path / "cfg.json") in str(err.value)
     assert (err.value.feature or "").startswith(feature or "")
+
+
+@pytest.mark.parametrize("dynamic, mode", [(None, "merged"), (False, "merged"), (True, "unmerged")])
+def test_lora_configs_map_to_lora_and_its_mode(tmp_path, monkeypatch, dynamic, mode):
+    """lora_configs -> lora (paths local as LightX2V reads them, LightX2V's default strength 1), lora_dynamic_apply
+    -> lora_mode; the job composes and validates."""
+    from lightq.lightx2v.survey import compose
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {"denoising_step_list": [1000, 750, 500, 250], "lora_configs": [
+        {"path": "lightx2v/Wan2.1-Distill-Loras/wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors",
+         "strength": 0.5}, {"name": "wan2.1", "path": "/loras/style.safetensors"}]}
+    if dynamic is not None:
+        cfg["lora_dynamic_apply"] = dynamic
+    got = _imp(tmp_path, cfg)
+    assert got.values["lora"] == [
+        {"path": str(tmp_path / "lightx2v/Wan2.1-Distill-Loras/wan2.1_t2v_14b_lora_rank64_lightx2v_4step.safetensors"),
+         "strength": 0.5}, {"path": "/loras/style.safetensors", "strength": 1.0}]
+    assert got.values["lora_mode"] == mode
+    notes = " | ".join(got.notes)
+    assert "lora_configs[0].path=lightx2v/" in notes and "lora_configs[1].name='wan2.1' is unused" in notes
+    compose(got)
 
 
 def test_values_are_data(tmp_path):

@@ -133,9 +133,8 @@ def side_path_ranks(entries, shapes: dict[str, tuple[int, ...]]) -> dict[str, in
     for ref, _ in lora_entries(entries):
         source = open_files(resolve(ref))
         for key in source:
-            naming, module, role = _split(key)
+            _, module, role = _split(key, names)
             if role == "down" and len(source.shape(key)) == 2:
-                module = names.get(module, module.replace("_", ".")) if naming == "kohya" else module
                 ranks[module] = ranks.get(module, 0) + source.shape(key)[0]
     return ranks
 
@@ -151,8 +150,9 @@ def _names(shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
     return out
 
 
-def _split(key: str) -> tuple[str, str, str]:
-    """(naming, module path in the component's names or kohya's underscores, role) of a LoRA key."""
+def _split(key: str, names: dict[str, str]) -> tuple[str, str, str]:
+    """(naming, module path in the component's names, role) of a LoRA key; ``names`` resolves kohya's underscored
+    paths (``_names``)."""
     body, naming = key, "official"
     for p in PREFIXES:
         if body.startswith(p):
@@ -166,6 +166,8 @@ def _split(key: str) -> tuple[str, str, str]:
             for pattern, official in DIFFUSERS:
                 if pattern.match(module):
                     return "diffusers", pattern.sub(official, module), role
+            if naming == "kohya":
+                module = names.get(module, module.replace("_", "."))
             return naming, module, role
     return naming, body, ""
 
@@ -181,12 +183,10 @@ def _read(source, lora: LoraFile, shapes: dict, linears: set[str], names: dict[s
             if mark in key:
                 raise CheckpointError(f"{where}: '{key}' is a {kind} weight, which lightq does not apply: use a plain "
                                       "LoRA (lora_down / lora_up) or a full delta (.diff)")
-        naming, module, role = _split(key)
+        naming, module, role = _split(key, names)
         if not role:
             raise CheckpointError(f"{where}: key '{key}' is not a LoRA tensor lightq recognises (lora_down / lora_up / "
                                   "lora_A / lora_B / alpha / diff / diff_b): is this a LoRA file?")
-        if naming == "kohya":
-            module = names.get(module, module.replace("_", "."))
         lora.namings.add("diff" if key.endswith((".diff", ".diff_b")) else naming)
         if role in groups.setdefault(module, {}):
             raise CheckpointError(f"{where}: '{key}' and '{groups[module][role]}' both give the {role} of '{module}': "

@@ -24,6 +24,10 @@ Mapped, per component ``c`` in dit / t5 / clip:
     target_height / target_width           ->  model.height / model.width, with model.i2v_size=max_area: for I2V
                                               LightX2V keeps the image's aspect ratio within that area
     fps, seed                              ->  model.fps, seed
+    lora_configs [{path, strength}]        ->  lora (the DiT's LoRAs in order; a path as the checkpoints' paths;
+                                              LightX2V's default strength 1); ``name`` only picks a Wan2.2 expert
+    lora_dynamic_apply (default false)     ->  lora_mode=unmerged if true (LightX2V applies the LoRA at run time),
+                                              else merged (into the weights at load)
 
 Everything else is judged by ``lightq.lightx2v.keys`` (missing features, kernel choices, constants, placement,
 unused keys); an unknown key or value is one LightX2VError naming the key and the file.
@@ -60,6 +64,8 @@ RUN_KEYS = ("infer_steps", "sample_shift", "sample_guide_scale", "enable_cfg", "
             "target_video_length", "target_height", "target_width", "fps", "seed")
 OFFLOAD_KEYS = ("cpu_offload", "offload_granularity", "lazy_load")
 CLASS_KEYS = ("model_cls", "task")
+LORA_KEYS = ("lora_configs", "lora_dynamic_apply")
+LORA_ENTRY_KEYS = ("path", "strength", "name")
 TASKS = ("t2v", "i2v")
 
 
@@ -112,6 +118,7 @@ def import_config(json_path: str | Path, model_cls: str | None = None) -> Import
     _attention_and_kernels(cfg, used, out)
     _offload(cfg, used, out)
     _parallel(cfg, used, out)
+    _lora(cfg, used, out)
     _run(cfg, used, out)
     _judged(cfg, used, out)
     unknown = [k for k in cfg if k not in used]
@@ -288,6 +295,39 @@ def _parallel(cfg: dict, used: set[str], out: Imported) -> None:
     out.notes.extend(f"parallel.{k}: {v}" for k, v in [("seq_p_attn_type", note)] +
                      [(k, K.PARALLEL_KEYS[k]) for k in par if k in K.PARALLEL_KEYS] if v and par.get(k) not in
                      (False, None))
+
+
+def _lora(cfg: dict, used: set[str], out: Imported) -> None:
+    used.update(k for k in LORA_KEYS if k in cfg)
+    entries, dynamic = cfg.get("lora_configs"), cfg.get("lora_dynamic_apply", False)
+    if not isinstance(dynamic, bool):
+        raise LightX2VError(f"{out.path}: lora_dynamic_apply={dynamic!r}: give true or false")
+    if not entries:
+        if "lora_dynamic_apply" in cfg:
+            out.notes.append("lora_dynamic_apply is unused: lora_configs names no LoRA")
+        return
+    if not isinstance(entries, list):
+        raise LightX2VError(f"{out.path}: lora_configs={json.dumps(entries)[:40]}: give a list of "
+                            '{"path": ..., "strength": ...}')
+    lora = []
+    for i, e in enumerate(entries):
+        key = f"lora_configs[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+            raise LightX2VError(f"{out.path}: {key}={json.dumps(e)[:40]}: give {{\"path\": <file>, \"strength\": "
+                                "<number>}")
+        unknown = sorted(set(e) - set(LORA_ENTRY_KEYS))
+        if unknown:
+            raise LightX2VError(f"{out.path}: {key} has {_plural(unknown, 'key')} {', '.join(unknown)}: lightq knows "
+                                f"{', '.join(LORA_ENTRY_KEYS)}; refused rather than ignored")
+        strength = e.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise LightX2VError(f"{out.path}: {key}.strength={strength!r}: give a number")
+        if "name" in e:
+            out.notes.append(f"{key}.name={e['name']!r} is unused: LightX2V's name picks a Wan2.2 expert; a Wan2.1 "
+                             "run has one DiT")
+        lora.append({"path": _local_path(e["path"], f"{key}.path", out), "strength": float(strength)})
+    out.values["lora"] = lora
+    out.values["lora_mode"] = "unmerged" if dynamic else "merged"
 
 
 def _number(cfg: dict, key: str, out: Imported, kind=(int, float)):

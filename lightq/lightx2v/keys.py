@@ -45,8 +45,6 @@ class Missing:
 
 
 MISSING: tuple[Missing, ...] = (
-    Missing("LoRA", ("lora_configs", "lora_dynamic_apply"), issue="issue 19",
-            why="lightq has lora=, but its import of lora_configs is not written"),
     Missing("Wan2.2 MoE (two experts switched at a boundary)",
             ("boundary", "boundary_step_index", "high_noise_original_ckpt", "low_noise_original_ckpt",
              "high_noise_quantized_ckpt", "low_noise_quantized_ckpt"), lambda v: v is not None, issue="issue 20"),
