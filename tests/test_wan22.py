@@ -312,3 +312,16 @@ def test_each_expert_streams_its_own_block_split_from_disk(hydra_ctx, tmp_path):
     lazy = latents("offload=block", "offload.lazy_load=true", f"dit_quant.ckpt={splits[0]}",
                    f"dit_low_quant.ckpt={splits[1]}")
     assert torch.equal(lazy, latents()), "the converted splits and load-time quantization agree bit for bit"
+
+
+@pytest.mark.parametrize("model", ["wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "wan2.1-t2v-14b"])
+def test_random_weights_baseline_key_names_every_expert_and_vae(hydra_ctx, model):
+    """The bf16 baseline of a weights=random job is keyed by every component's architecture, from the family's
+    own tables (the Wan2.2 VAE is not in Wan2.1's; a KeyError here once failed every random TI2V job on the GPU)."""
+    from lightq.pipeline.baseline import key, weights_identity
+
+    cfg = compose("config", overrides=[f"model={model}", "model.weights=random"])
+    identity = repr(weights_identity(cfg))
+    assert "dit" in identity and "vae" in identity and (("dit_low" in identity) == ("a14b" in model))
+    other = compose("config", overrides=[f"model={model}", "model.weights=random", "seed=7"])
+    assert key(cfg, "cuda") != key(other, "cuda")

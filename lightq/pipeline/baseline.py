@@ -61,10 +61,10 @@ def weights_identity(cfg) -> object:
         return ["synthetic", m.name, version(m.name), files_identity(ensure_tiny(m.name))]
     if m.weights == "random":
         from ..checkpoints import loader
-        from ..models import clip, t5, vae, wan_dit
+        from ..models.family import family
 
-        archs = (wan_dit.DIT_ARCHS[m.dit_arch], t5.T5_ARCHS[m.t5_arch], vae.VAE_ARCHS[m.vae_arch],
-                 clip.CLIP_ARCHS[m.clip_arch] if m.clip_arch else None)
+        fam = family(m.family)  # every component of the task, each from its own architecture table
+        archs = [(c, fam.components[c].arch_table()[m[f"{c}_arch"]]) for c in fam.pipeline(m.task)]
         generator = hashlib.sha256(inspect.getsource(loader).encode()).hexdigest()  # the loader draws them
         return ["random", cfg.seed, repr(archs), generator, torch.__version__]
     from .components import model_folder
