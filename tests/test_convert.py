@@ -173,3 +173,51 @@ def test_find_component_file_like_lightx2v(tmp_path):
     with pytest.raises(CheckpointError, match="2 DiT checkpoints hold fp8 weights") as ambiguous:
         find_component_file(folder, "dit", "fp8")
     assert not isinstance(ambiguous.value, NotInFolder), "an ambiguous folder never falls back to the bf16 file"
+
+
+def test_model_folder_like_lightx2v_subfolders_other_files_and_config(tmp_path):
+    """LightX2V's fp8/ int8/ original/ ... subfolders are looked in first; a LoRA or VAE .safetensors beside the DiT
+    is passed over; the pre-quantized file in a subfolder is used, never the bf16 one quantized instead; the
+    folder's config.json must describe the chosen DiT."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from lightq.checkpoints.locate import find_component
+    from lightq.config import LightqConfig
+    from lightq.models.wan_dit import DIT_ARCHS
+    from lightq.pipeline import components as C
+    from lightq.quant.method import QuantMethod
+
+    from lightq.convert import run
+    tiny = ensure_tiny("tiny-i2v")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny.iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "fp8").mkdir()
+    run(_cfg("component=dit", "scheme=fp8", f"source={folder}", f"output={folder / 'fp8' / 'dit_fp8.safetensors'}"))
+    (folder / "int8").mkdir()
+    run(_cfg("component=t5", "scheme=int8", f"source={folder}", "layout=lightx2v", f"output={folder / 'int8'}"))
+    save_file({"blocks.0.self_attn.q.lora_A.weight": torch.zeros(2, 8)}, folder / "style_lora.safetensors")
+    save_file({"decoder.conv.weight": torch.zeros(2, 2)}, folder / "vae.safetensors")
+    found = find_component(folder, "dit", "fp8")
+    assert found.path == folder / "fp8" / "dit_fp8.safetensors" and "in fp8/" in found.why
+    assert find_component_file(folder, "t5", "int8") == folder / "int8" / "models_t5_umt5-xxl-enc-int8.pth"
+    assert find_component_file(folder, "dit", None) == folder, "the bf16 DiT beside a LoRA and a VAE file"
+    with pytest.raises(NotInFolder, match="not DiT checkpoints: style_lora.safetensors, vae.safetensors"):
+        find_component_file(folder, "dit", "int8")
+    # result.json's file record: which file and why, the fallback said as such
+    _, used = C._source("dit", QuantMethod.portable("fp8"), folder, C.family("wan2.1"))
+    assert used["path"] == str(folder / "fp8" / "dit_fp8.safetensors") and used["why"].startswith("pre-quantized")
+    _, fallback = C._source("dit", QuantMethod.portable("int8"), folder, C.family("wan2.1"))
+    assert fallback["path"] == str(folder) and "quantized at load" in fallback["why"]
+    # config.json: LightX2V's record of the DiT's size
+    cfg = OmegaConf.merge(OmegaConf.structured(LightqConfig), {"model": {"name": "tiny-i2v", "task": "i2v",
+                                                                         "dit_arch": "tiny-i2v", "clip_arch": "tiny"}})
+    arch = DIT_ARCHS["tiny-i2v"]
+    (folder / "config.json").write_text(json.dumps({"dim": arch.dim, "num_layers": arch.num_layers}))
+    C.check_folder_config(folder, "tiny-i2v", arch)
+    (folder / "config.json").write_text(json.dumps({"dim": 5120, "num_layers": 40, "model_type": "i2v"}))
+    with pytest.raises(LightqError, match="describes another DiT than the chosen model: dim=5120 "):
+        C.load_dit(cfg, QuantMethod.portable(None), folder, "cpu", torch.bfloat16, False)

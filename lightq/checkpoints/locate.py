@@ -16,6 +16,14 @@ A diffusers model folder (``model_index.json``, or ``transformer/`` holding safe
 subfolder (``diffusers.SUBFOLDERS``), each found by content as the DiT is (its files are seen under the official
 names, ``checkpoints.diffusers``).
 
+LightX2V's subfolders: a model folder's ``distill_int8/``, ``distill_fp8/``, ``distill_models/``, ``int8/``, ``fp8/``
+and ``original/`` are looked in before the folder itself, in that order (LightX2V's ``find_torch_model_path``);
+for a named file the first hit wins, for the DiT the first of these places holding a checkpoint of the scheme.
+Files that are no checkpoint of the component (a VAE or a LoRA ``.safetensors`` beside the DiT) are passed over
+and named in the messages. ``find_component(...)`` also says why that file (``Found.why``, kept in result.json).
+The folder's ``config.json`` (or ``original/config.json``), LightX2V's record of the DiT's size, is
+``folder_config``.
+
 A component with a ``subfolder`` in its family record (Wan2.2 A14B's experts: ``high_noise_model/``,
 ``low_noise_model/``) is looked for there, as the official release and LightX2V place them.
 For the encoders, a lightq-converted file ``<component>-<scheme>.safetensors`` is accepted too.
@@ -26,6 +34,8 @@ what the folder holds.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -37,13 +47,50 @@ from .diffusers import SUBFOLDERS
 from .sources import BLOCK_FILE, NON_BLOCK_FILE
 
 
+LIGHTX2V_SUBFOLDERS = ("distill_int8", "distill_fp8", "distill_models", "int8", "fp8", "original")
+
+
 class NotInFolder(CheckpointError):
     """The folder holds no file of the component in the requested scheme."""
+
+
+class NotAComponentFile(CheckpointError):
+    """A checkpoint that holds none of the component's linears (another component's file, a LoRA)."""
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path  # the file, or the folder of a chunked / block-split checkpoint
+    why: str  # how it was found: the name or the content, and where
 
 
 def find_component_file(folder: str | Path, component: str, scheme: str | None, fam: ModelFamily = WAN21) -> Path:
     """The file (or, for a chunked / block-split DiT, the folder) holding ``component`` of family ``fam`` in
     ``scheme``."""
+    return find_component(folder, component, scheme, fam).path
+
+
+def places(folder: Path) -> list[Path]:
+    """Where LightX2V looks in a model folder, in its order: its subfolders that exist, then the folder."""
+    return [folder / s for s in LIGHTX2V_SUBFOLDERS if (folder / s).is_dir()] + [folder]
+
+
+def folder_config(folder: str | Path) -> tuple[Path, dict] | None:
+    """The model folder's ``config.json`` (else ``original/config.json``), as LightX2V reads it, or None."""
+    for path in (Path(folder) / "config.json", Path(folder) / "original" / "config.json"):
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{path}: not a readable JSON file ({exc}): fix or remove it") from None
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{path}: a model config is a JSON object, got {type(data).__name__}")
+            return path, data
+    return None
+
+
+def find_component(folder: str | Path, component: str, scheme: str | None, fam: ModelFamily = WAN21) -> Found:
+    """``find_component_file``'s answer and why (see the module doc)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
@@ -59,28 +106,35 @@ def find_component_file(folder: str | Path, component: str, scheme: str | None, 
             raise NotInFolder(f"{folder} is a diffusers model folder without {record.diffusers}/ (the "
                               f"{component}); "
                               "is it the model of this task?")
-        return _find_by_content(sub, component, scheme, fam)
+        return _find_by_content([sub], component, scheme, fam)
     if record.subfolder:
         folder = folder / record.subfolder
         if not folder.is_dir():
             raise CheckpointError(f"{folder.parent}: no {record.subfolder}/ folder for {component} ({fam.name} keeps "
                                   f"each expert in its own folder, as released)")
+    where = [folder] if record.subfolder else places(folder)
     if not record.official:  # found by content: the DiT's chunked, block-split or single files
-        return _find_by_content(folder, component, scheme, fam)
+        return _find_by_content(where, component, scheme, fam)
     if scheme is None:
-        return _named(folder, [record.official], component, scheme)
+        return _named(folder, where, [record.official], component, scheme)
     names = ([record.lightx2v.format(scheme)] if record.lightx2v else []) + [f"{component}-{scheme}.safetensors"]
-    return _named(folder, names, component, scheme)
+    return _named(folder, where, names, component, scheme)
 
 
-def _named(folder: Path, names: list[str], component: str, scheme: str | None) -> Path:
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    have = sorted(p.name for p in folder.iterdir() if p.suffix in (".pth", ".safetensors"))
+def _named(folder: Path, where: list[Path], names: list[str], component: str, scheme: str | None) -> Found:
+    for place in where:
+        for name in names:
+            if (place / name).is_file():
+                return Found(place / name, f"named {name}, in {_rel(place, folder)}")
+    have = sorted(str(p.relative_to(folder)) for place in where for p in place.iterdir()
+                  if p.suffix in (".pth", ".safetensors"))
     raise NotInFolder(f"{folder}: no {component} checkpoint for {scheme or 'bf16'} (looked for "
-                          f"{' or '.join(names)}; the folder has {', '.join(have) or 'no checkpoints'}); pass its "
-                          "path as the mode's ckpt")
+                      f"{' or '.join(names)} in {', '.join(_rel(p, folder) for p in where)}; the folder has "
+                      f"{', '.join(have) or 'no checkpoints'}); pass its path as the mode's ckpt")
+
+
+def _rel(place: Path, folder: Path) -> str:
+    return "the folder" if place == folder else f"{place.relative_to(folder)}/"
 
 
 def dit_candidates(folder: Path) -> list[Path]:
@@ -117,20 +171,36 @@ def scheme_of(path: Path, component: str = "dit", fam: ModelFamily = WAN21) -> s
             return None if kind == "float" else kind
     if not patterns:
         return None
-    raise CheckpointError(f"{path}: holds no {component} linear ({patterns[0]}.weight ...): not a Wan {component} "
-                          "checkpoint")
+    raise NotAComponentFile(f"{path}: holds no {component} linear ({patterns[0]}.weight ...): not a Wan "
+                            f"{component} checkpoint")
 
 
-def _find_by_content(folder: Path, component: str, scheme: str | None, fam: ModelFamily) -> Path:
-    candidates = dit_candidates(folder)
-    classified = [(p, scheme_of(p, component, fam)) for p in candidates]
-    matching = [p for p, s in classified if s == scheme]
-    if len(matching) == 1:
-        return matching[0]
+def _find_by_content(where: list[Path], component: str, scheme: str | None, fam: ModelFamily) -> Found:
+    """The one checkpoint of ``scheme`` in the first of ``where`` holding any; files of no ``component`` linear
+    (a VAE, a LoRA) are passed over."""
     label = "DiT" if component == "dit" else component
-    listing = ", ".join(f"{p.name or p} ({s or 'bf16'})" for p, s in classified) or "none"
-    if not matching:
-        raise NotInFolder(f"{folder}: no {label} checkpoint holds {scheme or 'bf16'} weights (found: {listing}); "
-                          "convert one with python -m lightq.convert or pass the mode's ckpt")
-    raise CheckpointError(f"{folder}: {len(matching)} {label} checkpoints hold {scheme or 'bf16'} weights "
-                          f"({', '.join(p.name for p in matching)}); pass the one to use as the mode's ckpt")
+    root = where[-1]
+    classified, passed_over = [], []
+    for place in where:
+        for p in dit_candidates(place):
+            try:
+                classified.append((place, p, scheme_of(p, component, fam)))
+            except NotAComponentFile:
+                passed_over.append(p)
+    for place in where:
+        matching = [p for at, p, s in classified if at == place and s == scheme]
+        if len(matching) == 1:
+            found_in = _rel(place, root)
+            return Found(matching[0], f"the one {label} checkpoint holding {scheme or 'bf16'} weights in {found_in} "
+                                      f"(by its tensors; LightX2V's order: {', '.join(_rel(w, root) for w in where)})")
+        if matching:
+            raise CheckpointError(f"{place}: {len(matching)} {label} checkpoints hold {scheme or 'bf16'} weights "
+                                  f"({', '.join(p.name for p in matching)}); pass the one to use as the mode's ckpt")
+    listing = ", ".join(f"{_name(p, root)} ({s or 'bf16'})" for _, p, s in classified) or "none"
+    ignored = f"; not {label} checkpoints: {', '.join(_name(p, root) for p in passed_over)}" if passed_over else ""
+    raise NotInFolder(f"{root}: no {label} checkpoint holds {scheme or 'bf16'} weights (found: {listing}{ignored}); "
+                      "convert one with python -m lightq.convert or pass the mode's ckpt")
+
+
+def _name(p: Path, root: Path) -> str:
+    return str(p.relative_to(root)) if p != root else p.name or str(p)

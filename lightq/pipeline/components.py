@@ -110,22 +110,49 @@ def hub_patterns(cfg) -> list[str]:
 
 
 def _source(component: str, method: QuantMethod | None, folder: Path | None, fam):
-    """The TensorSource of one component: the mode's ``ckpt`` if given, else its file in the model folder — the
-    pre-quantized one of the mode's scheme when the folder has it, else the bf16 original (quantized at load)."""
+    """(the TensorSource of one component, which file and why): the mode's ``ckpt`` if given, else its file in the
+    model folder (``checkpoints.locate``, LightX2V's subfolders included) — the pre-quantized one of the mode's
+    scheme when the folder has it, else the bf16 original, quantized at load."""
     from ..checkpoints.hub import resolve
-    from ..checkpoints.locate import NotInFolder, find_component_file
+    from ..checkpoints.locate import NotInFolder, find_component
     from ..checkpoints.conventions import open_source
 
     if method is not None and method.ckpt:
-        return open_source(resolve(method.ckpt))
+        path = resolve(method.ckpt)
+        return open_source(path), {"path": str(path), "why": f"the mode's ckpt ({method.ckpt})"}
     if folder is None:
-        return "random"
+        return "random", {"path": "random", "why": "model.weights=random"}
     if method is not None and method.quantizes:
         try:
-            return open_source(find_component_file(folder, component, method.scheme, fam))
+            found = find_component(folder, component, method.scheme, fam)
+            return open_source(found.path), {"path": str(found.path), "why": f"pre-quantized {method.scheme}: "
+                                                                              f"{found.why}"}
         except NotInFolder:
-            pass  # no pre-quantized file: the bf16 one, quantized at load
-    return open_source(find_component_file(folder, component, None, fam))
+            found = find_component(folder, component, None, fam)
+            return open_source(found.path), {"path": str(found.path), "why": f"no pre-quantized {method.scheme} "
+                                             f"checkpoint in the folder or its LightX2V subfolders, so the bf16 one, "
+                                             f"quantized at load: {found.why}"}
+    found = find_component(folder, component, None, fam)
+    return open_source(found.path), {"path": str(found.path), "why": found.why}
+
+
+ARCH_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "model_type")
+
+
+def check_folder_config(folder: Path, arch_name: str, arch) -> None:
+    """LightqError when the model folder's ``config.json`` (LightX2V and the official release keep the DiT's size
+    there) describes another DiT than ``model.dit_arch``: the weights would not fit, or fit another model."""
+    from ..checkpoints.locate import folder_config
+
+    found = folder_config(folder)
+    if found is None:
+        return
+    path, data = found
+    differ = [f"{k}={data[k]} (model.dit_arch={arch_name}: {getattr(arch, k)})" for k in ARCH_FIELDS
+              if k in data and data[k] != getattr(arch, k)]
+    if differ:
+        raise LightqError(f"{path} describes another DiT than the chosen model: {', '.join(differ)}; pick the "
+                          "model= of these weights (python -m lightq --help lists them)")
 
 
 def quant_methods(cfg, plans: dict[str, ComponentPlan]) -> dict[str, QuantMethod]:
@@ -146,7 +173,9 @@ def _load(component: str, cfg, method: QuantMethod | None, folder, device, dtype
             names = [n for n, m in build().named_modules() if isinstance(m, nn.Linear)]
         check_skip(names, record.quantizable, method.skip, f"{component}_quant.skip")
     lora = _lora_stack(cfg, component, build, record.quantizable, method)  # read and checked before any weight
-    source = _source(component, method, folder, fam)
+    if component == "dit" and folder is not None:
+        check_folder_config(folder, cfg.model.dit_arch, record.arch_table()[cfg.model.dit_arch])
+    source, file_record = _source(component, method, folder, fam)
     if component in ("dit", *fam.experts) and cfg.offload.lazy_load:
         from ..offload import load_lazy as load_component  # blocks stream from disk while the DiT runs
     # random weights: each expert after the first draws from its own seed, so that the experts differ
@@ -155,6 +184,7 @@ def _load(component: str, cfg, method: QuantMethod | None, folder, device, dtype
                            ignore_prefixes=record.ignored_prefixes, progress=progress, seed=seed,
                            component=component, lora=lora)
     model.lora_stack = lora
+    model.checkpoint_file = file_record
     return model.eval().requires_grad_(False)
 
 
@@ -229,7 +259,8 @@ def load_tokenizer_for(model_cfg, folder: Path | None):
 
 
 def describe(module: nn.Module, method: QuantMethod | None) -> dict:
-    """Quantized layer count, weight bytes (parameters + quantized buffers, LoRA side paths included), the layers
+    """Quantized layer count, weight bytes (parameters + quantized buffers, LoRA side paths included), which file
+    was read and why (``file``), the layers
     that left the chosen backend (``QuantMethod.record``) and the LoRAs applied (``LoraStack.record``) of a loaded
     component."""
     from ..quant.linear import QLinear
@@ -243,6 +274,7 @@ def describe(module: nn.Module, method: QuantMethod | None) -> dict:
     lora = getattr(module, "lora_stack", None)
     return {"quantized_layers": len(qlinears) + (lazy.quantized_layers() if lazy is not None else 0),
             "weight_bytes": sum(storages.values()), "checkpoint": getattr(module, "checkpoint_numerics", {}),
+            **({"file": module.checkpoint_file} if hasattr(module, "checkpoint_file") else {}),
             **(method.record() if method is not None else {}), **({"lora": lora.record()} if lora is not None else {})}
 
 
