@@ -62,7 +62,7 @@ MISSING: tuple[Missing, ...] = (
                                                          "causal_self_attn_type", "chunk_latent_frames",
                                                          "prev_frame_length", "memory_window_size")),
     Missing("dynamic CFG", ("enable_dynamic_cfg", "cfg_interval", "enable_cfg_renorm", "cfg_renorm_min")),
-    Missing("the prompt enhancer", ("use_prompt_enhancer", "prompt_travel")),
+    Missing("the prompt enhancer", ("use_prompt_enhancer", "prompt_travel"), prefixes=("pe_",)),
     Missing("video frame interpolation", ("video_frame_interpolation",)),
     Missing("changing resolution during sampling", ("changing_resolution", "resolution_rate")),
     Missing("I2V image resize modes (resize_mode / buckets)", ("resize_mode", "bucket_shape", "fixed_shape",
@@ -72,9 +72,9 @@ MISSING: tuple[Missing, ...] = (
     Missing("audio-driven video (seko_talk, InfiniteTalk, Wan2.1 audio)", ("audio_sr", "video_duration",
                                                                            "use_real_mel_spectrogram"),
             lambda v: True, prefixes=("audio_", "infinitetalk_", "adapter_")),
-    Missing("quantized VAE / other models' encoders", (), lambda v: True,
+    Missing("other models' encoders and VAEs (Wan2.1 has T5, CLIP and its VAE)", (), lambda v: True,
             prefixes=("video_vae_", "audio_vae_", "text_encoder_", "qwen25vl_", "qwen3_", "gemma_", "byt5_",
-                      "siglip_", "pe_")),
+                      "siglip_")),
 )
 
 SAME = ""  # KERNELS value: the same numerics as lightq's, by another kernel
@@ -126,9 +126,8 @@ PARALLEL_KEYS = {
 }
 
 # where a component lives: no numerics (lightq's offload= places every component; see the notes)
-PLACEMENT = ("t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload", "text_encoder_cpu_offload",
-             "text_encoder_offload_granularity", "offload_ratio", "t5_lazy_load", "vae_offload_cache",
-             "num_disk_workers")
+PLACEMENT = ("t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload", "offload_ratio", "t5_lazy_load",
+             "vae_offload_cache", "num_disk_workers")
 
 # accepted and noted: LightX2V does not read them in a Wan2.1 / wan2.1_distill run
 UNUSED = {
