@@ -86,12 +86,15 @@ def test_max_area_size_is_lightx2vs_rule():
 
 @pytest.mark.parametrize("par, mode, cfg_p, world, said", [
     ({"seq_p_size": 4, "seq_p_attn_type": "ulysses", "cfg_p_size": 2}, "ulysses", 2, 8, None),
-    ({"seq_p_size": 8, "seq_p_attn_type": "ring"}, "allgather", 1, 8, "all-gathers them"),
+    ({"seq_p_size": 8, "seq_p_attn_type": "ring"}, "ring", 1, 8, "merge the partial softmaxes"),
+    ({"seq_p_size": 8, "seq_p_attn_type": "ring", "self_attn_1_type": "sage_attn2"}, "allgather", 1, 8,
+     "all-gathered instead"),
     ({"seq_p_size": 2, "seq_p_attn_type": "ulysses-4090", "seq_p_fp8_comm": True}, "ulysses", 1, 2, "in fp8"),
     ({"cfg_p_size": 2}, "none", 2, 2, "CFG 2"),
 ])
 def test_parallel_maps_onto_the_parallel_group(tmp_path, par, mode, cfg_p, world, said):
-    got = _imp(tmp_path, {"parallel": par, "enable_cfg": True, "sample_guide_scale": 5})
+    extra = {k: par.pop(k) for k in list(par) if not k.startswith(("seq_p", "cfg_p"))}
+    got = _imp(tmp_path, {"parallel": par, "enable_cfg": True, "sample_guide_scale": 5, **extra})
     assert (got.values["parallel.mode"], got.values["parallel.cfg"], got.values["parallel.world"]) == \
         (mode, cfg_p, world)
     notes = " | ".join(got.notes)

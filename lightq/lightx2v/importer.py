@@ -286,6 +286,10 @@ def _parallel(cfg: dict, used: set[str], out: Imported) -> None:
     if seq * cfg_p == 1:
         return
     mode, note = K.PARALLEL_ATTENTION[attn]
+    if mode == "ring" and out.choices.get("attn_quant", "none") != "none":
+        mode, note = "allgather", (f"ring attention with attn_quant={out.choices['attn_quant']}: lightq's ring needs "
+                                   "bf16 attention's log-sum-exp, so the keys and values are all-gathered instead "
+                                   "(each query row sees all keys at once, more memory per rank)")
     out.values["parallel.mode"] = mode if seq > 1 else "none"
     out.values["parallel.cfg"] = cfg_p
     out.values["parallel.world"] = seq * cfg_p

@@ -114,9 +114,9 @@ CONSTANTS: dict[str, Any] = {
 PARALLEL_ATTENTION = {"ulysses": ("ulysses", SAME),
                       "ulysses-4090": ("ulysses", "LightX2V's ulysses-4090 moves the all-to-all through host memory "
                                                   "for GPUs without peer access; the same math as ulysses"),
-                      "ring": ("allgather", "LightX2V's ring attention passes keys and values around the ranks and "
-                                            "merges partial softmaxes; lightq all-gathers them (every query row "
-                                            "sees all keys at once: the single-GPU result, more memory per rank)")}
+                      "ring": ("ring", "LightX2V's ring attention and lightq's both pass key/value blocks around "
+                                       "the ranks and merge the partial softmaxes; the merge order may differ "
+                                       "(within lightq.parallel.sequence_parallel's bound)")}
 PARALLEL_KEYS = {
     "seq_p_head_parallel": SAME, "seq_p_tensor_fusion": SAME, "seq_p_prepost_backend": SAME,
     "seq_p_fp8_comm": "LightX2V sends the sequence-parallel all-to-all in fp8; lightq sends the activations as they "

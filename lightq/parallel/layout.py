@@ -9,8 +9,9 @@ and the second half the unconditional one; within each half the video tokens are
 
 ``mode`` says how self-attention spans the split: ``ulysses`` (all-to-all from token slices to head slices, full
 attention on ``heads / sp`` heads, all-to-all back; ``sp`` must divide the head count), ``allgather`` (every rank
-gathers all keys and values and attends its own queries to them; any ``sp``), ``auto`` (ulysses where ``sp``
-divides the heads, else allgather), ``none`` (no token split: ``sp`` must be 1).
+gathers all keys and values and attends its own queries to them; any ``sp``), ``ring`` (key/value blocks passed
+around the ranks, partial softmaxes merged; any ``sp``, ``O(L / sp)`` memory; bf16 attention only), ``auto``
+(ulysses where ``sp`` divides the heads, else allgather), ``none`` (no token split: ``sp`` must be 1).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import LightqError
 
-MODES = ("none", "ulysses", "allgather", "auto")
+MODES = ("none", "ulysses", "allgather", "ring", "auto")
 LAUNCH = "torchrun --nproc-per-node <N> -m lightq"
 
 
@@ -60,9 +61,9 @@ def launched_world(env=None) -> tuple[int, int, int]:
         raise LightqError(f"WORLD_SIZE / RANK / LOCAL_RANK must be integers (set by torchrun), got {exc}") from None
 
 
-def plan_layout(pcfg, heads: int, guided: bool, env=None) -> Layout:
-    """The layout of ``pcfg`` (``mode``, ``cfg``) for a DiT of ``heads`` heads, ``guided`` if the sampler runs CFG;
-    a LightqError names what does not fit and the fix."""
+def plan_layout(pcfg, heads: int, guided: bool, env=None, quantized_attention: bool = False) -> Layout:
+    """The layout of ``pcfg`` (``mode``, ``cfg``) for a DiT of ``heads`` heads, ``guided`` if the sampler runs CFG,
+    ``quantized_attention`` if an ``attn_quant`` mode is on; a LightqError names what does not fit and the fix."""
     world, rank, local = launched_world(env)
     mode, cfg = str(pcfg.mode), pcfg.cfg
     wanted = getattr(pcfg, "world", None)
@@ -93,6 +94,10 @@ def plan_layout(pcfg, heads: int, guided: bool, env=None) -> Layout:
         raise LightqError(f"{world} processes with parallel.cfg={cfg} leave {sp} per CFG pass, but parallel.mode=none "
                           "splits no tokens: choose parallel.mode=ulysses, allgather or auto, or launch "
                           f"{cfg} processes")
+    if mode == "ring" and quantized_attention:
+        raise LightqError("parallel.mode=ring merges each key block's partial softmax through its log-sum-exp, which "
+                          "torch's bf16 flash attention returns and the attn_quant kernels do not: use "
+                          "parallel.mode=ulysses or allgather with attn_quant, or attn_quant=none")
     if sp == 1:
         mode = "none"
     elif mode == "auto":

@@ -19,7 +19,7 @@ from ..models.attention import current_self_attention, use_self_attention
 from ..models.sequence import use_sequence_split
 from .guidance import split_guidance
 from .layout import Layout
-from .sequence_parallel import TokenSplit, allgather_attention, ulysses_attention
+from .sequence_parallel import TokenSplit, allgather_attention, ring_attention, ulysses_attention
 
 # A rank that waits longer than this for the others has lost them (a crashed or killed peer).
 TIMEOUT = timedelta(minutes=30)
@@ -40,8 +40,12 @@ class Runtime:
         with ExitStack() as stack:
             if lay.sp > 1:
                 split = TokenSplit(self.sp_group, lay.sp_rank, lay.sp)
-                wrap = ulysses_attention if lay.attention == "ulysses" else allgather_attention
-                stack.enter_context(use_self_attention(wrap(current_self_attention(), split)))
+                if lay.attention == "ring":
+                    attend = ring_attention(split)
+                else:
+                    wrap = ulysses_attention if lay.attention == "ulysses" else allgather_attention
+                    attend = wrap(current_self_attention(), split)
+                stack.enter_context(use_self_attention(attend))
                 stack.enter_context(use_sequence_split(split))
             yield
 

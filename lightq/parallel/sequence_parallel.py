@@ -14,6 +14,15 @@ sees all ``L`` tokens by one of:
   arithmetic does not depend on which rows share its launch (torch SDPA on CPU; the quantized modes' Q blocks of
   128 queries start at each rank's first token, so their Q scales, not the method, differ from one process).
 
+- ``ring``: key/value blocks travel around the ranks (``P - 1`` sends and receives, each overlapped with the
+  attention of the block in hand, ``O(L / P)`` key/value memory per rank); each rank attends its queries to every
+  block with torch's flash attention, which also returns the log-sum-exp ``l_s`` of each row, and merges the
+  partial outputs exactly in fp32: ``L = logsumexp_s l_s``, ``out = sum_s exp(l_s - L) o_s``. The reduction is
+  reordered, so the bound (``RING_BOUND``) is stated: with ``u`` the unit roundoff of the attention dtype (bf16
+  2^-8) and ``A = softmax(q k^T / sqrt(D)) |v|``, ``|out_ring - out_one| <= 4 u A + 2 u |out_one|``: each partial
+  output is rounded once (``u`` of its own ``A_s``, and ``sum_s exp(l_s - L) A_s = A``), the kernel rounds P
+  against another running maximum (``u A`` on each side), and both results are rounded once (``u |out|``).
+
 Tensors cross ranks through ``torch.distributed`` collectives on the group (gloo on CPU, NCCL on GPUs).
 """
 
@@ -23,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from ..models.attention import AttentionImpl
+
+RING_BOUND = (4.0, 2.0)  # |out_ring - out_one| <= 4 u A + 2 u |out_one| (module docstring)
 
 
 def slice_sizes(n: int, parts: int) -> list[int]:
@@ -99,5 +110,46 @@ def allgather_attention(inner: AttentionImpl, split: TokenSplit) -> AttentionImp
     def attend(q, k, v):
         kv = gather_slices(torch.stack((k, v)), split.sizes, 2, split.group)  # [2, B, L, H, D]
         return inner(q, kv[0], kv[1])
+
+    return attend
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``softmax(q k^T / sqrt(D)) v`` in ``q``'s dtype, its rows' natural-log sum of exponentials in fp32) for
+    heads-first ``[B, H, L, D]`` inputs: torch's flash-attention kernel (CPU or CUDA), which returns both."""
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+    return out, lse
+
+
+def ring_attention(split: TokenSplit) -> AttentionImpl:
+    """Self-attention with the key/value blocks passed around the ranks (module docstring)."""
+
+    def attend(q, k, v):
+        size, rank, sizes, group = split.size, split.rank, split.sizes, split.group
+        nxt_rank = dist.get_global_rank(group, (rank + 1) % size)
+        prev_rank = dist.get_global_rank(group, (rank - 1) % size)
+        qh = q.transpose(1, 2)
+        kv = padded(torch.stack((k, v)), max(sizes), 2)  # [2, B, n_max, H, D]
+        out = lse = None
+        for step in range(size):
+            if step < size - 1:  # hand this block on while attending to it
+                arrived = torch.empty_like(kv)
+                works = [dist.isend(kv, nxt_rank, group=group), dist.irecv(arrived, prev_rank, group=group)]
+            block = kv[:, :, :sizes[(rank - step) % size]]
+            o, l = attention_with_lse(qh, block[0].transpose(1, 2), block[1].transpose(1, 2))
+            if out is None:
+                out, lse = o.float(), l
+            else:
+                total = torch.logaddexp(lse, l)
+                out = out * torch.exp(lse - total)[..., None] + o.float() * torch.exp(l - total)[..., None]
+                lse = total
+            if step < size - 1:
+                for work in works:
+                    work.wait()
+                kv = arrived
+        return out.to(q.dtype).transpose(1, 2).flatten(2)
 
     return attend

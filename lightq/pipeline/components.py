@@ -35,7 +35,8 @@ def parallel_layout(cfg):
 
     m = cfg.model
     heads = family(m.family).components["dit"].arch_table()[m.dit_arch].num_heads
-    return plan_layout(cfg.parallel, heads, needs_uncond(sampler_config(cfg)))
+    return plan_layout(cfg.parallel, heads, needs_uncond(sampler_config(cfg)),
+                       quantized_attention=cfg.attn_quant.scheme != "none")
 
 
 def sampler_config(cfg):
