@@ -186,11 +186,14 @@ class SweepConfig:
     ``objective``: the number of result.json each job returns to Hydra's sweeper (``quality.psnr_db``,
     ``timings_s.denoise``, ... : ``results.OBJECTIVES``), which Optuna-style sweepers optimize; null returns
     the exit code. ``gpus``: ``all`` or GPU indices (``0,1,2,3``) that the sweep's concurrent isolated jobs share,
-    one job per GPU at a time (``lightq.gpu_slots``; use with a parallel launcher); null: every job sees every GPU."""
+    one job per GPU at a time (``lightq.gpu_slots``; use with a parallel launcher); null: every job sees every GPU.
+    ``procs_per_job``: processes of each isolated job; above 1 the job runs under ``torchrun`` (a ``parallel=`` job)
+    and, with ``gpus``, takes that many GPUs."""
 
     isolate: str = "auto"
     objective: Optional[str] = None
     gpus: Optional[Any] = None
+    procs_per_job: int = 1
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """A sweep's GPUs shared among its concurrent jobs (``sweep.gpus``): each job takes one free GPU of the list.
 
 With a parallel launcher (``hydra/launcher=joblib_local hydra.launcher.n_jobs=N``) several isolated jobs start at
-once; ``gpu_slot(gpus)`` gives each a GPU no other job holds, under a machine-wide lock file per GPU in lightq's
-cache folder (``<cache>/gpu-locks/gpu-<i>.lock``, so two sweeps on one machine share the pool too), waiting while
-all are taken. The job's worker then runs with ``CUDA_VISIBLE_DEVICES=<i>``.
+once; ``gpu_slot(gpus, n)`` gives each job ``n`` GPUs no other job holds (``sweep.procs_per_job``: one, or a parallel
+job's process count), under a machine-wide lock file per GPU in lightq's cache folder
+(``<cache>/gpu-locks/gpu-<i>.lock``, so two sweeps on one machine share the pool too), waiting while too few are
+free. The job's worker then runs with ``CUDA_VISIBLE_DEVICES`` set to them.
 """
 
 from __future__ import annotations
@@ -40,22 +41,33 @@ def parse_gpus(spec, visible: int) -> list[int]:
 
 
 @contextmanager
-def gpu_slot(gpus: list[int]) -> Iterator[int]:
-    """Hold one of ``gpus`` (the first free one, waiting while none is) for the ``with`` block."""
+def gpu_slot(gpus: list[int], count: int = 1) -> Iterator[list[int]]:
+    """Hold ``count`` of ``gpus`` (the first free ones, all or none, waiting while fewer are free) for the ``with``
+    block."""
     from filelock import FileLock, Timeout
 
+    if count > len(gpus):
+        raise LightqError(f"a job of {count} processes needs {count} GPUs, but sweep.gpus lists {len(gpus)}")
     folder = cache_dir() / "gpu-locks"
     folder.mkdir(parents=True, exist_ok=True)
     while True:
+        held = []
         for gpu in gpus:
             lock = FileLock(str(folder / f"gpu-{gpu}.lock"))
             try:
                 lock.acquire(timeout=0)
             except Timeout:
                 continue
+            held.append((gpu, lock))
+            if len(held) == count:
+                break
+        if len(held) == count:
             try:
-                yield gpu
+                yield [gpu for gpu, _ in held]
             finally:
-                lock.release()
+                for _, lock in held:
+                    lock.release()
             return
+        for _, lock in held:  # too few free: let the others have them, try again
+            lock.release()
         time.sleep(POLL_S)

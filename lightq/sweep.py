@@ -72,31 +72,41 @@ def run_job(cfg: DictConfig, out: Path, choices: dict, multirun: bool) -> dict:
         tracker = tracking.start(cfg, out, choices)
     except LightqError as exc:
         return _setup_failure(out, choices, exc)
-    if isolated and cfg.sweep.gpus is not None:
-        result = _on_a_free_gpu(cfg, out, choices)
-    elif cfg.sweep.gpus is not None and multirun:
+    placed = cfg.sweep.gpus is not None or cfg.sweep.procs_per_job != 1
+    if isolated and placed:
+        result = _on_free_gpus(cfg, out, choices)
+    elif placed and multirun:
         result = _setup_failure(out, choices, LightqError(
-            "sweep.gpus gives each job its own GPU, which needs each job in its own process: this sweep's jobs run in "
-            "this process (sweep.isolate=never, or a CPU run); set sweep.isolate=always or drop sweep.gpus"))
+            "sweep.gpus / sweep.procs_per_job place each job in its own processes, but this sweep's jobs run in this "
+            "process (sweep.isolate=never, or a CPU run): set sweep.isolate=always or drop them"))
     else:
         result = worker.run_in_subprocess(out, choices) if isolated else execute(cfg, out, choices)
     return tracker.finish(out, result)
 
 
-def _on_a_free_gpu(cfg: DictConfig, out: Path, choices: dict) -> dict:
-    """Run the isolated job on the first GPU of ``sweep.gpus`` no other job holds (``lightq.gpu_slots``)."""
+def _on_free_gpus(cfg: DictConfig, out: Path, choices: dict) -> dict:
+    """Run the isolated job in ``sweep.procs_per_job`` processes, on as many GPUs of ``sweep.gpus`` as no other job
+    holds (``lightq.gpu_slots``), or without a GPU assignment when ``sweep.gpus`` is null."""
+    from contextlib import nullcontext
+
     from . import worker
     from .gpu_slots import gpu_slot, parse_gpus
 
+    procs = cfg.sweep.procs_per_job
     try:
-        import torch
+        if not isinstance(procs, int) or procs < 1:
+            raise LightqError(f"sweep.procs_per_job={procs}: give a positive process count")
+        if cfg.sweep.gpus is not None:
+            import torch
 
-        gpus = parse_gpus(cfg.sweep.gpus, torch.cuda.device_count())
+            gpus = parse_gpus(cfg.sweep.gpus, torch.cuda.device_count())
     except LightqError as exc:
         return _setup_failure(out, choices, exc)
-    with gpu_slot(gpus) as gpu:
-        result = worker.run_in_subprocess(out, choices, env={"CUDA_VISIBLE_DEVICES": str(gpu)})
-    result["device_assignment"] = {"gpu": gpu, "CUDA_VISIBLE_DEVICES": str(gpu)}
+    with gpu_slot(gpus, procs) if cfg.sweep.gpus is not None else nullcontext(None) as held:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, held))} if held else {}
+        result = worker.run_in_subprocess(out, choices, env=env, procs=procs)
+    result["device_assignment"] = {"processes": procs, "gpus": held, "CUDA_VISIBLE_DEVICES": env.get(
+        "CUDA_VISIBLE_DEVICES")}
     results.write_json_atomic(out / results.RESULT_FILE, result)
     return result
 

@@ -11,6 +11,9 @@ result back. A worker that dies without a final result (killed by a signal: segf
 exit that left the status ``running``) gets a ``failed`` result carrying its exit code, the signal's name and
 the tail of its stderr (kept whole in ``<job_dir>/worker.stderr`` when it wrote any).
 
+With ``sweep.procs_per_job`` above 1 the worker runs under ``torchrun`` (a ``parallel=`` job): rank 0 writes the
+job's folder, the other ranks run into temporary folders.
+
 On CUDA (``sweep.isolate=auto``) every job of a sweep runs this way, so peak-memory figures, the caching
 allocator's pool and compiled-kernel caches belong to that job alone and a crash takes down only its own job.
 """
@@ -21,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,6 +100,11 @@ def _worker_env() -> dict:
     return env
 
 
+def _launcher(procs: int) -> list[str]:
+    """The interpreter arguments that start ``procs`` processes of the worker (torchrun above one)."""
+    return [] if procs == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+
+
 def _tail(path: Path) -> str:
     try:
         data = path.read_bytes()
@@ -116,16 +125,17 @@ def _death(returncode: int) -> tuple[str, str | None]:
     return f"the job's worker process exited with code {returncode} before writing its result", None
 
 
-def run_in_subprocess(job_dir: Path, choices: dict, env: dict | None = None) -> dict:
+def run_in_subprocess(job_dir: Path, choices: dict, env: dict | None = None, procs: int = 1) -> dict:
     """Run the job saved in ``job_dir`` as ``python -m lightq.worker`` (``env``: variables set for it, e.g. its
-    ``CUDA_VISIBLE_DEVICES``) and return its result (see module doc)."""
+    ``CUDA_VISIBLE_DEVICES``; ``procs`` > 1: under ``torchrun`` with that many processes, for a ``parallel=``
+    job) and return its result (see module doc)."""
     job_dir = Path(job_dir)
     results.write_json_atomic(job_dir / results.RESULT_FILE, {"status": "running", "reason": "", "choices": choices})
     t0 = time.perf_counter()
     stderr_path = job_dir / STDERR_FILE
     with open(stderr_path, "wb") as err, subprocess.Popen(
-            [sys.executable, "-m", "lightq.worker", str(job_dir)], stderr=err, env={**_worker_env(), **(env or {})}) \
-            as proc:
+            [sys.executable, *_launcher(procs), "-m", "lightq.worker", str(job_dir)], stderr=err,
+            env={**_worker_env(), **(env or {})}) as proc:
         try:
             returncode = proc.wait()
         except BaseException:  # this process is being interrupted or terminated: so is the job's worker
@@ -162,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.core.utils import configure_log
 
     from .job import execute, exit_code
+    from .parallel.layout import launched_world
 
-    configure_log(hydra_cfg.job_logging, hydra_cfg.verbose)
     terminate_gracefully()
+    if launched_world()[1]:  # a rank other than 0 of a parallel job: rank 0 writes the job's folder and log
+        with tempfile.TemporaryDirectory(prefix="lightq-rank-") as scratch:
+            return exit_code(execute(cfg, Path(scratch), choices))
+    configure_log(hydra_cfg.job_logging, hydra_cfg.verbose)
     try:
         return exit_code(execute(cfg, job_dir, choices))
     except Terminated:  # recorded in result.json by execute

@@ -30,11 +30,31 @@ def test_gpu_lists_that_cannot_be(spec, visible, words):
         parse_gpus(spec, visible)
 
 
+def test_a_job_takes_all_its_gpus_or_none():
+    with gpu_slot([0, 1, 2], 2) as first:
+        assert first == [0, 1]
+        got = []
+
+        def second_job():
+            with gpu_slot([0, 1, 2], 2) as gpus:
+                got.append(gpus)
+
+        t = threading.Thread(target=second_job)
+        t.start()
+        time.sleep(0.5)
+        assert got == []  # only GPU 2 is free: the second job waits instead of taking half
+    t.join(5)
+    assert got and sorted(got[0]) in ([0, 1], [0, 2], [1, 2])
+    with pytest.raises(LightqError, match="needs 4 GPUs"):
+        with gpu_slot([0, 1], 4):
+            pass
+
+
 def test_each_gpu_has_one_job_at_a_time():
     held, order, lock = [], [], threading.Lock()
 
     def job(n):
-        with gpu_slot([0, 1]) as gpu:
+        with gpu_slot([0, 1]) as (gpu,):
             with lock:
                 assert gpu not in held, f"GPU {gpu} given to two jobs"
                 held.append(gpu)
@@ -66,9 +86,9 @@ def test_an_isolated_job_runs_with_its_gpu_visible(tmp_path, monkeypatch, run_li
     cfg, choices, _ = load_job(job)
     cfg.sweep.gpus = [1]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the one stand-in: a CPU machine has no GPU
-    result = sweep._on_a_free_gpu(cfg, job, choices)  # the job again, in a real worker, on "GPU 1"
+    result = sweep._on_free_gpus(cfg, job, choices)  # the job again, in a real worker, on "GPU 1"
     assert result["status"] == "ok", result.get("reason")
-    assert result["device_assignment"] == {"gpu": 1, "CUDA_VISIBLE_DEVICES": "1"}
+    assert result["device_assignment"] == {"processes": 1, "gpus": [1], "CUDA_VISIBLE_DEVICES": "1"}
     assert result["hardware"]["cuda_visible_devices"] == "1"  # as the worker process saw it
 
 
@@ -77,4 +97,16 @@ def test_gpus_without_isolated_jobs_is_refused(run_lightq, tmp_path):
                      "model.steps=1", "hydra.sweep.dir=sw", "seed=1")
     assert res.returncode != 0
     record = next((tmp_path / "sw").glob("*/result.json")).read_text()
-    assert "needs each job in its own process" in record
+    assert "place each job in its own processes" in record
+
+
+def test_a_sweep_job_runs_in_several_processes(run_lightq, tmp_path):
+    """sweep.procs_per_job=2: each isolated job is a torchrun launch of two (CPU, gloo) processes."""
+    res = run_lightq("-m", "hardware=cpu", "sweep.isolate=always", "sweep.procs_per_job=2", "parallel=ulysses",
+                     "quality.compare=false", "model.steps=1", "hydra.sweep.dir=sw", "seed=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    record = json.loads(next((tmp_path / "sw").glob("*/result.json")).read_text())
+    assert record["status"] == "ok" and record["parallel"]["world_size"] == 2
+    assert record["device_assignment"] == {"processes": 2, "gpus": None, "CUDA_VISIBLE_DEVICES": None}
