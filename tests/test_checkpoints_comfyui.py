@@ -14,18 +14,14 @@ from lightq.checkpoints.conversion import convert
 from lightq.checkpoints.loader import load_component
 from lightq.checkpoints.conventions import open_source
 from lightq.errors import CheckpointError
-from lightq.models import family, wan_dit
+from lightq.models import family
 from lightq.models.tiny import ensure_tiny
 from lightq.quant.linear import swap_linears
 from lightq.quant.method import QuantMethod
 from lightq.quant.schemes import FP8_DTYPE, QuantizedWeight
+from test_checkpoints_load import _run, build_dit  # the tiny I2V DiT and its one deterministic forward
 
 DIT = family.QUANTIZABLE["dit"]
-ARCH = wan_dit.DIT_ARCHS["tiny-i2v"]
-
-
-def build_dit():
-    return wan_dit.WanDiT(ARCH)
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +50,6 @@ def _fp8(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torc
 def _save(tmp_path, tensors: dict, name="comfy.safetensors", metadata=None):
     save_file(tensors, tmp_path / name, metadata=metadata)
     return open_source(tmp_path / name)
-
-
-def _run(model):
-    torch.manual_seed(1)
-    x = torch.randn(1, ARCH.out_dim, 1, 4, 4)
-    y = torch.randn(1, ARCH.in_dim - ARCH.out_dim, 1, 4, 4)
-    ctx = torch.randn(1, 8, ARCH.text_dim)
-    clip_fea = torch.randn(1, 257, ARCH.clip_dim)
-    with torch.no_grad():
-        return model(x.bfloat16(), torch.tensor([500.0]), ctx.bfloat16(), clip_fea=clip_fea.bfloat16(),
-                     y=y.bfloat16())
 
 
 def _reference(state, quantized: dict, scheme: str | None):
