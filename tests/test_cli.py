@@ -130,7 +130,7 @@ def test_help_says_what_lightq_is_and_lists_every_group(run_lightq, tmp_path):
     proc = run_lightq("--help")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert out.startswith("lightq: quantized inference of Wan2.1 video-diffusion pipelines")
+    assert out.startswith("lightq: quantized inference of Wan2.1 and Wan2.2 video-diffusion pipelines")
     assert "powered by Hydra" not in out and "== Config ==" not in out, "Hydra's stock text or the whole config dump"
     groups = dict(line.split(": ", 1) for line in out.splitlines() if line.partition(":")[0].isidentifier()
                   and ", " in line)
