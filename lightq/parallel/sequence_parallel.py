@@ -14,8 +14,9 @@ sees all ``L`` tokens by one of:
   arithmetic does not depend on which rows share its launch (torch SDPA on CPU; the quantized modes' Q blocks of
   128 queries start at each rank's first token, so their Q scales, not the method, differ from one process).
 
-- ``ring``: key/value blocks travel around the ranks (``P - 1`` sends and receives, each overlapped with the
-  attention of the block in hand, ``O(L / P)`` key/value memory per rank); each rank attends its queries to every
+- ``ring``: key/value blocks travel around the ranks (``P - 1`` blocking sends and receives, even ranks sending
+  first; asynchronous ones overlapped with the attention aborted a gloo rank at times on CPU; ``O(L / P)``
+  key/value memory per rank); each rank attends its queries to every
   block with torch's flash attention, which also returns the log-sum-exp ``l_s`` of each row, and merges the
   partial outputs exactly in fp32: ``L = logsumexp_s l_s``, ``out = sum_s exp(l_s - L) o_s``. The reduction is
   reordered, so the bound (``RING_BOUND``) is stated: with ``u`` the unit roundoff of the attention dtype (bf16
@@ -135,9 +136,6 @@ def ring_attention(split: TokenSplit) -> AttentionImpl:
         kv = padded(torch.stack((k, v)), max(sizes), 2)  # [2, B, n_max, H, D]
         out = lse = None
         for step in range(size):
-            if step < size - 1:  # hand this block on while attending to it
-                arrived = torch.empty_like(kv)
-                works = [dist.isend(kv, nxt_rank, group=group), dist.irecv(arrived, prev_rank, group=group)]
             block = kv[:, :, :sizes[(rank - step) % size]]
             o, l = attention_with_lse(qh, block[0].transpose(1, 2), block[1].transpose(1, 2))
             if out is None:
@@ -146,9 +144,13 @@ def ring_attention(split: TokenSplit) -> AttentionImpl:
                 total = torch.logaddexp(lse, l)
                 out = out * torch.exp(lse - total)[..., None] + o.float() * torch.exp(l - total)[..., None]
                 lse = total
-            if step < size - 1:
-                for work in works:
-                    work.wait()
+            if step < size - 1:  # hand the block on: even ranks send first, odd ranks receive first
+                arrived = torch.empty_like(kv)
+                for send in ((True, False) if rank % 2 == 0 else (False, True)):
+                    if send:
+                        dist.send(kv, nxt_rank, group=group)
+                    else:
+                        dist.recv(arrived, prev_rank, group=group)
                 kv = arrived
         return out.to(q.dtype).transpose(1, 2).flatten(2)
 
