@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LightqError
-from ..quant.schemes import FP8_DTYPE, FP8_MAX, INT8_MAX
+from ..quant.schemes import FP8_DTYPE, FP8_MAX, INT8_MAX, safe_scale
 
 BLOCK_Q = 128
 BLOCK_K = 64
@@ -100,11 +100,6 @@ def _qmax(fmt: str) -> float:
     return INT8_MAX if fmt == "int8" else FP8_MAX
 
 
-def _scale(amax: torch.Tensor, fmt: str) -> torch.Tensor:
-    s = amax / _qmax(fmt)
-    return torch.where(s > 0, s, torch.ones_like(s))
-
-
 def quantize_blocks(x: torch.Tensor, block: int, fmt: str, mean: torch.Tensor | None = None,
                     mul: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[B, L, H, D]`` -> codes ``[B, H, L, D]`` (int8 / e4m3) and scales ``[B, H, ceil(L / block)]`` fp32, of
@@ -118,7 +113,7 @@ def quantize_blocks(x: torch.Tensor, block: int, fmt: str, mean: torch.Tensor | 
     b, h, n, d = xf.shape
     nb = -(-n // block)
     blocks = F.pad(xf, (0, 0, 0, nb * block - n)).view(b, h, nb, block, d)  # zero padding leaves amax alone
-    scale = _scale(blocks.abs().amax(dim=(-1, -2)), fmt)
+    scale = safe_scale(blocks.abs().amax(dim=(-1, -2)), _qmax(fmt))
     codes = _encode(blocks / scale[..., None, None], fmt)
     return codes.view(b, h, nb * block, d)[:, :, :n], scale
 
@@ -130,7 +125,7 @@ def key_mean(k: torch.Tensor) -> torch.Tensor:
 
 def value_channel_scale(v: torch.Tensor) -> torch.Tensor:
     """sage2's V scales: ``amax over tokens of |v| / 448`` per (batch, head, channel), ``[B, H, D]`` fp32."""
-    return _scale(v.float().abs().amax(dim=1), "fp8")
+    return safe_scale(v.float().abs().amax(dim=1), FP8_MAX)
 
 
 def quantize_values_per_channel(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

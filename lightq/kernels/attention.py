@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention.numerics import value_channel_scale
 from . import Tuned, interpreting, kernel_op
 from .act_quant import row_scale
 from .rounding import fp8_rne, round_to, soft_rounding
@@ -37,7 +38,6 @@ BLOCK_Q = 128
 BLOCK_K = 64
 ROW_ALIGN = 16  # fp8 elements per 16 bytes
 LOG2E = 1.4426950408889634
-FP8_MAX = 448.0
 # scheme -> (Q/K in fp8, P.V in fp8, V scale per channel (else per key block))
 SCHEMES = {"int8-sage": (False, False, False), "int8fp8-sage2": (False, True, True), "fp8-fa3": (True, True, False)}
 
@@ -201,8 +201,7 @@ def quantize_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme:
         half = torch.float16 if q.dtype == torch.float16 else torch.bfloat16
         return qc, sq, kc, sk, v.to(half), None
     if v_channel:
-        sv = v.float().abs().amax(dim=1) / FP8_MAX
-        sv = torch.where(sv > 0, sv, torch.ones_like(sv)).contiguous()
+        sv = value_channel_scale(v).contiguous()
         vc, _ = _quantize(v, BLOCK_K, True, channel_scale=sv, transposed=True)
         return qc, sq, kc, sk, vc, sv
     vc, sv = _quantize(v, BLOCK_K, True, transposed=True)

@@ -102,7 +102,7 @@ def _check_finite(w: torch.Tensor, name: str) -> None:
         raise QuantizationError(f"{name}: {bad} NaN/Inf values in the weight; fix or re-export the checkpoint")
 
 
-def _safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+def safe_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """amax / qmax, with 1 where that is 0 (an all-zero row quantizes to zeros and dequantizes exactly; an amax
     so small that amax / qmax underflows would otherwise divide by zero).
 
@@ -151,16 +151,16 @@ def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight") -> Quant
     n, k = w.shape
     if scheme in ("fp8", "int8"):
         qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
-        scale = _safe_scale(w.abs().amax(dim=1, keepdim=True), qmax)
+        scale = safe_scale(w.abs().amax(dim=1, keepdim=True), qmax)
         data = _to_fp8(w / scale) if scheme == "fp8" else _to_int(w / scale, INT8_MAX)
     elif scheme == "fp8-b128":
         blocks, _, _ = _blocks_2d(w)
-        scale = _safe_scale(blocks.abs().amax(dim=(1, 3)), FP8_MAX)  # [N/128, K/128]
+        scale = safe_scale(blocks.abs().amax(dim=(1, 3)), FP8_MAX)  # [N/128, K/128]
         q = _to_fp8(blocks / scale[:, None, :, None])
         data = q.reshape(blocks.shape[0] * BLOCK, blocks.shape[2] * BLOCK)[:n, :k].contiguous()
     else:  # int4-g128
         groups = w.view(n, k // GROUP, GROUP)
-        scale = _safe_scale(groups.abs().amax(dim=2), INT4_MAX)  # [N, K/128]
+        scale = safe_scale(groups.abs().amax(dim=2), INT4_MAX)  # [N, K/128]
         q = _to_int(groups / scale[:, :, None], INT4_MAX).view(n, k)
         data = pack_int4(q)
         scale = scale.t().contiguous()  # stored [K/128, N]
@@ -192,7 +192,7 @@ def quantize_activation(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, tor
     x = x.float()
     if scheme in ("fp8", "int8"):
         qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
-        scale = _safe_scale(x.abs().amax(dim=-1, keepdim=True), qmax)
+        scale = safe_scale(x.abs().amax(dim=-1, keepdim=True), qmax)
         q = _to_fp8(x / scale) if scheme == "fp8" else _to_int(x / scale, INT8_MAX)
         return q, scale
     if scheme == "fp8-b128":
@@ -200,7 +200,7 @@ def quantize_activation(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, tor
         g = -(-k // GROUP)
         xp = torch.nn.functional.pad(x, (0, g * GROUP - k)) if g * GROUP != k else x
         groups = xp.reshape(m, g, GROUP)
-        scale = _safe_scale(groups.abs().amax(dim=-1), FP8_MAX)  # [M, G]
+        scale = safe_scale(groups.abs().amax(dim=-1), FP8_MAX)  # [M, G]
         q = _to_fp8(groups / scale[:, :, None]).reshape(m, g * GROUP)[:, :k].contiguous()
         return q, scale
     raise QuantizationError(f"scheme '{scheme}' has no activation quantization (weight-only or unknown)")
