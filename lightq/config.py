@@ -137,11 +137,13 @@ class ParallelConfig:
     """Several processes for one video (``lightq.parallel.layout``): ``mode`` none | ulysses | allgather | auto (how
     self-attention spans the video tokens split over the processes), ``cfg`` 1 | 2 (2: the conditional and
     unconditional DiT passes on two halves of the processes). Launched with ``torchrun``. ``world``: the process
-    count the run was written for (a LightX2V config's ``seq_p_size x cfg_p_size``); null: whatever was launched."""
+    count the run was written for (a LightX2V config's ``seq_p_size x cfg_p_size``); null: whatever was launched.
+    ``vae``: split (every process decodes its latent rows, ``lightq.parallel.rows``) | rank0 (rank 0 decodes alone)."""
 
     mode: str = "none"
     cfg: int = 1
     world: Optional[int] = None
+    vae: str = "split"
 
 
 @dataclass

@@ -30,8 +30,8 @@ I2V = ["model=tiny-i2v", "model.height=48", "model.width=80"]
 
 
 class P:  # a parallel config as OmegaConf gives it
-    def __init__(self, mode="none", cfg=1):
-        self.mode, self.cfg = mode, cfg
+    def __init__(self, mode="none", cfg=1, vae="split"):
+        self.mode, self.cfg, self.vae = mode, cfg, vae
 
 
 def env(world, rank=0):
@@ -57,10 +57,18 @@ def test_layouts_of_the_launch():
     (P("none", 2), 4, True, "splits no tokens"),
     (P("zigzag"), 2, True, "choose one of none, ulysses"),
     (P("auto", 3), 6, True, "choose 1"),
+    (P("ulysses", vae="tiles"), 2, True, "parallel.vae='tiles': choose split"),
 ])
 def test_layouts_that_do_not_fit_say_why(pcfg, world, guided, words):
     with pytest.raises(LightqError, match=words):
         plan_layout(pcfg, heads=12, guided=guided, env=env(world))
+
+
+def test_a_split_decode_needs_a_latent_row_per_process():
+    with pytest.raises(LightqError, match="the latents have 4: set parallel.vae=rank0"):
+        plan_layout(P("ulysses"), heads=12, guided=True, env=env(6), latent_rows=4)
+    assert plan_layout(P("ulysses", vae="rank0"), heads=12, guided=True, env=env(6), latent_rows=4).vae == "rank0"
+    assert plan_layout(P("ulysses"), heads=12, guided=True, env=env(4), latent_rows=4).vae == "split"
 
 
 def test_ring_refuses_quantized_attention():
@@ -92,7 +100,7 @@ def _latents(tmp_path, name, args, procs=1):
 
 @pytest.mark.parametrize("procs, layout, args", [
     (2, "ulysses", ["dit_quant=int8-torch", "attn_quant=int8-sage-torch"]),
-    (4, "cfg-allgather", I2V),
+    (4, "cfg-allgather", [*I2V, "parallel.vae=rank0"]),
     (2, "ulysses", [*I2V, "dit_quant=fp8-torch"]),
     (4, "cfg-ulysses", ["model=tiny-t2v-a14b", "dit_quant=fp8-torch"]),  # two experts, CFG on both
     (2, "ulysses", ["model=tiny-ti2v-5b", "model.task=i2v"]),  # per-token timesteps (the first frame kept)
@@ -104,6 +112,7 @@ def test_parallel_latents_equal_one_process(tmp_path, procs, layout, args):
     record = json.loads((tmp_path / "many" / "result.json").read_text())
     assert record["parallel"]["world_size"] == procs and len(record["parallel"]["ranks"]) == procs
     assert [r["rank"] for r in record["parallel"]["ranks"]] == list(range(procs))
+    assert record["parallel"]["vae"] == ("rank0" if "parallel.vae=rank0" in args else "split")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "one"]  # the other ranks wrote nothing here
 
 

@@ -18,6 +18,11 @@ last ``k - 1`` input frames, and per resampler whether it has seen frame 0 (plus
 that starts the next window). Chunked and whole-sequence processing compute the same function; chunking keeps
 activation memory independent of the frame count.
 
+A decode can be split over processes by latent rows (``decode(..., rows=RowSplit)``; ``lightq.parallel.rows``
+builds one): each process decodes its rows, a 3x3 conv first takes one row from each neighbour (``halo``), the
+middle's attention block sees the whole frame (``whole``, then ``own``), and rank 0 gets the video (``collect``).
+Every process thus runs one process's operations on one process's values for its rows.
+
 The module holds parameters only (no buffers), so it builds under ``torch.device("meta")`` and loads with
 ``load_state_dict(..., assign=True)``. It is never quantized and runs in float32 or bfloat16 (its parameters'
 dtype). Sub-module names follow the official ``nn.Sequential`` indices so that state-dict keys match exactly:
@@ -28,6 +33,7 @@ at the other indices are applied inline).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +77,25 @@ class VAEArch:
 VAE_ARCHS = {"wan2.1": VAEArch(), "tiny": VAEArch(dim=8)}
 
 
-class FrameCache:
-    """State carried between temporal chunks, keyed by module: conv input tails and frame-0 markers."""
+class RowSplit(Protocol):
+    """A decode's latent rows split over processes (``lightq.parallel.rows.RowSplit``); ``x`` is ``[..., rows, W]``
+    at any resolution."""
 
-    def __init__(self) -> None:
+    def own(self, x: torch.Tensor) -> torch.Tensor: ...  # this process's rows of a whole frame
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor: ...  # every process's rows, in order
+
+    def halo(self, x: torch.Tensor, n: int) -> torch.Tensor: ...  # plus n rows of each neighbour (zeros at edges)
+
+    def collect(self, x: torch.Tensor) -> torch.Tensor | None: ...  # the whole frame on rank 0, None elsewhere
+
+
+class FrameCache:
+    """State carried between temporal chunks, keyed by module: conv input tails and frame-0 markers; and ``rows``,
+    the decode's row split (None: the process decodes whole frames)."""
+
+    def __init__(self, rows: RowSplit | None = None) -> None:
+        self.rows = rows
         self._tails: dict[nn.Module, torch.Tensor] = {}
         self._started: set[nn.Module] = set()
 
@@ -96,8 +117,13 @@ def _first_chunk(module: nn.Module, cache: FrameCache | None) -> bool:
     return cache is None or cache.first_call(module)
 
 
+def _rows(cache: FrameCache | None) -> RowSplit | None:
+    return cache.rows if cache is not None else None
+
+
 class CausalConv3d(nn.Conv3d):
-    """3-D conv, causal in time (``k_t - 1`` past frames, zeros before the clip), 'same' zero padding in space."""
+    """3-D conv, causal in time (``k_t - 1`` past frames, zeros before the clip), 'same' zero padding in space (under
+    a row split: the neighbours' rows above and below, zeros at the frame's edges)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]):
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
@@ -105,6 +131,9 @@ class CausalConv3d(nn.Conv3d):
         self.history = kt - 1
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        rows, pad_h = _rows(cache), self.padding[1]
+        if rows is not None and pad_h:
+            x = rows.halo(x, pad_h)  # before the cache takes its tail: the cached rows carry their halo
         if self.history:
             past = cache.tail(self) if cache is not None else None
             if past is None:
@@ -112,6 +141,8 @@ class CausalConv3d(nn.Conv3d):
             x = torch.cat([past, x], dim=2)
             if cache is not None:
                 cache.set_tail(self, x[:, :, -self.history:])
+        if rows is not None and pad_h:
+            return F.conv3d(x, self.weight, self.bias, self.stride, (0, 0, self.padding[2]))
         return super().forward(x)
 
 
@@ -169,7 +200,10 @@ class AttentionBlock(nn.Module):
         return self.proj(out.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
-        return x + _per_frame(self._attend, x)
+        rows = _rows(cache)
+        if rows is None:
+            return x + _per_frame(self._attend, x)
+        return x + rows.own(_per_frame(self._attend, rows.whole(x)))  # the whole frame, as one process sees it
 
 
 class Downsample(nn.Module):
@@ -210,9 +244,11 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         if self.time_conv is not None:
             x = self._double_time(x, cache)
-        return _per_frame(
-            lambda f: self.resample["1"](F.interpolate(f, scale_factor=2.0, mode="nearest-exact")), x
-        )
+        conv, rows = self.resample["1"], _rows(cache)
+        if rows is None:
+            return _per_frame(lambda f: conv(_nearest_2x(f)), x)
+        x = rows.halo(_per_frame(_nearest_2x, x), conv.padding[0])
+        return _per_frame(lambda f: F.conv2d(f, conv.weight, conv.bias, padding=(0, conv.padding[1])), x)
 
     def _double_time(self, x: torch.Tensor, cache: FrameCache | None) -> torch.Tensor:
         # Frame 0 passes through; every later frame t becomes frames (2t', 2t'+1) from the two channel halves
@@ -224,6 +260,10 @@ class Upsample(nn.Module):
         b, c2, t, h, w = y.shape
         y = y.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
         return torch.cat([kept, y], dim=2)
+
+
+def _nearest_2x(frames: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(frames, scale_factor=2.0, mode="nearest-exact")
 
 
 def _head(dim: int, out_channels: int) -> nn.ModuleDict:
@@ -338,22 +378,29 @@ class WanVAE(nn.Module):
         return (mu - mean) / std
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunked: bool = True, progress: bool = False) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, chunked: bool = True, progress: bool = False,
+               rows: RowSplit | None = None) -> torch.Tensor | None:
         """Video ``[B, 3, 1 + 4 (T - 1), 8 h, 8 w]`` in [-1, 1] (float32).
 
         ``chunked`` decodes one latent frame at a time through a ``FrameCache`` into a preallocated output, so
         activation memory does not grow with the frame count; ``False`` decodes the whole clip at once.
-        ``progress`` reports the latent frames decoded (``lightq.progress``; chunked only).
+        ``progress`` reports the latent frames decoded (``lightq.progress``; chunked only). ``rows`` splits the
+        (chunked) decode over processes by latent rows: every process passes the whole ``latents``, and the video
+        is returned on rank 0 of the split, None on the others.
         """
         self._check_latents(latents)
         mean, std = self._stats(latents)
         z = self.conv2((latents.float() * std + mean).to(self._param_dtype()))
         if not chunked:
+            if rows is not None:
+                raise LightqError("a row-split VAE decode runs chunked: pass chunked=True")
             return self.decoder(z).float().clamp_(-1.0, 1.0)
+        if rows is not None:
+            z = rows.own(z)
         b, _, t, h, w = z.shape
         s, k = self.arch.spatial_factor, self.arch.temporal_factor
         video = torch.empty(b, 3, 1 + k * (t - 1), h * s, w * s, dtype=torch.float32, device=z.device)
-        cache = FrameCache()
+        cache = FrameCache(rows)
         start = 0
         with Progress(t, "VAE decode", "latent frames", progress) as bar:
             for i in range(t):
@@ -361,7 +408,7 @@ class WanVAE(nn.Module):
                 video[:, :, start : start + frames.shape[2]] = frames.float().clamp_(-1.0, 1.0)
                 start += frames.shape[2]
                 bar.update()
-        return video
+        return video if rows is None else rows.collect(video)
 
     def _check_video(self, video: torch.Tensor) -> None:
         check_video(self.arch, video)

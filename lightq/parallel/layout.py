@@ -12,6 +12,9 @@ attention on ``heads / sp`` heads, all-to-all back; ``sp`` must divide the head 
 gathers all keys and values and attends its own queries to them; any ``sp``), ``ring`` (key/value blocks passed
 around the ranks, partial softmaxes merged; any ``sp``, ``O(L / sp)`` memory; bf16 attention only), ``auto``
 (ulysses where ``sp`` divides the heads, else allgather), ``none`` (no token split: ``sp`` must be 1).
+
+``vae`` says who decodes the latents: ``split`` (every rank its latent rows, ``parallel.rows``; each rank needs
+one at least) or ``rank0`` (rank 0 alone, the others wait).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from ..errors import LightqError
 
 MODES = ("none", "ulysses", "allgather", "ring", "auto")
+VAE_MODES = ("split", "rank0")
 LAUNCH = "torchrun --nproc-per-node <N> -m lightq"
 
 
@@ -32,7 +36,8 @@ class Layout:
     local_rank: int
     cfg: int
     sp: int
-    attention: str  # none | ulysses | allgather (auto resolved)
+    attention: str  # none | ulysses | allgather | ring (auto resolved)
+    vae: str = "rank0"  # split | rank0
 
     @property
     def cfg_rank(self) -> int:
@@ -61,17 +66,22 @@ def launched_world(env=None) -> tuple[int, int, int]:
         raise LightqError(f"WORLD_SIZE / RANK / LOCAL_RANK must be integers (set by torchrun), got {exc}") from None
 
 
-def plan_layout(pcfg, heads: int, guided: bool, env=None, quantized_attention: bool = False) -> Layout:
-    """The layout of ``pcfg`` (``mode``, ``cfg``) for a DiT of ``heads`` heads, ``guided`` if the sampler runs CFG,
-    ``quantized_attention`` if an ``attn_quant`` mode is on; a LightqError names what does not fit and the fix."""
+def plan_layout(pcfg, heads: int, guided: bool, env=None, quantized_attention: bool = False,
+                latent_rows: int | None = None) -> Layout:
+    """The layout of ``pcfg`` (``mode``, ``cfg``, ``vae``) for a DiT of ``heads`` heads, ``guided`` if the sampler runs
+    CFG, ``quantized_attention`` if an ``attn_quant`` mode is on, ``latent_rows`` the latents' height (None: not
+    checked); a LightqError names what does not fit and the fix."""
     world, rank, local = launched_world(env)
-    mode, cfg = str(pcfg.mode), pcfg.cfg
+    mode, cfg, vae = str(pcfg.mode), pcfg.cfg, str(pcfg.vae)
     wanted = getattr(pcfg, "world", None)
     if wanted is not None and wanted != world:
         raise LightqError(f"parallel.world={wanted}: this run is written for {wanted} processes but {world} "
                           f"{'was' if world == 1 else 'were'} launched: torchrun --nproc-per-node {wanted} -m lightq ...")
     if mode not in MODES:
         raise LightqError(f"parallel.mode='{mode}': choose one of {', '.join(MODES)}")
+    if vae not in VAE_MODES:
+        raise LightqError(f"parallel.vae='{vae}': choose split (every process decodes its latent rows) or rank0 "
+                          "(rank 0 decodes alone)")
     if cfg not in (1, 2):
         raise LightqError(f"parallel.cfg={cfg}: choose 1 (no CFG parallelism) or 2 (the two CFG passes on two halves "
                           "of the processes)")
@@ -98,6 +108,9 @@ def plan_layout(pcfg, heads: int, guided: bool, env=None, quantized_attention: b
         raise LightqError("parallel.mode=ring merges each key block's partial softmax through its log-sum-exp, which "
                           "torch's bf16 flash attention returns and the attn_quant kernels do not: use "
                           "parallel.mode=ulysses or allgather with attn_quant, or attn_quant=none")
+    if vae == "split" and latent_rows is not None and latent_rows < world:
+        raise LightqError(f"parallel.vae=split gives each of the {world} processes one latent row at least, but the "
+                          f"latents have {latent_rows}: set parallel.vae=rank0, or make the video taller")
     if sp == 1:
         mode = "none"
     elif mode == "auto":
@@ -106,4 +119,4 @@ def plan_layout(pcfg, heads: int, guided: bool, env=None, quantized_attention: b
         raise LightqError(f"parallel.mode=ulysses splits the DiT's {heads} heads over {sp} processes, which does not "
                           f"divide them: use parallel.mode=allgather (or auto), or a process count whose sequence "
                           f"degree divides {heads}")
-    return Layout(world, rank, local, cfg, sp, mode)
+    return Layout(world, rank, local, cfg, sp, mode, vae)

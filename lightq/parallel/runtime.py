@@ -19,6 +19,7 @@ from ..models.attention import current_self_attention, use_self_attention
 from ..models.sequence import use_sequence_split
 from .guidance import split_guidance
 from .layout import Layout
+from .rows import RowSplit
 from .sequence_parallel import TokenSplit, allgather_attention, ring_attention, ulysses_attention
 
 # A rank that waits longer than this for the others has lost them (a crashed or killed peer).
@@ -52,6 +53,11 @@ class Runtime:
     def guidance(self):
         """The sampler's guidance function: the split CFG pass with ``parallel.cfg=2``, else None (one process's)."""
         return split_guidance(self.cfg_group, self.layout.cfg_rank) if self.layout.cfg == 2 else None
+
+    def decode_rows(self, rows: int) -> RowSplit | None:
+        """The VAE decode's split of ``rows`` latent rows over every rank (``parallel.vae=split``), else None."""
+        lay = self.layout
+        return RowSplit(dist.group.WORLD, lay.rank, lay.world, rows) if lay.vae == "split" else None
 
     def gather(self, value):
         """``value`` of every rank, in rank order (a picklable object)."""

@@ -34,9 +34,11 @@ def parallel_layout(cfg):
     from .sampler import needs_uncond
 
     m = cfg.model
-    heads = family(m.family).components["dit"].arch_table()[m.dit_arch].num_heads
+    fam = family(m.family)
+    heads = fam.components["dit"].arch_table()[m.dit_arch].num_heads
+    rows = fam.geometry(m).latent_shape(m.frames, *video_size(cfg))[2]
     return plan_layout(cfg.parallel, heads, needs_uncond(sampler_config(cfg)),
-                       quantized_attention=cfg.attn_quant.scheme != "none")
+                       quantized_attention=cfg.attn_quant.scheme != "none", latent_rows=rows)
 
 
 def sampler_config(cfg):

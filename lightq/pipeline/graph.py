@@ -128,12 +128,15 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         latents = sample(velocity, noise, scfg, cond, uncond if needs_uncond(scfg) else None, True,
                          on_step=steps.lap, keep=keep, guidance=run.guidance() if run else None)
     active.close()
-    parallel = _parallel_record(run, hw) if run else None
-    if run and not run.layout.is_writer:  # rank 0 decodes and writes; the others are done
+    rows = run.decode_rows(latents.shape[-2]) if run else None  # every rank decodes its rows, or rank 0 all
+    video = None
+    if rows is not None or not run or run.layout.is_writer:
+        with timer("decode"), offload.active(vae):
+            video = vae.decode(latents.float(), progress=not run or run.layout.is_writer, rows=rows)
+            video = None if video is None else video[0].transpose(0, 1).float().clamp(-1, 1).cpu()  # [F, 3, H, W]
+    parallel = _parallel_record(run, hw, rows) if run else None  # after the decode: its peak memory counts
+    if video is None:  # a rank other than 0: rank 0 writes the outputs
         return Generated(latents[0].float().cpu(), None, dict(timer.times), comps, parallel)
-    with timer("decode"), offload.active(vae):
-        video = vae.decode(latents.float(), progress=True)[0].transpose(0, 1)  # [F, 3, H, W]
-        video = video.float().clamp(-1, 1).cpu()
     timings = {**{k: timer.times[k] for k in ("load", "encode_text", "encode_image", "denoise", "decode")
                   if k in timer.times}, **steps.summary()}
     log.info("stage times (s): %s", timings)
@@ -150,14 +153,15 @@ def _parallel_runtime(cfg, hw: Hardware):
     return start(layout, hw.is_cuda) if layout.world > 1 else None
 
 
-def _parallel_record(run, hw: Hardware) -> dict:
-    """result.json's ``parallel``: the layout, and every rank's device and peak GPU memory (a collective: every rank
-    calls it)."""
+def _parallel_record(run, hw: Hardware, rows) -> dict:
+    """result.json's ``parallel``: the layout, who decoded (``vae``: split, with each rank's latent rows, or rank0),
+    and every rank's device and peak GPU memory (a collective: every rank calls it)."""
     lay = run.layout
     mine = {"rank": lay.rank, "device": torch.cuda.current_device() if hw.is_cuda else "cpu",
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if hw.is_cuda else 0}
+    vae = {"vae": lay.vae, **({"vae_rows": rows.sizes} if rows is not None else {})}
     return {"world_size": lay.world, "layout": lay.describe(), "cfg": lay.cfg, "sequence": lay.sp,
-            "attention": lay.attention, "ranks": run.gather(mine)}
+            "attention": lay.attention, **vae, "ranks": run.gather(mine)}
 
 
 class Experts:
