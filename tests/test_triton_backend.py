@@ -430,3 +430,119 @@ def test_blocks_on_other_backends_are_not_fused(kernels):
     assert fused_block.fuse_dit_blocks(model) == 0
     with pytest.raises(ValueError, match="cannot fuse"):
         fused_block.FusedBlock.convert(model.blocks[0])
+
+
+def _side_path(n: int, k: int, r: int, strength: float, gen):
+    """A LoRA side path ``[r, k]`` / ``[n, r]`` (bf16 factors, alpha / r = 0.5) at ``strength``."""
+    from lightq.quant.lora import LowRankPath
+
+    down = (torch.randn(r, k, generator=gen) * 0.2).bfloat16()
+    up = (torch.randn(n, r, generator=gen) * 0.2).bfloat16()
+    alpha = torch.full((r,), 0.5)
+    return LowRankPath(down, up, [0] * r, alpha, alpha * strength)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_down_projection_within_its_derived_bound(kernels, scheme):
+    """A QLinear on the triton backend with a quantized down-projection (docs/LORA.md, "unmerged"):
+
+        y = bf16(y_base + h B^T),  h = bf16(s_x s_A scale (x_q . A_q))  =  bf16(scale dq(x) dq(A)^T)
+
+    against the side path with the exact A, y_true = y_base + (scale dq(x) A^T) B^T, per element
+
+        |y - y_true| <= 2u |y| + (u |h| + |scale| |dq(x)| |e(A)|^T + 2 K 2**-24 |scale| |dq(x)| |dq(A)|^T) |B|^T
+                        + 2 r 2**-24 |h| |B|^T
+
+    u = 2**-8 (bf16: the rounding of h, and of the output, allowed twice for an addmm that rounds its product
+    before adding); e(A) = dq(A_q) - A; the 2**-24 terms the fp32 accumulations over K and r. The same bound with
+    the format's worst case for e(A) (fp8: max(|A| 2**-4, s_A 2**-10); int8: s_A / 2) holds for any A. Strength 0
+    gives the base output bit for bit; set_strengths equals a path built at the new strength, bit for bit."""
+    from lightq.backends.triton_backend import TritonBackend
+    from lightq.quant.linear import QLinear
+
+    gen = torch.Generator().manual_seed(11)
+    n, k, r = 48, 96, 8
+    backend = TritonBackend(specs()["triton"])
+    qw = S.quantize_weight(torch.randn(n, k, generator=gen) / k ** 0.5, scheme)
+    base = QLinear(qw, None, backend)
+    lin = QLinear(qw, None, backend)
+    lin.lora = _side_path(n, k, r, 0.8, gen)
+    down, up = lin.lora.down.double(), lin.lora.up.double()
+    lin.lora.quantize_down(scheme)
+    assert lin.lora.down_codes.shape == (16, k) and not lin.lora.down_codes[r:].float().any()
+    assert not lin.lora.down_gemm_scale[r:].any(), "padding rows must add nothing"
+    ref_q = S.quantize_weight(down.float(), scheme)
+    assert torch.equal(lin.lora.down_codes[:r].view(torch.int8), ref_q.data.view(torch.int8))
+    x = torch.randn(2, 17, k, generator=gen).bfloat16()
+    y_base, y = base(x), lin(x)
+    assert y.shape == (2, 17, n) and y.dtype == torch.bfloat16
+    xq, sx = backend.quantize_activation(x.reshape(-1, k), scheme)
+    xd = (xq.float() * sx).double()
+    a_hat = S.dequantize_weight(ref_q).double()
+    scale = 0.8 * 0.5
+    h = scale * xd @ a_hat.t()
+    y_true = y_base.reshape(-1, n).double() + (scale * xd @ down.t()) @ up.t()
+    u, yd, b = 2 ** -8, y.reshape(-1, n).double(), up.abs()
+    fp32 = 2 * k * 2 ** -24 * scale * xd.abs() @ a_hat.abs().t()
+
+    def bound(e_a):
+        return (2 * u * yd.abs() + (u * h.abs() + scale * xd.abs() @ e_a.t() + fp32) @ b.t()
+                + 2 * r * 2 ** -24 * h.abs() @ b.t())
+
+    err = (yd - y_true).abs()
+    e_a = (a_hat - down).abs()
+    s_a = ref_q.scale.double()
+    worst = torch.maximum(down.abs() * 2 ** -4, s_a * 2 ** -10) if scheme == "fp8" else s_a.expand_as(down) / 2
+    assert bool((e_a <= worst * (1 + 2 ** -20)).all()), "the format bound of e(A)"
+    assert bool((err <= bound(e_a)).all()), f"worst excess {(err - bound(e_a)).max().item():.3e}"
+    assert bool((err <= bound(worst)).all())
+    missing = (y_base.reshape(-1, n).double() - y_true).abs() > bound(e_a)  # y without its side path
+    assert missing.double().mean() > 0.5, "the bound is too loose to tell a missing side path"
+    lin.lora.set_strengths([0.0])
+    assert torch.equal(lin(x), y_base), "strength 0 must be the base GEMM bit for bit"
+    lin.lora.set_strengths([0.3])
+    fresh = QLinear(qw, None, backend)
+    fresh.lora = _side_path(n, k, r, 0.3, torch.Generator().manual_seed(0))
+    fresh.lora.up.copy_(lin.lora.up)
+    fresh.lora.down.copy_(down.bfloat16())
+    fresh.lora.quantize_down(scheme)
+    assert torch.equal(lin(x), fresh(x)), "set_strengths must equal a path built at that strength"
+
+
+@needs_interpreter
+def test_fused_block_with_quantized_down_projections_matches_the_unfused_block(kernels):
+    """Side paths with quantized down-projections on every fused linear (q/k/v joined into one path): the fused
+    block equals the unfused block running the same paths through QLinear.forward (same codes, same GEMMs; the
+    fused kernels' reduction order only), and its LoRA contribution is real."""
+    from lightq.backends.triton_backend import TritonBackend
+    from lightq.checkpoints.loader import load_component
+    from lightq.fused.wan_block import FUSED_LINEARS
+    from lightq.models.family import QUANTIZABLE
+    from lightq.models.rope import rope_tables
+    from lightq.models.wan_dit import DiTArch, WanDiT
+
+    fused_block = kernels[3]
+    arch = DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=1, text_dim=128)
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"],
+                           method=QuantMethod("int8", TritonBackend(specs()["triton"])), dtype=torch.bfloat16,
+                           progress=False)
+    gen = torch.Generator().manual_seed(3)
+    block = model.blocks[0]
+    args = (torch.randn(1, 16, 128, generator=gen), torch.randn(1, 6, 128, generator=gen) * 0.1,
+            rope_tables((2, 2, 4), 64, torch.device("cpu")), torch.randn(1, 8, 128, generator=gen).bfloat16(),
+            None, torch.bfloat16)
+    plain = block(*args)
+    for name in FUSED_LINEARS:
+        lin = block.get_submodule(name)
+        lin.lora = _side_path(lin.out_features, lin.in_features, 4, 1.0, gen)
+        lin.lora.quantize_down("int8")
+    unfused = block(*args)
+    assert fused_block.fuse_dit_blocks(model) == 1
+    joint = block.self_attn.qkv_lora
+    assert joint.codes_scheme == "int8" and joint.rank == 12 and joint.down_codes.shape[0] == 16
+    fused = block(*args)
+    x = args[0]
+    assert ((unfused - plain).norm() / (plain - x).norm()).item() > 0.05, "the LoRAs barely change the block"
+    err = ((fused - unfused).norm() / (unfused - x).norm()).item()
+    assert err < 1e-3, f"fused block with LoRA differs from the unfused one by {err:.2e} (relative L2)"

@@ -270,6 +270,7 @@ class LoraStack:
             for key, term in f.terms.items():
                 self.terms.setdefault(key, []).append(term)
         self.requantized = 0
+        self.quantized_down = True  # False keeps the bf16 down-projection everywhere (the benchmark compares both)
         self._kept: dict[str, torch.Tensor] = {}  # unmerged full deltas: the tensor as stored, to re-merge
 
     @property
@@ -305,10 +306,15 @@ class LoraStack:
         return _cast(self.merged(key, t, full_only=True), dtype, t)
 
     def attach_side_path(self, linear: nn.Module, name: str, dtype: torch.dtype, device) -> None:
-        """Unmerged: give ``linear`` the side path of its low-rank terms (nothing when it has none)."""
+        """Unmerged: give ``linear`` the side path of its low-rank terms (nothing when it has none). On a QLinear
+        whose backend splits activation quantization from its GEMM (``split_gemm``) and whose scheme is fp8 / int8,
+        the down-projection is quantized (``LowRankPath.quantize_down``) unless ``quantized_down`` is False."""
         terms = self.low_rank(name + ".weight")
         if terms and not self.merged_mode:
-            attach(linear, LowRankPath.of(terms, self.strengths, dtype, device))
+            path = LowRankPath.of(terms, self.strengths, dtype, device)
+            if self.quantized_down and codes_fit(linear):
+                path.quantize_down(linear.scheme)
+            attach(linear, path)
 
     def set_strengths(self, model: nn.Module, strengths: list[float]) -> None:
         """Unmerged: one new strength per LoRA, applied in place (side paths rescaled, full deltas re-merged from
@@ -337,6 +343,15 @@ class LoraStack:
             out["note"] = (f"the checkpoint is pre-quantized: {self.requantized} layers were dequantized, merged and "
                            "requantized (a LoRA merged into the bf16 weights is the exact path)")
         return out
+
+
+def codes_fit(linear: nn.Module) -> bool:
+    """The rule for a quantized down-projection: ``linear`` is a QLinear of a per-token x per-channel scheme on a
+    backend with a separate GEMM (``split_gemm``), whose activation codes the side path then shares."""
+    from ..quant.linear import QLinear
+    from ..quant.lora import CODE_SCHEMES
+
+    return isinstance(linear, QLinear) and linear.backend.split_gemm and linear.scheme in CODE_SCHEMES
 
 
 def _cast(merged: torch.Tensor, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ with the quantization moved into the kernels that produce each linear's input:
 
 so no bf16 normalised activation is written and re-read, q/k/v are quantized once for one GEMM, and the RMSNorm /
 RoPE chain (7 elementwise passes in fp32 in the unfused block) is one kernel per tensor. An unmerged LoRA's side
-path is added to each GEMM's output from that GEMM's quantized activation (``LowRankPath.add_quantized``; q/k/v
-share one path on their input, ``qkv_lora``); o and the text k/v run as QLinears, with theirs. The numerics are the
+path is added to each GEMM's output from that GEMM's quantized activation (``LowRankPath.add``: the quantized
+down-projection on the backend's GEMM, or the bf16 one; q/k/v share one path on their input, ``qkv_lora``); o and the text k/v run as QLinears, with theirs. The numerics are the
 unfused block's up to reduction order (see ``lightq.kernels.fused_norm_quant``). The q/k/v QLinears keep their buffers as views of
 the concatenated weight, so a fused model holds no second copy (moving it to another device materialises the views
 separately: fuse after placing the model).
@@ -76,7 +76,7 @@ def fuse_dit_blocks(model: nn.Module) -> int:
 def _gemm(lin: QLinear, xq: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The linear's GEMM on an activation quantized by a fused kernel, plus its unmerged LoRA side path if any."""
     y = lin.backend.gemm_only(xq, sx, lin.packed(), lin.bias, dtype)
-    return y if lin.lora is None else lin.lora.add_quantized(y, xq, sx)
+    return y if lin.lora is None else lin.lora.add(y, xq, sx, lin.backend)
 
 
 class FusedSelfAttention(SelfAttention):
@@ -91,7 +91,7 @@ class FusedSelfAttention(SelfAttention):
         xq, sx = norm_quant(x2, seq_len, None, None, mod, 0, 1, eps, self.q.scheme == "fp8", dtype)
         packed = {"data": self.qkv_data, "scale": self.qkv_scale}
         qkv = self.q.backend.gemm_only(xq, sx, packed, self.qkv_bias, dtype)
-        return qkv if self.qkv_lora is None else self.qkv_lora.add_quantized(qkv, xq, sx)
+        return qkv if self.qkv_lora is None else self.qkv_lora.add(qkv, xq, sx, self.q.backend)
 
     def attend(self, qkv: torch.Tensor, b: int, seq_len: int, rope) -> torch.Tensor:
         cos, sin = rope

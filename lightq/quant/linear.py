@@ -2,7 +2,8 @@
 
 A ``QLinear`` holds the backend's packed tensors as buffers (so ``.to(device)`` and offloading move them), the
 high-precision bias, and calls ``backend.apply``; an unmerged LoRA adds its side path ``lora``
-(``lightq.quant.lora.LowRankPath``) to that output. Which linears of a model are quantized is decided by two lists
+(``lightq.quant.lora.LowRankPath``) to that output (with a quantized down-projection the activation is quantized
+once, by the backend's ``quantize_activation``, for both GEMMs). Which linears of a model are quantized is decided by two lists
 of ``fnmatch`` patterns over module names: ``include`` (the component's quantizable linears, e.g.
 ``blocks.*.self_attn.q``) and ``skip`` (the user's exceptions). A name must match ``include`` and no ``skip``.
 """
@@ -42,6 +43,11 @@ class QLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.packed().values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None and self.lora.codes_scheme is not None:
+            x2 = self.backend.flat_input(x, self.in_features, self.scheme, contiguous=False)
+            xq, sx = self.backend.quantize_activation(x2, self.scheme)
+            y = self.backend.gemm_only(xq, sx, self.packed(), self.bias, x.dtype)
+            return self.lora.add_codes(y, xq, sx, self.backend).view(*x.shape[:-1], -1)
         y = self.backend.apply(x, self.packed(), self.scheme, self.bias)
         return y if self.lora is None else self.lora(x, y)
 

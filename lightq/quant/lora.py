@@ -19,6 +19,17 @@ accumulation), the second one accumulating into the base output (``addmm``). ``s
 in place: no reload. A path whose strengths are all 0 adds nothing (the output is the base GEMM's, bit for bit).
 On a fused DiT block the bf16 activation is never written, so the path reads the block's quantized activation
 (``add_quantized``: ``((x_q @ A^T) * s_x * scale) @ B^T``, ``x_q`` cast exactly to the run's dtype).
+
+Quantized down-projection (``quantize_down``; the loader asks for it where the linear's backend splits activation
+quantization from its GEMM, ``split_gemm``, and the scheme is per-token x per-channel, fp8 / int8): ``A`` is
+quantized once, per rank row, in the linear's scheme (codes ``A_q``, scales ``s_A`` ``[R, 1]``; rows padded with
+zeros to a multiple of 16, the fp8 GEMM's rule), and the down-projection is the backend's own GEMM on the linear's
+quantized activation, ``h = gemm(x_q, s_x; A_q, s_A * scale)`` in the run's dtype (``add_codes``): the strengths
+ride in that GEMM's per-channel scale, so no pass over ``x`` or ``h`` is added and ``set_strengths`` rewrites ``R``
+floats; then ``y += h @ B^T`` in place (``addmm``, ``B`` in the run's dtype as before). What changes against the
+bf16 down-projection is ``A``'s quantization error ``e(A) = dq(A_q) - A`` (fp8: ``|e| <= max(|A| 2**-4, s_A
+2**-10)``, int8: ``|e| <= s_A / 2``) seen through ``x`` and ``B``: ``h`` moves by ``scale * dq(x_q) e(A)^T``
+(docs/LORA.md, "unmerged", states the bound the tests check).
 """
 
 from __future__ import annotations
@@ -28,6 +39,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+CODE_SCHEMES = ("fp8", "int8")  # per-token x per-channel: the down GEMM can share the linear's quantized activation
+CODE_ROWS = 16  # the codes' rows are padded to a multiple of this (torch._scaled_mm's rule for N)
 
 
 @dataclass
@@ -71,7 +85,8 @@ def merge(w: torch.Tensor, terms: list[Term], strengths: list[float]) -> torch.T
 class LowRankPath(nn.Module):
     """The unmerged side path of one linear (module docstring). ``down`` ``[R, K]``, ``up`` ``[N, R]`` in the run's
     dtype; ``scale`` fp32 ``[R]``; per rank row, the index of its LoRA (``rank_lora``) and its ``alpha / r``
-    (``rank_alpha``), from which ``set_strengths`` recomputes ``scale``.
+    (``rank_alpha``), from which ``set_strengths`` recomputes ``scale``. After ``quantize_down`` the path holds
+    ``down_codes`` ``[Rp, K]``, ``down_code_scale`` and ``down_gemm_scale`` ``[Rp, 1]`` instead of ``down``.
 
     ``segments`` (``shared_input``): one path for linears that share their input and whose outputs are
     concatenated (the fused q/k/v GEMM): ``(output offset, first rank row, rank)`` per linear, ``up`` ``[n, R]``
@@ -85,17 +100,19 @@ class LowRankPath(nn.Module):
         self.register_buffer("up", up.contiguous(), persistent=False)
         self.register_buffer("rank_alpha", rank_alpha.float().contiguous(), persistent=False)
         self.register_buffer("scale", scale.float().contiguous(), persistent=False)
+        self.rank, self.in_features = down.shape
         self.rank_lora = list(rank_lora)
         self.segments = segments
         self.active = bool((self.scale != 0).any())
+        self.codes_scheme: str | None = None  # set by quantize_down
 
     @classmethod
     def of(cls, parts: list[Term], strengths: list[float], dtype: torch.dtype, device) -> "LowRankPath":
         """The path of one linear from its LoRAs' low-rank terms, concatenated along the rank."""
         downs, ups, lora, alpha = [], [], [], []
         for t in parts:
-            downs.append(t.delta.down.to(device, dtype))
-            ups.append(t.delta.up.to(device, dtype))
+            downs.append(t.delta.down.to(device).to(dtype))
+            ups.append(t.delta.up.to(device).to(dtype))
             lora += [t.lora] * t.delta.rank
             alpha += [t.delta.alpha_over_rank] * t.delta.rank
         rank_alpha = torch.tensor(alpha, dtype=torch.float32, device=device)
@@ -104,23 +121,63 @@ class LowRankPath(nn.Module):
     @classmethod
     def shared_input(cls, paths: list["LowRankPath | None"], out_features: int) -> "LowRankPath | None":
         """One path for linears of ``out_features`` outputs each that share their input, their outputs concatenated
-        in order (class docstring); ``None`` entries are linears without a LoRA."""
+        in order (class docstring); ``None`` entries are linears without a LoRA. Quantized parts (all of one
+        scheme) give a quantized joint path: per-row codes, so the joint codes are the parts' rows concatenated."""
         present = [(i, p) for i, p in enumerate(paths) if p is not None]
         if not present:
             return None
         segments, row = [], 0
         for i, p in present:
-            segments.append((i * out_features, row, p.down.shape[0]))
-            row += p.down.shape[0]
+            segments.append((i * out_features, row, p.rank))
+            row += p.rank
         ps = [p for _, p in present]
-        return cls(torch.cat([p.down for p in ps]), torch.cat([p.up for p in ps], dim=1),
-                   [j for p in ps for j in p.rank_lora], torch.cat([p.rank_alpha for p in ps]),
-                   torch.cat([p.scale for p in ps]), segments)
+        schemes = {p.codes_scheme for p in ps}
+        if len(schemes) != 1:
+            raise ValueError(f"shared_input: the paths mix down-projections {sorted(map(str, schemes))}")
+        scheme = schemes.pop()
+        if scheme is None:
+            down = torch.cat([p.down for p in ps])
+        else:  # a placeholder of the right shape; the codes are taken below
+            down = torch.empty(row, ps[0].in_features, dtype=ps[0].up.dtype, device=ps[0].up.device)
+        joint = cls(down, torch.cat([p.up for p in ps], dim=1), [j for p in ps for j in p.rank_lora],
+                    torch.cat([p.rank_alpha for p in ps]), torch.cat([p.scale for p in ps]), segments)
+        if scheme is not None:
+            joint._hold_codes(scheme, torch.cat([p.down_codes[:p.rank] for p in ps]),
+                              torch.cat([p.down_code_scale[:p.rank] for p in ps]))
+        return joint
+
+    def quantize_down(self, scheme: str) -> None:
+        """Replace ``down`` by its ``scheme`` codes, per rank row (module docstring), for ``add_codes``."""
+        from .schemes import quantize_weight
+
+        if scheme not in CODE_SCHEMES:
+            raise ValueError(f"quantize_down takes one of {CODE_SCHEMES}, got {scheme!r}")
+        qw = quantize_weight(self.down, scheme, name="lora_down")
+        self._hold_codes(scheme, qw.data, qw.scale)
+
+    def _hold_codes(self, scheme: str, codes: torch.Tensor, code_scale: torch.Tensor) -> None:
+        """Keep ``codes`` ``[R, K]`` / ``code_scale`` ``[R, 1]`` padded with zero rows (scale 1, as ``quantize_weight``
+        gives a zero row) to a multiple of ``CODE_ROWS``; drop ``down``."""
+        pad = -(-self.rank // CODE_ROWS) * CODE_ROWS - self.rank
+        codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+        code_scale = torch.cat([code_scale.float(), code_scale.new_ones(pad, 1, dtype=torch.float32)])
+        del self.down
+        self.register_buffer("down_codes", codes.contiguous(), persistent=False)
+        self.register_buffer("down_code_scale", code_scale.contiguous(), persistent=False)
+        self.register_buffer("down_gemm_scale", torch.zeros_like(code_scale), persistent=False)
+        self.codes_scheme = scheme
+        self._scale_codes()
+
+    def _scale_codes(self) -> None:
+        """``down_gemm_scale = down_code_scale * scale`` on the rank rows, 0 on the padding rows (in place)."""
+        self.down_gemm_scale[:self.rank].copy_(self.down_code_scale[:self.rank] * self.scale[:, None])
 
     def set_strengths(self, strengths: list[float]) -> None:
         """Recompute ``scale`` in place (the tensor offload placed stays bound) from one strength per LoRA."""
         self.scale.copy_(_scale(self.rank_lora, self.rank_alpha, strengths))
         self.active = any(float(strengths[i]) != 0.0 for i in self.rank_lora)
+        if self.codes_scheme is not None:
+            self._scale_codes()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y + ((x @ A^T) * scale) @ B^T`` for the linear's input ``x`` ``[..., K]`` and output ``y`` ``[..., N]``."""
@@ -139,17 +196,34 @@ class LowRankPath(nn.Module):
         h = torch.mm(xq.to(dt), self.down.to(dt).t())
         return self._add_up(y, (h.float() * sx * self.scale).to(dt))
 
-    def _add_up(self, y2: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``y2 + h @ up^T`` (``[M, N]``): one ``addmm``, or per segment in place into its output columns."""
+    def add_codes(self, y: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, backend) -> torch.Tensor:
+        """``y + gemm(x_q, s_x; A_q, s_A * scale) @ B^T`` (the quantized down-projection on ``backend``'s
+        ``gemm_only``) for the linear's quantized activation ``x_q`` ``[M, K]`` and output ``y`` ``[M, N]``."""
+        if not self.active:
+            return y
+        h = backend.gemm_only(xq, sx, {"data": self.down_codes, "scale": self.down_gemm_scale}, None, y.dtype)
+        return self._add_up(y, h[:, :self.rank], inplace=True)
+
+    def add(self, y: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, backend) -> torch.Tensor:
+        """The side path on a quantized activation: ``add_codes`` when the down-projection is quantized, else
+        ``add_quantized``."""
+        if self.codes_scheme is not None:
+            return self.add_codes(y, xq, sx, backend)
+        return self.add_quantized(y, xq, sx)
+
+    def _add_up(self, y2: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``y2 + h @ up^T`` (``[M, N]``): one ``addmm`` (into ``y2`` when ``inplace``), or per segment in place
+        into its output columns."""
         up = self.up.to(y2.dtype)
         if self.segments is None:
-            return torch.addmm(y2, h, up.t())
+            return y2.addmm_(h, up.t()) if inplace else torch.addmm(y2, h, up.t())
         for out, row, rank in self.segments:
             y2[:, out:out + up.shape[0]].addmm_(h[:, row:row + rank], up[:, row:row + rank].t())
         return y2
 
     def extra_repr(self) -> str:
-        return f"rank={self.down.shape[0]}, in={self.down.shape[1]}, out={self.up.shape[0]}"
+        down = f", down={self.codes_scheme}" if self.codes_scheme else ""
+        return f"rank={self.rank}, in={self.in_features}, out={self.up.shape[0]}{down}"
 
 
 class LoraLinear(nn.Linear):
