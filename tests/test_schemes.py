@@ -283,3 +283,20 @@ def test_quantized_weight_nbytes_and_to():
     moved = qw.to("cpu")
     assert moved.scheme == qw.scheme and torch.equal(moved.data, qw.data)
     assert (moved.out_features, moved.in_features) == (256, 512)
+
+
+def test_all_finite_is_exact_also_when_the_sum_overflows():
+    """all_finite: a finite sum proves every value finite; a NaN / Inf anywhere is found, and finite values whose
+    sum overflows (the fast proof fails) are still reported finite by the element-wise check."""
+    from lightq.quant.schemes import all_finite
+
+    t = torch.randn(1000, 37)
+    assert all_finite(t) and all_finite(t.bfloat16()) and all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[999, 36] = bad
+        assert not all_finite(u) and not all_finite(u.bfloat16())
+    big = torch.full((64,), 3e38)
+    assert not bool(torch.isfinite(big.sum())) and all_finite(big)
+    with pytest.raises(QuantizationError, match="1 NaN/Inf"):
+        S.quantize_weight(torch.cat([big[None, :4], torch.tensor([[1.0, float("nan"), 2.0, 3.0]])]), "fp8")

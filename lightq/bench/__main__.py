@@ -34,6 +34,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                      "(fp8-triton+fast_accum is dit_quant=fp8-triton)")
     lra.add_argument("--rank", type=int, default=64, help="LoRA rank on every block linear")
     lra.add_argument("--layers", type=int, default=2, help="blocks built")
+    lra.add_argument("--load-layers", type=int, default=None,
+                     help="also time the load without LoRA and merged on a build of this many blocks (40: the whole "
+                          "14B DiT; writes it to a temporary file, about 28 GB at 14B)")
     lra.add_argument("--iters", type=int, default=20, help="timed block calls (median)")
     lra.add_argument("--repeat", type=int, default=3, help="loads timed per case (best)")
     lra.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "lora":
             from .lora import run
 
-            run(args.model, args.mode, args.rank, args.layers, args.iters, args.repeat, args.json)
+            run(args.model, args.mode, args.rank, args.layers, args.iters, args.repeat, args.json, args.load_layers)
         elif args.command == "pipeline":
             from .pipeline import run
 

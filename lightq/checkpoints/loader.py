@@ -41,7 +41,7 @@ from ..errors import CheckpointError
 from ..progress import Progress
 from ..quant.linear import selected, set_submodule
 from ..quant.method import QuantMethod
-from ..quant.schemes import dequantize_weight, quantize_weight
+from ..quant.schemes import all_finite, dequantize_weight, quantize_weight
 from . import formats
 from .sources import TensorSource
 
@@ -223,7 +223,7 @@ def random_tensor(shape: tuple, stream: int, std: float, device: torch.device) -
 def _finite(t: torch.Tensor, key: str, source) -> torch.Tensor:
     """``t`` if every value is finite; a float tensor holding NaN or Inf (as stored, or after the cast to the run's
     dtype) is a CheckpointError now, not a diverged video after the whole run."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         where = source.file_of(key) if not isinstance(source, str) else "weights=random"
         raise CheckpointError(f"{where}: tensor '{key}' holds {bad} NaN/Inf value(s) of {t.numel()} as {t.dtype}: the "

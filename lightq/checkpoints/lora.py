@@ -44,6 +44,7 @@ from torch import nn
 from ..config import LORA_MODES, lora_entries
 from ..errors import CheckpointError, LightqError
 from ..quant.lora import LowRank, LowRankPath, Term, attach, merge
+from ..quant.schemes import all_finite
 
 LORA_COMPONENTS = ("dit",)  # the published Wan LoRA layouts target the DiT only (text-encoder keys are refused)
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
@@ -201,7 +202,7 @@ def _tensor(source, where: str, key: str) -> torch.Tensor:
     t = source[key]
     if not t.is_floating_point():
         raise CheckpointError(f"{where}: '{key}' is {t.dtype}, a LoRA tensor must be floating point")
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise CheckpointError(f"{where}: '{key}' holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s): the file "
                               "is damaged, download or export it again")
     return t

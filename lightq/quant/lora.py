@@ -67,19 +67,22 @@ class Term:
 
 
 def merge(w: torch.Tensor, terms: list[Term], strengths: list[float]) -> torch.Tensor:
-    """The merged tensor ``W'`` in fp32 on ``w``'s device (module docstring)."""
-    acc = w.detach().double()
+    """The merged tensor ``W'`` in fp32 on ``w``'s device (module docstring). The factors travel in their stored
+    dtype and widen to float64 on ``w``'s device; the first term's float64 tensor takes ``w`` in place (``t_1 + W``
+    is ``W + t_1``, bit for bit), so no float64 copy of ``W`` is made."""
+    acc = None
+    dev = w.device
     for term in terms:
         s = float(strengths[term.lora])
         if s == 0.0:
             continue
         d = term.delta
         if isinstance(d, LowRank):
-            product = d.up.to(acc.device, torch.float64) @ d.down.to(acc.device, torch.float64)
-            acc.add_(product.mul_(s * d.alpha_over_rank))
+            t = (d.up.to(dev).double() @ d.down.to(dev).double()).mul_(s * d.alpha_over_rank)
         else:
-            acc.add_(d.to(acc.device, torch.float64).mul_(s))
-    return acc.float()
+            t = d.to(dev).double().mul_(s)
+        acc = t.add_(w.detach()) if acc is None else acc.add_(t)
+    return w.detach().float() if acc is None else acc.float()
 
 
 class LowRankPath(nn.Module):

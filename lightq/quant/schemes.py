@@ -96,8 +96,16 @@ def check_quantizable(scheme: str, shape: tuple[int, ...], name: str = "weight")
         )
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every value of ``t`` is finite. A sum is NaN or infinite as soon as one term is, so a finite sum
+    proves it in one reduction (an order of magnitude faster than ``isfinite`` on a CPU, and no bool tensor of
+    ``t``'s size on any device); only a non-finite sum (a bad value, or finite values whose sum overflows) is
+    looked at element by element."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_finite(w: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         bad = (~torch.isfinite(w)).sum().item()
         raise QuantizationError(f"{name}: {bad} NaN/Inf values in the weight; fix or re-export the checkpoint")
 
