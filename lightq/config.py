@@ -105,7 +105,9 @@ class ModelConfig:
 @dataclass
 class SamplerConfig:
     """Flow-matching sampler; ``None`` fields take the model's defaults (steps, shift, guide_scale). A
-    ``guide_scale`` given here applies to both experts of a two-expert model unless ``guide_scale_low`` is given."""
+    ``guide_scale`` given here applies to both experts of a two-expert model unless ``guide_scale_low`` is given.
+    ``boundary_step`` (two experts): the high-noise expert runs steps ``0 .. boundary_step - 1``, the low-noise one
+    the rest, in place of ``model.boundary``'s timestep rule (LightX2V's ``boundary_step_index``)."""
 
     name: str = "unipc"
     steps: Optional[int] = None
@@ -113,6 +115,7 @@ class SamplerConfig:
     guide_scale: Optional[float] = None
     guide_scale_low: Optional[float] = None
     denoising_steps: Optional[list[int]] = None
+    boundary_step: Optional[int] = None
 
 
 @dataclass
@@ -331,6 +334,7 @@ def validate(cfg: Any) -> None:
 
     fam = family(cfg.model.family)
     fam.components_of(cfg.model.task)  # an unknown task is an error here
+    _validate_lightx2v_class(cfg)
     if cfg.lora and fam.experts:
         raise LightqError(f"lora= applies to one DiT and model={cfg.model.name} has {len(fam.experts)} denoising "
                           f"experts ({', '.join(fam.experts)}): per-expert LoRAs are not supported yet; drop lora=")
@@ -369,6 +373,20 @@ def validate(cfg: Any) -> None:
     _validate_task_inputs(cfg)
 
 
+def _validate_lightx2v_class(cfg: Any) -> None:
+    """A ``from_lightx2v=`` config runs on a model of its LightX2V class's family (``lightx2v.keys.CLASS_FAMILIES``):
+    its keys mean what they mean there (two experts' boundary, the TI2V latent channels)."""
+    cls = cfg.from_lightx2v.model_cls
+    if cls is None:
+        return
+    from .lightx2v.keys import CLASS_FAMILIES
+
+    want = CLASS_FAMILIES.get(cls)
+    if want is not None and cfg.model.family != want:
+        raise LightqError(f"from_lightx2v: LightX2V's model class {cls} runs a {want} model; model={cfg.model.name} "
+                          f"is {cfg.model.family}: pick a {want} model (python -m lightq --help lists them)")
+
+
 def _validate_experts(cfg: Any, fam) -> None:
     """A quantization mode for a component the model does not have would be ignored: an error; a two-expert model
     needs its low-noise expert's architecture and the boundary between the two."""
@@ -389,9 +407,15 @@ def _validate_experts(cfg: Any, fam) -> None:
         if not 0.0 < m.boundary < 1.0:
             raise LightqError(f"model.boundary={m.boundary}: choose a value between 0 and 1 (the official 0.875 "
                               "for T2V-A14B, 0.9 for I2V-A14B)")
-    elif m.boundary is not None or m.guide_scale_low is not None or cfg.sampler.guide_scale_low is not None:
-        raise LightqError(f"model.boundary / guide_scale_low belong to two-expert models; model={m.name} has one "
-                          "DiT: drop them")
+        if cfg.sampler.boundary_step is not None:
+            from .pipeline.components import sampler_config
+            from .pipeline.sampler import timesteps
+
+            timesteps(sampler_config(cfg))  # checks boundary_step against the run's step count
+    elif m.boundary is not None or m.guide_scale_low is not None or cfg.sampler.guide_scale_low is not None \
+            or cfg.sampler.boundary_step is not None:
+        raise LightqError(f"model.boundary / guide_scale_low / sampler.boundary_step belong to two-expert models; "
+                          f"model={m.name} has one DiT: drop them")
 
 
 def _validate_task_inputs(cfg: Any) -> None:

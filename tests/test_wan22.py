@@ -194,6 +194,27 @@ def test_experts_switch_once_at_the_boundary_and_only_one_is_active():
     assert offload.calls == [("start", "high"), ("release", "high"), ("start", "low"), ("release", "low")]
 
 
+def test_boundary_step_picks_experts_by_index_and_wins_over_the_boundary():
+    cfg = SamplerConfig(steps=6, shift=5.0, boundary=0.1, boundary_step=2)  # the timestep rule: all six high
+    offload = RecordingOffload()
+    experts = Experts(["high", "low"], cfg, offload)
+    picked = [experts.at(t) for t in timesteps(cfg).timesteps.tolist()]
+    assert picked == ["high"] * 2 + ["low"] * 4
+    assert offload.calls == [("start", "high"), ("release", "high"), ("start", "low")]
+    assert all(high_noise(SamplerConfig(steps=6, boundary=0.9, boundary_step=6), t)
+               for t in timesteps(cfg).timesteps.tolist())
+    with pytest.raises(LightqError, match="boundary_step=7: give an integer from 0 to 6"):
+        timesteps(SamplerConfig(steps=6, boundary=0.9, boundary_step=7))
+    with pytest.raises(LightqError, match="this model has one DiT"):
+        timesteps(SamplerConfig(steps=6, boundary_step=2))
+    many = SamplerConfig(steps=2000, shift=1.0, boundary=0.5, boundary_step=1)  # integer t, 2 steps per value
+    ts = timesteps(many).timesteps.tolist()
+    k = next(i for i in range(1, len(ts)) if ts[i] == ts[i - 1])
+    many.boundary_step = k
+    with pytest.raises(LightqError, match=f"steps {k - 1} and {k} share timestep"):
+        high_noise(many, ts[0])
+
+
 # --- config rules --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -221,6 +242,8 @@ def test_low_noise_expert_runs_dit_quant_unless_overridden(hydra_ctx):
     (["model=tiny-t2v-a14b", "model.boundary=null"], "set model.dit_low_arch and model.boundary"),
     (["model=tiny-t2v-a14b", "model.boundary=1.5"], "model.boundary=1.5: choose a value between 0 and 1"),
     (["model.boundary=0.9"], "belong to two-expert models"),
+    (["sampler.boundary_step=1"], "belong to two-expert models"),
+    (["model=tiny-t2v-a14b", "sampler.boundary_step=5"], "boundary_step=5: give an integer from 0 to 4"),
     (["model=tiny-i2v-a14b", "clip_quant=fp8-torch"], "clip_quant=fp8-torch quantizes a CLIP image encoder"),
     (["model=tiny-ti2v-5b", "model.height=48"], "multiples of 32"),
 ])

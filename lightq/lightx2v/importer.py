@@ -1,8 +1,11 @@
 """A LightX2V JSON config as lightq settings with LightX2V's meaning: ``import_config(path, model_cls) -> Imported``.
 
 Model class (LightX2V's ``--model_cls``; a ``model_cls`` key in the JSON wins, as ``config.update`` does there):
-``wan2.1`` and ``wan2.1_distill`` run; any other class is refused. Given none, ``wan2.1_distill`` when the JSON has a
-``denoising_step_list``, else ``wan2.1`` (noted).
+``wan2.1``, ``wan2.1_distill`` (Wan2.1 models), ``wan2.2`` (TI2V-5B), ``wan2.2_moe`` and ``wan2.2_moe_distill``
+(A14B, two experts: ``wan22``) run, each on its lightq model family (``keys.CLASS_FAMILIES``; ``config.validate``
+refuses a ``model=`` of another); any other class is refused. Given none, it is guessed from the keys (noted): a
+Wan2.2 MoE key or a list-valued ``sample_guide_scale`` -> ``wan2.2_moe[_distill]``, 48 latent channels -> ``wan2.2``,
+else ``wan2.1``; ``_distill`` when the JSON has a ``denoising_step_list``.
 
 Mapped, per component ``c`` in dit / t5 / clip:
 
@@ -16,13 +19,16 @@ Mapped, per component ``c`` in dit / t5 / clip:
     cpu_offload + offload_granularity      ->  offload=block|phase|model (LightX2V's default granularity: block)
     lazy_load                              ->  offload.lazy_load
     enable_cfg (LightX2V's default: false) ->  sampler.guide_scale = sample_guide_scale if true, else 1 (no CFG)
-    wan2.1_distill + denoising_step_list   ->  sampler=distill, sampler.denoising_steps, shift (LightX2V's
-                                              deterministic WanStepDistillScheduler); wan2.1 ignores the list, as
-                                              LightX2V's WanScheduler does (unipc, infer_steps)
+    *_distill + denoising_step_list        ->  sampler=distill, sampler.denoising_steps, shift (LightX2V's
+                                              deterministic WanStepDistillScheduler); wan2.1 / wan2.2 / wan2.2_moe
+                                              ignore the list, as LightX2V's WanScheduler does (unipc, infer_steps)
+    Wan2.2 MoE keys (boundary, ...)        ->  ``lightq.lightx2v.wan22`` (the experts' switch, scales, checkpoints)
     infer_steps / sample_shift             ->  sampler.steps / sampler.shift
     target_video_length                    ->  model.frames
     target_height / target_width           ->  model.height / model.width, with model.i2v_size=max_area: for I2V
-                                              LightX2V keeps the image's aspect ratio within that area
+                                              LightX2V keeps the image's aspect ratio within that area (wan2.2:
+                                              its best_output_size, not in lightq: noted, the picture is cropped)
+    target_video_length not 4k+1           ->  model.frames = the frames its (n - 1) // 4 + 1 latents decode to
     fps, seed                              ->  model.fps, seed
     lora_configs [{path, strength}]        ->  lora (the DiT's LoRAs in order; a path as the checkpoints' paths;
                                               LightX2V's default strength 1); ``name`` only picks a Wan2.2 expert
@@ -44,6 +50,7 @@ from typing import Any
 
 from ..errors import LightqError
 from . import keys as K
+from . import wan22
 
 
 class LightX2VError(LightqError):
@@ -67,6 +74,7 @@ CLASS_KEYS = ("model_cls", "task")
 LORA_KEYS = ("lora_configs", "lora_dynamic_apply")
 LORA_ENTRY_KEYS = ("path", "strength", "name")
 TASKS = ("t2v", "i2v")
+TEMPORAL_STRIDE = 4  # vae_stride[0] of every Wan VAE: frames per latent frame after the first
 
 
 @dataclass
@@ -110,9 +118,12 @@ def import_config(json_path: str | Path, model_cls: str | None = None) -> Import
     out = Imported(path, _model_class(cfg, model_cls, path))
     if model_cls is None and "model_cls" not in cfg:
         out.notes.append(f"model class {out.model_cls}: LightX2V takes it on its command line (--model_cls); "
-                         f"none given, so {out.model_cls} (from_lightx2v.model_cls=... names it)")
-    _refuse_missing(cfg, path)
+                         f"none given, so {out.model_cls}, guessed from its keys (from_lightx2v.model_cls=... "
+                         "names it)")
+    _refuse_missing(cfg, path, out.model_cls)
     used: set[str] = set()
+    wan22.experts(cfg, used, out)
+    wan22.image_encoder(cfg, used, out)
     for comp in COMPONENTS:
         _quant(cfg, comp, used, out)
     _attention_and_kernels(cfg, used, out)
@@ -123,8 +134,9 @@ def import_config(json_path: str | Path, model_cls: str | None = None) -> Import
     _judged(cfg, used, out)
     unknown = [k for k in cfg if k not in used]
     if unknown:
-        raise LightX2VError(f"{path}: {_plural(unknown, 'key')} {', '.join(unknown)}: not in the LightX2V Wan2.1 "
-                            "keys lightq knows (another model class's config?); refused rather than ignored")
+        raise LightX2VError(f"{path}: {_plural(unknown, 'key')} {', '.join(unknown)}: not in the LightX2V "
+                            f"{out.model_cls} keys lightq knows (another model class's config?); refused rather than "
+                            "ignored")
     return out
 
 
@@ -136,22 +148,33 @@ def _model_class(cfg: dict, given: str | None, path: Path) -> str:
     cls, where = (cfg["model_cls"], "the JSON's model_cls") if "model_cls" in cfg else \
         (given, "from_lightx2v.model_cls") if given else (None, "")
     if cls is None:
-        cls = "wan2.1_distill" if "denoising_step_list" in cfg else "wan2.1"
-    elif cls not in K.WAN21_CLASSES:
-        planned = f" yet ({K.PLANNED_CLASSES[cls]})" if cls in K.PLANNED_CLASSES else ""
-        raise LightX2VError(f"{path}: model class {cls!r} ({where}) is not in lightq{planned}: it runs LightX2V's "
-                            f"{' and '.join(K.WAN21_CLASSES)} configs", f"model class {cls}")
+        cls = _guessed_class(cfg)
+    elif cls not in K.CLASSES:
+        raise LightX2VError(f"{path}: model class {cls!r} ({where}) is not in lightq: it runs LightX2V's "
+                            f"{', '.join(K.CLASSES)} configs", f"model class {cls}")
     task = cfg.get("task")
     if task is not None and task not in TASKS:
-        raise LightX2VError(f"{path}: task={task!r}: lightq runs LightX2V's Wan2.1 {' and '.join(TASKS)} tasks",
+        raise LightX2VError(f"{path}: task={task!r}: lightq runs LightX2V's Wan {' and '.join(TASKS)} tasks",
                             f"task {task}")
     return cls
 
 
-def _refuse_missing(cfg: dict, path: Path) -> None:
+def _guessed_class(cfg: dict) -> str:
+    """LightX2V's class of a config given none (module doc)."""
+    distill = "denoising_step_list" in cfg
+    if any(cfg.get(k) is not None for k in K.MOE_KEYS) or isinstance(cfg.get("sample_guide_scale"), list):
+        return "wan2.2_moe_distill" if distill else "wan2.2_moe"
+    if cfg.get("num_channels_latents") == K.TI2V_CONSTANTS["num_channels_latents"]:
+        return "wan2.2"
+    return "wan2.1_distill" if distill else "wan2.1"
+
+
+def _refuse_missing(cfg: dict, path: Path, model_cls: str) -> None:
     """One line for the first missing feature the config turns on (and how many others it turns on)."""
     hits = []
     for missing in K.MISSING:
+        if model_cls not in missing.classes:
+            continue
         for key in cfg:
             if missing.owns(key) and missing.active(cfg[key]) and missing.feature not in (h[0].feature for h in hits):
                 hits.append((missing, key))
@@ -338,9 +361,9 @@ def _number(cfg: dict, key: str, out: Imported, kind=(int, float)):
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, kind):
         wanted = "an integer" if kind is int else "a number"
-        feature = "Wan2.2 MoE (two experts switched at a boundary)" if isinstance(value, list) else None
-        extra = " (a list is Wan2.2 MoE's, one value per expert: issue 20)" if feature else ""
-        raise LightX2VError(f"{out.path}: {key}={value!r}: give {wanted}{extra}", feature)
+        extra = (f" (a list, one value per expert, is read by LightX2V's wan2.2_moe only; model class "
+                 f"{out.model_cls} takes one)" if isinstance(value, list) and key == "sample_guide_scale" else "")
+        raise LightX2VError(f"{out.path}: {key}={value!r}: give {wanted}{extra}")
     return value
 
 
@@ -350,19 +373,20 @@ def _run(cfg: dict, used: set[str], out: Imported) -> None:
     if steps is not None and (not isinstance(steps, list) or not steps
                               or not all(isinstance(v, int) and not isinstance(v, bool) for v in steps)):
         raise LightX2VError(f"{out.path}: denoising_step_list={steps!r}: give a list of integer timesteps")
-    if out.model_cls == "wan2.1_distill":
+    if out.model_cls in K.DISTILL_CLASSES:
         if steps is None:
-            raise LightX2VError(f"{out.path}: model class wan2.1_distill needs denoising_step_list (LightX2V's "
+            raise LightX2VError(f"{out.path}: model class {out.model_cls} needs denoising_step_list (LightX2V's "
                                 "WanStepDistillScheduler reads it)")
         out.choices["sampler"] = "distill"
         out.values["sampler.denoising_steps"] = list(steps)
         if "infer_steps" in cfg and cfg["infer_steps"] != len(steps):
-            out.notes.append(f"infer_steps={cfg['infer_steps']} is unused: wan2.1_distill runs the "
+            out.notes.append(f"infer_steps={cfg['infer_steps']} is unused: {out.model_cls} runs the "
                              f"{len(steps)} steps of denoising_step_list")
     else:
         if steps is not None:
-            out.notes.append("denoising_step_list is unused with model class wan2.1 (LightX2V's WanScheduler "
-                             "runs infer_steps); from_lightx2v.model_cls=wan2.1_distill uses it")
+            distill = "wan2.2_moe_distill" if out.model_cls == "wan2.2_moe" else "wan2.1_distill"
+            out.notes.append(f"denoising_step_list is unused with model class {out.model_cls} (LightX2V's "
+                             f"WanScheduler runs infer_steps); from_lightx2v.model_cls={distill} uses it")
         if "infer_steps" in cfg:
             out.values["sampler.steps"] = _number(cfg, "infer_steps", out, int)
     if "sample_shift" in cfg:
@@ -372,7 +396,19 @@ def _run(cfg: dict, used: set[str], out: Imported) -> None:
                         ("target_width", "model.width"), ("fps", "model.fps"), ("seed", "seed")):
         if key in cfg:
             out.values[target] = _number(cfg, key, out, int)
-    if "target_height" in cfg or "target_width" in cfg:
+    frames = out.values.get("model.frames")
+    if isinstance(frames, int) and frames >= 1 and (frames - 1) % TEMPORAL_STRIDE:
+        latent = (frames - 1) // TEMPORAL_STRIDE + 1
+        out.values["model.frames"] = (latent - 1) * TEMPORAL_STRIDE + 1
+        out.notes.append(f"target_video_length={frames}: LightX2V's latent video has ({frames} - 1) // "
+                         f"{TEMPORAL_STRIDE} + 1 = {latent} frames, which decode to {out.values['model.frames']}: "
+                         f"model.frames={out.values['model.frames']}")
+    if ("target_height" in cfg or "target_width" in cfg) and out.model_cls == "wan2.2":
+        out.notes.append("target_height x target_width: for image-to-video LightX2V's wan2.2 sizes the video with "
+                         "best_output_size (the official TI2V rule), which lightq does not have: lightq crops the "
+                         "picture to model.height x model.width (the same size when the picture has that aspect "
+                         "ratio)")
+    elif "target_height" in cfg or "target_width" in cfg:
         out.values["model.i2v_size"] = "max_area"
 
 
@@ -380,6 +416,8 @@ def _guidance(cfg: dict, out: Imported) -> None:
     cfg_on = cfg.get("enable_cfg", False)
     if not isinstance(cfg_on, bool):
         raise LightX2VError(f"{out.path}: enable_cfg={cfg_on!r}: give true or false")
+    if wan22.guidance(cfg, cfg_on, out):
+        return
     scale = _number(cfg, "sample_guide_scale", out) if "sample_guide_scale" in cfg else None
     if cfg_on:
         if scale is None:
@@ -394,18 +432,24 @@ def _guidance(cfg: dict, out: Imported) -> None:
 
 def _judged(cfg: dict, used: set[str], out: Imported) -> None:
     """Keys of ``lightq.lightx2v.keys``'s tables (other than kernels): constants, placement, unused, features off."""
+    constants = K.CLASS_CONSTANTS.get(out.model_cls, K.CONSTANTS)
+    for key in K.REQUIRED.get(out.model_cls, ()):
+        if key not in cfg:
+            raise LightX2VError(f"{out.path}: model class {out.model_cls} needs {key}={json.dumps(constants[key])}: "
+                                f"LightX2V's default is Wan2.1's {json.dumps(K.CONSTANTS[key])}, which this model "
+                                "does not have", f"constant {key}")
     for key, value in cfg.items():
         if key in used:
             continue
         if key in CLASS_KEYS:
             used.add(key)
-        elif key in K.CONSTANTS:
-            if _same(value, K.CONSTANTS[key]):
+        elif key in constants:
+            if _same(value, constants[key]):
                 used.add(key)
             else:
-                raise LightX2VError(f"{out.path}: {key}={json.dumps(value)}: lightq's Wan2.1 has "
-                                    f"{json.dumps(K.CONSTANTS[key])} (another model class's config?)",
-                                    f"constant {key}")
+                raise LightX2VError(f"{out.path}: {key}={json.dumps(value)}: lightq's model of class "
+                                    f"{out.model_cls} has {json.dumps(constants[key])} (another model class's "
+                                    "config?)", f"constant {key}")
         elif key in K.PLACEMENT:
             used.add(key)
             out.notes.append(f"{key}={json.dumps(value)}: where LightX2V keeps that component (no numerics); "

@@ -17,10 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# LightX2V's model classes (its --model_cls) lightq runs; every other class is refused.
+# LightX2V's model classes (its --model_cls) lightq runs, with the lightq model family each runs on (``model=`` must
+# be of it: ``config.validate``); every other class is refused.
 WAN21_CLASSES = ("wan2.1", "wan2.1_distill")
-# classes another lightq issue brings: named in the refusal
-PLANNED_CLASSES = {"wan2.2": "issue 20", "wan2.2_moe": "issue 20", "wan2.2_moe_distill": "issue 20"}
+MOE_CLASSES = ("wan2.2_moe", "wan2.2_moe_distill")  # Wan2.2 A14B: two experts
+WAN22_CLASSES = ("wan2.2", *MOE_CLASSES)  # wan2.2: the dense TI2V-5B
+CLASSES = (*WAN21_CLASSES, *WAN22_CLASSES)
+DISTILL_CLASSES = ("wan2.1_distill", "wan2.2_moe_distill")  # LightX2V's step-distill schedulers
+CLASS_FAMILIES = {"wan2.1": "wan2.1", "wan2.1_distill": "wan2.1", "wan2.2": "wan2.2-ti2v",
+                  "wan2.2_moe": "wan2.2-a14b", "wan2.2_moe_distill": "wan2.2-a14b"}
+# keys only LightX2V's Wan2.2 MoE runners read (a list-valued sample_guide_scale is theirs too)
+MOE_KEYS = ("boundary", "boundary_step_index", "high_noise_original_ckpt", "low_noise_original_ckpt",
+            "high_noise_quantized_ckpt", "low_noise_quantized_ckpt")
 
 
 def _on(value: Any) -> bool:
@@ -39,15 +47,13 @@ class Missing:
     issue: str = ""
     prefixes: tuple[str, ...] = field(default=())  # every key starting with one of these belongs to it too
     why: str = "lightq does not have it"
+    classes: tuple[str, ...] = CLASSES  # the model classes it is missing for
 
     def owns(self, key: str) -> bool:
         return key in self.keys or (bool(self.prefixes) and key.startswith(self.prefixes))
 
 
 MISSING: tuple[Missing, ...] = (
-    Missing("Wan2.2 MoE (two experts switched at a boundary)",
-            ("boundary", "boundary_step_index", "high_noise_original_ckpt", "low_noise_original_ckpt",
-             "high_noise_quantized_ckpt", "low_noise_quantized_ckpt"), lambda v: v is not None, issue="issue 20"),
     Missing("multi-GPU parallel inference", ("seq_parallel", "cfg_parallel", "text_encoder_tensor_parallel",
                                              "vae_decode_parallel", "load_from_rank0", "tp_mm_type",
                                              "tp_rms_norm_type")),
@@ -67,7 +73,10 @@ MISSING: tuple[Missing, ...] = (
     Missing("changing resolution during sampling", ("changing_resolution", "resolution_rate")),
     Missing("I2V image resize modes (resize_mode / buckets)", ("resize_mode", "bucket_shape", "fixed_shape",
                                                                "fixed_area", "aspect_ratio")),
-    Missing("I2V without the CLIP image encoder", ("use_image_encoder",), lambda v: v is False),
+    Missing("I2V without the CLIP image encoder", ("use_image_encoder",), lambda v: v is False,
+            classes=WAN21_CLASSES),  # Wan2.2 has no CLIP: use_image_encoder false is its design (``importer``)
+    Missing("LoRAs on a two-expert Wan2.2 model", ("lora_configs",), classes=MOE_CLASSES,
+            why="lightq's lora= applies to one DiT"),
     Missing("module unloading between stages", ("unload_modules",)),
     Missing("audio-driven video (seko_talk, InfiniteTalk, Wan2.1 audio)", ("audio_sr", "video_duration",
                                                                            "use_real_mel_spectrogram"),
@@ -104,11 +113,16 @@ KERNELS: dict[str, dict[str, str]] = {
                        "True": "LightX2V decodes the VAE in tiles; lightq decodes the whole latent at once, so "
                                "pixels near tile seams differ"},
 }
-# key -> the value lightq's Wan2.1 has (as LightX2V writes it)
+# key -> the value lightq's Wan2.1 (and Wan2.2 A14B) has (as LightX2V writes it)
 CONSTANTS: dict[str, Any] = {
     "text_len": 512, "use_31_block": True, "vae_stride": [4, 8, 8], "patch_size": [1, 2, 2],
     "num_channels_latents": 16, "use_bfloat16": True, "do_mm_calib": False, "max_area": False,
 }
+# Wan2.2 TI2V-5B's (class wan2.2): the Wan2.2 VAE's 48 channels, 4 frames and 16x16 pixels per latent. LightX2V's
+# defaults are Wan2.1's, so a wan2.2 config must state these (``REQUIRED``).
+TI2V_CONSTANTS: dict[str, Any] = {**CONSTANTS, "vae_stride": [4, 16, 16], "num_channels_latents": 48}
+CLASS_CONSTANTS = {"wan2.2": TI2V_CONSTANTS}  # the other classes: CONSTANTS
+REQUIRED = {"wan2.2": ("vae_stride", "num_channels_latents")}
 
 # ``parallel`` (mapped by ``importer``): how self-attention spans the split tokens, and the other keys of the dict
 PARALLEL_ATTENTION = {"ulysses": ("ulysses", SAME),

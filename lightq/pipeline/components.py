@@ -61,6 +61,7 @@ def sampler_config(cfg):
         denoising_steps=tuple(s.denoising_steps) if s.denoising_steps else None,
         guide_scale_low=low if m.boundary is not None else None,
         boundary=m.boundary,
+        boundary_step=s.boundary_step,
     )
 
 

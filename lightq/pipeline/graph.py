@@ -183,8 +183,9 @@ class Experts:
         if i != self.active:
             if self.active is not None:
                 self.offload.release(self.models[self.active])
-                log.info("denoise: t=%.1f is below the boundary %.3f: the low-noise expert takes over", t,
-                         self.scfg.boundary)
+                where = (f"the boundary {self.scfg.boundary:.3f}" if self.scfg.boundary_step is None else
+                         f"sampler.boundary_step={self.scfg.boundary_step}")
+                log.info("denoise: t=%.1f: %s: the low-noise expert takes over", t, where)
             self.offload.start(self.models[i])
             self.active = i
         return self.models[i]

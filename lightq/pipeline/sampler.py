@@ -23,7 +23,9 @@ CFG: ``v = v_uncond + guide_scale * (v_cond - v_uncond)``; one model pass only w
 
 Two experts (Wan2.2 A14B): with a ``boundary`` b, a step at timestep ``t >= b * 1000`` belongs to the high-noise
 expert and takes ``guide_scale``, every later one to the low-noise expert with ``guide_scale_low`` (``high_noise``
-says which; the caller's model function picks the expert by the same rule).
+says which; the caller's model function picks the expert by the same rule). With a ``boundary_step`` k instead
+(LightX2V's distilled Wan2.2 MoE, its ``boundary_step_index``), steps ``0 .. k-1`` are the high-noise expert's and
+the rest the low-noise one's, whatever their timesteps: ``t > t_k``, the schedule's timesteps being decreasing.
 Kept frames (Wan2.2 TI2V image-to-video): ``keep`` latents replace the first frames of ``x`` before the first step
 and after every step, as the official pipeline does, so they pass through unchanged.
 """
@@ -61,6 +63,7 @@ class SamplerConfig:
     denoising_steps: tuple | None = None
     guide_scale_low: float | None = None  # the low-noise expert's (None: guide_scale)
     boundary: float | None = None  # two experts: the high-noise one runs while t >= boundary * 1000
+    boundary_step: int | None = None  # two experts: the high-noise one runs steps 0 .. boundary_step - 1 (wins)
 
 
 class Schedule(NamedTuple):
@@ -81,11 +84,25 @@ def _check(cfg: SamplerConfig) -> None:
                               "use steps instead")
         if int(cfg.steps) != cfg.steps or cfg.steps < 1:
             raise LightqError(f"sampler steps must be a positive integer, got {cfg.steps}")
+        _check_boundary_step(cfg, int(cfg.steps))
         return
+    _check_boundary_step(cfg, len(cfg.denoising_steps or DISTILL_STEPS))
     steps = tuple(cfg.denoising_steps or DISTILL_STEPS)
     if not steps or any(int(k) != k or not 1 <= k <= NUM_TRAIN_TIMESTEPS for k in steps) \
             or any(a <= b for a, b in zip(steps, steps[1:])):
         raise LightqError(f"denoising_steps must be decreasing integers in 1..{NUM_TRAIN_TIMESTEPS}, got {steps}")
+
+
+def _check_boundary_step(cfg: SamplerConfig, steps: int) -> None:
+    k = cfg.boundary_step
+    if k is None:
+        return
+    if cfg.boundary is None:
+        raise LightqError(f"sampler.boundary_step={k} picks the step where a two-expert model's low-noise expert "
+                          "takes over; this model has one DiT: drop it")
+    if isinstance(k, bool) or int(k) != k or not 0 <= k <= steps:
+        raise LightqError(f"sampler.boundary_step={k}: give an integer from 0 to {steps} (the run's step count; the "
+                          "high-noise expert runs the steps before it)")
 
 
 def shift_sigmas(sigmas, shift: float):
@@ -252,8 +269,19 @@ def needs_uncond(cfg: SamplerConfig) -> bool:
 
 
 def high_noise(cfg: SamplerConfig, t: float) -> bool:
-    """Whether the step at timestep ``t`` belongs to the high-noise expert (always, for one model)."""
-    return cfg.boundary is None or t >= cfg.boundary * NUM_TRAIN_TIMESTEPS
+    """Whether the step at timestep ``t`` (a timestep of ``timesteps(cfg)``) belongs to the high-noise expert
+    (always, for one model); see the module doc for ``boundary`` and ``boundary_step``."""
+    if cfg.boundary is None:
+        return True
+    if cfg.boundary_step is None:
+        return t >= cfg.boundary * NUM_TRAIN_TIMESTEPS
+    schedule, k = timesteps(cfg).timesteps.tolist(), cfg.boundary_step
+    if k >= len(schedule):
+        return True
+    if 0 < k and schedule[k - 1] == schedule[k]:
+        raise LightqError(f"sampler.boundary_step={k}: steps {k - 1} and {k} share timestep {schedule[k]:g}, so the "
+                          "experts cannot be told apart by it: use fewer steps or another boundary_step")
+    return t > schedule[k]
 
 
 def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
