@@ -167,9 +167,11 @@ class FakeCudart:
 
     def __init__(self, rc: int = 0):
         self.rc, self.registered, self.unregistered, self.log = rc, {}, [], []
+        self.on_register = lambda ptr, nbytes: None
 
     def cudaHostRegister(self, ptr, nbytes, flags):
         assert flags == binding.HOST_REGISTER_PORTABLE
+        self.on_register(ptr, nbytes)
         self.registered[ptr] = nbytes
         return self.rc
 
@@ -234,6 +236,26 @@ def test_offload_pins_each_buffer_at_its_exact_size(cudart):
     arena = sum(p.nbytes for p in offload.resident.packs)
     assert sizes == sorted([arena, offload.outside.nbytes]), "one arena for the blocks, one buffer outside"
     del whole, m, offload, model
+
+
+@pytest.mark.parametrize("placement", ["whole", "block"])
+def test_packs_are_page_locked_only_once_filled(cudart, placement):
+    """Page-locking commits every page at once: registering a pack before it is filled would hold the whole pack
+    resident beside the model's originals (host memory twice the model). At each registration every tensor of the
+    module must already live in the registered range (its original freed)."""
+    model = _tiny_dit()
+    tensors = [t for _, t in list(model.named_parameters()) + list(model.named_buffers())]
+    seen = []
+
+    def inside(ptr, nbytes):
+        seen.append(sum(ptr <= t.data_ptr() < ptr + nbytes
+                        for _, t in list(model.named_parameters()) + list(model.named_buffers())))
+
+    cudart.on_register = inside
+    placed = WholeOffload(model, CPU, pin=True) if placement == "whole" else BlockOffload(model, "block", CPU, 2, True)
+    assert seen and all(seen), f"a buffer was page-locked before any tensor was copied into it: {seen}"
+    assert sum(seen) == len(tensors), "every tensor lives in exactly one buffer when that buffer is page-locked"
+    del placed, model, tensors
 
 
 def _tiny_dit():

@@ -61,8 +61,8 @@ def kernel_op(name: str):
 class Tuned:
     """A ``@triton.jit`` kernel launched autotuned over ``configs`` (keyed on ``key``) on the GPU, and with the
     first config under the interpreter, which has nothing to time. On the GPU the shipped table of this GPU
-    (``tuned_configs``) answers first, then Triton's on-disk autotuning cache, and only then the autotuner times
-    the configs."""
+    (``tuned_configs``) answers first, then Triton's on-disk autotuning cache, then the table's nearest key, and only
+    then (a kernel the table lacks) the autotuner times the configs."""
 
     def __init__(self, kernel, configs: list, key: list[str]):
         self.kernel = kernel
@@ -75,6 +75,7 @@ class Tuned:
         self.tuned = triton.autotune(configs=configs, key=key, cache_results=True)(self.kernel)
         self._seeded = False
         tuned_configs.register(self.name, self.tuned)
+        tuned_configs.fall_back_to_nearest(self.name, self.tuned)
 
     def __getitem__(self, grid):
         if interpreting():

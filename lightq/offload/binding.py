@@ -13,8 +13,9 @@ offset, shape and strides, so they still alias each other and the storage is sto
 Packing is incremental: each tensor (or shared span) is copied into the host buffer and its module re-bound to the
 copy before the next one is read, so peak host memory grows by one tensor, not one group.
 
-Pinned host buffers come from ``pinned_empty``: ordinary memory page-locked in place at its exact size (PyTorch's
-``pin_memory=True`` allocator rounds each allocation up to a power of two: just over 16 GiB would pin 32 GiB).
+Pinned host buffers come from ``host_buffer``: ordinary memory page-locked in place at its exact size (PyTorch's
+``pin_memory=True`` allocator rounds each allocation up to a power of two: just over 16 GiB would pin 32 GiB), once
+the pack is filled.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -55,28 +56,39 @@ def _cudart():
     return torch.cuda.cudart()
 
 
-def pinned_empty(nbytes: int, pin: bool = True) -> torch.Tensor:
-    """``nbytes`` of uninitialised ``uint8`` host memory, page-locked at exactly that size when ``pin`` (and CUDA
-    is available; otherwise ordinary memory).
+def host_buffer(nbytes: int, pin: bool = True) -> tuple[torch.Tensor, Callable[[], None]]:
+    """``nbytes`` of uninitialised ``uint8`` host memory and ``seal``, which page-locks it in place at exactly that
+    size when ``pin`` (and CUDA is available; otherwise ``seal`` does nothing and the memory stays ordinary).
 
-    The memory is a numpy allocation (untouched until written), registered in place with ``cudaHostRegister``
-    from a page boundary (portable: page-locked for every device's context, not only the current one). It stays
-    registered while any view of it lives; when the last one dies, numpy's array finalizer (which runs before
+    The memory is a numpy allocation, untouched until written, starting on a page boundary. Page-locking faults in
+    and locks every page at once, so a pack is filled first (each original tensor freed as it is copied) and sealed
+    after: host memory then peaks at the pack plus one tensor, not the pack plus the whole model. ``seal`` registers
+    it with ``cudaHostRegister`` (portable: page-locked for every device's context, not only the current one); it
+    stays registered while any view of it lives; when the last one dies, numpy's array finalizer (which runs before
     numpy frees the data) waits for the copies recorded by ``note_read``, then unregisters it, so the memory is
     never freed while registered or while a copy from it may be in flight.
     """
     if not (pin and nbytes > 0 and torch.cuda.is_available()):
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return torch.empty(nbytes, dtype=torch.uint8), lambda: None
     base = np.empty(nbytes + PAGE, dtype=np.uint8)
     start = -base.ctypes.data % PAGE
     buf = torch.from_numpy(base[start:start + nbytes])
-    ptr = buf.data_ptr()
-    rc = int(_cudart().cudaHostRegister(ptr, nbytes, HOST_REGISTER_PORTABLE))
-    if rc != 0:
-        raise LightqError(f"cannot page-lock {nbytes / 2**30:.2f} GiB of host memory (cudaHostRegister error {rc}): "
-                          "free host memory or run with offload.pin_memory=false")
-    record = _PINNED[ptr] = _Pinned(ptr, nbytes)
-    weakref.finalize(base, _unpin, record).atexit = False  # at exit the CUDA context may be gone already
+
+    def seal() -> None:
+        ptr = buf.data_ptr()
+        rc = int(_cudart().cudaHostRegister(ptr, nbytes, HOST_REGISTER_PORTABLE))
+        if rc != 0:
+            raise LightqError(f"cannot page-lock {nbytes / 2**30:.2f} GiB of host memory (cudaHostRegister error "
+                              f"{rc}): free host memory or run with offload.pin_memory=false")
+        record = _PINNED[ptr] = _Pinned(ptr, nbytes)
+        weakref.finalize(base, _unpin, record).atexit = False  # at exit the CUDA context may be gone already
+    return buf, seal
+
+
+def pinned_empty(nbytes: int, pin: bool = True) -> torch.Tensor:
+    """``host_buffer`` page-locked at once (for buffers that are written by device copies, not filled by packing)."""
+    buf, seal = host_buffer(nbytes, pin)
+    seal()
     return buf
 
 
@@ -244,14 +256,18 @@ def _storage_bytes(t: torch.Tensor, lo: int, nbytes: int) -> torch.Tensor:
 class Pack:
     """A group of tensors in one flat host buffer (``host``); the modules are bound to it.
 
-    ``host`` is a new buffer (``pinned_empty``: page-locked when ``pin``), or the given ``arena`` slice of at least
-    ``layout_bytes(refs)`` bytes (one allocation for many packs).
+    ``host`` is a new buffer (``host_buffer``: page-locked when ``pin``, after it is filled), or the given ``arena``
+    slice of at least ``layout_bytes(refs)`` bytes (one allocation for many packs; its owner seals it).
     """
 
     def __init__(self, refs: list[TensorRef], pin: bool = False, arena: torch.Tensor | None = None):
         self.refs = list(refs)
         self.entries, spans, self.nbytes = _layout(self.refs)
-        self.host = pinned_empty(max(self.nbytes, 1), pin) if arena is None else arena
+        seal = lambda: None  # noqa: E731
+        if arena is None:
+            self.host, seal = host_buffer(max(self.nbytes, 1), pin)
+        else:
+            self.host = arena
         views = self.views(self.host)
         span_at = {i: span for span in spans for i in span.members}
         for i, ref in enumerate(self.refs):  # each copy is bound at once: the original can be freed
@@ -264,6 +280,7 @@ class Pack:
                                                                                       span.nbytes))
                 for j in span.members:
                     self.refs[j].set(views[j])
+        seal()
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         out = []

@@ -8,8 +8,9 @@
   through a ``Streamer`` driven by forward hooks on each unit's start and end module. A model loaded by
   ``load_lazy`` gets its blocks from the disk reader instead of host memory.
 
-Both pack the component when they are made: each original tensor is freed as it is copied into the pack, and the
-freed heap goes back to the OS (``return_freed_heap``), so host memory ends at the packs' size.
+Both pack the component when they are made: each original tensor is freed as it is copied into the pack, the
+freed heap goes back to the OS (``return_freed_heap``), and the pack is page-locked only once it is full, so host
+memory peaks at the packs' size plus one tensor and ends at the packs' size.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .binding import Pack, layout_bytes, pinned_empty, refs_of, refs_outside, return_freed_heap
+from .binding import Pack, host_buffer, layout_bytes, refs_of, refs_outside, return_freed_heap
 from .lazy import LazyBlocks
 from .streaming import ResidentUnits, Streamer
 from .units import streams_blocks, unit_specs
@@ -51,9 +52,10 @@ class BlockOffload:
             self.specs = [unit_specs(block, granularity) for block in model.blocks]
             units = [s.refs for specs in self.specs for s in specs]
             sizes = [layout_bytes(refs) for refs in units]
-            arena = pinned_empty(max(sum(sizes), 1), pin)
+            arena, seal = host_buffer(max(sum(sizes), 1), pin)
             starts = [sum(sizes[:i]) for i in range(len(sizes))]
             self.resident = ResidentUnits([Pack(refs, pin, arena[a:a + n]) for refs, a, n in zip(units, starts, sizes)])
+            seal()
         return_freed_heap()
         self.streamer: Streamer | None = None
         self.handles: list = []

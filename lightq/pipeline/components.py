@@ -404,6 +404,12 @@ class Offload:
                                              self.cfg.lazy_ahead)
         return self._placed[id(module)]
 
+    def prepare(self, *modules: nn.Module | None) -> None:
+        """Pack each module where it will live (host buffers) now, in the load stage, not at its first use."""
+        for module in modules:
+            if module is not None and self.mode != "none":
+                self._placement(module)
+
     @contextmanager
     def active(self, module: nn.Module | None):
         self.start(module)

@@ -76,6 +76,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
                    for name in family(cfg.model.family).experts or ("dit",)}
         vae = C.load_vae(cfg, folder, offload.home)
         self_attention = C.load_self_attention(plans.get("attn"))
+        offload.prepare(t5, clip, *experts.values(), vae)
     for name, module in (("t5", t5), ("clip", clip), *experts.items(), ("vae", vae)):
         if module is not None:
             comps[name] = C.describe(module, methods.get(name))
