@@ -124,4 +124,8 @@ def test_a_missing_key_takes_the_nearest_config_without_timing(disk_cache, tmp_p
         benched.clear()
         monkeypatch.delenv(env)
 
-    assert miss((5120, False, True, *KEY_5120[3:])) is False and benched == [True]  # no shipped key fits: timed
+    unfit = (5120, False, True, *KEY_5120[3:])
+    monkeypatch.setenv(tuned_configs.AUTOTUNE_ENV, "0")  # never time: the kernel's first config
+    assert miss(unfit) is True and tuner.cache.pop(unfit) is tuner.configs[0] and not benched
+    monkeypatch.delenv(tuned_configs.AUTOTUNE_ENV)
+    assert miss(unfit) is False and benched == [True]  # no shipped key fits: timed

@@ -10,7 +10,8 @@ autotuned it before (``cache_results=True``: ``TRITON_CACHE_DIR``, keyed by Trit
 source and key), else by the table's nearest key (``nearest``: same flags and dtypes, closest sizes), so a job on a
 GPU with a table never times configurations inside its denoising loop. Only a kernel the table of this GPU lacks
 altogether (a GPU lightq has no table for) is autotuned, once per shape and machine. ``LIGHTQ_AUTOTUNE=1`` times
-every missing key instead of taking the nearest.
+every missing key instead of taking the nearest; ``LIGHTQ_AUTOTUNE=0`` never times: a key nothing answers takes the
+kernel's first config (correctness tests that launch many shapes).
 
 ``LIGHTQ_TUNED_DUMP=<file>`` makes a process autotune every missing key and write every kernel's choices into
 ``<file>`` (merged with what it holds) when it exits: how the shipped tables are made (docs/BENCHMARKS.md, "Kernel
@@ -87,16 +88,16 @@ def _distance(a: list, b: tuple) -> float | None:
     return total
 
 
-def nearest(name: str, key: tuple, configs: list) -> tuple[list, "triton.Config"] | None:
-    """The shipped (key, config) of kernel ``name`` on this GPU nearest to ``key`` (``_distance``), among the
-    kernel's own ``configs``; None when the table has no key with ``key``'s flags and dtypes."""
+def nearest(name: str, key: tuple, configs: list) -> tuple[str, "triton.Config"] | None:
+    """(which shipped key, its config) of kernel ``name`` on this GPU nearest to ``key`` (``_distance``), among
+    the kernel's own ``configs``; None when the table has no key with ``key``'s flags and dtypes."""
     allowed = [_fields(c) for c in configs]
     best = None
     for shipped, fields in _table(arch()).get(name, []):
         d = _distance(shipped, key)
         if d is not None and fields in allowed and (best is None or d < best[0]):
             best = (d, shipped, fields)
-    return None if best is None else (best[1], triton.Config(**best[2]))
+    return None if best is None else (f"that of {best[1]}", triton.Config(**best[2]))
 
 
 class _TakeNearest(Exception):
@@ -114,7 +115,11 @@ def fall_back_to_nearest(name: str, autotuner) -> None:
         return
 
     def check_or_nearest(key, configs, bench_fn):
-        found = None if os.environ.get(AUTOTUNE_ENV) or os.environ.get(DUMP_ENV) else nearest(name, key, configs)
+        setting = os.environ.get(AUTOTUNE_ENV, "")
+        timed = setting not in ("", "0") or bool(os.environ.get(DUMP_ENV))
+        found = None if timed else nearest(name, key, configs)
+        if found is None and setting == "0" and not timed:
+            found = ("the kernel's first config", configs[0])
         if found is None:
             return check(key, configs, bench_fn)
 
@@ -125,7 +130,7 @@ def fall_back_to_nearest(name: str, autotuner) -> None:
         try:
             return check(key, configs, take_nearest)
         except _TakeNearest:
-            log.info("%s: no tuned config for %s on %s; using that of %s (%s=1 times the configs instead)", name,
+            log.info("%s: no tuned config for %s on %s; using %s (%s=1 times the configs instead)", name,
                      list(key), arch(), found[0], AUTOTUNE_ENV)
             return True
     autotuner.check_disk_cache = check_or_nearest

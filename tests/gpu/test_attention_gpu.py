@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -39,9 +40,17 @@ STATED_REL_L2 = {"int8-sage": 5e-3, "int8fp8-sage2": 1.4e-2, "fp8-fa3": 2e-2}
 
 @pytest.fixture(scope="module")
 def kernels():
-    from lightq.kernels import attention
+    """The kernels, launched untimed: every shape here would otherwise autotune the attention kernel's configs
+    (``LIGHTQ_AUTOTUNE=0``: a shape the shipped table lacks takes the first config; correctness is per config)."""
+    from lightq.kernels import attention, tuned_configs
 
-    return attention
+    before = os.environ.get(tuned_configs.AUTOTUNE_ENV)
+    os.environ[tuned_configs.AUTOTUNE_ENV] = "0"
+    yield attention
+    if before is None:
+        del os.environ[tuned_configs.AUTOTUNE_ENV]
+    else:
+        os.environ[tuned_configs.AUTOTUNE_ENV] = before
 
 
 def _differences(ref, got) -> str:
