@@ -23,7 +23,7 @@ from .attention import SCHEMES as ATTN_SCHEMES
 from .errors import LightqError
 from .paths import conf_dir, job_folder_name
 
-SCHEMES = ("none", "fp8", "int8", "fp8-b128", "int4-g128")
+SCHEMES = ("none", "fp8", "int8", "fp8-b128", "int4-g128", "fp8-pertensor")
 COMPONENTS = ("dit", "dit_low", "t5", "clip")
 SAME = "same"  # dit_low_quant's default: the mode of dit_quant
 INHERITED_MODES = {"dit_low_quant": "dit_quant"}  # a group offering every YAML mode of another

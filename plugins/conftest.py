@@ -54,8 +54,9 @@ DTYPES = (torch.bfloat16, torch.float16)
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
 # half the subnormal spacing of the output format: the absolute rounding error of a result near zero
 SUBNORMAL_HALF = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25, torch.float32: 2.0 ** -150}
-ACC_EPS = {"fp8": 2.0 ** -9, "fp8-b128": 2.0 ** -9, "int8": 2.0 ** -22}
-FRO_TOL = {"fp8": 2.0 ** -7, "fp8-b128": 2.0 ** -7, "int8": 2.0 ** -8, "int4-g128": 2.0 ** -6}
+ACC_EPS = {"fp8": 2.0 ** -9, "fp8-b128": 2.0 ** -9, "int8": 2.0 ** -22, S.PER_TENSOR: 2.0 ** -9}
+FRO_TOL = {"fp8": 2.0 ** -7, "fp8-b128": 2.0 ** -7, "int8": 2.0 ** -8, "int4-g128": 2.0 ** -6, S.PER_TENSOR: 2.0 ** -7}
+STATIC_RANGE = 0.5  # a static input_scale calibrated on half this input's range: the largest activations saturate
 
 def reference_roundings(scheme: str, dtype: torch.dtype, with_bias: bool, n: int, k: int,
                         device: torch.device) -> tuple[torch.dtype, ...]:
@@ -95,14 +96,16 @@ class Parity:
 
     # --- inputs ----------------------------------------------------------------------------------------------
 
-    def weight(self, scheme: str, n: int, k: int, seed: int = 0) -> tuple[S.QuantizedWeight, torch.Tensor]:
-        """A quantized weight with a spread of row magnitudes (and one all-zero row), and a bias."""
+    def weight(self, scheme: str, n: int, k: int, seed: int = 0, input_scale: torch.Tensor | None = None
+               ) -> tuple[S.QuantizedWeight, torch.Tensor]:
+        """A quantized weight with a spread of row magnitudes (and one all-zero row), and a bias; ``input_scale``:
+        an fp8-pertensor layer's static activation scale."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         w = torch.randn(n, k, generator=g, device=self.device) * k ** -0.5
         w *= torch.logspace(-1, 1, n, device=self.device)[torch.randperm(n, generator=g, device=self.device)][:, None]
         w[n // 2] = 0.0
         bias = torch.randn(n, generator=g, device=self.device)
-        return S.quantize_weight(w, scheme), bias
+        return S.quantize_weight(w, scheme, input_scale=input_scale), bias
 
     def activation(self, m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
         """``[M, K]`` activations with per-token magnitudes over four decades, a few outlier channels, and (for
@@ -119,6 +122,8 @@ class Parity:
 
     @staticmethod
     def dequant_activation(xq: torch.Tensor, sx: torch.Tensor, scheme: str) -> torch.Tensor:
+        if sx.numel() == 1:  # fp8-pertensor: one scale
+            return xq.double() * sx.double().reshape(())
         sx = sx.double().reshape(xq.shape[0], -1)
         if scheme == "fp8-b128":
             return xq.double() * sx.repeat_interleave(S.GROUP, 1)[:, : xq.shape[1]]
@@ -188,12 +193,14 @@ class Parity:
         bound = rho * quant_err + rounding_u * y_t.double().norm().item()
         assert d <= bound, f"{what}: ||plugin - torch|| = {d:.4g} > {bound:.4g} (quantization error {quant_err:.4g})"
 
-    def check_apply(self, backend, scheme, m, n, k, dtype, with_bias, rho, roundings=None) -> None:
+    def check_apply(self, backend, scheme, m, n, k, dtype, with_bias, rho, roundings=None, static=False) -> None:
         """``backend.apply`` on ``[1, M, K]`` against the torch backend, and zero tokens -> exactly the bias.
-        ``roundings``: the dtypes the plugin rounds its result into (default: once into ``dtype``)."""
-        qw, bias = self.weight(scheme, n, k)
-        bias = bias if with_bias else None
+        ``roundings``: the dtypes the plugin rounds its result into (default: once into ``dtype``); ``static``
+        (fp8-pertensor): the layer carries a calibrated ``input_scale`` (``STATIC_RANGE`` of the input's)."""
         x = self.activation(m, k, dtype)[None]
+        t = x.float().abs().max() * STATIC_RANGE / S.FP8_MAX if static else None
+        qw, bias = self.weight(scheme, n, k, input_scale=t)
+        bias = bias if with_bias else None
         ref = self.reference
         y_p = backend.apply(x, backend.pack(qw), scheme, bias)
         y_t = ref.apply(x, ref.pack(qw), scheme, bias)
@@ -213,6 +220,10 @@ class Parity:
         x = self.activation(m, k, dtype)
         xq, sx = backend.quantize_activation(x, scheme)
         rq, rs = (reference or S.quantize_activation)(x, scheme)
+        if scheme == S.PER_TENSOR:  # one dynamic scale for the whole input
+            self.assert_scales_close(sx.reshape(()), rs, torch.tensor(True, device=x.device))
+            self.assert_codes_close(xq, rq, scheme)
+            return
         groups = rs.reshape(m, -1).shape[1]
         nonzero = x.float().abs().reshape(m, groups, -1).amax(-1) > 0
         self.assert_scales_close(sx, rs.reshape(m, groups), nonzero)

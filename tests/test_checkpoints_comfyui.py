@@ -98,7 +98,8 @@ def test_legacy_scaled_fp8_runs_w8a8(tmp_path, state, prefix):
     assert got.checkpoint_numerics == {"layout": "comfyui", "key_names": "official",
                                        "weights": "fp8, read from the file (per-tensor scales held per channel)",
                                        "activations": "fp8, dynamic per token"}
-    with pytest.raises(CheckpointError, match="stored as fp8 but the mode expects int8"):
+    with pytest.raises(CheckpointError, match="stored as fp8-pertensor but the mode expects int8: pick an "
+                                              "fp8-pertensor or fp8 mode"):
         load_component(build_dit, src, include=DIT, method=QuantMethod.portable("int8"))
 
 

@@ -228,8 +228,9 @@ def test_diffusers_folder_without_the_component(tmp_path, diffusers_folder):
         find_component_file(tmp_path, "clip", None)
 
 
-def test_modelopt_fp8_transformer_is_refused_in_one_line(tmp_path, official):
-    """NVIDIA ModelOpt's FP8 export: fp8 weight + fp32 scalar weight_scale + static input_scale per linear."""
+def test_modelopt_fp8_transformer_runs_fp8_pertensor_and_is_refused_by_fp8(tmp_path, official):
+    """NVIDIA ModelOpt's FP8 export: fp8 weight + fp32 scalar weight_scale + static input_scale per linear: the
+    static per-tensor numerics run under fp8-pertensor; a per-token fp8 mode refuses it, naming the mode to use."""
     state = diffusers_dit(_state(official))
     file = {}
     for key, value in state.items():
@@ -245,5 +246,14 @@ def test_modelopt_fp8_transformer_is_refused_in_one_line(tmp_path, official):
     (tmp_path / "model_index.json").write_text("{}")
     src = open_source(find_component_file(tmp_path, "dit", "fp8"))
     record = WAN21.components["dit"]
-    with pytest.raises(CheckpointError, match=r"static activation scale \('blocks\.0\.self_attn\.q\.input_scale'\)"):
-        load_component(record.build("tiny-i2v"), src, include=record.quantizable, method=QuantMethod.portable("fp8"))
+    with pytest.raises(CheckpointError, match=r"static activation scale \('blocks\.0\.self_attn\.q\.input_scale'\) "
+                                              r"but fp8 quantizes activations dynamically: run it with "
+                                              r"dit_quant=fp8-pertensor-auto"):
+        load_component(record.build("tiny-i2v"), src, include=record.quantizable, method=QuantMethod.portable("fp8"),
+                       component="dit")
+    got = load_component(record.build("tiny-i2v"), src, method=QuantMethod.portable("fp8-pertensor"), component="dit")
+    static = {n: float(m.input_scale) for n, m in got.named_modules() if hasattr(m, "input_scale")}
+    # per block: q, k, v of both attentions, ffn.0, ffn.2
+    assert len(static) == 2 * 8 and set(static.values()) == {torch.tensor(0.01).item()}
+    assert got.checkpoint_numerics["layout"] == "static-fp8"
+    assert got.checkpoint_numerics["activations"].startswith("fp8, static per tensor")

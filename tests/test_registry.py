@@ -252,7 +252,7 @@ def test_cli_table_for_a_gpu_profile(fake_site):
     import torch
 
     assert torch.__version__ in rows["torch"]
-    assert rows["torch"].endswith("fp8 any, int8 any, fp8-b128 any, int4-g128 any  available here")
+    assert rows["torch"].endswith("fp8 any, int8 any, fp8-b128 any, int4-g128 any, fp8-pertensor any  available here")
     assert "fp8 sm89+, fp8-b128 sm90+" in rows["goodgpu"] and rows["goodgpu"].endswith("available here")
     assert rows["missingkernel"].endswith(
         f"not here: needs the package '{MISSING}', which is not installed; install: pip install lightq-missingkernel")

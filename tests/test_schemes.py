@@ -19,7 +19,9 @@ from lightq.quant import schemes as S
 SHAPES = [(16, 32), (128, 128), (257, 384), (1536, 1536)]
 BIG = (5120, 5120)  # one Wan-14B-sized weight, for the per-channel schemes (1536 = Wan-1.3B covers the others)
 FP32_SLACK = 2.0 ** -23
-QMAX = {"fp8": S.FP8_MAX, "int8": S.INT8_MAX, "fp8-b128": S.FP8_MAX, "int4-g128": S.INT4_MAX}
+QMAX = {"fp8": S.FP8_MAX, "int8": S.INT8_MAX, "fp8-b128": S.FP8_MAX, "int4-g128": S.INT4_MAX,
+        "fp8-pertensor": S.FP8_MAX}
+FP8_SCHEMES = ("fp8", "fp8-b128", "fp8-pertensor")
 
 
 def make_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -33,7 +35,7 @@ def make_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
 def scale_per_element(qw: S.QuantizedWeight) -> torch.Tensor:
     """The scale each element of the ``[N, K]`` weight was divided by, from the stored scale layout."""
     n, k = qw.out_features, qw.in_features
-    if qw.scheme in ("fp8", "int8"):
+    if qw.scheme in ("fp8", "int8", "fp8-pertensor"):
         return qw.scale.expand(n, k)
     if qw.scheme == "fp8-b128":
         return qw.scale.repeat_interleave(S.BLOCK, 0)[:n].repeat_interleave(S.BLOCK, 1)[:, :k]
@@ -42,7 +44,7 @@ def scale_per_element(qw: S.QuantizedWeight) -> torch.Tensor:
 
 def error_bound(scheme: str, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     w, s = w.double().abs(), s.double()
-    if scheme in ("fp8", "fp8-b128"):
+    if scheme in FP8_SCHEMES:
         fmt = torch.maximum(w * 2.0 ** -4, s * 2.0 ** -10)
     else:
         fmt = s / 2
@@ -61,6 +63,8 @@ def reference_amax(scheme: str, w: torch.Tensor) -> torch.Tensor:
     """amax over each scale's elements, in the stored scale layout, computed independently of schemes.py."""
     n, k = w.shape
     a = w.abs()
+    if scheme == "fp8-pertensor":
+        return a.max()
     if scheme in ("fp8", "int8"):
         return a.amax(dim=1, keepdim=True)
     if scheme == "fp8-b128":
@@ -125,7 +129,10 @@ def test_int4_rounds_to_nearest_even():
 @pytest.mark.parametrize("scheme", S.SCHEMES)
 def test_zero_rows_blocks_groups_get_scale_one_and_exact_zeros(scheme):
     w = make_weight(256, 384, seed=2)
-    if scheme in ("fp8", "int8"):
+    if scheme == "fp8-pertensor":
+        w.zero_()
+        zero_scales = ()
+    elif scheme in ("fp8", "int8"):
         w[3] = 0
         zero_scales = (slice(3, 4), slice(None))
     elif scheme == "fp8-b128":
@@ -173,7 +180,7 @@ def test_int4_with_k_not_multiple_of_128_refused_naming_the_fix():
 
 
 def test_unknown_scheme_and_non_2d_weight_refused():
-    with pytest.raises(QuantizationError, match="choose one of fp8, int8, fp8-b128, int4-g128"):
+    with pytest.raises(QuantizationError, match="choose one of fp8, int8, fp8-b128, int4-g128, fp8-pertensor"):
         S.quantize_weight(make_weight(8, 128), "int3")
     with pytest.raises(QuantizationError, match=r"conv\.weight: only 2-D .* \(4, 4, 3\)"):
         S.quantize_weight(torch.ones(4, 4, 3), "fp8", name="conv.weight")
@@ -249,6 +256,25 @@ def test_activation_roundtrip_within_format_bound(scheme, shape):
     deq = S.dequantize_activation(q, scale, scheme)
     assert torch.all(deq[-1] == 0)
     assert_within_bound(scheme, x, deq, activation_scale_per_element(scheme, scale, k))
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (257, 300)])
+def test_per_tensor_activation_dynamic_and_static(shape):
+    """fp8-pertensor: one scale t for the whole input; dynamic t = max |x| / 448, static t = the given input_scale,
+    x / t clamped to +-448 (a calibrated scale can be exceeded: those values saturate, never become NaN)."""
+    x = make_activation(*shape)
+    q, t = S.quantize_activation(x, "fp8-pertensor")
+    assert t.shape == () and t.item() == (x.abs().max() / S.FP8_MAX).item()
+    assert_within_bound("fp8-pertensor", x, S.dequantize_activation(q, t, "fp8-pertensor"), t.expand(*shape))
+    static = torch.tensor(t.item() / 4)  # a calibration that saw a quarter of this input's range
+    q, t = S.quantize_activation(x, "fp8-pertensor", static)
+    assert t.item() == static.item() and not torch.isnan(q.float()).any()
+    deq = S.dequantize_activation(q, t, "fp8-pertensor").double()
+    clamped = x.double().clamp(-S.FP8_MAX * static.item(), S.FP8_MAX * static.item())
+    assert (q.float().abs() == S.FP8_MAX).any() and (x.abs() > S.FP8_MAX * static.item()).any()  # saturated
+    assert_within_bound("fp8-pertensor", clamped, deq, t.expand(*shape))
+    with pytest.raises(QuantizationError, match="only fp8-pertensor takes a static input_scale"):
+        S.quantize_activation(x, "fp8", static)
 
 
 def test_weight_only_scheme_has_no_activation_quantization():

@@ -30,8 +30,8 @@ def reference(x2: torch.Tensor, qw: S.QuantizedWeight, bias: torch.Tensor | None
     if qw.scheme == "int4-g128":
         xd, wd = x2.double(), S.dequantize_weight(qw).double()
         ref, abs_sum = xd @ wd.t(), xd.abs() @ wd.abs().t()
-    elif qw.scheme in ("fp8", "int8"):
-        xq, sx = S.quantize_activation(x2, qw.scheme)
+    elif qw.scheme in ("fp8", "int8", S.PER_TENSOR):
+        xq, sx = S.quantize_activation(x2, qw.scheme, qw.input_scale)
         xd, wd = xq.double() * sx.double(), qw.data.double() * qw.scale.double()
         ref, abs_sum = xd @ wd.t(), xd.abs() @ wd.abs().t()
     else:  # fp8-b128: dequantization is exact in float64 (fp8 has 4 significant bits, the scales 24)

@@ -20,18 +20,21 @@ GROUP = "lightq.backends"
 # run at M = 32760+ tokens inside blocks where a backend with ``fused_blocks`` runs the fused Wan block (the
 # activation quantization fused into the norm/modulation/GELU that produce it; docs/BENCHMARKS.md "Issue 8
 # targets"), and where Marlin's int4 kernel is slower than dequantize + bf16 matmul (docs/BACKENDS.md). T5 and
-# CLIP (M = 512 / 257) take the fastest standalone linear.
+# CLIP (M = 512 / 257) take the fastest standalone linear. fp8-pertensor is not measured yet: it takes fp8's order
+# (the same fp8 GEMMs, with a per-tensor quantizer), lightq's triton backend having no static-scale kernel.
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "fp8": ("sgl", "vllm", "triton", "q8f", "torch"),
     "int8": ("vllm", "sgl", "triton", "q8f", "torchao", "torch"),
     "fp8-b128": ("deepgemm", "torch"),
     "int4-g128": ("marlin", "torch"),
+    "fp8-pertensor": ("sgl", "vllm", "torch"),
 }
 COMPONENT_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {
     "dit": {
         "fp8": ("triton", "vllm", "sgl", "q8f", "torch"),
         "int8": ("triton", "vllm", "sgl", "q8f", "torchao", "torch"),
         "int4-g128": ("torch", "marlin"),
+        "fp8-pertensor": ("vllm", "sgl", "torch"),
     },
 }
 COMPONENT_PREFERENCE["dit_low"] = COMPONENT_PREFERENCE["dit"]  # the low-noise expert of Wan2.2 A14B: the same DiT
@@ -48,8 +51,9 @@ class KnownPlugin:
 # Only so that a plugin's modes exist where it is not installed, and say how to install it. A plugin not listed
 # here needs no entry: its ``<scheme>-<name>`` modes exist once it is installed (``lightq.config.backend_modes``).
 KNOWN_PLUGINS: dict[str, KnownPlugin] = {
-    "vllm": KnownPlugin("pip install -e 'plugins/lightq-vllm[kernel]' (pulls vllm)", ("fp8", "int8")),
-    "sgl": KnownPlugin("pip install -e 'plugins/lightq-sgl[kernel]' (pulls sglang-kernel)", ("fp8", "int8")),
+    "vllm": KnownPlugin("pip install -e 'plugins/lightq-vllm[kernel]' (pulls vllm)", ("fp8", "int8", "fp8-pertensor")),
+    "sgl": KnownPlugin("pip install -e 'plugins/lightq-sgl[kernel]' (pulls sglang-kernel)",
+                       ("fp8", "int8", "fp8-pertensor")),
     "torchao": KnownPlugin("pip install -e 'plugins/lightq-torchao[kernel]' (pulls torchao)", ("int8",)),
     "deepgemm": KnownPlugin("pip install -e 'plugins/lightq-deepgemm[kernel]' (pulls vllm, which bundles DeepGEMM)",
                             ("fp8-b128",)),

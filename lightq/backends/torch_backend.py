@@ -15,6 +15,13 @@ It is the reference every plugin is checked against, and the portable fallback (
 - fp8-b128:  emulated the way block-scaled kernels compute: for each 128-wide group g along K, the exact fp8 partial
              product ``xq_g @ wq_g^T`` is scaled by ``sx[:, g] * sw[n // 128, g]`` and accumulated in fp32.
 - int4-g128: weight-only: the weight is dequantized to the activation dtype, then one ``linear`` (bias fused).
+- fp8-pertensor: x quantized with one scale t (the packed ``input_scale``: static; else dynamic, max |x| / 448),
+             then ``torch._scaled_mm`` with tensor-wise scales t and s on CUDA: for bf16 / fp16 activations the bias
+             fused and the output rounded once to x's dtype; for fp32 the scaled product in fp32, then the bias. On
+             CPU, whose tensor-wise ``_scaled_mm`` is far slower than its row-wise one, the same scales go row-wise
+             (t on every row, s on every column: the same product), the bias fused, in x's dtype. Where
+             ``_scaled_mm`` cannot run (K or N not a multiple of 16, CUDA below sm89) the exact fp8 product
+             accumulated in fp32, times (t * s).
 
 Bias is added in fp32 and rounded once with the output (fused into ``_scaled_mm`` for bf16 fp8, into the ``linear``
 in ``x.dtype`` for int4).
@@ -54,6 +61,13 @@ def scaled_mm_ok(device: torch.device, n: int, k: int) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def tensorwise_scaled_mm_ok(device: torch.device, n: int, k: int) -> bool:
+    """``_scaled_mm`` with tensor-wise scales: K and N multiples of 16, and sm89+ on CUDA (every CPU build)."""
+    if n % 16 or k % 16:
+        return False
+    return device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _int_mm_ok(device: torch.device, n: int, k: int) -> bool:
     """``_int_mm`` needs K and N multiples of 8 on CUDA."""
     return device.type == "cpu" or not (n % 8 or k % 8)
@@ -70,7 +84,8 @@ class TorchBackend(Backend):
 
     def pack(self, qw: schemes.QuantizedWeight) -> dict[str, torch.Tensor]:
         # GEMM kernels want W^T as a column-major [K, N] view: keep data [N, K] contiguous, transpose lazily.
-        return {"data": qw.data, "scale": qw.scale}
+        packed = {"data": qw.data, "scale": qw.scale}
+        return packed if qw.input_scale is None else {**packed, "input_scale": qw.input_scale}
 
     def apply(self, x, packed, scheme, bias):
         if scheme not in schemes.SCHEMES:
@@ -87,6 +102,8 @@ class TorchBackend(Backend):
             return y.reshape(*lead, -1)
         if scheme == "fp8":
             y, bias = self._fp8(x2, w, sw, bias)
+        elif scheme == schemes.PER_TENSOR:
+            y, bias = self._fp8_per_tensor(x2, w, sw, packed.get("input_scale"), bias)
         elif scheme == "int8":
             y = self._int8(x2, w, sw)
         else:
@@ -107,6 +124,22 @@ class TorchBackend(Backend):
         one = torch.ones((), device=x2.device)
         acc = torch._scaled_mm(xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
         return acc * sx * sw.t(), bias
+
+    @staticmethod
+    def _fp8_per_tensor(x2, w, sw, input_scale, bias):
+        """(the product, the bias still to add: None once ``_scaled_mm`` fused it)."""
+        xq, t = schemes.quantize_activation(x2, schemes.PER_TENSOR, input_scale)
+        n, k = w.shape
+        if not tensorwise_scaled_mm_ok(x2.device, n, k):
+            return (xq.float() @ w.float().t()) * (t * sw), bias
+        if x2.device.type == "cpu" and _cpu_rowwise_scaled_mm():
+            fused = None if bias is None else bias.to(x2.dtype)
+            rows, cols = torch.ones(xq.shape[0], 1) * t, torch.ones(1, n) * sw  # t, s exactly, unit-stride
+            return torch._scaled_mm(xq, w.t(), scale_a=rows, scale_b=cols, bias=fused, out_dtype=x2.dtype), None
+        if x2.dtype in (torch.bfloat16, torch.float16):
+            fused = None if bias is None else bias.to(x2.dtype)
+            return torch._scaled_mm(xq, w.t(), scale_a=t, scale_b=sw, bias=fused, out_dtype=x2.dtype), None
+        return torch._scaled_mm(xq, w.t(), scale_a=t, scale_b=sw, out_dtype=torch.float32), bias
 
     @staticmethod
     def _int8(x2, w, sw):

@@ -173,8 +173,9 @@ def _clip_specials(source: TensorSource, names: dict, qkv: dict) -> None:
             raise CheckpointError(f"{source.name}: layer {i} has self_attn {', '.join(sorted(parts))}_proj{leaf} "
                                   "but not all of q, k, v; the file is incomplete")
         if leaf == ".input_scale":
-            raise CheckpointError(f"{source.name}: '{parts['q']}' is a calibrated static activation scale, and lightq "
-                                  "has no static-activation mode: load the bf16 image encoder (quantized at load)")
+            raise CheckpointError(f"{source.name}: '{parts['q']}' is a calibrated static activation scale of one of "
+                                  "q, k, v, which lightq's CLIP runs as one fused projection with one input_scale: "
+                                  "load the bf16 image encoder (quantized at load)")
         stored = [parts[c] for c in "qkv"]
         shapes = [tuple(source.shape(k)) for k in stored]
         if leaf == ".weight_scale" and any(len(s) != 2 or s[1] != 1 for s in shapes):

@@ -8,7 +8,8 @@ into one per-layer table, legacy names renamed). Layouts (``<p>`` is a linear's 
               LightX2V's converter computes scales in the source dtype, so files made from the bf16 release
               carry bf16 scales: those are accepted (bf16 -> fp32 is exact); any other non-fp32 scale is refused.
 ``lightq``    the same keys for every scheme of ``lightq.quant.schemes`` (fp8-b128 scale ``[ceil(N/128),
-              ceil(K/128)]``, int4-g128 uint8 ``[N, K/2]`` + scale ``[K/128, N]``), and the header metadata
+              ceil(K/128)]``, int4-g128 uint8 ``[N, K/2]`` + scale ``[K/128, N]``, fp8-pertensor scale ``[]``), and
+              the header metadata
               ``lightq.scheme``, ``lightq.granularity``, ``lightq.component``, ``lightq.source_sha256``,
               ``lightq.version``.
 ``comfyui``   ComfyUI's per-layer table (``conventions``): format ``float8_e4m3fn`` (``<p>.weight`` fp8) or
@@ -16,18 +17,24 @@ into one per-layer table, legacy names renamed). Layouts (``<p>`` is a linear's 
               per output channel (``[N]`` / ``[N, 1]``), optional ``<p>.input_scale`` (a calibrated static
               activation scale, x_q = x / input_scale), optional ``full_precision_matrix_mult`` (weight-only:
               ComfyUI dequantizes the weight and multiplies in high precision). Other formats are refused by name.
-``modelopt``  no table, ``<p>.weight`` fp8 + ``<p>.weight_scale`` fp32 scalar + ``<p>.input_scale`` fp32 scalar
-              (NVIDIA ModelOpt's FP8 export, also in diffusers folders).
+``static-fp8`` no table, ``<p>.weight`` fp8 + ``<p>.weight_scale`` fp32 one value + ``<p>.input_scale`` fp32 one
+              value, each of shape ``[]`` or ``[1]``: LightX2V's ``fp8-pertensor`` files (LTX-2's
+              ``*-fp8.safetensors``: ``[]``), NVIDIA ModelOpt's FP8 export, AutoFP8 (``[]``) and compressed-tensors
+              (``[1]``) static-fp8 checkpoints. A LightX2V ``fp8-pertensor`` file without ``input_scale`` reads as
+              ``lightx2v``.
 ``fp8-cast``  ``<p>.weight`` float8_e4m3fn with no scale at all (kijai's ``*_fp8_e4m3fn`` files): scale 1.
 
-A per-tensor scale s is converted exactly to lightq's per-channel layout: data unchanged, scale ``[N, 1]`` filled
-with s. How activations are handled is the layer's ``activation_of``: ``dynamic`` (the mode's per-token / per-group
-quantization), ``static`` (an ``input_scale``: lightq has no static-activation mode, so a quantized mode refuses
-the layer in one line, never ignores the scale) or ``weight-only`` (only ``<component>_quant=none`` takes it: the
-weights are dequantized at load and multiplied in the run's dtype, as ComfyUI does).
+An fp8 weight with one scale (``[]`` or ``[1]``) is stored as ``fp8-pertensor``, which a ``fp8`` mode also reads,
+exactly: data unchanged, scale ``[N, 1]`` filled with s. How activations are handled is the layer's
+``activation_of``: ``dynamic`` (the mode's per-token / per-group / per-tensor quantization), ``static`` (an
+``input_scale``, the calibrated t of x_q = fp8(clamp(x / t)): only an ``fp8-pertensor`` mode honours it; any other
+mode refuses the layer in one line naming that mode, never ignores the scale) or ``weight-only`` (only
+``<component>_quant=none`` takes it: the weights are dequantized at load and multiplied in the run's dtype, as
+ComfyUI does).
 
 Every check names the tensor: wrong scheme for the mode, missing scale, scale of the wrong shape (transposed
-included) or dtype, NaN/Inf in data or scale, a float weight where the mode expects a quantized one.
+included) or dtype, NaN/Inf in data or scale, an ``input_scale`` that is not one finite positive fp32 value, a
+float weight where the mode expects a quantized one.
 """
 
 from __future__ import annotations
@@ -44,12 +51,18 @@ from .sources import TensorSource
 
 SCALE = ".weight_scale"
 INPUT_SCALE = ".input_scale"
-GRANULARITY = {"fp8": "per-channel", "int8": "per-channel", "fp8-b128": "block128", "int4-g128": "group128"}
+PER_TENSOR = schemes.PER_TENSOR
+GRANULARITY = {"fp8": "per-channel", "int8": "per-channel", "fp8-b128": "block128", "int4-g128": "group128",
+               PER_TENSOR: "per-tensor"}
 QUANT_DTYPES = {schemes.FP8_DTYPE: "fp8", torch.int8: "int8", torch.uint8: "int4-g128", torch.float8_e5m2: "fp8-e5m2"}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 COMFY_FORMATS = {"float8_e4m3fn": "fp8", "int8_tensorwise": "int8"}
 ACTIVATIONS = {"fp8": "fp8, dynamic per token", "int8": "int8, dynamic per token",
-               "fp8-b128": "fp8, dynamic per 1x128 group", "int4-g128": "not quantized (weight-only scheme)"}
+               "fp8-b128": "fp8, dynamic per 1x128 group", "int4-g128": "not quantized (weight-only scheme)",
+               PER_TENSOR: "fp8, dynamic per tensor (max |x| / 448 of each call)"}
+STATIC = "fp8, static per tensor (the file's calibrated input_scale: x_q = fp8(clamp(x / input_scale)))"
+# a stored scheme -> the other schemes that read it exactly (a per-tensor scale held per channel)
+READ_AS = {PER_TENSOR: ("fp8",)}
 
 
 @lru_cache(maxsize=8)
@@ -69,13 +82,13 @@ def comfy_layers(source: TensorSource) -> dict[str, dict]:
 
 
 def layout_of(source: TensorSource) -> str:
-    """``lightq`` | ``comfyui`` | ``modelopt`` | ``lightx2v`` | ``fp8-cast`` | ``float`` (no quantized tensor)."""
+    """``lightq`` | ``comfyui`` | ``static-fp8`` | ``lightx2v`` | ``fp8-cast`` | ``float`` (no quantized tensor)."""
     if "lightq.scheme" in source.metadata:
         return "lightq"
     if comfy_layers(source):
         return "comfyui"
     if any(k.endswith(INPUT_SCALE) for k in source):
-        return "modelopt"
+        return "static-fp8"
     if any(k.endswith(SCALE) for k in source):
         return "lightx2v"
     if any(k.endswith(".weight") and source.dtype(k) == schemes.FP8_DTYPE and len(source.shape(k)) == 2
@@ -113,12 +126,22 @@ def file_scheme(source: TensorSource, prefix: str) -> str:
             raise CheckpointError(f"{source.file_of(key)}: layer '{prefix}' is ComfyUI format '{what}'; lightq reads "
                                   f"{' and '.join(COMFY_FORMATS)} layers: use a float8_e4m3fn file or the bf16 "
                                   "original (quantized at load)")
-        return COMFY_FORMATS[fmt]
+        kind = COMFY_FORMATS[fmt]
+        return PER_TENSOR if kind == "fp8" and _one_scale(source, prefix) else kind
     if kind == "fp8" and prefix + SCALE in source:
         n, k = source.shape(key)
         if tuple(source.shape(prefix + SCALE)) == (-(-n // schemes.BLOCK), -(-k // schemes.BLOCK)) and n > 1:
             return "fp8-b128"
+        if _one_scale(source, prefix):
+            return PER_TENSOR
+    if kind == "fp8" and prefix + INPUT_SCALE in source and prefix + SCALE not in source:
+        return PER_TENSOR  # a static per-tensor layer without its weight scale: read_quantized names what is missing
     return kind
+
+
+def _one_scale(source: TensorSource, prefix: str) -> bool:
+    """Is ``<prefix>.weight_scale`` one value for the whole tensor (shape ``[]`` or ``[1]``)?"""
+    return prefix + SCALE in source and tuple(source.shape(prefix + SCALE)) in ((), (1,))
 
 
 def activation_of(source: TensorSource, prefix: str) -> str:
@@ -142,15 +165,19 @@ def check_activations(source: TensorSource, prefix: str, scheme: str, component:
         raise CheckpointError(f"{where}: '{prefix}' is weight-only (ComfyUI full_precision_matrix_mult: dequantized "
                               f"weights, high-precision GEMM), but the mode computes in {scheme}: run it with "
                               f"{option}=none, which does exactly that, or quantize the bf16 original at load")
-    if how == "static":
+    if how == "static" and scheme != PER_TENSOR:
+        fix = (f"run it with {option}={PER_TENSOR}-auto (LightX2V's fp8-pertensor: x / input_scale, one scale per "
+               "tensor)" if file_scheme(source, prefix) == PER_TENSOR else
+               f"only {PER_TENSOR} takes a static activation scale, and it needs one weight scale per tensor")
         raise CheckpointError(f"{where}: '{prefix}' carries a calibrated static activation scale "
-                              f"('{prefix}{INPUT_SCALE}') but {scheme} quantizes activations dynamically per token, "
-                              "and lightq has no static-activation mode: load the bf16 original (quantized at load)")
+                              f"('{prefix}{INPUT_SCALE}') but {scheme} quantizes activations dynamically: {fix}, or "
+                              "load the bf16 original (quantized at load)")
 
 
-def numerics(source: TensorSource | str, scheme: str | None, dtype: torch.dtype) -> dict[str, str]:
+def numerics(source: TensorSource | str, scheme: str | None, dtype: torch.dtype,
+             static: tuple[int, int] = (0, 0)) -> dict[str, str]:
     """What result.json records of a loaded component: the file's layout, where the weights came from, and how
-    activations are computed."""
+    activations are computed. ``static``: (layers run with the file's input_scale, quantized layers)."""
     layout = "random" if isinstance(source, str) else layout_of(source)
     names = {"key_names": getattr(source, "convention", "") or "official"} if not isinstance(source, str) else {}
     high = str(dtype).replace("torch.", "")
@@ -159,9 +186,18 @@ def numerics(source: TensorSource | str, scheme: str | None, dtype: torch.dtype)
                    if layout not in ("float", "random") else f"{high}")
         return {"layout": layout, **names, "weights": weights, "activations": f"{high} (not quantized)"}
     weights = f"{scheme}, quantized at load" if layout in ("float", "random") else f"{scheme}, read from the file"
-    if not isinstance(source, str) and layout in ("comfyui", "modelopt", "fp8-cast"):
+    if scheme in ("fp8", "int8") and not isinstance(source, str) and layout in ("comfyui", "static-fp8", "fp8-cast"):
         weights += " (per-tensor scales held per channel)" if layout != "fp8-cast" else " (scale 1)"
-    return {"layout": layout, **names, "weights": weights, "activations": ACTIVATIONS.get(scheme, scheme)}
+    return {"layout": layout, **names, "weights": weights, "activations": _activations(scheme, *static)}
+
+
+def _activations(scheme: str, static: int, layers: int) -> str:
+    if not static:
+        return ACTIVATIONS.get(scheme, scheme)
+    if static == layers:
+        return STATIC
+    return (f"{STATIC} on {static} of {layers} layers; the other {layers - static} (no input_scale in the file): "
+            f"{ACTIVATIONS[scheme]}")
 
 
 # components that load the same model's checkpoints: a Wan2.2 A14B expert is a DiT (lightq.convert writes "dit")
@@ -199,9 +235,10 @@ def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[
         raise CheckpointError(f"{source.file_of(key)}: '{key}' is not quantized ({source.dtype(key)}) but the mode "
                               f"expects {scheme} and the rest of the file is pre-quantized; add '{prefix}' to the "
                               "mode's skip patterns or convert again")
-    if have != scheme:
+    if have != scheme and scheme not in READ_AS.get(have, ()):
+        modes = " or ".join((have, *READ_AS.get(have, ())))
         raise CheckpointError(f"{source.file_of(key)}: '{key}' is stored as {have} but the mode expects {scheme}: "
-                              f"pick a {have} mode or convert the bf16 checkpoint to {scheme}")
+                              f"pick an {modes} mode or convert the bf16 checkpoint to {scheme}")
     data_shape, data_dtype, scale_shape = schemes.expected_layout(scheme, n, k)
     if source.dtype(key) != data_dtype:
         raise CheckpointError(f"{source.file_of(key)}: '{key}' has dtype {source.dtype(key)}, {scheme} needs "
@@ -211,13 +248,13 @@ def read_quantized(source: TensorSource, prefix: str, scheme: str, shape: tuple[
                               f"needs {tuple(data_shape)} for {scheme}")
     data = source[key].to(device)
     scale = _scale(source, prefix, scheme, n, scale_shape, data_dtype).to(device)
-    if prefix + INPUT_SCALE in source:
-        _one_value(source, prefix + INPUT_SCALE)
+    input_scale = _one_value(source, prefix + INPUT_SCALE) if prefix + INPUT_SCALE in source else None
     if data.dtype == schemes.FP8_DTYPE:
         bad = torch.isnan(data.float()).sum().item()
         if bad:
             raise CheckpointError(f"{source.file_of(key)}: '{key}' holds {bad} NaN values; the file is corrupt")
-    return schemes.QuantizedWeight(scheme, data.contiguous(), scale.float().contiguous(), n, k)
+    static = input_scale.to(device) if scheme == PER_TENSOR and input_scale is not None else None
+    return schemes.QuantizedWeight(scheme, data.contiguous(), scale.float().contiguous(), n, k, static)
 
 
 def _check_scale_layout(source: TensorSource, scale_key: str, want: tuple, bf16_ok: bool) -> None:
@@ -250,6 +287,12 @@ def _scale(source: TensorSource, prefix: str, scheme: str, n: int, want: tuple, 
         raise CheckpointError(f"{source.file_of(key)}: '{key}' is {data_dtype} but its scale '{scale_key}' is "
                               "missing; the file is incomplete, convert again")
     shape = tuple(source.shape(scale_key))
+    if scheme == PER_TENSOR:
+        if shape not in ((), (1,)):
+            raise CheckpointError(f"{source.file_of(scale_key)}: scale '{scale_key}' has shape {shape}; "
+                                  f"{PER_TENSOR} has one weight scale per tensor (shape [] or [1]): pick an fp8 mode "
+                                  "for per-channel scales")
+        return _one_value(source, scale_key)
     if scheme in ("fp8", "int8") and shape in ((), (1,)):
         return _one_value(source, scale_key).expand(n, 1).contiguous()
     if scheme in ("fp8", "int8") and shape == (n,) and n > 1:
@@ -262,9 +305,10 @@ def _scale(source: TensorSource, prefix: str, scheme: str, n: int, want: tuple, 
 
 def _one_value(source: TensorSource, key: str) -> torch.Tensor:
     """A per-tensor fp32 scale (shape ``()`` or ``(1,)``), checked finite and positive, as a 0-d fp32 tensor."""
-    if source.dtype(key) != torch.float32 or torch.Size(source.shape(key)).numel() != 1:
-        raise CheckpointError(f"{source.file_of(key)}: '{key}' must be one float32 value, got {source.dtype(key)} "
-                              f"{tuple(source.shape(key))}")
+    if source.dtype(key) != torch.float32 or tuple(source.shape(key)) not in ((), (1,)):
+        raise CheckpointError(f"{source.file_of(key)}: '{key}' must be one float32 value (shape [] or [1]: one scale "
+                              f"per tensor), got {str(source.dtype(key)).replace('torch.', '')} "
+                              f"{list(source.shape(key))}; the file is not a per-tensor fp8 checkpoint lightq reads")
     value = source[key].reshape(())
     _check_scale_values(source, key, value)
     return value.float()

@@ -95,6 +95,7 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
         lora.note_source(pre_quantized)
     linears = {name: model.get_submodule(name) for name in quantized}
     done: set[str] = set()
+    static = 0  # layers run with the file's calibrated input_scale (fp8-pertensor)
     source_file = Path(str(getattr(source, "name", RANDOM))).name
     bar = Progress(len(expected), f"loading {component + ' from ' if component else ''}{source_file}", "tensors",
                    progress, leave=False)
@@ -105,9 +106,10 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
             if pre_quantized:  # a float weight here is an error: the file was converted without this layer
                 qw = formats.read_quantized(source, name, scheme, n_k, device)
                 formats.check_activations(source, name, scheme, component)
-                if merge:  # dequantize, merge, requantize (the LoRA record says so)
+                if merge:  # dequantize, merge, requantize (the LoRA record says so); input_scale kept
                     w = lora.merged(key, dequantize_weight(qw.to(quantize_on)))
-                    qw = quantize_weight(w, scheme, name=key).to(device)
+                    qw = quantize_weight(w, scheme, name=key, input_scale=qw.input_scale).to(device)
+                static += qw.input_scale is not None
             else:
                 w = fetch(key, n_k).to(quantize_on)
                 qw = quantize_weight(lora.merged(key, w) if merge else w, scheme, name=key).to(device)
@@ -142,7 +144,7 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
     if leftover:
         raise CheckpointError(f"{', '.join(leftover[:5])} were never loaded (buffers are not checkpoint tensors: "
                               "the module must create them itself)")
-    model.checkpoint_numerics = formats.numerics(source, scheme, dtype)
+    model.checkpoint_numerics = formats.numerics(source, scheme, dtype, (static, len(linears)))
     return model.eval()
 
 

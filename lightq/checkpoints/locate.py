@@ -188,7 +188,11 @@ def _find_by_content(where: list[Path], component: str, scheme: str | None, fam:
             except NotAComponentFile:
                 passed_over.append(p)
     for place in where:
-        matching = [p for at, p, s in classified if at == place and s == scheme]
+        here = [(p, s) for at, p, s in classified if at == place]
+        # a file of the mode's scheme, else one the mode reads exactly (formats.READ_AS: a per-tensor fp8 file
+        # under an fp8 mode)
+        matching = [p for p, s in here if s == scheme] or \
+            [p for p, s in here if s is not None and scheme in formats.READ_AS.get(s, ())]
         if len(matching) == 1:
             found_in = _rel(place, root)
             return Found(matching[0], f"the one {label} checkpoint holding {scheme or 'bf16'} weights in {found_in} "

@@ -12,6 +12,12 @@ Schemes (``W`` is a float weight ``[N, K]`` = ``[out, in]``, ``x`` an activation
                x: one scale per 1x128 group along K                              act scale ``[M, ceil(K/128)]``
 ``int4-g128``  s_gn = max |W[n, 128g:128g+128]| / 7, W_q = clamp(round(W / s), -7, 7)   scale ``[K/128, N]``
                weight only: activations stay in bf16 / fp16.                     data: uint8 ``[N, K/2]``
+``fp8-pertensor``  W_q = fp8_e4m3(W / s),  s = max_{n,k} |W[n, k]| / 448 (one value)        scale ``[]``
+               x_q = fp8_e4m3(clamp(x / t, -448, 448)), one t for the whole input:        act scale ``[]``
+               static: t = the layer's calibrated ``input_scale`` (read from a checkpoint, ``QuantizedWeight.
+               input_scale``); dynamic (no ``input_scale``): t = max |x| / 448 over the whole input of the call.
+               x / t is one fp32 division (LightX2V's, ComfyUI's and vLLM's own kernels round differently:
+               docs/FORMATS.md). y = (x_q @ W_q^T) * (t * s) + b.
 
 Rounding is round-to-nearest-even everywhere (``torch.round`` for ints, the fp8 cast for fp8), never truncation.
 A zero row, block or group gets scale 1 (its quantized values are all 0, so it dequantizes to exactly 0).
@@ -43,7 +49,8 @@ INT4_MAX = 7.0
 BLOCK = 128
 GROUP = 128
 
-SCHEMES = ("fp8", "int8", "fp8-b128", "int4-g128")
+PER_TENSOR = "fp8-pertensor"
+SCHEMES = ("fp8", "int8", "fp8-b128", "int4-g128", PER_TENSOR)
 WEIGHT_ONLY = frozenset({"int4-g128"})
 
 
@@ -52,7 +59,9 @@ class QuantizedWeight:
     """A quantized ``[out_features, in_features]`` weight as stored in checkpoints (the LightX2V layout).
 
     ``data``  fp8 / int8 ``[N, K]``, or uint8 ``[N, K/2]`` packed nibbles for int4-g128
-    ``scale`` fp32: ``[N, 1]`` (fp8, int8), ``[ceil(N/128), ceil(K/128)]`` (fp8-b128), ``[K/128, N]`` (int4-g128)
+    ``scale`` fp32: ``[N, 1]`` (fp8, int8), ``[ceil(N/128), ceil(K/128)]`` (fp8-b128), ``[K/128, N]`` (int4-g128),
+              ``[]`` (fp8-pertensor)
+    ``input_scale`` fp8-pertensor only: the calibrated static activation scale t (fp32 ``[]``), or None (dynamic)
     """
 
     scheme: str
@@ -60,13 +69,16 @@ class QuantizedWeight:
     scale: torch.Tensor
     out_features: int
     in_features: int
+    input_scale: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+        extra = () if self.input_scale is None else (self.input_scale,)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, *extra))
 
     def to(self, device) -> "QuantizedWeight":
+        t = None if self.input_scale is None else self.input_scale.to(device)
         return QuantizedWeight(self.scheme, self.data.to(device), self.scale.to(device), self.out_features,
-                               self.in_features)
+                               self.in_features, t)
 
 
 def expected_layout(scheme: str, out_features: int, in_features: int) -> tuple[tuple, torch.dtype, tuple]:
@@ -80,6 +92,8 @@ def expected_layout(scheme: str, out_features: int, in_features: int) -> tuple[t
         return (n, k), FP8_DTYPE, (-(-n // BLOCK), -(-k // BLOCK))
     if scheme == "int4-g128":
         return (n, k // 2), torch.uint8, (k // GROUP, n)
+    if scheme == PER_TENSOR:
+        return (n, k), FP8_DTYPE, ()
     raise QuantizationError(f"unknown scheme '{scheme}': choose one of {', '.join(SCHEMES)}")
 
 
@@ -151,9 +165,13 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).reshape(p.shape[0], p.shape[1] * 2)
 
 
-def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight") -> QuantizedWeight:
-    """Quantize a float ``[N, K]`` weight (any float dtype, computed in fp32) into ``scheme``."""
+def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight",
+                    input_scale: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize a float ``[N, K]`` weight (any float dtype, computed in fp32) into ``scheme``; ``input_scale``
+    (fp8-pertensor only) is the layer's static activation scale, kept as given."""
     check_quantizable(scheme, tuple(w.shape), name)
+    if input_scale is not None and scheme != PER_TENSOR:
+        raise QuantizationError(f"{name}: only {PER_TENSOR} takes a static input_scale, not {scheme}")
     w = w.detach().float().contiguous()
     _check_finite(w, name)
     n, k = w.shape
@@ -161,6 +179,9 @@ def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight") -> Quant
         qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
         scale = safe_scale(w.abs().amax(dim=1, keepdim=True), qmax)
         data = _to_fp8(w / scale) if scheme == "fp8" else _to_int(w / scale, INT8_MAX)
+    elif scheme == PER_TENSOR:
+        scale = safe_scale(w.abs().amax(), FP8_MAX)  # []
+        data = _to_fp8(w / scale)
     elif scheme == "fp8-b128":
         blocks, _, _ = _blocks_2d(w)
         scale = safe_scale(blocks.abs().amax(dim=(1, 3)), FP8_MAX)  # [N/128, K/128]
@@ -172,13 +193,13 @@ def quantize_weight(w: torch.Tensor, scheme: str, name: str = "weight") -> Quant
         q = _to_int(groups / scale[:, :, None], INT4_MAX).view(n, k)
         data = pack_int4(q)
         scale = scale.t().contiguous()  # stored [K/128, N]
-    return QuantizedWeight(scheme, data.contiguous(), scale.float().contiguous(), n, k)
+    return QuantizedWeight(scheme, data.contiguous(), scale.float().contiguous(), n, k, input_scale)
 
 
 def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float ``[N, K]`` weight a quantized weight stands for (computed in fp32, returned in ``dtype``)."""
     n, k = qw.out_features, qw.in_features
-    if qw.scheme in ("fp8", "int8"):
+    if qw.scheme in ("fp8", "int8", PER_TENSOR):
         w = qw.data.float() * qw.scale
     elif qw.scheme == "fp8-b128":
         s = qw.scale.repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
@@ -191,13 +212,21 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     return w.to(dtype)
 
 
-def quantize_activation(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric activation quantization of ``x`` ``[M, K]`` (any float dtype, computed in fp32).
+def quantize_activation(x: torch.Tensor, scheme: str, input_scale: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric activation quantization of ``x`` ``[M, K]`` (any float dtype, computed in fp32).
 
     fp8 / int8: one scale per row (token), ``[M, 1]``. fp8-b128: one scale per 1x128 group, ``[M, ceil(K/128)]``.
+    fp8-pertensor: one scale ``[]``, ``input_scale`` (static) when given, else max |x| / 448 (dynamic).
     Returns (quantized ``[M, K]``, fp32 scales).
     """
     x = x.float()
+    if scheme == PER_TENSOR:
+        t = safe_scale(x.abs().amax(), FP8_MAX) if input_scale is None else input_scale.float().reshape(())
+        return _to_fp8(x / t), t
+    if input_scale is not None:
+        raise QuantizationError(f"scheme '{scheme}' quantizes activations dynamically; only {PER_TENSOR} takes a "
+                                "static input_scale")
     if scheme in ("fp8", "int8"):
         qmax = FP8_MAX if scheme == "fp8" else INT8_MAX
         scale = safe_scale(x.abs().amax(dim=-1, keepdim=True), qmax)
@@ -216,7 +245,7 @@ def quantize_activation(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, tor
 
 def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
     """fp32 ``[M, K]`` from a quantized activation and its scales (inverse of ``quantize_activation``)."""
-    if scheme in ("fp8", "int8"):
+    if scheme in ("fp8", "int8", PER_TENSOR):
         return q.float() * scale
     if scheme == "fp8-b128":
         k = q.shape[1]

@@ -52,11 +52,16 @@ def fast_fp8(n, k):
 
 
 def check(y, x, qw, bias):
-    """Compare (a row subset of) ``y`` with the float64 reference on the GPU."""
+    """Compare (a row subset of) ``y`` with the float64 reference on the GPU. fp8-pertensor's activation scale is
+    one for the whole input (static, or dynamic from all of ``x``): the reference takes it from the packed layer,
+    so a row subset is exact there too."""
     rows = torch.arange(0, x.shape[0], 64 if x.shape[0] > 4096 else 1, device=x.device)
-    fast = qw.scheme == "fp8" and fast_fp8(qw.out_features, qw.in_features)
-    assert_close_to_reference(y[rows], x[rows], qw, bias,
-                              gemm_dtype=torch.bfloat16 if fast and x.dtype == torch.bfloat16 else None,
+    fast = qw.scheme in ("fp8", S.PER_TENSOR) and fast_fp8(qw.out_features, qw.in_features)
+    if qw.scheme == S.PER_TENSOR and qw.input_scale is None:  # the dynamic scale of the whole input
+        qw = S.QuantizedWeight(qw.scheme, qw.data, qw.scale, qw.out_features, qw.in_features,
+                               S.quantize_activation(x, S.PER_TENSOR)[1])
+    bf16_gemm = fast and qw.scheme == "fp8" and x.dtype == torch.bfloat16
+    assert_close_to_reference(y[rows], x[rows], qw, bias, gemm_dtype=torch.bfloat16 if bf16_gemm else None,
                               extra_acc=FP8_TENSOR_CORE_ACC if fast else 0.0)
 
 
@@ -106,10 +111,11 @@ def test_paths_taken(monkeypatch):
         real = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     x, w, _ = make(33, 512, 256, torch.bfloat16)
-    for scheme in ("fp8", "int8"):
+    for scheme in ("fp8", "int8", S.PER_TENSOR):
         qw = S.quantize_weight(w, scheme)
         BACKEND.apply(x, BACKEND.pack(qw), scheme, None)
-    expected = (["_scaled_mm"] if torch.cuda.get_device_capability() >= (8, 9) else []) + ["_int_mm"]
+    fp8 = ["_scaled_mm"] if torch.cuda.get_device_capability() >= (8, 9) else []
+    expected = fp8 + ["_int_mm"] + fp8
     assert calls == expected
 
 
@@ -122,11 +128,13 @@ def test_gpu_agrees_with_cpu_backend(scheme):
     qw_cpu = qw.to("cpu")
     y_cpu = BACKEND.apply(x.cpu(), BACKEND.pack(qw_cpu), scheme, bias.cpu())
     check(y_gpu, x, qw, bias)
+    if scheme == S.PER_TENSOR:  # the dynamic scale of the whole input, as both devices computed it
+        qw_cpu.input_scale = S.quantize_activation(x.cpu(), S.PER_TENSOR)[1]
     assert_close_to_reference(y_cpu, x.cpu(), qw_cpu, bias.cpu(),
                               gemm_dtype=torch.bfloat16 if scheme == "fp8" else None)
     no_bias, ref, abs_sum = reference(x.cpu(), qw_cpu, bias.cpu())
     tol = bound(no_bias, ref, abs_sum, bias.cpu(), 8960, UNIT_ROUNDOFF[torch.bfloat16], scheme, torch.bfloat16,
-                FP8_TENSOR_CORE_ACC if scheme == "fp8" else 0.0)
+                FP8_TENSOR_CORE_ACC if scheme in ("fp8", S.PER_TENSOR) else 0.0)
     assert torch.all((y_gpu.cpu().double() - y_cpu.double()).abs() <= 2 * tol)
 
 
@@ -149,3 +157,24 @@ def test_quantize_on_gpu_is_bitwise_the_cpu_result(scheme):
     if scheme not in S.WEIGHT_ONLY:
         (qg, sg), (qc, sc) = S.quantize_activation(x, scheme), S.quantize_activation(x.cpu(), scheme)
         assert torch.equal(qg.cpu().view(torch.uint8), qc.view(torch.uint8)) and torch.equal(sg.cpu(), sc)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n,k", WAN_NK, ids=lambda v: str(v))
+@pytest.mark.parametrize("m", [1, 257, 32760])
+def test_fp8_pertensor_static_scale_tensorwise_scaled_mm(m, n, k, dtype, monkeypatch):
+    """fp8-pertensor with a calibrated input_scale (half this input's range: the largest activations saturate) on
+    ``torch._scaled_mm`` with tensor-wise scales (0-d t and s), bias fused for 16-bit outputs, fp32 output for fp32
+    activations; against the float64 statement of x_q = fp8(clamp(x / t)), y = x_q @ W_q^T * t * s + b."""
+    seen = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: seen.append(kw["scale_a"].shape) or real(*a, **kw))
+    x, w, bias = make(m, n, k, dtype)
+    t = x.float().abs().max() * 0.5 / S.FP8_MAX
+    qw = S.quantize_weight(w, S.PER_TENSOR, input_scale=t)
+    y = BACKEND.apply(x, BACKEND.pack(qw), S.PER_TENSOR, bias)
+    assert y.shape == (m, n) and y.dtype == dtype and y.is_cuda
+    assert (x.float().abs() / t > S.FP8_MAX).any(), "some activations saturate"
+    check(y, x, qw, bias)
+    if fast_fp8(n, k):
+        assert seen == [torch.Size([])], "tensor-wise scales: one 0-d scale for the activation"

@@ -1,4 +1,4 @@
-"""sglang-kernel's CUTLASS kernels for the ``fp8`` and ``int8`` schemes.
+"""sglang-kernel's CUTLASS kernels for the ``fp8``, ``int8`` and ``fp8-pertensor`` schemes.
 
     x_q, s_x = per-token dynamic quantization of x:
                fp8  ``sgl_per_token_quant_fp8`` (sgl-kernel's CUDA kernel): s_x = max|x_m| / 448 in fp32, bf16 and
@@ -13,6 +13,12 @@
     y        = fp8_scaled_mm / int8_scaled_mm(x_q [M, K], W_q^T [K, N] column-major, s_x [M, 1], s_w [N, 1],
                out_dtype, bias)  =  (s_x s_w^T) * (x_q @ W_q^T) + bias: fp32 epilogue, the bias (in out_dtype)
                added before the one final rounding into out_dtype (bf16 or fp16)
+
+fp8-pertensor: ``sgl_per_tensor_quant_fp8(x, x_q, t, is_static)``: static with the layer's ``input_scale`` t, else
+dynamic (t = max|x| / 448); it multiplies by 1 / t in fp32 where lightq's rule divides by t (a code can move by one
+at a rounding tie). ``fp8_scaled_mm`` takes row-wise scales only, so t is given for every row and s for every
+column: the same product. A sglang-kernel without ``sgl_per_tensor_quant_fp8`` makes fp8-pertensor-sgl refuse to
+load, naming the other modes.
 
 The column-major ``[K, N]`` operand is the free transpose view of the row-major ``[N, K]`` checkpoint tensor, so
 ``pack`` keeps the checkpoint tensors unchanged. The kernels need K a multiple of 16 and N a multiple of 16 (fp8;
@@ -29,7 +35,8 @@ import sgl_kernel  # any failure here becomes BackendUnavailable in BackendSpec.
 import torch
 
 from lightq.backends.base import Backend
-from lightq.quant.schemes import FP8_DTYPE, QuantizedWeight, quantize_activation
+from lightq.errors import BackendUnavailable
+from lightq.quant.schemes import FP8_DTYPE, PER_TENSOR, QuantizedWeight, quantize_activation
 
 Int8Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -47,7 +54,15 @@ class SglBackend(Backend):
 
     def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         self.check_scheme(qw.scheme)
-        return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
+        if qw.scheme != PER_TENSOR:
+            return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
+        if not hasattr(sgl_kernel, "sgl_per_tensor_quant_fp8"):
+            raise BackendUnavailable(f"backend 'sgl': sglang-kernel {self.version()} has no sgl_per_tensor_quant_fp8; "
+                                     "use mode fp8-pertensor-vllm or fp8-pertensor-torch")
+        # fp8_scaled_mm's weight scales are per column: the one value s on each of the N columns
+        packed = {"data": qw.data.contiguous(), "scale": qw.scale.float().reshape(1, 1).expand(qw.out_features, 1)
+                  .contiguous()}
+        return packed if qw.input_scale is None else {**packed, "input_scale": qw.input_scale.float().reshape(1)}
 
     @property
     def int8_quantizer(self) -> str:
@@ -58,21 +73,34 @@ class SglBackend(Backend):
         """Per-token quantization of a contiguous ``[M, K]`` bf16/fp16 tensor: (x_q ``[M, K]``, s_x ``[M, 1]`` fp32)."""
         if scheme == "int8":
             return _int8_quantizer()[1](x2)
+        if scheme == PER_TENSOR:  # dynamic per tensor (apply passes a layer's static input_scale itself)
+            return self._per_tensor(x2, None)
         xq = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
         sx = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x2.device)
         sgl_kernel.sgl_per_token_quant_fp8(x2, xq, sx)
         return xq, sx
 
+    @staticmethod
+    def _per_tensor(x2: torch.Tensor, static: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_q, t ``[1]``): static with ``static`` as t, else dynamic (the kernel's amax reduction fills t)."""
+        xq = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
+        t = torch.zeros(1, dtype=torch.float32, device=x2.device) if static is None else static.clone()
+        sgl_kernel.sgl_per_tensor_quant_fp8(x2, xq, t, static is not None)
+        return xq, t
+
     def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """The scaled GEMM alone (bias fused) on an already quantized activation; ``[M, N]`` in ``out_dtype``."""
         b = None if bias is None else bias.to(out_dtype)
+        if sx.numel() == 1:  # fp8-pertensor (or one token): row-wise scales only, t on every row
+            sx = sx.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
         gemm = sgl_kernel.fp8_scaled_mm if xq.dtype == FP8_DTYPE else sgl_kernel.int8_scaled_mm
         return gemm(xq, packed["data"].t(), sx, packed["scale"], out_dtype, b)
 
     def apply(self, x, packed, scheme, bias):
         x2 = self.flat_input(x, packed["data"].shape[1], scheme)
-        xq, sx = self.quantize_activation(x2, scheme)
+        static = packed.get("input_scale")
+        xq, sx = self._per_tensor(x2, static) if static is not None else self.quantize_activation(x2, scheme)
         return self.gemm_only(xq, sx, packed, bias, x.dtype).reshape(*x.shape[:-1], -1)
 
 

@@ -1,4 +1,4 @@
-"""GPU parity of the ``sgl`` backend (fp8-sgl, int8-sgl) against lightq's torch reference.
+"""GPU parity of the ``sgl`` backend (fp8-sgl, int8-sgl, fp8-pertensor-sgl) against lightq's torch reference.
 
 Bounds and their derivation: ``plugins/conftest.py``. Skipped without CUDA or without sglang-kernel (with the
 reason). sgl's fp8 per-token quantizer (and, for int8, lightq's own) follow lightq's rule, so the full ``apply``
@@ -14,7 +14,7 @@ import pytest
 from lightq_sgl import SPEC
 
 pytestmark = pytest.mark.gpu
-SCHEMES = ("fp8", "int8")
+SCHEMES = ("fp8", "int8", "fp8-pertensor")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -30,6 +30,13 @@ def test_gemm_exact_given_same_quantized_inputs(parity, scheme, case, dtype, wit
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_apply_matches_torch_backend(parity, scheme, case, dtype, with_bias):
     parity.check_apply(parity.load(SPEC, scheme), scheme, *case, dtype, with_bias, rho=0.25)
+
+
+def test_apply_with_static_input_scale_matches_torch_backend(parity, case, dtype, with_bias):
+    """fp8-pertensor with a calibrated input_scale that half the input's range exceeds (those values saturate):
+    the plugin's static quantizer multiplies by 1 / t where lightq divides, isolated 1-ulp code differences."""
+    parity.check_apply(parity.load(SPEC, "fp8-pertensor"), "fp8-pertensor", *case, dtype, with_bias, rho=0.25,
+                       static=True)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

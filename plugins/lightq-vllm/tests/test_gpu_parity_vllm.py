@@ -1,4 +1,5 @@
-"""GPU parity of the ``vllm`` backend (fp8-vllm, int8-vllm) against lightq's torch reference.
+"""GPU parity of the ``vllm`` backend (fp8-vllm, int8-vllm, fp8-pertensor-vllm) against lightq's torch
+reference.
 
 Bounds and their derivation: ``plugins/conftest.py``. Skipped without CUDA or without vLLM (with the reason).
 vLLM's per-token quantizers follow lightq's rule, so its full ``apply`` must sit within rho = 0.25 of the
@@ -12,7 +13,7 @@ import pytest
 from lightq_vllm import SPEC
 
 pytestmark = pytest.mark.gpu
-SCHEMES = ("fp8", "int8")
+SCHEMES = ("fp8", "int8", "fp8-pertensor")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -28,6 +29,13 @@ def test_gemm_exact_given_same_quantized_inputs(parity, scheme, case, dtype, wit
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_apply_matches_torch_backend(parity, scheme, case, dtype, with_bias):
     parity.check_apply(parity.load(SPEC, scheme), scheme, *case, dtype, with_bias, rho=0.25)
+
+
+def test_apply_with_static_input_scale_matches_torch_backend(parity, case, dtype, with_bias):
+    """fp8-pertensor with a calibrated input_scale that half the input's range exceeds (those values saturate):
+    the plugin's static quantizer multiplies by 1 / t where lightq divides, isolated 1-ulp code differences."""
+    parity.check_apply(parity.load(SPEC, "fp8-pertensor"), "fp8-pertensor", *case, dtype, with_bias, rho=0.25,
+                       static=True)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
