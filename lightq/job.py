@@ -28,7 +28,8 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     staging.remove_stale(out)  # temporaries of an earlier run of this job that was killed
     timer = results.StageTimer()
-    result: dict = {"status": "running", "reason": "", "choices": choices or {}, "versions": {"lightq": __version__}}
+    result: dict = {"status": "running", "reason": "", "choices": choices or {}, "versions": {"lightq": __version__},
+                    "process": {"before_job_s": results.process_age_s()}}
     results.write_json_atomic(out / results.RESULT_FILE, result)
     try:
         with timer("setup"):

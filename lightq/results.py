@@ -6,6 +6,7 @@ backend and why, quantized layer count, weight bytes), ``timings_s`` (the stages
 ``unaccounted`` sum to ``total``; ``denoise_steps`` per step and ``denoise_warmup``, the first step's excess over
 the median of the others), ``memory`` (peak host RSS and peak GPU allocation, bytes; ``peak_host_bytes_by_stage``
 the peak reached by the end of each stage),
+``process`` (``before_job_s``: the process's age when the job began: interpreter, imports, Hydra),
 ``quality`` (against the bf16 baseline: psnr, ssim, latent_cosine; ``speedup_denoise`` only when the baseline
 was timed in the same job, else ``speed`` says why not), ``outputs`` (files written),
 ``versions``.
@@ -14,6 +15,7 @@ was timed in the same job, else ``speed`` says why not), ``outputs`` (files writ
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -65,6 +67,19 @@ def read_result(folder: Path) -> dict | None:
     try:
         return json.loads((Path(folder) / RESULT_FILE).read_text())
     except (OSError, ValueError):
+        return None
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``: its start time in clock ticks after boot against the
+    uptime; 10 ms resolution); None elsewhere (unknown, never a made-up 0)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return round(max(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 0.0), 3)
+    except (OSError, ValueError, IndexError):
         return None
 
 

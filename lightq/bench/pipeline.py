@@ -5,7 +5,9 @@ Each job runs in its own fresh process exactly as a user types it (``python -m l
 Hydra start-up included), its ratio to the bf16 job's, every stage of ``result.json``'s ``timings_s``, the
 warm-up (the first denoising step's excess over the median of the others, plus any kernel warm-up stage), peak
 GPU and host memory, and quality against the bf16 job (same weights, seed and prompt: the bf16 job caches the
-baseline every later job of the run compares with).
+baseline every later job of the run compares with). The wall time outside the job splits into ``start-up`` (the
+process's age when its job began: interpreter, imports, Hydra; ``result.json`` ``process.before_job_s``) and
+``exit`` (after the job's record is complete: Hydra's bookkeeping, freeing memory, interpreter shutdown).
 
 Caches. Compiled Triton kernels and autotuning results live in ``TRITON_CACHE_DIR``, lightq's baselines in
 ``LIGHTQ_CACHE``. The run gets its own folder for both (``--work``); ``--cache cold`` gives every job an empty
@@ -100,6 +102,7 @@ def _row(job: Job, base: Job | None) -> dict:
     r = job.result
     t, mem, q = r.get("timings_s", {}), r.get("memory", {}), r.get("quality", {})
     total = t.get("total")
+    before = (r.get("process") or {}).get("before_job_s")
     stages = {k: v for k, v in t.items() if k not in ("total", "unaccounted", "denoise_steps", "denoise_per_step",
                                                         "denoise_warmup")}
     bt = base.result.get("timings_s", {}) if base is not None and base.result.get("status") == "ok" else {}
@@ -108,6 +111,7 @@ def _row(job: Job, base: Job | None) -> dict:
         "wall_s": round(job.wall_s, 2),
         "wall_vs_bf16": round(base.wall_s / job.wall_s, 3) if base is not None and bt else None,
         "process_overhead_s": round(job.wall_s - total, 2) if total is not None else None,
+        "startup_s": before, "exit_s": round(job.wall_s - total - before, 2) if None not in (total, before) else None,
         "stages_s": stages, "unaccounted_s": t.get("unaccounted"), "total_s": total,
         "denoise_steps_s": t.get("denoise_steps"), "warmup_s": round(_warmup_s(t), 3) if t else None,
         "denoise_vs_bf16": (round(bt["denoise"] / t["denoise"], 3) if bt.get("denoise") and t.get("denoise")
@@ -135,7 +139,7 @@ STAGE_COLUMNS = ("setup", "load", "encode_text", "encode_image", "denoise", "dec
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    cols = ["job", "cache", "wall s", "vs bf16", "start-up s", *[f"{s} s" for s in STAGE_COLUMNS], "warm-up s",
+    cols = ["job", "cache", "wall s", "vs bf16", "start-up s", *[f"{s} s" for s in STAGE_COLUMNS], "exit s", "warm-up s",
             "denoise vs bf16", "unacc. %", "peak GPU GiB", "peak host GiB", "PSNR dB", "SSIM", "latent cos"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -145,8 +149,9 @@ def markdown(rows: list[dict], header: str) -> str:
         s = r["stages_s"]
         unacc = 100 * r["unaccounted_s"] / r["total_s"] if r["total_s"] else None
         ratio = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
-        cells = [r["job"], r["cache"], _fmt(r["wall_s"]), ratio(r["wall_vs_bf16"]), _fmt(r["process_overhead_s"]),
-                 *[_fmt(s.get(k)) if k in s else "-" for k in STAGE_COLUMNS], _fmt(r["warmup_s"], 2),
+        cells = [r["job"], r["cache"], _fmt(r["wall_s"]), ratio(r["wall_vs_bf16"]),
+                 _fmt(r["startup_s"] if r["startup_s"] is not None else r["process_overhead_s"]),
+                 *[_fmt(s.get(k)) if k in s else "-" for k in STAGE_COLUMNS], _fmt(r["exit_s"]), _fmt(r["warmup_s"], 2),
                  ratio(r["denoise_vs_bf16"]), _fmt(unacc, 2), _fmt(r["peak_gpu_gib"]), _fmt(r["peak_host_gib"]),
                  "inf" if r["psnr_db"] == float("inf") else _fmt(r["psnr_db"], 2),
                  "-" if r["ssim"] is None else f"{r['ssim']:.4f}",
