@@ -59,6 +59,7 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
     ("int8", ["single", "blocks", "lightx2v"]),
     ("fp8-b128", ["single", "chunked"]),
     ("int4-g128", ["single", "blocks"]),
+    ("fp8-pertensor", ["single", "blocks", "comfyui"]),
 ])
 def test_dit_convert_then_load_equals_load_time_quantization(tmp_path, dit_src, scheme, layouts_):
     reference = load_component(build_dit, dit_src, include=DIT, method=QuantMethod.portable(scheme), component="dit")

@@ -72,6 +72,8 @@ def test_cli_converts_and_refuses_to_overwrite(tmp_path):
     (["source=/nope/model.safetensors", "output=x.safetensors"], "checkpoint not found"),
     (["layout=comfyui", "scheme=int8", "source=tiny", "output=x.safetensors"], "comfyui is scaled fp8 only"),
     (["layout=chunked", "source=tiny", "output=x.safetensors"], "writes a folder"),
+    (["layout=lightx2v", "scheme=fp8-pertensor", "source=tiny", "output=x.safetensors"],
+     "LightX2V's fp8-pertensor needs a calibrated input_scale per linear"),
 ])
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, args, message):
     from lightq.convert import run

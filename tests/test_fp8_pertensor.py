@@ -277,3 +277,23 @@ def test_lightx2v_pertensor_file_runs_end_to_end(run_lightq, tmp_path, state):
     assert dit["checkpoint"]["layout"] == "static-fp8"
     assert dit["checkpoint"]["activations"].startswith("fp8, static per tensor (the file's calibrated input_scale")
 
+
+
+def test_convert_writes_per_tensor_scales_and_no_input_scale(tmp_path):
+    """lightq.convert scheme=fp8-pertensor: one fp32 [] scale per linear, lightq's header, no input_scale (that is a
+    calibration's, not a conversion's): the file loads with dynamic per-tensor activations and says so."""
+    from lightq.checkpoints.conversion import convert
+
+    src = open_source(ensure_tiny("tiny-i2v"))
+    out = convert(src, component="dit", scheme="fp8-pertensor", output=tmp_path / "dit.safetensors", progress=False)
+    written = open_source(out)
+    assert written.metadata["lightq.scheme"] == "fp8-pertensor"
+    assert written.metadata["lightq.granularity"] == "per-tensor"
+    scales = [k for k in written if k.endswith(".weight_scale")]
+    assert len(scales) == 24 and all(tuple(written.shape(k)) == () for k in scales)
+    assert not any(k.endswith(".input_scale") for k in written)
+    got = load_component(build_dit, written, method=QuantMethod.portable("fp8-pertensor"), component="dit")
+    assert got.checkpoint_numerics["activations"] == "fp8, dynamic per tensor (max |x| / 448 of each call)"
+    with pytest.raises(CheckpointError, match="holds scheme 'fp8-pertensor' \\(lightq.scheme\\) but the mode expects "
+                                              "'fp8'"):
+        load_component(build_dit, written, method=QuantMethod.portable("fp8"), component="dit")

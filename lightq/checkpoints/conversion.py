@@ -9,13 +9,19 @@ LightX2V's converter does, unless ``float_dtype`` says otherwise).
 Layouts: ``single`` (one .safetensors), ``chunked`` (shards + ``*.safetensors.index.json``), ``blocks``
 (``block_{i}.safetensors`` + ``non_block.safetensors`` + index, LightX2V's lazy-load split), ``lightx2v``
 (LightX2V's own files: DiT one .safetensors, T5 / CLIP ``.pth`` under LightX2V's names, CLIP without the text
-tower; fp8 / int8 only), ``comfyui`` (ComfyUI's current format: fp8 weights, a per-tensor fp32 ``weight_scale``
-and a ``comfy_quant`` ``{"format": "float8_e4m3fn"}`` tensor per layer; no ``input_scale``, so ComfyUI and lightq
-quantize activations dynamically), ``diffusers`` (one .safetensors under diffusers' / transformers' names, for a
+tower; fp8 / int8 only), ``comfyui`` (ComfyUI's current format, schemes fp8 and fp8-pertensor alike: fp8 weights
+with the fp8-pertensor scale, an fp32 ``weight_scale`` ``[]`` and a ``comfy_quant`` ``{"format": "float8_e4m3fn"}``
+tensor per layer), ``diffusers`` (one .safetensors under diffusers' / transformers' names, for a
 ``-Diffusers`` folder's component subfolder: ``checkpoints.diffusers``; the same tensors as ``single``).
 
 ``lora`` (a merged ``checkpoints.lora.LoraStack``) is merged into each tensor it targets before that tensor is
 quantized or copied (``lightq.quant.lora.merge``, the loader's arithmetic), and recorded as ``lightq.lora``.
+
+No layout gets an ``input_scale``: a static activation scale is a calibration (the largest |x| each linear sees
+over representative prompts, LightX2V's CalibMax), which needs the whole pipeline run on real prompts, not a
+weight conversion. Without it, ComfyUI and lightq quantize a per-tensor layer's activations dynamically (max |x| /
+448 of each call), and ``layout=lightx2v scheme=fp8-pertensor`` is refused: LightX2V's fp8-pertensor kernel
+divides by an ``input_scale`` it requires.
 
 Memory: the output header is planned from the source header, then tensors are read, quantized and written one
 at a time (peak: one source tensor, its fp32 copy and its quantized form). Output goes to a temporary file or
@@ -75,11 +81,15 @@ def convert(source: TensorSource, *, component: str, scheme: str, output: str | 
         raise CheckpointError(f"scheme '{scheme}': choose one of {', '.join(schemes.SCHEMES)}")
     if layout not in LAYOUTS:
         raise CheckpointError(f"layout '{layout}': choose one of {', '.join(LAYOUTS)}")
+    if layout == "lightx2v" and scheme == schemes.PER_TENSOR:
+        raise CheckpointError("layout=lightx2v scheme=fp8-pertensor: LightX2V's fp8-pertensor needs a calibrated "
+                              "input_scale per linear, which a conversion cannot compute (no calibration run): use "
+                              "layout=single (lightq runs it with dynamic per-tensor activations) or layout=comfyui")
     if layout == "lightx2v" and scheme not in ("fp8", "int8"):
         raise CheckpointError(f"layout=lightx2v holds fp8 or int8 per-channel weights only, not {scheme}: use "
                               "layout=single (lightq's own format) for it")
-    if layout == "comfyui" and scheme != "fp8":
-        raise CheckpointError(f"layout=comfyui is scaled fp8 only, not {scheme}")
+    if layout == "comfyui" and scheme not in ("fp8", schemes.PER_TENSOR):
+        raise CheckpointError(f"layout=comfyui is scaled fp8 only (scheme fp8 or fp8-pertensor), not {scheme}")
     if layout == "diffusers" and component == "clip" and scheme not in ("fp8", "int8"):
         raise CheckpointError(f"layout=diffusers splits CLIP's fused q/k/v by rows, which {scheme}'s scales are not "
                               "laid out in: use fp8 or int8, or layout=single")
@@ -215,11 +225,8 @@ def _quantized_entries(source: TensorSource, key: str, prefix: str, scheme: str,
             w = source[key]
             if lora is not None and lora.touches(key):
                 w = lora.merged(key, w)
-            if layout == "comfyui":
-                memo[key] = formats.quantize_fp8_per_tensor(w, key)
-            else:
-                qw = schemes.quantize_weight(w, scheme, key)
-                memo[key] = (qw.data, qw.scale)
+            qw = schemes.quantize_weight(w, schemes.PER_TENSOR if layout == "comfyui" else scheme, key)
+            memo[key] = (qw.data, qw.scale)
         return memo[key]
 
     def data() -> torch.Tensor:

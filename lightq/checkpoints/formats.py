@@ -312,17 +312,3 @@ def _one_value(source: TensorSource, key: str) -> torch.Tensor:
     value = source[key].reshape(())
     _check_scale_values(source, key, value)
     return value.float()
-
-
-def quantize_fp8_per_tensor(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """ComfyUI scaled-fp8: one scale for the whole tensor, s = max|W| / 448 (1 for an all-zero tensor).
-
-    Returns (float8_e4m3fn data, fp32 scalar scale); same rounding and NaN/Inf refusal as ``quantize_weight``.
-    """
-    schemes.check_quantizable("fp8", tuple(w.shape), name)
-    w = w.detach().float()
-    if not torch.isfinite(w).all():
-        raise CheckpointError(f"{name}: NaN/Inf values in the weight; fix or re-export the checkpoint")
-    amax = w.abs().amax()
-    scale = torch.where(amax > 0, amax / schemes.FP8_MAX, torch.ones_like(amax))
-    return (w / scale).clamp(-schemes.FP8_MAX, schemes.FP8_MAX).to(schemes.FP8_DTYPE), scale.reshape(())
