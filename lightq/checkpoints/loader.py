@@ -240,7 +240,7 @@ def _high_precision(t: torch.Tensor, key: str, source, dtype: torch.dtype, devic
     ``key`` merged first (computed on ``work``, the quantizing device) when it has any."""
     if lora is not None and lora.touches(key):
         t = lora.prepare(key, t.to(work), dtype)
-    return _finite(_cast(t, dtype).to(device), key, source)
+    return _finite(_cast(t, dtype), key, source).to(device)  # checked where it is (random weights: the GPU)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
