@@ -1,5 +1,6 @@
-"""``python -m lightq.bench linear|step|attention|pipeline|lora [options]`` — see ``lightq.bench.linear``,
-``lightq.bench.step``, ``lightq.bench.attention``, ``lightq.bench.pipeline`` and ``lightq.bench.lora``."""
+"""``python -m lightq.bench linear|step|attention|pipeline|parallel|lora [options]`` — see ``lightq.bench.linear``,
+``lightq.bench.step``, ``lightq.bench.attention``, ``lightq.bench.pipeline``, ``lightq.bench.parallel`` and
+``lightq.bench.lora``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import sys
 
 from ..errors import LightqError
+from .parallel import DEFAULT_LAYOUTS
 
 
 def _csv(text: str) -> list[str]:
@@ -60,6 +62,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     pip.add_argument("--repeat", type=int, default=1, help="timed runs of each job")
     pip.add_argument("--work", default=None, help="folder for the jobs' outputs and caches (./bench-pipeline)")
     pip.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    par = sub.add_parser("parallel", help="the user's job on 1 process and per layout on N (torchrun), side by side")
+    par.add_argument("overrides", nargs="*", help="overrides common to every job, e.g. model=wan2.1-t2v-14b "
+                     "dit_quant=fp8-triton model.height=720 model.width=1280 model.steps=4")
+    par.add_argument("--layouts", type=lambda t: [p.strip() for p in t.split(";") if p.strip()],
+                     default=DEFAULT_LAYOUTS, help="';'-separated <parallel option>:<processes> [overrides], e.g. "
+                     "\"ulysses:4;cfg-ulysses:8 parallel.vae=rank0\" (default: %(default)s)")
+    par.add_argument("--cache", default="warm", help="warm (an untimed run of each job first) or keep")
+    par.add_argument("--repeat", type=int, default=1, help="timed runs of each job")
+    par.add_argument("--work", default=None, help="folder for the jobs' outputs and caches (./bench-parallel)")
+    par.add_argument("--json", default=None, help="also write the rows to this JSON file")
     for p in (lin, stp):
         p.add_argument("--modes", type=_csv, default=None,
                        help="comma-separated modes, e.g. fp8-triton,fp8-vllm (default: every installed one)")
@@ -83,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             from .lora import run
 
             run(args.model, args.mode, args.rank, args.layers, args.iters, args.repeat, args.json, args.load_layers)
+        elif args.command == "parallel":
+            from .parallel import run
+
+            run(args.layouts, args.overrides, args.cache, args.work, args.json, args.repeat)
         elif args.command == "pipeline":
             from .pipeline import run
 

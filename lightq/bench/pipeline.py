@@ -36,11 +36,14 @@ QUANT_GROUPS = ("dit_quant", "t5_quant", "clip_quant", "attn_quant", "dit_low_qu
 
 @dataclass
 class Job:
-    """One ``python -m lightq`` run: a label and its overrides (on top of the run's common ones)."""
+    """One ``python -m lightq`` run: a label and its overrides (on top of the run's common ones); ``procs`` > 1:
+    launched by ``torchrun`` with that many processes (a ``parallel=`` job)."""
 
     label: str
     overrides: list[str]
     cache: str = "warm"  # cold | warm
+    procs: int = 1
+    out: Path | None = None  # the job's folder, once run
     wall_s: float = 0.0
     exit_code: int = 0
     result: dict = field(default_factory=dict)
@@ -71,7 +74,9 @@ def run_job(job: Job, common: list[str], work: Path, index: int) -> Job:
     out = work / "jobs" / f"{index:02d}-{job.cache}-{job.label.replace(' ', '_').replace('=', '-')}"
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "lightq", *common, *job.overrides, f"hydra.run.dir={out}"]
+    job.out = out
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={job.procs}"] if job.procs > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "lightq", *common, *job.overrides, f"hydra.run.dir={out}"]
     shared = work / "triton"
     triton_cache = work / "triton-cold" if job.cache == "cold" else shared
     if job.cache == "cold":
