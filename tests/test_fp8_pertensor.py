@@ -261,19 +261,24 @@ def test_bad_input_scale_exits_2_with_one_line(run_lightq, tmp_path, state):
     assert f"scale '{Q}.input_scale' holds NaN/Inf values" in lines[0]
 
 
-def test_lightx2v_pertensor_file_runs_end_to_end(run_lightq, tmp_path, state):
+def test_lightx2v_config_and_pertensor_file_run_end_to_end(run_lightq, tmp_path, state):
+    """A LightX2V config naming dit_quant_scheme fp8-pertensor and its file: imported as fp8-pertensor-torch, run
+    with the file's static scales, and result.json says so."""
     from PIL import Image
 
     file, _ = pertensor_file(state, calibrate(state), "lightx2v")
     save_file(file, tmp_path / "dit-fp8-pertensor.safetensors")
+    cfg = tmp_path / "wan_i2v_fp8_pertensor.json"
+    cfg.write_text(json.dumps({"dit_quantized": True, "dit_quant_scheme": "fp8-pertensor", "weight_auto_quant": False,
+                               "dit_quantized_ckpt": str(tmp_path / "dit-fp8-pertensor.safetensors"), "task": "i2v"}))
     Image.new("RGB", (40, 24), (200, 80, 30)).save(tmp_path / "in.png")
-    proc = run_lightq("model=tiny-i2v", "dit_quant=fp8-pertensor-auto",
-                      f"dit_quant.ckpt={tmp_path / 'dit-fp8-pertensor.safetensors'}", "model.frames=5",
+    proc = run_lightq(f"from_lightx2v={cfg}", "from_lightx2v.model_cls=wan2.1", "model=tiny-i2v", "model.frames=5",
                       f"image={tmp_path / 'in.png'}", "quality.baseline=never", f"hydra.run.dir={tmp_path / 'job'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "job" / "result.json").read_text())
     dit = res["components"]["dit"]
-    assert dit["mode"] == "fp8-pertensor-auto" and dit["backend"] == "torch" and dit["quantized_layers"] == 24
+    assert dit["mode"] == "fp8-pertensor-torch" and dit["backend"] == "torch" and dit["quantized_layers"] == 24
+    assert any("LightX2V's fp8-pertensor is torch._scaled_mm" in n for n in res["from_lightx2v"]["notes"])
     assert dit["checkpoint"]["layout"] == "static-fp8"
     assert dit["checkpoint"]["activations"].startswith("fp8, static per tensor (the file's calibrated input_scale")
 

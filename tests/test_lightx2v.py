@@ -42,6 +42,17 @@ def test_mapping_keeps_lightx2v_meaning(tmp_path):
         assert said in notes, said
 
 
+def test_fp8_pertensor_maps_to_the_torch_scaled_mm_mode(tmp_path):
+    got = _imp(tmp_path, {"dit_quantized": True, "dit_quant_scheme": "fp8-pertensor", "weight_auto_quant": True,
+                          "dit_quantized_ckpt": "/m/wan-fp8-pertensor.safetensors"})
+    assert got.choices["dit_quant"] == "fp8-pertensor-torch"
+    assert got.values["dit_quant.ckpt"] == "/m/wan-fp8-pertensor.safetensors"
+    notes = " | ".join(got.notes)
+    for said in ("LightX2V's fp8-pertensor is torch._scaled_mm", "use_fast_accum", "runs dynamic per tensor",
+                 "weight_auto_quant is unused (LightX2V's Wan DiT does not pass it to its linears"):
+        assert said in notes, said
+
+
 @pytest.mark.parametrize("cfg, guide, note", [
     ({"sample_guide_scale": 5}, 1.0, "enable_cfg is absent (LightX2V's default: false); sample_guide_scale=5 is unused"),
     ({"sample_guide_scale": 5, "enable_cfg": False}, 1.0, "enable_cfg is false"),

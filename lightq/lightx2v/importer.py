@@ -10,7 +10,9 @@ else ``wan2.1``; ``_distill`` when the JSON has a ``denoising_step_list``.
 Mapped, per component ``c`` in dit / t5 / clip:
 
     c_quantized: true + c_quant_scheme: s  ->  c_quant=<s> (lightq's mode of the same name; ``Default`` is none;
-                                              for T5 / CLIP the bare fp8 / int8 are LightX2V's fp8-sgl / int8-vllm)
+                                              for T5 / CLIP the bare fp8 / int8 are LightX2V's fp8-sgl / int8-vllm;
+                                              the DiT's fp8-pertensor is fp8-pertensor-torch: torch._scaled_mm
+                                              with the checkpoint's per-tensor scales and static input_scale)
     c_quantized false or absent            ->  c_quant=none (LightX2V's default; a scheme alone is unused, noted)
     c_quantized_ckpt / c_original_ckpt     ->  c_quant.ckpt (the one LightX2V reads: quantized when c_quantized);
                                               a relative path is a local file, read from the working directory
@@ -62,9 +64,17 @@ class LightX2VError(LightqError):
 
 
 COMPONENTS = ("dit", "t5", "clip")
-SCHEME_ALIASES = {"dit": {"Default": "none"},
+SCHEME_ALIASES = {"dit": {"Default": "none", "fp8-pertensor": "fp8-pertensor-torch"},
                   "t5": {"Default": "none", "fp8": "fp8-sgl", "int8": "int8-vllm"},
                   "clip": {"Default": "none", "fp8": "fp8-sgl", "int8": "int8-vllm"}}
+# how lightq's mode of a scheme differs from LightX2V's kernel (recorded as a note when the scheme is mapped)
+SCHEME_NOTES = {"fp8-pertensor": (
+    "LightX2V's fp8-pertensor is torch._scaled_mm with one scale per tensor and each linear's calibrated "
+    "input_scale from the checkpoint, as dit_quant=fp8-pertensor-torch; LightX2V sets use_fast_accum (fp8 tensor-core "
+    "accumulation without fp32 promotion) where lightq promotes, and divides x by a [] input_scale in the "
+    "activation dtype where lightq divides in fp32 (a code can differ at a rounding tie). A linear whose "
+    "checkpoint has no input_scale runs dynamic per tensor in lightq (LightX2V has no such path; result.json "
+    "says how many)")}
 GRANULARITIES = ("block", "phase", "model")
 SELF_ATTENTION = {"sage_attn2": "int8fp8-sage2-auto"}  # the rest of KERNELS["self_attn_1_type"]: bf16 (none)
 RUN_KEYS = ("infer_steps", "sample_shift", "sample_guide_scale", "enable_cfg", "denoising_step_list",
@@ -217,6 +227,8 @@ def _quant(cfg: dict, comp: str, used: set[str], out: Imported) -> None:
                             "lightq.backends lists its modes)", f"quantization scheme {scheme}")
     if mode != scheme:
         out.notes.append(f"{s}={scheme}: LightX2V's {scheme} {comp} linear is its {mode}: {comp}_quant={mode}")
+    if scheme in SCHEME_NOTES:
+        out.notes.append(f"{s}={scheme}: {SCHEME_NOTES[scheme]}")
     out.choices[f"{comp}_quant"] = mode
     if cfg.get(c):
         out.values[f"{comp}_quant.ckpt"] = _local_path(cfg[c], c, out)

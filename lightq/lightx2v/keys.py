@@ -147,4 +147,9 @@ PLACEMENT = ("t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload", "offload_r
 UNUSED = {
     "target_fps": "only read with video_frame_interpolation",
     "_comment": "a comment", "comment": "a comment", "comment_parallel": "a comment",
+    # fp8-pertensor's load-time options: LightX2V's Wan DiT gives its linears no config, so they never see them
+    # (only the WorldMirror and Motus runners pass them on)
+    "weight_auto_quant": "LightX2V's Wan DiT does not pass it to its linears: a quantized DiT reads dit_quantized_ckpt",
+    "weight_scale_granularity": "LightX2V's Wan DiT does not pass it to its linears (fp8-pertensor weight_auto_quant)",
+    "input_scale_file": "read by LightX2V's WorldMirror runner only",
 }
