@@ -1,6 +1,8 @@
 """Run by tests/test_parallel.py under torchrun (gloo): ring attention over the ranks against one process's
-attention of the same bf16 inputs, checked against ``sequence_parallel.RING_BOUND``; rank 0 writes the largest
-``|ring - one| / bound`` to the JSON file named on the command line."""
+attention of the same bf16 inputs, checked against ``sequence_parallel.RING_BOUND``; and the ring again with its transfers posted
+together and waited for after each block's attention (``p2p.POSTED``, NCCL's path), which must give the same bits
+(the same arithmetic on the same blocks). Rank 0 writes the largest ``|ring - one| / bound`` and whether the two
+ring outputs are equal to the JSON file named on the command line."""
 
 import json
 import os
@@ -12,6 +14,7 @@ import torch.distributed as dist
 from lightq.attention.inputs import wan_like_qkv
 from lightq.attention.numerics import exact_attention
 from lightq.models.attention import sdpa
+from lightq.parallel import p2p
 from lightq.parallel.sequence_parallel import RING_BOUND, TokenSplit, gather_slices, ring_attention, slice_sizes
 
 dist.init_process_group("gloo")
@@ -23,13 +26,18 @@ start = sum(sizes[:rank])
 split.sizes = sizes
 mine = ring_attention(split)(*(t[:, start:start + sizes[rank]] for t in (q, k, v)))
 ring = gather_slices(mine, sizes, 1, dist.group.WORLD)
+p2p.POSTED.add("gloo")  # the NCCL path: transfers posted before each block's attention, waited for after it
+posted = gather_slices(ring_attention(split)(*(t[:, start:start + sizes[rank]] for t in (q, k, v))), sizes, 1,
+                       dist.group.WORLD)
+p2p.POSTED.discard("gloo")
 if rank == 0:
     one = sdpa(q, k, v).double()
     a = exact_attention(q, k, v.abs()).double()
     u = 2.0 ** -8
     bound = RING_BOUND[0] * u * a + RING_BOUND[1] * u * one.abs()
     worst = float(((ring.double() - one).abs() / bound).max())
-    json.dump({"worst": worst, "differs": bool((ring.double() != one).any())}, open(sys.argv[1], "w"))
+    json.dump({"worst": worst, "differs": bool((ring.double() != one).any()),
+               "posted_equal": torch.equal(posted, ring)}, open(sys.argv[1], "w"))
 dist.barrier()  # every rank is done with gloo
 # Leave without running gloo's C++ destructors: tearing the process group down at exit aborted a rank now and then
 # ("terminate called without an active exception") after the check had passed; what is checked is written above.

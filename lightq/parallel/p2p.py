@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+POSTED = {"nccl"}  # backends whose transfers are posted together (tests add gloo to run that path on CPU)
 Op = tuple[str, torch.Tensor, int]  # ("send" | "recv", tensor, the peer's rank in the group)
 
 
@@ -30,12 +31,12 @@ class Transfer:
 
 def start(ops: list[Op], group) -> Transfer:
     """Run ``ops`` (``("send", tensor, peer)`` / ``("recv", tensor, peer)``, peers as ranks of ``group``): all at once
-    on NCCL, returning before they finish; one after the other, blocking, on any other backend."""
+    on a ``POSTED`` backend (NCCL), returning before they finish; one after the other, blocking, on any other."""
     peers = [(kind, tensor.contiguous() if kind == "send" else tensor, dist.get_global_rank(group, peer))
              for kind, tensor, peer in ops]
     if any(kind == "recv" and not tensor.is_contiguous() for kind, tensor, _ in peers):
         raise ValueError("a receive buffer must be contiguous")  # a caller's bug: it would receive into a copy
-    if dist.get_backend(group) == "nccl":
+    if dist.get_backend(group) in POSTED:
         calls = {"send": dist.isend, "recv": dist.irecv}
         works = dist.batch_isend_irecv([dist.P2POp(calls[k], t, p, group) for k, t, p in peers])
         return Transfer(works, [t for _, t, _ in peers])

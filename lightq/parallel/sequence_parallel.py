@@ -14,9 +14,10 @@ sees all ``L`` tokens by one of:
   arithmetic does not depend on which rows share its launch (torch SDPA on CPU; the quantized modes' Q blocks of
   128 queries start at each rank's first token, so their Q scales, not the method, differ from one process).
 
-- ``ring``: key/value blocks travel around the ranks (``P - 1`` blocking sends and receives, even ranks sending
-  first; asynchronous ones overlapped with the attention aborted a gloo rank at times on CPU; ``O(L / P)``
-  key/value memory per rank); each rank attends its queries to every
+- ``ring``: key/value blocks travel around the ranks (``P - 1`` transfers, ``parallel.p2p``: on NCCL the next block's
+  send and receive are posted before the current block's attention and waited for after it, so they overlap; on
+  gloo they are blocking, even ranks sending first; ``O(L / P)`` key/value memory per rank); each rank attends its
+  queries to every
   block with torch's flash attention, which also returns the log-sum-exp ``l_s`` of each row, and merges the
   partial outputs exactly in fp32: ``L = logsumexp_s l_s``, ``out = sum_s exp(l_s - L) o_s``. The reduction is
   reordered, so the bound (``RING_BOUND``) is stated: with ``u`` the unit roundoff of the attention dtype (bf16
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..models.attention import AttentionImpl
+from . import p2p
 
 RING_BOUND = (4.0, 2.0)  # |out_ring - out_one| <= 4 u A + 2 u |out_one| (module docstring)
 
@@ -130,12 +132,14 @@ def ring_attention(split: TokenSplit) -> AttentionImpl:
 
     def attend(q, k, v):
         size, rank, sizes, group = split.size, split.rank, split.sizes, split.group
-        nxt_rank = dist.get_global_rank(group, (rank + 1) % size)
-        prev_rank = dist.get_global_rank(group, (rank - 1) % size)
         qh = q.transpose(1, 2)
         kv = padded(torch.stack((k, v)), max(sizes), 2)  # [2, B, n_max, H, D]
         out = lse = None
         for step in range(size):
+            if step < size - 1:  # hand the block on while attending to it (NCCL); gloo: now, even ranks send first
+                arrived = torch.empty_like(kv)
+                ops = [("send", kv, (rank + 1) % size), ("recv", arrived, (rank - 1) % size)]
+                transfer = p2p.start(ops if rank % 2 == 0 else ops[::-1], group)
             block = kv[:, :, :sizes[(rank - step) % size]]
             o, l = attention_with_lse(qh, block[0].transpose(1, 2), block[1].transpose(1, 2))
             if out is None:
@@ -144,13 +148,8 @@ def ring_attention(split: TokenSplit) -> AttentionImpl:
                 total = torch.logaddexp(lse, l)
                 out = out * torch.exp(lse - total)[..., None] + o.float() * torch.exp(l - total)[..., None]
                 lse = total
-            if step < size - 1:  # hand the block on: even ranks send first, odd ranks receive first
-                arrived = torch.empty_like(kv)
-                for send in ((True, False) if rank % 2 == 0 else (False, True)):
-                    if send:
-                        dist.send(kv, nxt_rank, group=group)
-                    else:
-                        dist.recv(arrived, prev_rank, group=group)
+            if step < size - 1:
+                transfer.wait()
                 kv = arrived
         return out.to(q.dtype).transpose(1, 2).flatten(2)
 
