@@ -125,6 +125,8 @@ class OffloadConfig:
     ``buffers``: device slots for streamed blocks (the one computing + those copied ahead); ``lazy_ahead``: blocks
     the disk reader keeps ready; ``pin_memory``: page-locked host copies on CUDA (asynchronous transfers);
     ``max_gpu_gib``: refuse, before loading, a run whose weights cannot fit this many GiB of GPU memory.
+    ``prefetch`` (offload=model, two experts): copy the low-noise expert in during the last high-noise step when the
+    GPU has room for both (``lightq.pipeline.experts``); false: only at the switch (one expert on the GPU, ever).
     """
 
     mode: str = "none"
@@ -133,6 +135,7 @@ class OffloadConfig:
     lazy_ahead: int = 2
     pin_memory: bool = True
     max_gpu_gib: Optional[float] = None
+    prefetch: bool = True
 
 
 @dataclass

@@ -19,7 +19,7 @@ from lightq.models.vae22 import VAE22_ARCHS, AvgDown, DupUp, Wan22VAE, patchify,
 from lightq.models.wan_dit import DIT_ARCHS, WanDiT
 from lightq.paths import conf_dir
 from lightq.pipeline import components as C
-from lightq.pipeline.graph import Experts
+from lightq.pipeline.experts import Experts
 from lightq.pipeline.sampler import SamplerConfig, guide_scale_of, high_noise, needs_uncond, sample, timesteps
 
 DATA = Path(__file__).parent / "data"
@@ -174,14 +174,23 @@ def test_sample_uses_each_experts_guide_scale_and_keeps_frames():
 
 
 class RecordingOffload:
-    def __init__(self):
-        self.calls = []
+    def __init__(self, mode="none", room=0):
+        self.calls, self.mode, self.room = [], mode, room
 
     def start(self, module):
         self.calls.append(("start", module))
 
     def release(self, module):
         self.calls.append(("release", module))
+
+    def room_for(self, module):
+        return 10, self.room, "test"
+
+    def prefetch(self, module):
+        self.calls.append(("prefetch", module))
+
+    def drop_prefetched(self):
+        self.calls.append(("drop",))
 
 
 def test_experts_switch_once_at_the_boundary_and_only_one_is_active():
@@ -213,6 +222,48 @@ def test_boundary_step_picks_experts_by_index_and_wins_over_the_boundary():
     many.boundary_step = k
     with pytest.raises(LightqError, match=f"steps {k - 1} and {k} share timestep"):
         high_noise(many, ts[0])
+
+
+@pytest.mark.parametrize("room, prefetch", [(10, True), (9, False)])
+def test_the_low_noise_expert_is_prefetched_during_the_last_high_noise_step_when_it_fits(room, prefetch):
+    cfg = SamplerConfig(steps=6, shift=5.0, boundary=0.9)
+    ts = timesteps(cfg).timesteps.tolist()
+    last_high = max(i for i, t in enumerate(ts) if high_noise(cfg, t))
+    offload = RecordingOffload("model", room)
+    experts = Experts(["high", "low"], cfg, offload)
+    for i, t in enumerate(ts):
+        for _ in range(2):  # CFG: two passes per step, one prefetch
+            experts.at(t)
+        if i == last_high - 1:
+            assert ("prefetch", "low") not in offload.calls, "not before the last high-noise step"
+    experts.close()
+    pre = [("prefetch", "low")] if prefetch else []
+    assert offload.calls == [("start", "high"), *pre, ("release", "high"), ("start", "low"), ("release", "low"),
+                             ("drop",)]
+    assert experts.record() == {"prefetched": prefetch, "step": last_high, "need_bytes": 10, "room_bytes": room,
+                                "why": "test"}
+    off = Experts(["high", "low"], cfg, RecordingOffload("model", 10), prefetch=False)
+    for t in ts:
+        off.at(t)
+    assert ("prefetch", "low") not in off.offload.calls and off.record() == {"prefetched": False,
+                                                                             "why": "offload.prefetch=false"}
+
+
+def test_prefetch_is_bit_identical_to_the_swap(hydra_ctx):
+    from lightq.hardware import resolve
+    from lightq.pipeline.graph import generate
+    from lightq.plan import plan_run
+
+    def run(*o):
+        cfg = compose("config", overrides=["model=tiny-t2v-a14b", "dit_quant=fp8-torch", "dit_low_quant=int8-torch",
+                                           *o])
+        return generate(cfg, resolve("cpu"), plan_run(cfg, resolve("cpu")))
+
+    ahead, swap, resident = run("offload=model"), run("offload=model", "offload.prefetch=false"), run()
+    assert ahead.expert_prefetch["prefetched"] and ahead.expert_prefetch["step"] == 2
+    assert swap.expert_prefetch == {"prefetched": False, "why": "offload.prefetch=false"}
+    assert resident.expert_prefetch["why"].startswith("offload=none")
+    assert torch.equal(ahead.latents, swap.latents) and torch.equal(ahead.latents, resident.latents)
 
 
 # --- config rules --------------------------------------------------------------------------------------------------
@@ -302,6 +353,7 @@ def test_tiny_wan22_runs_record_each_expert(run_lightq, tmp_path, model, extra):
     assert comps["dit"]["backend"] == comps["dit_low"]["backend"] == "torch"
     assert comps["dit_low"]["quantized_layers"] == comps["dit"]["quantized_layers"] > 0
     assert res["quality"]["latent_cosine"] > 0.99, res["quality"]  # against the bf16 run of the same model
+    assert res["memory"]["expert_prefetch"]["prefetched"] == ("offload=model" in extra), res["memory"]
 
 
 def test_ti2v_image_to_video_keeps_the_image_latents(hydra_ctx):

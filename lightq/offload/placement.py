@@ -2,7 +2,9 @@
 
 - ``WholeOffload`` (``offload=model``, and CLIP / VAE under block / phase): the component's tensors live in one
   flat (pinned) host buffer; ``start`` copies it to the device in one non-blocking transfer and binds the module
-  to it, ``stop`` binds the module back to the host buffer (weights never change, so nothing is copied back).
+  to it, ``stop`` binds the module back to the host buffer (weights never change, so nothing is copied back);
+  ``prefetch`` issues that copy ahead of ``start`` on a side stream (a Wan2.2 expert during the previous one's
+  last step).
 - ``BlockOffload`` (``offload=block|phase`` for the Wan DiT and the umT5 encoder): everything outside
   ``model.blocks`` (embeddings, head, final norm) is resident on the device while active; the blocks stream
   through a ``Streamer`` driven by forward hooks on each unit's start and end module. A model loaded by
@@ -25,15 +27,53 @@ from .units import streams_blocks, unit_specs
 
 
 class WholeOffload:
+    """``prefetch`` starts the copy ahead on a side CUDA stream (on the CPU: now); the next ``start`` binds to it once
+    the compute stream has waited for the copy's event instead of copying. The side stream first waits for the
+    compute stream, so the device memory it writes (handed out by the caching allocator for the compute stream) is
+    no longer read by kernels queued before."""
+
     def __init__(self, module: nn.Module, device: torch.device, pin: bool):
         self.device = device
         self.pack = Pack(refs_of(module), pin)
         return_freed_heap()
         self.on_device: torch.Tensor | None = None
+        self.ahead: tuple[torch.Tensor, object, object] | None = None  # (device copy, its event, its stream)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pack.nbytes
+
+    def prefetch(self) -> None:
+        if self.ahead is not None or self.on_device is not None:
+            return
+        if self.device.type != "cuda":
+            self.ahead = (self.pack.to_device(self.device), None, None)
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        out = torch.empty(max(self.pack.nbytes, 1), dtype=torch.uint8, device=self.device)
+        with torch.cuda.stream(side):
+            self.pack.to_device(self.device, out)
+            done = torch.cuda.Event()
+            done.record(side)
+        self.ahead = (out, done, side)
 
     def start(self) -> None:
-        self.on_device = self.pack.to_device(self.device)
+        if self.ahead is not None:
+            out, done, _ = self.ahead
+            if done is not None:
+                torch.cuda.current_stream(self.device).wait_event(done)
+            self.on_device, self.ahead = out, None
+        else:
+            self.on_device = self.pack.to_device(self.device)
         self.pack.bind(self.on_device)
+
+    def drop(self) -> None:
+        """Forget a prefetched copy that was never started (the compute stream waits for it before its memory is
+        reused)."""
+        if self.ahead is not None and self.ahead[1] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ahead[1])
+        self.ahead = None
 
     def stop(self) -> None:
         self.pack.bind_host()

@@ -425,3 +425,20 @@ class Offload:
             self._placement(module).stop()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def room_for(self, module: nn.Module) -> tuple[int, int, str]:
+        """(bytes ``module`` takes on the device under offload=model, bytes it may take now, how that was counted):
+        ``lightq.pipeline.experts``'s prefetch check."""
+        from .experts import device_room
+
+        room, why = device_room(self.device, self.cfg.max_gpu_gib)
+        return self._placement(module).nbytes, room, why
+
+    def prefetch(self, module: nn.Module) -> None:
+        """Start copying ``module`` (offload=model) to the device ahead of its ``start``."""
+        self._placement(module).prefetch()
+
+    def drop_prefetched(self) -> None:
+        for placement in self._placed.values():
+            if hasattr(placement, "drop"):
+                placement.drop()

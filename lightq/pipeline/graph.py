@@ -1,6 +1,7 @@
 """The pipeline graph of one job: text encoder -> image encoder (I2V) -> DiT denoising loop -> VAE decode -> writer.
 The DiT may be two experts (Wan2.2 A14B: ``dit`` for the high-noise steps, ``dit_low`` after the boundary,
-``Experts``), each in its own mode; under offload only the active one is on the device.
+``experts.Experts``), each in its own mode; under offload only the active one is on the device (``offload=model``
+copies the low-noise one in during the last high-noise step when the device has room for both).
 
 ``run_pipeline(cfg, hw, plans, out, record, timer)`` loads every component with its planned mode, generates the
 video, writes ``video.mp4`` and ``latents.pt`` into ``out``, times each stage (``lightq.results.STAGES``), and
@@ -34,6 +35,7 @@ from ..models.family import family
 from ..plan import ComponentPlan
 from ..results import StageTimer
 from . import components as C
+from .experts import Experts
 
 log = logging.getLogger("lightq")
 
@@ -52,6 +54,7 @@ class Generated:
     timings: dict
     components: dict
     parallel: dict | None = None  # result.json's "parallel" for a multi-process run (video None off rank 0)
+    expert_prefetch: dict | None = None  # result.json's memory.expert_prefetch (``Experts.record``)
 
 
 def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTimer | None = None) -> Generated:
@@ -114,7 +117,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     shape = geometry.latent_shape(m.frames, height, width)
     noise = C.initial_noise(cfg.seed, shape).to(device)
     grid = tuple(n // p for n, p in zip(shape[1:], geometry.patch))
-    active = Experts(list(experts.values()), scfg, offload)
+    active = Experts(list(experts.values()), scfg, offload, cfg.offload.prefetch)
 
     def velocity(x, t, context):
         model = active.at(float(t[0]))
@@ -141,7 +144,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     timings = {**{k: timer.times[k] for k in ("load", "encode_text", "encode_image", "denoise", "decode")
                   if k in timer.times}, **steps.summary()}
     log.info("stage times (s): %s", timings)
-    return Generated(latents[0].float().cpu(), video, timings, comps, parallel)
+    return Generated(latents[0].float().cpu(), video, timings, comps, parallel, active.record())
 
 
 def _parallel_runtime(cfg, hw: Hardware):
@@ -163,38 +166,6 @@ def _parallel_record(run, hw: Hardware, rows) -> dict:
     vae = {"vae": lay.vae, **({"vae_rows": rows.sizes} if rows is not None else {})}
     return {"world_size": lay.world, "layout": lay.describe(), "cfg": lay.cfg, "sequence": lay.sp,
             "attention": lay.attention, **vae, "ranks": run.gather(mine)}
-
-
-class Experts:
-    """The DiT experts of a run in denoising order (one, or Wan2.2 A14B's high- then low-noise expert).
-
-    ``at(t)`` is the expert of the step at timestep ``t`` (``sampler.high_noise``); when it changes, the previous
-    one is released and the next one started through ``offload`` (under ``offload=model`` only the active expert's
-    weights are on the device; under block / phase each streams its own blocks). ``close`` releases the active one.
-    """
-
-    def __init__(self, models: list, scfg, offload: C.Offload):
-        self.models, self.scfg, self.offload = models, scfg, offload
-        self.active: int | None = None
-
-    def at(self, t: float):
-        from .sampler import high_noise
-
-        i = 0 if len(self.models) == 1 or high_noise(self.scfg, t) else 1
-        if i != self.active:
-            if self.active is not None:
-                self.offload.release(self.models[self.active])
-                where = (f"the boundary {self.scfg.boundary:.3f}" if self.scfg.boundary_step is None else
-                         f"sampler.boundary_step={self.scfg.boundary_step}")
-                log.info("denoise: t=%.1f: %s: the low-noise expert takes over", t, where)
-            self.offload.start(self.models[i])
-            self.active = i
-        return self.models[i]
-
-    def close(self) -> None:
-        if self.active is not None:
-            self.offload.release(self.models[self.active])
-            self.active = None
 
 
 class StepTimes:
@@ -280,6 +251,8 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
         record["parallel"] = gen.parallel
     if gen.video is None:  # a rank other than 0 of a parallel run: rank 0 writes the outputs and the record
         return
+    if gen.expert_prefetch is not None:
+        record["memory"]["expert_prefetch"] = gen.expert_prefetch
     record["components"] = {name: {**(plans[name].as_dict() if name in plans else {}), **desc}
                             for name, desc in gen.components.items()}
     if "attn" in plans:

@@ -1,5 +1,6 @@
 """Wan2.2 on CUDA: the two experts and TI2V under every offload mode give the latents of offload=none, fp8-triton
-runs both experts on its own kernels, and offload=model holds one expert on the GPU at a time.
+runs both experts on its own kernels, offload=model holds one expert on the GPU at a time without prefetch, and its
+prefetch (a side-stream copy during the last high-noise step, when there is room) gives the same outputs.
 
 Run on the GPU machine: ``python -m pytest tests/gpu/test_wan22_gpu.py -q -n 0``. Skipped without CUDA.
 """
@@ -19,7 +20,8 @@ from lightq.config import OffloadConfig
 from lightq.models.wan_dit import DiTArch, random_dit
 from lightq.paths import conf_dir
 from lightq.pipeline import components as C
-from lightq.pipeline.graph import Experts, generate
+from lightq.pipeline.experts import Experts
+from lightq.pipeline.graph import generate
 from lightq.pipeline.sampler import SamplerConfig, timesteps
 
 CUDA = torch.cuda.is_available()
@@ -73,23 +75,50 @@ def expert(seed: int):
     return random_dit(arch, "cpu", seed=seed)
 
 
-@pytest.mark.parametrize("mode", ["model", "block"])
-def test_one_expert_on_the_gpu_at_a_time(mode):
-    high, low = expert(0), expert(1)
-    size = sum(p.numel() * p.element_size() for p in high.parameters())
+def _denoise_with_experts(high, low, mode, prefetch, **offload):
+    """(each step's output, peak GPU bytes over the run, the prefetch record) of both experts under ``mode``."""
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 16, 3, 16, 16, generator=g).to(DEV), torch.randn(1, 12, 1024, generator=g).to(DEV)
     scfg = SamplerConfig(steps=6, shift=5.0, boundary=0.9)
-    offload = C.Offload(OffloadConfig(mode=mode), DEV)
+    placement = C.Offload(OffloadConfig(mode=mode, **offload), DEV)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    experts = Experts([high, low], scfg, offload)
+    experts = Experts([high, low], scfg, placement, prefetch)
     outs = [experts.at(t)(x, torch.tensor([t], device=DEV), ctx) for t in timesteps(scfg).timesteps.tolist()]
     experts.close()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    return outs, torch.cuda.max_memory_allocated() - base, experts.record(), (x, ctx, scfg)
+
+
+@pytest.mark.parametrize("mode", ["model", "block"])
+def test_one_expert_on_the_gpu_at_a_time(mode):
+    high, low = expert(0), expert(1)
+    size = sum(p.numel() * p.element_size() for p in high.parameters())
+    outs, peak, _, (x, ctx, scfg) = _denoise_with_experts(high, low, mode, prefetch=False)
     assert peak < 1.5 * size, f"offload={mode}: peak {peak / 2**20:.0f} MiB for experts of {size / 2**20:.0f} MiB"
     resident_low = low.to(DEV)
     assert torch.equal(outs[-1], resident_low(x, torch.tensor([timesteps(scfg).timesteps[-1].item()], device=DEV), ctx))
+
+
+def test_prefetched_expert_gives_the_swaps_outputs_bit_for_bit():
+    """The low-noise expert copied on a side stream during the last high-noise step: the same outputs as the copy
+    at the switch (the compute stream waits for the copy's event), both experts on the GPU only then."""
+    high, low = expert(0), expert(1)
+    size = sum(p.numel() * p.element_size() for p in high.parameters())
+    swap, _, swap_record, _ = _denoise_with_experts(high, low, "model", prefetch=False)
+    ahead, peak, record, _ = _denoise_with_experts(high, low, "model", prefetch=True)
+    assert swap_record == {"prefetched": False, "why": "offload.prefetch=false"}
+    assert record["prefetched"] and record["need_bytes"] >= size and record["step"] == 2, record
+    assert all(torch.equal(a, b) for a, b in zip(ahead, swap)), "prefetch changed an output"
+    assert 1.5 * size < peak < 2.5 * size, f"peak {peak / 2**20:.0f} MiB: both experts only during the prefetch"
+    assert all(not p.is_cuda for p in low.parameters()), "released to the host after the run"
+
+
+def test_no_prefetch_without_room_for_both():
+    high, low = expert(0), expert(1)
+    size = sum(p.numel() * p.element_size() for p in high.parameters())
+    outs, peak, record, _ = _denoise_with_experts(high, low, "model", prefetch=True, max_gpu_gib=1.2 * size / 2**30)
+    assert not record["prefetched"] and record["room_bytes"] < record["need_bytes"], record
+    assert "offload.max_gpu_gib" in record["why"] and peak < 1.5 * size
