@@ -211,9 +211,11 @@ class LoraEntry:
 
     path: str = ""
     strength: float = 1.0
+    expert: Optional[str] = None  # two-expert models (Wan2.2 A14B): high | low | both; one-DiT models: leave it out
 
 
 LORA_MODES = ("merged", "unmerged")
+LORA_EXPERTS = {"high": ("dit",), "low": ("dit_low",), "both": ("dit", "dit_low")}  # expert -> the DiT components
 
 
 @dataclass
@@ -338,9 +340,6 @@ def validate(cfg: Any) -> None:
     fam = family(cfg.model.family)
     fam.components_of(cfg.model.task)  # an unknown task is an error here
     _validate_lightx2v_class(cfg)
-    if cfg.lora and fam.experts:
-        raise LightqError(f"lora= applies to one DiT and model={cfg.model.name} has {len(fam.experts)} denoising "
-                          f"experts ({', '.join(fam.experts)}): per-expert LoRAs are not supported yet; drop lora=")
     if cfg.offload.mode not in ("none", "model", "block", "phase"):
         raise LightqError(f"offload.mode='{cfg.offload.mode}': choose none, model, block or phase")
     if cfg.sampler.name not in ("unipc", "dpm++", "euler", "distill"):
@@ -353,6 +352,7 @@ def validate(cfg: Any) -> None:
         raise LightqError(f"lora_mode='{cfg.lora_mode}': choose merged (added to the weights before quantization) or "
                           "unmerged (a low-rank side path next to the quantized GEMM)")
     lora_entries(cfg.lora)
+    check_lora_experts(cfg.lora, cfg.model.name, fam.experts)
     if cfg.sweep.isolate not in ISOLATE:
         raise LightqError(f"sweep.isolate='{cfg.sweep.isolate}': choose one of {', '.join(ISOLATE)}")
     from .results import check_objective
@@ -440,6 +440,24 @@ def _validate_task_inputs(cfg: Any) -> None:
         load_rgb(cfg.image)
     elif m.weights not in SYNTHETIC_IMAGE_WEIGHTS:
         raise LightqError(f"model={m.name} is image-to-video and needs its input picture: pass image=<png or jpg>")
+
+
+def check_lora_experts(entries, model: str, experts: tuple[str, ...]) -> None:
+    """Each entry's ``expert``: required on a two-expert model (``high`` / ``low`` / ``both``), refused on a one-DiT
+    model; a LightqError names the entry and the fix (a file named like LightX2V's ``*high_noise*`` / ``*low_noise*``
+    LoRAs gets the expert it names suggested)."""
+    for i, e in enumerate(entries or ()):
+        expert = e.get("expert")
+        if expert is not None and expert not in LORA_EXPERTS:
+            raise LightqError(f"lora[{i}].expert={expert!r}: choose {' | '.join(LORA_EXPERTS)}")
+        if experts and expert is None:
+            name = str(e.get("path")).rsplit("/", 1)[-1].lower()
+            guess = "high" if "high_noise" in name else "low" if "low_noise" in name else None
+            hint = f" (the file name says {guess}_noise: expert: {guess})" if guess else ""
+            raise LightqError(f"lora[{i}] {e.get('path')}: model={model} has two denoising experts: say which one the "
+                              f"LoRA is for with lora.{i}.expert=high|low|both{hint}")
+        if not experts and expert is not None:
+            raise LightqError(f"lora[{i}].expert={expert}: model={model} has one DiT; drop expert")
 
 
 def lora_entries(entries) -> list[tuple[str, float]]:

@@ -495,3 +495,62 @@ def test_offload_budget_counts_unmerged_side_paths(cfg_of, tmp_path):
     side = sum(aligned(8 * k * 2) + aligned(n * 8 * 2) + 2 * aligned(8 * 4)
                for n, k in (src.shape(m + ".weight") for m in mods))
     assert merged == base and unmerged == base + side
+
+
+def test_two_expert_model_applies_each_lora_to_the_expert_it_names(cfg_of, tmp_path):
+    """Wan2.2 A14B (tiny): ``expert: high`` changes the high-noise DiT only (the low-noise one is the no-LoRA one bit
+    for bit), ``low`` the low-noise one only, ``both`` each; each expert's stack holds its own entries (result.json
+    per expert, strengths per expert, the run's list index in its record). A missing expert is refused in one line
+    that suggests the one the file name says; an expert on a one-DiT model is refused."""
+    high = write(tmp_path / "style_high_noise.safetensors", load_file(all_linears_file(tmp_path)))
+    low = write(tmp_path / "style_low_noise.safetensors", load_file(all_linears_file(tmp_path, rank=2)))
+    a14b = ("model=tiny-t2v-a14b", "dit_quant=fp8-torch")
+
+    def experts(*overrides):
+        cfg = cfg_of(*a14b, *overrides)
+        config.validate(cfg)
+        methods = C.quant_methods(cfg, plan.plan_run(cfg, hardware.resolve("cpu")))
+        return {c: C.load_dit(cfg, methods[c], C.model_folder(cfg), torch.device("cpu"), torch.bfloat16, False, c)
+                for c in ("dit", "dit_low")}
+
+    plain = {c: m(*tiny_inputs()) for c, m in experts().items()}
+    run = experts(f"lora=[{{path: '{high}', expert: high}}, {{path: '{low}', strength: 0.5, expert: low}}, "
+                  f"{{path: '{high}', strength: 0.25, expert: both}}]", "lora_mode=unmerged")
+    assert [f.index for f in run["dit"].lora_stack.files] == [0, 2]
+    assert [f.index for f in run["dit_low"].lora_stack.files] == [1, 2]
+    assert run["dit_low"].lora_stack.strengths == [0.5, 0.25]
+    for c, m in run.items():
+        assert not torch.equal(m(*tiny_inputs()), plain[c]), c
+        m.lora_stack.set_strengths(m, [0.0, 0.0])
+        assert torch.equal(m(*tiny_inputs()), plain[c]), f"{c} at strength 0"
+    only_high = experts(f"lora=[{{path: '{high}', expert: high}}]")
+    assert not torch.equal(only_high["dit"](*tiny_inputs()), plain["dit"])
+    assert torch.equal(only_high["dit_low"](*tiny_inputs()), plain["dit_low"]) and only_high["dit_low"].lora_stack is None
+    with pytest.raises(LightqError, match=r"lora\[0\] .*two denoising experts.*lora\.0\.expert=high\|low\|both "
+                                          r"\(the file name says high_noise: expert: high\)$"):
+        config.validate(cfg_of(*a14b, f"lora=[{{path: '{high}'}}]"))
+    with pytest.raises(LightqError, match=r"lora\[0\]\.expert='middle': choose high \| low \| both"):
+        config.validate(cfg_of(*a14b, f"lora=[{{path: '{high}', expert: middle}}]"))
+    with pytest.raises(LightqError, match=r"lora\[0\]\.expert=low: model=.* has one DiT; drop expert"):
+        config.validate(cfg_of(f"lora=[{{path: '{high}', expert: low}}]"))
+
+
+def test_lightx2v_lora_names_pick_the_wan22_expert(tmp_path):
+    """LightX2V's Wan2.2 MoE lora_configs route each entry by name (high_noise_model / low_noise_model): imported as
+    expert high / low; a MoE entry without a known name is refused in one line; on Wan2.1 the name stays a note."""
+    from lightq.lightx2v.importer import Imported, LightX2VError, _lora
+
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(b"")
+    cfg = {"lora_configs": [{"name": "low_noise_model", "path": str(f), "strength": 0.7},
+                            {"name": "high_noise_model", "path": str(f)}], "lora_dynamic_apply": True}
+    out = Imported(tmp_path / "c.json", "wan2.2_moe_distill")
+    _lora(cfg, set(), out)
+    assert out.values["lora"] == [{"path": str(f), "strength": 0.7, "expert": "low"},
+                                  {"path": str(f), "strength": 1.0, "expert": "high"}]
+    assert out.values["lora_mode"] == "unmerged"
+    with pytest.raises(LightX2VError, match=r"lora_configs\[0\]\.name=None: a wan2.2_moe LoRA names its expert"):
+        _lora({"lora_configs": [{"path": str(f)}]}, set(), Imported(tmp_path / "c.json", "wan2.2_moe"))
+    wan21 = Imported(tmp_path / "c.json", "wan2.1")
+    _lora(cfg, set(), wan21)
+    assert "expert" not in wan21.values["lora"][0] and any("name='low_noise_model' is unused" in n for n in wan21.notes)

@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import LORA_MODES, lora_entries
+from ..config import LORA_EXPERTS, LORA_MODES, lora_entries
 from ..errors import CheckpointError, LightqError
 from ..quant.lora import LowRank, LowRankPath, Term, attach, merge
 from ..quant.schemes import all_finite
 
-LORA_COMPONENTS = ("dit",)  # the published Wan LoRA layouts target the DiT only (text-encoder keys are refused)
+LORA_COMPONENTS = ("dit", "dit_low")  # the DiT (of a two-expert model: each expert); text-encoder keys are refused
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.")
 KOHYA_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoders.")
@@ -80,16 +80,18 @@ DIFFUSERS = tuple((re.compile(a), b) for a, b in (
 class LoraFile:
     """One entry of the run's ``lora`` list, read and checked: its terms by target tensor key."""
 
-    index: int
+    index: int  # in the run's lora list (messages)
     path: str
     strength: float
+    position: int = 0  # in this component's stack (Term.lora, strengths)
     namings: set[str] = field(default_factory=set)
     terms: dict[str, Term] = field(default_factory=dict)
 
     def record(self) -> dict:
         ranks = sorted({t.delta.rank for t in self.terms.values() if isinstance(t.delta, LowRank)})
         layers = {k.rpartition(".")[0] for k, t in self.terms.items() if isinstance(t.delta, LowRank)}
-        return {"path": self.path, "strength": self.strength, "naming": "+".join(sorted(self.namings)),
+        return {"index": self.index, "path": self.path, "strength": self.strength,
+                "naming": "+".join(sorted(self.namings)),
                 "layers": len(layers), "full_deltas": sum(not isinstance(t.delta, LowRank) for t in self.terms.values()),
                 "ranks": ranks}
 
@@ -98,7 +100,7 @@ def load_loras(entries, mode: str, shapes: dict[str, tuple[int, ...]], linears: 
                quantized: set[str] = frozenset(), component: str = "dit") -> "LoraStack | None":
     """Read and check every ``lora`` entry against a component's tensor ``shapes`` (key -> shape), its linear
     module names and, for ``unmerged``, the names of the linears that are quantized. ``None`` without entries."""
-    pairs = lora_entries(entries)
+    pairs = _entries_of(entries, component)
     if not pairs:
         return None
     if mode not in LORA_MODES:
@@ -109,9 +111,9 @@ def load_loras(entries, mode: str, shapes: dict[str, tuple[int, ...]], linears: 
 
     names = _names(shapes)
     files = []
-    for i, (ref, strength) in enumerate(pairs):
+    for position, (i, ref, strength) in enumerate(pairs):
         source = open_files(resolve(ref))  # as stored: the LoRA namings are read here, not renamed
-        files.append(_read(source, LoraFile(i, ref, strength), shapes, linears, names, component))
+        files.append(_read(source, LoraFile(i, ref, strength, position), shapes, linears, names, component))
     stack = LoraStack(files, mode, quantized)
     if mode == "unmerged":
         for key, terms in stack.terms.items():
@@ -124,20 +126,32 @@ def load_loras(entries, mode: str, shapes: dict[str, tuple[int, ...]], linears: 
     return stack
 
 
-def side_path_ranks(entries, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+def side_path_ranks(entries, shapes: dict[str, tuple[int, ...]], component: str = "dit") -> dict[str, int]:
     """Linear name -> total rank of its unmerged side path, from the LoRA files' headers alone (no tensor read, no
     check: the offload budget, before loading; ``load_loras`` checks the files)."""
     from .hub import resolve
     from .sources import open_files
 
     names, ranks = _names(shapes), {}
-    for ref, _ in lora_entries(entries):
+    for _, ref, _ in _entries_of(entries, component):
         source = open_files(resolve(ref))
         for key in source:
             _, module, role = _split(key, names)
             if role == "down" and len(source.shape(key)) == 2:
                 ranks[module] = ranks.get(module, 0) + source.shape(key)[0]
     return ranks
+
+
+def _entries_of(entries, component: str) -> list[tuple[int, str, float]]:
+    """(index in the run's list, path, strength) of the entries that apply to ``component``: all of them on a
+    one-DiT model (no ``expert``); on a two-expert model those whose ``expert`` (``LORA_EXPERTS``) names it."""
+    pairs = lora_entries(entries)
+    out = []
+    for i, ((ref, strength), e) in enumerate(zip(pairs, entries or ())):
+        expert = e.get("expert")
+        if component in (LORA_EXPERTS[expert] if expert is not None else ("dit",)):
+            out.append((i, ref, strength))
+    return out
 
 
 def _names(shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
@@ -239,7 +253,7 @@ def _check_group(source, lora: LoraFile, where: str, module: str, roles: dict[st
             if al.numel() != 1:
                 raise CheckpointError(f"{where}: '{alpha}' must be one number, got shape {tuple(al.shape)}")
             scale = float(al.reshape(())) / rank
-        lora.terms[target] = Term(lora.index, LowRank(a, b, scale))
+        lora.terms[target] = Term(lora.position, LowRank(a, b, scale))
     for role, leaf in (("diff", "weight"), ("bias", "bias")):
         key = roles.get(role)
         if key is None:
@@ -257,7 +271,7 @@ def _check_group(source, lora: LoraFile, where: str, module: str, roles: dict[st
         if target in lora.terms:
             raise CheckpointError(f"{where}: '{key}' gives a full delta of '{target}', which another key of the file "
                                   "also changes: keep one of them")
-        lora.terms[target] = Term(lora.index, d)
+        lora.terms[target] = Term(lora.position, d)
 
 
 class LoraStack:

@@ -32,8 +32,9 @@ Mapped, per component ``c`` in dit / t5 / clip:
                                               its best_output_size, not in lightq: noted, the picture is cropped)
     target_video_length not 4k+1           ->  model.frames = the frames its (n - 1) // 4 + 1 latents decode to
     fps, seed                              ->  model.fps, seed
-    lora_configs [{path, strength}]        ->  lora (the DiT's LoRAs in order; a path as the checkpoints' paths;
-                                              LightX2V's default strength 1); ``name`` only picks a Wan2.2 expert
+    lora_configs [{path, strength, name}]  ->  lora (the DiT's LoRAs in order; a path as the checkpoints' paths;
+                                              LightX2V's default strength 1); on wan2.2_moe* classes ``name``
+                                              high_noise_model / low_noise_model -> expert high / low (required)
     lora_dynamic_apply (default false)     ->  lora_mode=unmerged if true (LightX2V applies the LoRA at run time),
                                               else merged (into the weights at load)
 
@@ -83,6 +84,7 @@ OFFLOAD_KEYS = ("cpu_offload", "offload_granularity", "lazy_load")
 CLASS_KEYS = ("model_cls", "task")
 LORA_KEYS = ("lora_configs", "lora_dynamic_apply")
 LORA_ENTRY_KEYS = ("path", "strength", "name")
+LORA_EXPERT_NAMES = {"high_noise_model": "high", "low_noise_model": "low"}  # lora_configs[].name on Wan2.2 MoE
 TASKS = ("t2v", "i2v")
 TEMPORAL_STRIDE = 4  # vae_stride[0] of every Wan VAE: frames per latent frame after the first
 
@@ -361,10 +363,16 @@ def _lora(cfg: dict, used: set[str], out: Imported) -> None:
         strength = e.get("strength", 1.0)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
             raise LightX2VError(f"{out.path}: {key}.strength={strength!r}: give a number")
-        if "name" in e:
+        entry = {"path": _local_path(e["path"], f"{key}.path", out), "strength": float(strength)}
+        if out.model_cls.startswith("wan2.2_moe"):  # LightX2V routes each entry to an expert by its name
+            if e.get("name") not in LORA_EXPERT_NAMES:
+                raise LightX2VError(f"{out.path}: {key}.name={e.get('name')!r}: a {out.model_cls} LoRA names its "
+                                    f"expert: give \"name\": \"high_noise_model\" or \"low_noise_model\"")
+            entry["expert"] = LORA_EXPERT_NAMES[e["name"]]
+        elif "name" in e:
             out.notes.append(f"{key}.name={e['name']!r} is unused: LightX2V's name picks a Wan2.2 expert; a Wan2.1 "
                              "run has one DiT")
-        lora.append({"path": _local_path(e["path"], f"{key}.path", out), "strength": float(strength)})
+        lora.append(entry)
     out.values["lora"] = lora
     out.values["lora_mode"] = "unmerged" if dynamic else "merged"
 

@@ -75,8 +75,6 @@ MISSING: tuple[Missing, ...] = (
                                                                "fixed_area", "aspect_ratio")),
     Missing("I2V without the CLIP image encoder", ("use_image_encoder",), lambda v: v is False,
             classes=WAN21_CLASSES),  # Wan2.2 has no CLIP: use_image_encoder false is its design (``importer``)
-    Missing("LoRAs on a two-expert Wan2.2 model", ("lora_configs",), classes=MOE_CLASSES,
-            why="lightq's lora= applies to one DiT"),
     Missing("module unloading between stages", ("unload_modules",)),
     Missing("audio-driven video (seko_talk, InfiniteTalk, Wan2.1 audio)", ("audio_sr", "video_duration",
                                                                            "use_real_mel_spectrogram"),

@@ -94,7 +94,7 @@ def gpu_weight_need(cfg) -> tuple[int, str]:
     for comp, (model, scheme, skip, dtype) in _components(cfg).items():
         ranks = None
         if cfg.lora and cfg.lora_mode == "unmerged" and comp in LORA_COMPONENTS:
-            ranks = side_path_ranks(cfg.lora, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+            ranks = side_path_ranks(cfg.lora, {k: tuple(v.shape) for k, v in model.state_dict().items()}, comp)
         size = _Sizer(model, family(cfg.model.family).components[comp].quantizable, scheme, skip, dtype, ranks)
         total = size(refs_of(model))
         if mode in ("block", "phase") and streams_blocks(model):

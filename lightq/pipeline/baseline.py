@@ -84,10 +84,11 @@ def key(cfg, device: str) -> str:
     desc = {"model": OmegaConf.to_container(cfg.model), "sampler": repr(scfg), "solver": solver, "seed": cfg.seed,
             "prompt": cfg.prompt, "negative": cfg.negative_prompt, "image": hashlib.sha256(image).hexdigest(),
             "device": device, "weights": weights_identity(cfg)}
-    if cfg.lora:  # the baseline runs the same LoRAs (merged into bf16): which files, at which strengths
+    if cfg.lora:  # the baseline runs the same LoRAs (merged into bf16): which files, at which strengths, which expert
         from ..checkpoints.lora import file_identity
 
-        desc["lora"] = [[file_identity(e.path), float(e.strength)] for e in cfg.lora]
+        desc["lora"] = [[file_identity(e.path), float(e.strength)] + ([e.expert] if e.get("expert") else [])
+                        for e in cfg.lora]
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:20]
 
 
