@@ -36,7 +36,7 @@ def _cfg(*args):
 def test_help_lists_the_converter_options_only(tmp_path):
     proc = _convert("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("python -m lightq.convert: quantize a float Wan2.1 checkpoint")
+    assert proc.stdout.startswith("python -m lightq.convert: quantize a float Wan2.1 / Wan2.2 checkpoint")
     options = [line.split()[0] for line in proc.stdout.split("Options (key=value):")[1].split("Defaults:")[0]
                .splitlines() if line.startswith("  ") and not line.startswith("   ")]
     assert options == ["component", "scheme", "source", "output", "layout", "skip", "overwrite", "float_dtype",
