@@ -85,7 +85,11 @@ def _lora(cfg, source):
         raise LightqError(f"lora= applies to the DiT; component={cfg.component} has no published LoRA layout")
     shapes = {k: tuple(source.shape(k)) for k in source}
     linears = {k[:-len(".weight")] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
-    return load_loras(cfg.lora, "merged", shapes, linears)
+    stack = load_loras(cfg.lora, "merged", shapes, linears, component=cfg.component)
+    if stack is None:
+        raise LightqError(f"lora= names no LoRA for component={cfg.component}: each entry says the expert it is for "
+                          "(expert: high | low | both; none: the DiT / high-noise expert)")
+    return stack
 
 
 def _shard_bytes(shard_gb) -> int:

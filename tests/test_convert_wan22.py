@@ -79,6 +79,24 @@ def test_wan22_conversion_errors_are_one_line(tmp_path, args, message):
     assert "\n" not in str(err.value) and not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_lora_merges_into_the_expert_it_names(tmp_path):
+    from safetensors.torch import save_file
+
+    src = open_source(ensure_tiny("tiny-t2v-a14b") / "low_noise_model")
+    n, k = src.shape("blocks.0.ffn.0.weight")
+    lora = tmp_path / "l.safetensors"
+    save_file({"blocks.0.ffn.0.lora_down.weight": torch.ones(2, k), "blocks.0.ffn.0.lora_up.weight": torch.ones(n, 2)},
+              lora)
+    base = _tensors(_convert("component=dit_low", "source=tiny-t2v-a14b", "scheme=fp8", "progress=false",
+                             f"output={tmp_path / 'base.safetensors'}"))
+    merged = _tensors(_convert("component=dit_low", "source=tiny-t2v-a14b", "scheme=fp8", "progress=false",
+                               f"output={tmp_path / 'merged.safetensors'}", f"lora=[{{path: {lora}, expert: low}}]"))
+    assert not torch.equal(base["blocks.0.ffn.0.weight"], merged["blocks.0.ffn.0.weight"])
+    with pytest.raises(LightqError, match="lora= names no LoRA for component=dit_low"):
+        _convert("component=dit_low", "source=tiny-t2v-a14b", f"output={tmp_path / 'x.safetensors'}",
+                 f"lora=[{{path: {lora}, expert: high}}]")
+
+
 def test_dit_low_needs_an_a14b_folder_not_a_file(tmp_path):
     single = _convert("component=dit", "scheme=fp8", "source=tiny", f"output={tmp_path / 'd.safetensors'}",
                       "progress=false")
