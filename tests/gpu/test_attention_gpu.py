@@ -18,7 +18,6 @@ triton; the fp8 schemes also below compute capability 8.9.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -28,11 +27,9 @@ import torch
 from lightq.attention import numerics as N
 from lightq.attention.inputs import wan_like_qkv
 
-CUDA = torch.cuda.is_available()
-CAP = torch.cuda.get_device_capability() if CUDA else (0, 0)
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)"),
-              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
+from .conftest import CAP, TRITON
+
+pytestmark = TRITON
 SCHEMES = [s for s in N.SCHEMES if CAP >= ((8, 0) if s == "int8-sage" else (8, 9))]
 SHAPES = [(1, 1000, 777, 4, 128), (2, 4097, 4097, 2, 64), (1, 129, 65, 3, 128), (1, 1, 1, 1, 64)]  # B Lq Lk H D
 STATED_REL_L2 = {"int8-sage": 5e-3, "int8fp8-sage2": 1.4e-2, "fp8-fa3": 2e-2}

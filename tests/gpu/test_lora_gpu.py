@@ -17,17 +17,13 @@ Skipped without CUDA / triton.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-CAP = torch.cuda.get_device_capability() if CUDA else (0, 0)
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)"),
-              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
-SCHEMES = [s for s, need in (("int8", (8, 0)), ("fp8", (8, 9))) if CAP >= need]
+from .conftest import CAP, CUDA, SCHEMES, TRITON
+
+pytestmark = TRITON
 
 
 def _rel(a, b):

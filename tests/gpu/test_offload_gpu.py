@@ -12,40 +12,29 @@ import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from lightq import config, hardware, plan
+from lightq import hardware, plan
 from lightq.checkpoints.conversion import convert
 from lightq.config import OffloadConfig
 from lightq.convert import open_component_source
 from lightq.models.wan_dit import DiTArch, random_dit
-from lightq.paths import conf_dir
 from lightq.pipeline import components as C
-from lightq.pipeline.graph import generate
 
-CUDA = torch.cuda.is_available()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)")]
-DEV = torch.device("cuda") if CUDA else None
+from .conftest import DEV, GPU, compose_job, latents_of
+
+pytestmark = GPU
 
 
 @pytest.fixture(scope="module")
 def cfg_of():
-    config.register()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        yield lambda *o: compose("config", overrides=["hardware=auto", "model.frames=5", "sampler.steps=2", *o])
-
-
-def run(cfg):
-    hw = hardware.resolve(cfg.hardware.name)
-    assert hw.is_cuda
-    return generate(cfg, hw, plan.plan_run(cfg, hw)).latents
+    yield from compose_job("model.frames=5", "sampler.steps=2")
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-i2v"])
 @pytest.mark.parametrize("mode", ["none", "fp8-torch", "int8-torch"])
 def test_latents_bit_identical_on_cuda(cfg_of, tmp_path, model, mode):
     common = [f"model={model}", f"dit_quant={mode}", f"t5_quant={mode}"]
-    reference = run(cfg_of(*common))
+    reference = latents_of(cfg_of(*common))
     variants = [["offload=model"], ["offload=block"], ["offload=phase"], ["offload=block", "offload.buffers=1"]]
     if mode != "none":
         split = convert(open_component_source(model, "dit"), component="dit", scheme=mode.split("-")[0],
@@ -53,7 +42,7 @@ def test_latents_bit_identical_on_cuda(cfg_of, tmp_path, model, mode):
         variants += [["offload=block", "offload.lazy_load=true", f"dit_quant.ckpt={split}"],
                      ["offload=phase", "offload.lazy_load=true", f"dit_quant.ckpt={split}"]]
     for v in variants:
-        assert torch.equal(run(cfg_of(*common, *v)), reference), f"{v} changed the latents"
+        assert torch.equal(latents_of(cfg_of(*common, *v)), reference), f"{v} changed the latents"
 
 
 def streamed_dit(layers: int, dim: int = 512, ffn: int = 2048):
@@ -132,10 +121,7 @@ def _backend_or_skip(mode: str) -> None:
 
 @pytest.fixture(scope="module")
 def cfg_13b():
-    config.register()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        yield lambda *o: compose("config", overrides=["hardware=auto", "model=wan2.1-t2v-1.3b", "model.weights=random",
-                                                      "model.frames=5", "sampler.steps=1", *o])
+    yield from compose_job("model=wan2.1-t2v-1.3b", "model.weights=random", "model.frames=5", "sampler.steps=1")
 
 
 @pytest.mark.parametrize("mode", FAST_DIT_MODES)
@@ -148,7 +134,7 @@ def test_every_offload_mode_matches_no_offload_at_1_3b(cfg_13b, tmp_path, mode):
     _backend_or_skip(mode)
     common = [f"dit_quant={mode}"]
     cfg = cfg_13b(*common)
-    reference = run(cfg)
+    reference = latents_of(cfg)
     hw = hardware.resolve(cfg.hardware.name)
     method = C.quant_methods(cfg, plan.plan_run(cfg, hw))["dit"]
     dit = C.load_dit(cfg, method, None, DEV, torch.bfloat16, False)
@@ -156,7 +142,7 @@ def test_every_offload_mode_matches_no_offload_at_1_3b(cfg_13b, tmp_path, mode):
     del dit
     for v in (["offload=model"], ["offload=block"], ["offload=phase"],
               ["offload=block", "offload.lazy_load=true", f"dit_quant.ckpt={split}"]):
-        got = run(cfg_13b(*common, *v))
+        got = latents_of(cfg_13b(*common, *v))
         assert torch.equal(got, reference), f"dit_quant={mode} {v}: latents differ from offload=none " \
                                             f"(max |diff| {(got - reference).abs().max().item():.3g})"
 

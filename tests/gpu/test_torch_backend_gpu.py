@@ -19,10 +19,9 @@ from lightq.backends import torch_backend as TB
 from lightq.quant import schemes as S
 from torch_reference import UNIT_ROUNDOFF, assert_close_to_reference, bound, reference
 
-CUDA = torch.cuda.is_available()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)")]
+from .conftest import DEV, GPU
 
-DEV = torch.device("cuda") if CUDA else None
+pytestmark = GPU
 BACKEND = TB.TorchBackend(TB.SPEC)
 WAN_NK = [(5120, 5120), (13824, 5120), (1536, 8960)]  # 14B attention, 14B FFN up, 1.3B FFN up
 WAN_M = [1, 257, 32760]  # one token, CLIP's 257 tokens, 480p x 81 frames

@@ -20,7 +20,6 @@ Run on the GPU machine: ``python -m pytest tests/gpu/test_triton_gpu.py -q -n 0`
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -28,12 +27,9 @@ import torch
 from lightq.backends.registry import specs
 from lightq.quant import schemes as S
 
-CUDA = torch.cuda.is_available()
-CAP = torch.cuda.get_device_capability() if CUDA else (0, 0)
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)"),
-              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
-SCHEMES = [s for s, need in (("int8", (8, 0)), ("fp8", (8, 9))) if CAP >= need]
+from .conftest import CAP, SCHEMES, TRITON
+
+pytestmark = TRITON
 WAN_M = [1, 257, 32760]
 WAN_K = [1536, 5120, 13824]
 

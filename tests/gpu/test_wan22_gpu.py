@@ -13,33 +13,16 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from lightq import config, hardware, plan
 from lightq.config import OffloadConfig
 from lightq.models.wan_dit import DiTArch, random_dit
-from lightq.paths import conf_dir
 from lightq.pipeline import components as C
 from lightq.pipeline.experts import Experts
-from lightq.pipeline.graph import generate
 from lightq.pipeline.sampler import SamplerConfig, timesteps
 
-CUDA = torch.cuda.is_available()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine)")]
-DEV = torch.device("cuda") if CUDA else None
+from .conftest import DEV, GPU, latents_of
 
-
-@pytest.fixture(scope="module")
-def cfg_of():
-    config.register()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        yield lambda *o: compose("config", overrides=["hardware=auto", "model.frames=5", *o])
-
-
-def run(cfg):
-    hw = hardware.resolve(cfg.hardware.name)
-    assert hw.is_cuda
-    return generate(cfg, hw, plan.plan_run(cfg, hw)).latents
+pytestmark = GPU
 
 
 @pytest.mark.parametrize("model", [["model=tiny-t2v-a14b"], ["model=tiny-i2v-a14b"],
@@ -47,9 +30,9 @@ def run(cfg):
 def test_offload_modes_keep_the_latents(cfg_of, model):
     common = [*model, "dit_quant=fp8-torch", "dit_low_quant=int8-torch"] if "a14b" in model[0] else \
         [*model, "dit_quant=fp8-torch"]
-    reference = run(cfg_of(*common))
+    reference = latents_of(cfg_of(*common))
     for v in (["offload=model"], ["offload=block"], ["offload=phase"], ["offload=block", "offload.buffers=1"]):
-        assert torch.equal(run(cfg_of(*common, *v)), reference), f"{v} changed the latents"
+        assert torch.equal(latents_of(cfg_of(*common, *v)), reference), f"{v} changed the latents"
 
 
 def test_fp8_triton_runs_both_experts(tmp_path):
@@ -66,7 +49,7 @@ def test_fp8_triton_runs_both_experts(tmp_path):
 
 
 def test_ti2v_image_to_video_with_a_fusing_mode_runs_unfused(cfg_of):
-    fused = run(cfg_of("model=tiny-ti2v-5b", "model.task=i2v", "dit_quant=fp8-triton"))
+    fused = latents_of(cfg_of("model=tiny-ti2v-5b", "model.task=i2v", "dit_quant=fp8-triton"))
     assert torch.isfinite(fused).all()
 
 
