@@ -302,3 +302,15 @@ def test_convert_writes_per_tensor_scales_and_no_input_scale(tmp_path):
     with pytest.raises(CheckpointError, match="holds scheme 'fp8-pertensor' \\(lightq.scheme\\) but the mode expects "
                                               "'fp8'"):
         load_component(build_dit, written, method=QuantMethod.portable("fp8"), component="dit")
+
+
+def test_backends_without_a_static_scale_kernel_refuse_by_name():
+    """lightq's triton backend has no static per-tensor quantizer: asked for fp8-pertensor it says so (and auto
+    passes over it); the vllm and sgl plugins declare the scheme (their static quantizers)."""
+    from lightq.backends.registry import choose, specs
+    from lightq.hardware import Hardware
+
+    h100 = Hardware(name="sm90", device="cuda", capability=9.0, gpu_name="H100")
+    spec, why = choose("fp8-pertensor", "triton", h100)
+    assert spec is None and why == "backend 'triton' does not implement scheme 'fp8-pertensor' (it has: fp8, int8)"
+    assert {"vllm", "sgl"} <= {name for name, s in specs().items() if "fp8-pertensor" in s.schemes}
