@@ -10,7 +10,8 @@
 - ``dit``:  the folder's DiT checkpoints — the official ``diffusion_pytorch_model*.safetensors`` (with its index:
             the folder itself is returned), a block split, and every other ``*.safetensors`` in the folder — are
             classified by the scheme they hold (header metadata, else the dtype and scale shape of the first
-            quantizable linear, read from the header only); exactly one must hold the requested scheme.
+            quantizable linear, read from the header only); exactly one must hold the requested scheme (else
+            exactly one a mode of that scheme reads exactly: a per-tensor fp8 file under an fp8 mode).
 
 A diffusers model folder (``model_index.json``, or ``transformer/`` holding safetensors) is read by component
 subfolder (``diffusers.SUBFOLDERS``), each found by content as the DiT is (its files are seen under the official
