@@ -411,8 +411,7 @@ def _validate_experts(cfg: Any, fam) -> None:
             raise LightqError(f"model.boundary={m.boundary}: choose a value between 0 and 1 (the official 0.875 "
                               "for T2V-A14B, 0.9 for I2V-A14B)")
         if cfg.sampler.boundary_step is not None:
-            from .pipeline.components import sampler_config
-            from .pipeline.sampler import timesteps
+            from .pipeline.sampler import sampler_config, timesteps
 
             timesteps(sampler_config(cfg))  # checks boundary_step against the run's step count
     elif m.boundary is not None or m.guide_scale_low is not None or cfg.sampler.guide_scale_low is not None \

@@ -50,9 +50,9 @@ def execute(cfg: DictConfig, out: Path, choices: dict | None = None) -> dict:
             result["components"] = {c: p.as_dict() for c, p in plans.items()}
             problem = plan.first_problem(plans)
             if not problem:
-                from .pipeline.components import parallel_layout, sampler_config  # torch and the models load
+                from .pipeline.components import parallel_layout  # torch and the models load
                 from .pipeline.graph import run_pipeline  # only for a job that runs
-                from .pipeline.sampler import timesteps
+                from .pipeline.sampler import sampler_config, timesteps
 
                 timesteps(sampler_config(cfg))  # the sampler's settings are checked before any model loads
                 parallel_layout(cfg)  # and the parallel layout against the launch

@@ -13,8 +13,7 @@ from lightq.lightx2v.cli import GROUP, node
 from lightq.lightx2v.importer import LightX2VError, import_config
 from lightq.lightx2v.survey import compose
 from lightq.paths import conf_dir
-from lightq.pipeline import components as C
-from lightq.pipeline.sampler import high_noise, timesteps
+from lightq.pipeline.sampler import high_noise, sampler_config, timesteps
 
 DISTILL = {"denoising_step_list": [1000, 750, 500, 250], "sample_shift": 5.0, "boundary_step_index": 2,
            "sample_guide_scale": [4.0, 3.0], "enable_cfg": False}
@@ -38,7 +37,7 @@ def _job(imported, model):
 
 
 def _experts_per_step(job) -> list[str]:
-    scfg = C.sampler_config(job)
+    scfg = sampler_config(job)
     return ["high" if high_noise(scfg, t) else "low" for t in timesteps(scfg).timesteps.tolist()]
 
 
@@ -50,7 +49,7 @@ def test_moe_boundary_and_guide_scales_high_then_low(tmp_path):
     assert (got.values["model.boundary"], got.values["sampler.guide_scale"], got.values["sampler.guide_scale_low"]) \
         == (0.875, 4.0, 3.0), "LightX2V: sample_guide_scale[0] while t >= boundary * 1000, [1] after"
     job = _job(got, "tiny-t2v-a14b")
-    scfg = C.sampler_config(job)
+    scfg = sampler_config(job)
     experts = _experts_per_step(job)
     ts = timesteps(scfg).timesteps.tolist()
     assert experts == ["high"] * experts.count("high") + ["low"] * experts.count("low") and "low" in experts
@@ -61,7 +60,7 @@ def test_moe_boundary_and_guide_scales_high_then_low(tmp_path):
 def test_moe_without_cfg_runs_one_pass_per_expert(tmp_path):
     got = _imp(tmp_path, {"boundary": 0.9, "sample_guide_scale": [3.5, 3.5], "enable_cfg": False,
                           "boundary_step_index": 2, "denoising_step_list": [1000, 750, 500, 250]}, "wan2.2_moe")
-    scfg = C.sampler_config(_job(got, "tiny-i2v-a14b"))
+    scfg = sampler_config(_job(got, "tiny-i2v-a14b"))
     assert (scfg.guide_scale, scfg.guide_scale_low, scfg.boundary_step) == (1.0, 1.0, None)
     notes = " | ".join(got.notes)
     assert "sample_guide_scale=[3.5, 3.5] is unused" in notes and "boundary_step_index is unused" in notes
@@ -96,13 +95,13 @@ def test_distill_switches_experts_at_boundary_step_index(tmp_path):
     job = _job(got, "tiny-t2v-a14b")
     # LightX2V's MultiDistillModelStruct: step_index < boundary_step_index -> high-noise
     assert _experts_per_step(job) == ["high", "high", "low", "low"]
-    assert C.sampler_config(job).guide_scale == 1.0 and any("sample_guide_scale=[4.0, 3.0] is unused" in n
+    assert sampler_config(job).guide_scale == 1.0 and any("sample_guide_scale=[4.0, 3.0] is unused" in n
                                                             for n in got.notes)
     # by index, not by timestep: with shift 5 the third step's t is 1000 * 0.8333 = 833, below the model's
     # boundary 0.875 * 1000, yet with boundary_step_index 3 it is still the high-noise expert's
     got = _imp(tmp_path, {**DISTILL, "boundary_step_index": 3}, "wan2.2_moe_distill")
     job = _job(got, "tiny-t2v-a14b")
-    assert int(timesteps(C.sampler_config(job)).timesteps[2]) == 833 and job.model.boundary == 0.875
+    assert int(timesteps(sampler_config(job)).timesteps[2]) == 833 and job.model.boundary == 0.875
     assert _experts_per_step(job) == ["high", "high", "high", "low"]
     got = _imp(tmp_path, {**DISTILL, "boundary_step_index": 0}, "wan2.2_moe_distill")
     assert _experts_per_step(_job(got, "tiny-t2v-a14b")) == ["low"] * 4
@@ -110,7 +109,7 @@ def test_distill_switches_experts_at_boundary_step_index(tmp_path):
 
 def test_distill_cfg_takes_one_scale_for_both_experts(tmp_path):
     got = _imp(tmp_path, {**DISTILL, "sample_guide_scale": 2.5, "enable_cfg": True}, "wan2.2_moe_distill")
-    scfg = C.sampler_config(_job(got, "tiny-t2v-a14b"))
+    scfg = sampler_config(_job(got, "tiny-t2v-a14b"))
     assert (scfg.guide_scale, scfg.guide_scale_low) == (2.5, 2.5)
 
 

@@ -45,23 +45,14 @@ unused keys); an unknown key or value is one LightX2VError naming the key and th
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import LightqError
 from . import keys as K
 from . import wan22
-
-
-class LightX2VError(LightqError):
-    """A LightX2V config lightq cannot run with LightX2V's meaning; ``feature``: what it lacks (or ``None``)."""
-
-    def __init__(self, message: str, feature: str | None = None):
-        super().__init__(message)
-        self.feature = feature
+from .values import LightX2VError, local_path
 
 
 COMPONENTS = ("dit", "t5", "clip")
@@ -217,7 +208,7 @@ def _quant(cfg: dict, comp: str, used: set[str], out: Imported) -> None:
         if s in cfg or c in cfg:
             out.notes.append(f"{s if s in cfg else c} is unused: {q} is not true (LightX2V's default: false)")
         if cfg.get(orig):
-            out.values[f"{comp}_quant.ckpt"] = _local_path(cfg[orig], orig, out)
+            out.values[f"{comp}_quant.ckpt"] = local_path(cfg[orig], orig, out)
         return
     scheme = cfg.get(s)
     if not isinstance(scheme, str):
@@ -233,21 +224,9 @@ def _quant(cfg: dict, comp: str, used: set[str], out: Imported) -> None:
         out.notes.append(f"{s}={scheme}: {SCHEME_NOTES[scheme]}")
     out.choices[f"{comp}_quant"] = mode
     if cfg.get(c):
-        out.values[f"{comp}_quant.ckpt"] = _local_path(cfg[c], c, out)
+        out.values[f"{comp}_quant.ckpt"] = local_path(cfg[c], c, out)
     if cfg.get(orig):
         out.notes.append(f"{orig} is unused: LightX2V reads the quantized checkpoint when {q} is true")
-
-
-def _local_path(value: Any, key: str, out: Imported) -> str:
-    """A LightX2V checkpoint path: always a local path; a relative one is read from the working directory."""
-    if not isinstance(value, str):
-        raise LightX2VError(f"{out.path}: {key}={value!r}: give a path")
-    if os.path.isabs(os.path.expanduser(value)):
-        return os.path.expanduser(value)
-    full = os.path.abspath(value)
-    out.notes.append(f"{key}={value}: a relative path, read from the working directory as LightX2V does ({full}), "
-                     "not from the Hub" + ("" if os.path.exists(full) else "; it does not exist there"))
-    return full
 
 
 def _attention_and_kernels(cfg: dict, used: set[str], out: Imported) -> None:
@@ -363,7 +342,7 @@ def _lora(cfg: dict, used: set[str], out: Imported) -> None:
         strength = e.get("strength", 1.0)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
             raise LightX2VError(f"{out.path}: {key}.strength={strength!r}: give a number")
-        entry = {"path": _local_path(e["path"], f"{key}.path", out), "strength": float(strength)}
+        entry = {"path": local_path(e["path"], f"{key}.path", out), "strength": float(strength)}
         if out.model_cls.startswith("wan2.2_moe"):  # LightX2V routes each entry to an expert by its name
             if e.get("name") not in LORA_EXPERT_NAMES:
                 raise LightX2VError(f"{out.path}: {key}.name={e.get('name')!r}: a {out.model_cls} LoRA names its "

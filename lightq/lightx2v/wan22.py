@@ -28,14 +28,13 @@ import json
 from typing import Any
 
 from . import keys as K
+from .values import LightX2VError, local_path
 
 MOE_FEATURE = "Wan2.2 MoE keys under a one-DiT model class"
 DIT_CKPTS = ("dit_quantized_ckpt", "dit_original_ckpt")
 
 
 def _error(message: str, feature: str | None = None):
-    from .importer import LightX2VError
-
     return LightX2VError(message, feature)
 
 
@@ -64,27 +63,25 @@ def experts(cfg: dict, used: set[str], out) -> None:
 
 
 def _checkpoints(cfg: dict, out) -> None:
-    from .importer import _local_path
-
     quantized = cfg.get("dit_quantized", False) is True
     hq, ho = cfg.get("high_noise_quantized_ckpt"), cfg.get("high_noise_original_ckpt")
     lq, lo = cfg.get("low_noise_quantized_ckpt"), cfg.get("low_noise_original_ckpt")
     if quantized and hq:
-        out.values["dit_quant.ckpt"] = _local_path(hq, "high_noise_quantized_ckpt", out)
+        out.values["dit_quant.ckpt"] = local_path(hq, "high_noise_quantized_ckpt", out)
         if ho:
             out.notes.append("high_noise_original_ckpt is unused: LightX2V reads high_noise_quantized_ckpt when "
                              "dit_quantized is true")
     elif ho:
-        out.values["dit_quant.ckpt"] = _local_path(ho, "high_noise_original_ckpt", out)
+        out.values["dit_quant.ckpt"] = local_path(ho, "high_noise_original_ckpt", out)
         if quantized:
             out.notes.append("high_noise_original_ckpt is the quantized high-noise expert's file: LightX2V reads it "
                              "when no high_noise_quantized_ckpt is given (a high-precision file is quantized at load)")
     if hq and not quantized:
         out.notes.append("high_noise_quantized_ckpt is unused: dit_quantized is not true")
     if quantized and lq:
-        out.values["dit_low_quant.ckpt"] = _local_path(lq, "low_noise_quantized_ckpt", out)
+        out.values["dit_low_quant.ckpt"] = local_path(lq, "low_noise_quantized_ckpt", out)
     elif not quantized and lo:
-        out.values["dit_low_quant.ckpt"] = _local_path(lo, "low_noise_original_ckpt", out)
+        out.values["dit_low_quant.ckpt"] = local_path(lo, "low_noise_original_ckpt", out)
     if lq and not quantized:
         out.notes.append("low_noise_quantized_ckpt is unused: dit_quantized is not true")
     if lo and (quantized or lq):

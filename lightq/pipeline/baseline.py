@@ -75,7 +75,7 @@ def weights_identity(cfg) -> object:
 def key(cfg, device: str) -> str:
     from omegaconf import OmegaConf
 
-    from .components import sampler_config
+    from .sampler import sampler_config
     from .sampler import solver_class
 
     image = Path(cfg.image).read_bytes() if cfg.image else b""

@@ -31,7 +31,7 @@ def parallel_layout(cfg):
     """The run's ``lightq.parallel.layout.Layout`` (the DiT's head count and whether the sampler runs CFG decide what
     fits); a LightqError when the config and the launch disagree."""
     from ..parallel.layout import plan_layout
-    from .sampler import needs_uncond
+    from .sampler import needs_uncond, sampler_config
 
     m = cfg.model
     fam = family(m.family)
@@ -39,30 +39,6 @@ def parallel_layout(cfg):
     rows = fam.geometry(m).latent_shape(m.frames, *video_size(cfg))[2]
     return plan_layout(cfg.parallel, heads, needs_uncond(sampler_config(cfg)),
                        quantized_attention=cfg.attn_quant.scheme != "none", latent_rows=rows)
-
-
-def sampler_config(cfg):
-    """The sampler settings of a run: the sampler group's values, else the model's defaults."""
-    from .sampler import SamplerConfig
-
-    s, m = cfg.sampler, cfg.model
-    guide_scale = s.guide_scale if s.guide_scale is not None else m.guide_scale
-    if s.guide_scale_low is not None:
-        low = s.guide_scale_low
-    elif s.guide_scale is not None:
-        low = s.guide_scale  # the sampler's one scale, for both experts
-    else:
-        low = m.guide_scale_low
-    return SamplerConfig(
-        name=s.name,
-        steps=s.steps if s.steps is not None else m.steps,
-        shift=s.shift if s.shift is not None else m.shift,
-        guide_scale=guide_scale,
-        denoising_steps=tuple(s.denoising_steps) if s.denoising_steps else None,
-        guide_scale_low=low if m.boundary is not None else None,
-        boundary=m.boundary,
-        boundary_step=s.boundary_step,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- weights

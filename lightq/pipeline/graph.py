@@ -59,7 +59,7 @@ class Generated:
 
 def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTimer | None = None) -> Generated:
     """Load, encode, denoise, decode, each a stage of ``timer``. Everything but the outputs is freed on return."""
-    from .sampler import needs_uncond, sample
+    from .sampler import needs_uncond, sample, sampler_config
 
     timer = timer if timer is not None else StageTimer()
     run = _parallel_runtime(cfg, hw)  # before anything touches a GPU: each rank takes its own
@@ -90,7 +90,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
 
     if "attn" in plans:
         log.info("DiT self-attention: %s (%s)", plans["attn"].mode, plans["attn"].reason)
-    scfg = C.sampler_config(cfg)
+    scfg = sampler_config(cfg)
     m = cfg.model
     geometry = family(m.family).geometry(m)
     height, width = C.video_size(cfg)

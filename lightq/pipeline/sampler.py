@@ -325,3 +325,25 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, cfg: SamplerConfig, cond: Any
             if on_step is not None:
                 on_step(i)
     return x
+
+
+def sampler_config(cfg):
+    """The sampler settings of a run: the sampler group's values, else the model's defaults."""
+    s, m = cfg.sampler, cfg.model
+    guide_scale = s.guide_scale if s.guide_scale is not None else m.guide_scale
+    if s.guide_scale_low is not None:
+        low = s.guide_scale_low
+    elif s.guide_scale is not None:
+        low = s.guide_scale  # the sampler's one scale, for both experts
+    else:
+        low = m.guide_scale_low
+    return SamplerConfig(
+        name=s.name,
+        steps=s.steps if s.steps is not None else m.steps,
+        shift=s.shift if s.shift is not None else m.shift,
+        guide_scale=guide_scale,
+        denoising_steps=tuple(s.denoising_steps) if s.denoising_steps else None,
+        guide_scale_low=low if m.boundary is not None else None,
+        boundary=m.boundary,
+        boundary_step=s.boundary_step,
+    )
