@@ -186,4 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .app import leave_launch
+
+    status = main()
+    leave_launch(status)
+    sys.exit(status)

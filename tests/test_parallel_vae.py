@@ -85,16 +85,21 @@ def _frames(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted((folder / "frames").glob("*.png"))]).astype(int)
 
 
-def test_a_job_decodes_split_and_says_so(tmp_path):
+def test_a_job_decodes_split_says_so_and_leaves_cleanly(tmp_path):
     common = ["quality.compare=false", "model.steps=2", "save_frames=true", "model=tiny-i2v", "model.height=48",
               "model.width=80"]
     one = subprocess.run([sys.executable, "-m", "lightq", "hydra.run.dir=one", *common], cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
+    scratch = tmp_path / "scratch"  # the ranks' temporary folders
+    scratch.mkdir()
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
                           "-m", "lightq", "hydra.run.dir=many", "parallel=allgather", *common], cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}, capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    # the ranks left through parallel.runtime.leave (os._exit): exit handlers ran, the printed summary came out
+    assert "lightq: ok ->" in res.stdout and not list(scratch.glob("lightq-rank*")), res.stdout
     record = json.loads((tmp_path / "many" / "result.json").read_text())["parallel"]
     assert record["vae"] == "split" and record["vae_rows"] == [2, 2, 2]
     a, b = _frames(tmp_path / "one"), _frames(tmp_path / "many")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from lightq.models.vae import VAE_ARCHS, WanVAE
 from lightq.models.vae22 import VAE22_ARCHS, Wan22VAE
 from lightq.parallel.rows import RowSplit
+from lightq.parallel.runtime import leave
 
 dist.init_process_group("gloo")
 rank, size = dist.get_rank(), dist.get_world_size()
@@ -39,5 +40,4 @@ for kernel, onednn in (("native", False), ("onednn", True)):
                 assert split is None, "only rank 0 gets the video"
 if rank == 0:
     json.dump(found, open(sys.argv[1], "w"), indent=1)
-dist.barrier()
-dist.destroy_process_group()
+leave(0)  # as a lightq job's rank leaves: barrier, destroy, os._exit (docs/PARALLEL.md)

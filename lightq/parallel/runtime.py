@@ -3,11 +3,15 @@
 ``start(layout, cuda)`` joins the launch's process group once per process (NCCL on GPUs, each rank on
 ``cuda:LOCAL_RANK``; gloo on CPUs) and makes the layout's subgroups: one sequence-parallel group per CFG half
 (ranks ``c * sp .. c * sp + sp - 1``) and one CFG group per sequence position (ranks ``s, sp + s``). Every rank
-creates every group in the same order, as ``torch.distributed.new_group`` requires.
+creates every group in the same order, as ``torch.distributed.new_group`` requires. ``leave`` ends a rank whose
+work is done.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 
@@ -88,3 +92,21 @@ def start(layout: Layout, cuda: bool) -> Runtime:
         _groups[key] = (sp_groups, cfg_groups)
     sp_groups, cfg_groups = _groups[key]
     return Runtime(layout, sp_groups[layout.cfg_rank], cfg_groups[layout.sp_rank])
+
+
+def leave(code: int) -> None:
+    """End this process of a launch whose work finished with exit ``code`` 0: wait for every rank (a barrier, so
+    none tears down while another still talks to it), destroy the process group, run the exit handlers (logging's
+    flush, the rank's temporary folders), and exit by ``os._exit(0)``. The interpreter's own teardown is skipped: on
+    CPU a gloo rank aborted there now and then ("terminate called without an active exception", after
+    ``destroy_process_group`` had returned on every rank; docs/PARALLEL.md). Returns at once without a process group
+    or with a failure's code (a failed rank's peers may be inside a collective: it leaves as usual)."""
+    if code or not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    _groups.clear()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
