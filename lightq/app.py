@@ -115,16 +115,9 @@ def main() -> None:
             ("interrupted", 130)
         print(f"lightq: {what}; the job's record says so and resume=true runs it again", file=sys.stderr)
         sys.exit(code)
+    from .worker import leave_launch
+
     leave_launch(0)
-
-
-def leave_launch(code: int) -> None:
-    """A ``torchrun`` rank whose work ended with ``code`` 0 leaves through ``parallel.runtime.leave`` (a barrier, the
-    process group destroyed, ``os._exit``); any other process returns and exits as usual."""
-    if "torch" in sys.modules:  # a job that joined a process group imported it
-        from .parallel.runtime import leave
-
-        leave(code)
 
 
 def _rank_folders(argv: list[str]) -> list[str]:

@@ -185,9 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         return Terminated.exit_code
 
 
-if __name__ == "__main__":
-    from .app import leave_launch
+def leave_launch(code: int) -> None:
+    """A ``torchrun`` rank whose work ended with ``code`` 0 leaves through ``parallel.runtime.leave`` (a barrier, the
+    process group destroyed, ``os._exit``); any other process returns and exits as usual."""
+    if "torch" in sys.modules:  # a job that joined a process group imported it
+        from .parallel.runtime import leave
 
+        leave(code)
+
+
+if __name__ == "__main__":
     status = main()
     leave_launch(status)
     sys.exit(status)
