@@ -11,8 +11,6 @@ python -m pip install -q --no-deps --no-build-isolation -e . $(for p in plugins/
   > "$out/pip.log" 2>&1 || { tail -20 "$out/pip.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/device.txt" 2>&1
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" >> "$out/device.txt"
-python -m pytest -o addopts="" -q -p no:cacheprovider -rs --durations=25 --junitxml="$out/junit.xml" "$@" \
-  > "$out/pytest.log" 2>&1
-rc=$?
-tail -40 "$out/pytest.log"
-exit $rc
+# the log streams to stdout as well, so a run cut off by a time limit still shows how far it got
+python -m pytest -o addopts="" -q -p no:cacheprovider -rs --durations=25 --junitxml="$out/junit.xml" "$@" 2>&1 \
+  | tee "$out/pytest.log"
