@@ -116,9 +116,10 @@ def fall_back_to_nearest(name: str, autotuner) -> None:
 
     def check_or_nearest(key, configs, bench_fn):
         setting = os.environ.get(AUTOTUNE_ENV, "")
-        timed = setting not in ("", "0") or bool(os.environ.get(DUMP_ENV))
-        found = None if timed else nearest(name, key, configs)
-        if found is None and setting == "0" and not timed:
+        if setting not in ("", "0") or os.environ.get(DUMP_ENV):
+            return check(key, configs, bench_fn)
+        found = nearest(name, key, configs)
+        if found is None and setting == "0":
             found = ("the kernel's first config", configs[0])
         if found is None:
             return check(key, configs, bench_fn)
