@@ -155,7 +155,7 @@ def markdown(rows: list[dict], header: str) -> str:
         unacc = 100 * r["unaccounted_s"] / r["total_s"] if r["total_s"] else None
         ratio = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
         cells = [r["job"], r["cache"], _fmt(r["wall_s"]), ratio(r["wall_vs_bf16"]),
-                 _fmt(r["startup_s"] if r["startup_s"] is not None else r["process_overhead_s"]),
+                 _fmt(r["startup_s"]),
                  *[_fmt(s.get(k)) if k in s else "-" for k in STAGE_COLUMNS], _fmt(r["exit_s"]), _fmt(r["warmup_s"], 2),
                  ratio(r["denoise_vs_bf16"]), _fmt(unacc, 2), _fmt(r["peak_gpu_gib"]), _fmt(r["peak_host_gib"]),
                  "inf" if r["psnr_db"] == float("inf") else _fmt(r["psnr_db"], 2),
