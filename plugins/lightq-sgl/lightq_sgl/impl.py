@@ -14,11 +14,12 @@
                out_dtype, bias)  =  (s_x s_w^T) * (x_q @ W_q^T) + bias: fp32 epilogue, the bias (in out_dtype)
                added before the one final rounding into out_dtype (bf16 or fp16)
 
-fp8-pertensor: ``sgl_per_tensor_quant_fp8(x, x_q, t, is_static)``: static with the layer's ``input_scale`` t, else
-dynamic (t = max|x| / 448); it multiplies by 1 / t in fp32 where lightq's rule divides by t (a code can move by one
-at a rounding tie). ``fp8_scaled_mm`` takes row-wise scales only, so t is given for every row and s for every
-column: the same product. A sglang-kernel without ``sgl_per_tensor_quant_fp8`` makes fp8-pertensor-sgl refuse to
-load, naming the other modes.
+fp8-pertensor: x_q = e4m3(x / t), static with the layer's ``input_scale`` t, else dynamic (t = max|x| / 448), by
+the first quantizer available, in this order: sglang-kernel's ``sgl_per_tensor_quant_fp8`` (newer releases than
+0.4.6, which has none), vLLM's ``scaled_fp8_quant`` (with vLLM and lightq-vllm installed), lightq's eager reference.
+The two kernels multiply by 1 / t in fp32 where lightq's rule divides by t (a code can move by one at a rounding
+tie). ``SglBackend.per_tensor_quantizer`` names the one in use. ``fp8_scaled_mm`` takes row-wise scales only, so t
+is given for every row and s for every column: the same product.
 
 The column-major ``[K, N]`` operand is the free transpose view of the row-major ``[N, K]`` checkpoint tensor, so
 ``pack`` keeps the checkpoint tensors unchanged. The kernels need K a multiple of 16 and N a multiple of 16 (fp8;
@@ -35,10 +36,10 @@ import sgl_kernel  # any failure here becomes BackendUnavailable in BackendSpec.
 import torch
 
 from lightq.backends.base import Backend
-from lightq.errors import BackendUnavailable
 from lightq.quant.schemes import FP8_DTYPE, PER_TENSOR, QuantizedWeight, quantize_activation
 
 Int8Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+PerTensorQuantizer = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 
@@ -56,9 +57,6 @@ class SglBackend(Backend):
         self.check_scheme(qw.scheme)
         if qw.scheme != PER_TENSOR:
             return {"data": qw.data.contiguous(), "scale": qw.scale.float().contiguous()}
-        if not hasattr(sgl_kernel, "sgl_per_tensor_quant_fp8"):
-            raise BackendUnavailable(f"backend 'sgl': sglang-kernel {self.version()} has no sgl_per_tensor_quant_fp8; "
-                                     "use mode fp8-pertensor-vllm or fp8-pertensor-torch")
         # fp8_scaled_mm's weight scales are per column: the one value s on each of the N columns
         packed = {"data": qw.data.contiguous(), "scale": qw.scale.float().reshape(1, 1).expand(qw.out_features, 1)
                   .contiguous()}
@@ -80,13 +78,16 @@ class SglBackend(Backend):
         sgl_kernel.sgl_per_token_quant_fp8(x2, xq, sx)
         return xq, sx
 
+    @property
+    def per_tensor_quantizer(self) -> str:
+        """Which per-tensor fp8 quantizer ``fp8-pertensor`` uses here (see the module doc)."""
+        return _per_tensor_quantizer()[0]
+
     @staticmethod
     def _per_tensor(x2: torch.Tensor, static: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_q, t ``[1]``): static with ``static`` as t, else dynamic (the kernel's amax reduction fills t)."""
-        xq = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
-        t = torch.zeros(1, dtype=torch.float32, device=x2.device) if static is None else static.clone()
-        sgl_kernel.sgl_per_tensor_quant_fp8(x2, xq, t, static is not None)
-        return xq, t
+        """(x_q, t ``[1]``): static with ``static`` as t, else dynamic."""
+        xq, t = _per_tensor_quantizer()[1](x2, static)
+        return xq, t.float().reshape(1)
 
     def gemm_only(self, xq: torch.Tensor, sx: torch.Tensor, packed: dict[str, torch.Tensor],
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -123,3 +124,23 @@ def _int8_quantizer() -> tuple[str, Int8Quantizer]:
         return "lightq eager reference", lambda x2: quantize_activation(x2, "int8")
 
 
+
+
+@functools.cache
+def _per_tensor_quantizer() -> tuple[str, PerTensorQuantizer]:
+    """(name, function) of the per-tensor fp8 quantizer importable here (the module doc's order), chosen once."""
+    if hasattr(sgl_kernel, "sgl_per_tensor_quant_fp8"):
+        def sgl(x2, static):
+            xq = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
+            t = torch.zeros(1, dtype=torch.float32, device=x2.device) if static is None else static.float().clone()
+            sgl_kernel.sgl_per_tensor_quant_fp8(x2, xq, t, static is not None)
+            return xq, t
+        return "sgl sgl_per_tensor_quant_fp8", sgl
+    try:
+        from lightq_vllm.importing import import_vllm
+
+        vllm_ops = import_vllm("vllm._custom_ops")
+        return ("vllm scaled_fp8_quant",
+                lambda x2, static: vllm_ops.scaled_fp8_quant(x2, None if static is None else static.float()))
+    except Exception:  # lightq-vllm or vLLM missing or broken: the reference serves
+        return "lightq eager reference", lambda x2, static: quantize_activation(x2, PER_TENSOR, static)
