@@ -10,9 +10,11 @@ What its ``sageattn`` computes (read from its source), against lightq's ``int8-s
   the caller's k, a view of the fused block's q/k/v buffer) in the input type;
 - different: codes round half away from zero (lightq: half to even); P and V in fp16 for every input type (bf16 V
   is converted), each 64-key block's P.V accumulated in fp16 before it joins the fp32 accumulator (lightq: P in the
-  input's 16-bit type, fp32 accumulation); and its masked tail block loads zero key codes rather than excluding the
-  keys, so with ``Lk % 64 != 0`` the missing keys enter the softmax with logit 0, about an average smoothed key
-  each (Wan 480p: 32760 = 511 x 64 + 56, 8 such keys next to 32,760 real ones).
+  input's 16-bit type, fp32 accumulation); and its masked tail block loads zero key codes and zero values rather
+  than excluding the keys, so with ``n = (-Lk) mod 64`` missing keys each enters the softmax with logit 0 and value
+  0: every output row is its attention times ``Z / (Z + n)``, ``Z = sum_j exp(q . k'_j / sqrt(D))`` over the real
+  keys (Wan 480p: 32760 = 511 x 64 + 56, n = 8 next to 32,760 real keys, a factor within about 1e-5 of 1; at a
+  few hundred keys it reaches 1e-2).
 
 The GPU parity test (tests/test_gpu_parity_sageattention.py) bounds the sum of these differences.
 """
