@@ -2,6 +2,8 @@
 
 import math
 import subprocess
+import time
+from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
@@ -72,19 +74,77 @@ def test_rgb_channel_order(tmp_path):
         assert mean_rgb[index] > 230 and np.delete(mean_rgb, index).max() < 25
 
 
+def _fake_ffmpeg(tmp_path, monkeypatch, body: str) -> Path:
+    """An executable shell script in place of imageio-ffmpeg's binary (``$REAL`` in ``body``: the real one)."""
+    script = tmp_path / "bin" / "ffmpeg"
+    script.parent.mkdir()
+    script.write_text(f"#!/bin/sh\nREAL={imageio_ffmpeg.get_ffmpeg_exe()}\n{body}\n")
+    script.chmod(0o755)
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(script))
+    return script
+
+
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    real = video_io._uint8_frames
+    _fake_ffmpeg(tmp_path, monkeypatch, "exec sleep 60")  # an encoder that never reads: the feeding thread blocks
+    out = tmp_path / "out"
+    writer = video_io.Mp4Writer(_gradient_frames(9, 32, 32), out / "video.mp4")
+    real_join, calls = writer._thread.join, []
 
-    def interrupted(frames, pad_to_even):
-        for index, pixels in enumerate(real(frames, pad_to_even)):
-            if index == 3:
-                raise KeyboardInterrupt
-            yield pixels
+    def interrupted_join(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the job waits for the encode
+        real_join(*args)
 
-    monkeypatch.setattr(video_io, "_uint8_frames", interrupted)
+    monkeypatch.setattr(writer._thread, "join", interrupted_join)
     with pytest.raises(KeyboardInterrupt):
-        write_mp4(_gradient_frames(9, 32, 32), tmp_path / "video.mp4")
-    assert list(tmp_path.iterdir()) == []
+        writer.result()
+    assert not writer._thread.is_alive() and writer._proc.poll() is not None  # ffmpeg stopped, thread ended
+    assert list(out.iterdir()) == []
+
+
+def test_cancel_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = write_mp4(_gradient_frames(5, 32, 32), tmp_path / "video.mp4")
+    before = path.read_bytes()
+    _fake_ffmpeg(tmp_path, monkeypatch, "exec sleep 60")
+    writer = video_io.Mp4Writer(_gradient_frames(9, 32, 32), path)
+    writer.cancel()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bin", "video.mp4"]
+    with pytest.raises(LightqError, match="cancelled"):
+        writer.result()
+
+
+def test_background_encode_returns_at_once_and_times_itself(tmp_path, monkeypatch):
+    _fake_ffmpeg(tmp_path, monkeypatch, 'sleep 1; exec "$REAL" "$@"')  # a slow start, then the real encoder
+    frames = _gradient_frames(9, 32, 32)
+    start = time.perf_counter()
+    writer = video_io.Mp4Writer(frames, tmp_path / "video.mp4")
+    assert time.perf_counter() - start < 0.5 and writer.seconds is None  # the caller goes on meanwhile
+    assert writer.result() == tmp_path / "video.mp4" and writer.seconds >= 1.0
+    assert read_mp4(tmp_path / "video.mp4").shape == (9, 32, 32, 3)
+
+
+def test_encoder_failure_is_the_writers_error(tmp_path, monkeypatch):
+    _fake_ffmpeg(tmp_path, monkeypatch, "cat > /dev/null; echo 'No space left on device' >&2; exit 3")
+    writer = video_io.Mp4Writer(_gradient_frames(9, 32, 32), tmp_path / "video.mp4")  # fails in its thread
+    with pytest.raises(LightqError, match=r"ffmpeg could not write .*\(exit 3: No space left on device\)"):
+        writer.result()
+    assert [p.name for p in tmp_path.iterdir()] == ["bin"]
+
+
+@pytest.mark.parametrize("height, width", [(48, 64), (33, 47), (1, 1), (2, 5)])
+def test_uint8_frames_match_the_per_pixel_formula(height, width):
+    """Chunked conversion (``FRAMES_PER_CHUNK`` < frames) gives the per-pixel formula; padding repeats the edge."""
+    g = torch.Generator().manual_seed(height * width)
+    count = video_io.FRAMES_PER_CHUNK + 3
+    frames = torch.rand(count, 3, height, width, generator=g) * 2.4 - 1.2  # out of range too: clamped
+    expected = _as_uint8(frames.clamp(-1, 1))
+    np.testing.assert_array_equal(video_io.uint8_frames(frames), expected)
+    padded = video_io.uint8_frames(frames, pad_to_even=True)
+    assert padded.shape == (count, height + height % 2, width + width % 2, 3)
+    rows = np.minimum(np.arange(padded.shape[1]), height - 1)
+    cols = np.minimum(np.arange(padded.shape[2]), width - 1)
+    np.testing.assert_array_equal(padded, expected[:, rows][:, :, cols])
 
 
 def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
@@ -185,8 +245,40 @@ def test_cosine_hand_values():
         cosine(torch.zeros(3), torch.zeros(4))
 
 
+def _structured(shape: tuple, seed: int) -> torch.Tensor:
+    """Edges, a checkerboard, flat regions at both ends of the range and smooth ramps: SSIM's hard cases."""
+    height, width = shape[-2:]
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = torch.where((rows // 3 + cols // 3) % 2 == 0, 0.9, 0.1).double()
+    image[: height // 3] = 1.0
+    image[:, : width // 4] = 0.0
+    image[-(height // 4):] = (cols[-(height // 4):] / max(width - 1, 1)).double()
+    shift = torch.rand(shape[:-2] + (1, 1), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (image * 0.8 + 0.2 * shift).expand(shape).clone()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 48, 64), (1, 3, 37, 53), (11, 11), (3, 13, 200), (2, 2, 61, 12)])
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_ssim_equals_the_conv2d_formula(shape, kind):
+    """The banded-matrix SSIM is the 2-D convolution's (``tests/quality_reference.py``) up to the order of sums."""
+    from quality_reference import ssim_conv2d
+
+    g = torch.Generator().manual_seed(sum(shape))
+    if kind == "random":
+        a = torch.rand(shape, generator=g, dtype=torch.float64)
+    else:
+        a = _structured(shape, 6)
+    for b, data_range in ((a + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64), 1.0),
+                          ((a * 255).round(), 255.0), (_structured(shape, 7), 1.0)):
+        a_scaled = a * 255 if data_range == 255.0 else a
+        assert ssim(a_scaled, b, data_range) == pytest.approx(ssim_conv2d(a_scaled, b, data_range), rel=1e-9, abs=0)
+
+
 def test_compare_streams_frames_and_matches_whole_video_metrics():
-    """``compare`` runs a few frames per pass; its numbers are the whole video's (frame-weighted pass means)."""
+    """``compare`` runs a few frames per pass; its numbers are the whole video's (frame-weighted pass means), with
+    the SSIM of the conv2d formula and the MSE of the whole float64 video."""
+    from quality_reference import ssim_conv2d
+
     from lightq.pipeline import quality
 
     g = torch.Generator().manual_seed(5)
@@ -195,7 +287,9 @@ def test_compare_streams_frames_and_matches_whole_video_metrics():
     lat, ref_lat = torch.randn(16, 3, 4, 4, generator=g), torch.randn(16, 3, 4, 4, generator=g)
     got = quality.compare(video, ref, lat, ref_lat)
     a, b = (video.double() + 1) / 2, (ref.double() + 1) / 2
-    assert got["psnr_db"] == round(psnr(a, b, data_range=1.0), 4)
-    assert got["ssim"] == pytest.approx(ssim(a, b, data_range=1.0), abs=2e-6)
+    mse = float(((a - b) ** 2).mean())
+    assert got["psnr_db"] == round(10 * math.log10(1 / mse), 4) == round(psnr(a, b, data_range=1.0), 4)
+    assert got["ssim"] == pytest.approx(ssim_conv2d(a, b, data_range=1.0), abs=1e-6)
     assert got["latent_cosine"] == round(cosine(lat, ref_lat), 6)
     assert quality.FRAMES_PER_PASS < video.shape[0]
+    assert quality.compare(video.double(), ref, lat, ref_lat.double()) == got  # any dtypes, moved once

@@ -2,7 +2,8 @@
 
 Each job runs in its own fresh process exactly as a user types it (``python -m lightq <overrides>``), the bf16 job
 (every mode ``none``) first. Per job the table gives the process's wall time (what the user waits for, Python and
-Hydra start-up included), its ratio to the bf16 job's, every stage of ``result.json``'s ``timings_s``, the
+Hydra start-up included), its ratio to the bf16 job's, every stage of ``result.json``'s ``timings_s`` and the
+mp4 encode's own time in the background (``write_background``: inside ``write`` and ``quality``, not added), the
 warm-up (the first denoising step's excess over the median of the others, plus any kernel warm-up stage), peak
 GPU and host memory, and quality against the bf16 job (same weights, seed and prompt: the bf16 job caches the
 baseline every later job of the run compares with). The wall time outside the job splits into ``start-up`` (the
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LightqError
+from ..results import STAGES
 
 GIB = 2**30
 QUANT_GROUPS = ("dit_quant", "t5_quant", "clip_quant", "attn_quant", "dit_low_quant")
@@ -108,8 +110,7 @@ def _row(job: Job, base: Job | None) -> dict:
     t, mem, q = r.get("timings_s", {}), r.get("memory", {}), r.get("quality", {})
     total = t.get("total")
     before = (r.get("process") or {}).get("before_job_s")
-    stages = {k: v for k, v in t.items() if k not in ("total", "unaccounted", "denoise_steps", "denoise_per_step",
-                                                        "denoise_warmup")}
+    stages = {k: t[k] for k in STAGES if k in t}  # not the detail beside them (steps, the background encode)
     bt = base.result.get("timings_s", {}) if base is not None and base.result.get("status") == "ok" else {}
     return {
         "job": job.label, "cache": job.cache, "status": r.get("status", "failed"), "reason": r.get("reason", ""),
@@ -118,6 +119,7 @@ def _row(job: Job, base: Job | None) -> dict:
         "process_overhead_s": round(job.wall_s - total, 2) if total is not None else None,
         "startup_s": before, "exit_s": round(job.wall_s - total - before, 2) if None not in (total, before) else None,
         "stages_s": stages, "unaccounted_s": t.get("unaccounted"), "total_s": total,
+        "write_background_s": t.get("write_background"),
         "denoise_steps_s": t.get("denoise_steps"), "warmup_s": round(_warmup_s(t), 3) if t else None,
         "denoise_vs_bf16": (round(bt["denoise"] / t["denoise"], 3) if bt.get("denoise") and t.get("denoise")
                             else None),
@@ -144,7 +146,8 @@ STAGE_COLUMNS = ("setup", "load", "encode_text", "encode_image", "denoise", "dec
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    cols = ["job", "cache", "wall s", "vs bf16", "start-up s", *[f"{s} s" for s in STAGE_COLUMNS], "exit s", "warm-up s",
+    cols = ["job", "cache", "wall s", "vs bf16", "start-up s", *[f"{s} s" for s in STAGE_COLUMNS], "mp4 encode s",
+            "exit s", "warm-up s",
             "denoise vs bf16", "unacc. %", "peak GPU GiB", "peak host GiB", "PSNR dB", "SSIM", "latent cos"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -156,7 +159,8 @@ def markdown(rows: list[dict], header: str) -> str:
         ratio = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
         cells = [r["job"], r["cache"], _fmt(r["wall_s"]), ratio(r["wall_vs_bf16"]),
                  _fmt(r["startup_s"]),
-                 *[_fmt(s.get(k)) if k in s else "-" for k in STAGE_COLUMNS], _fmt(r["exit_s"]), _fmt(r["warmup_s"], 2),
+                 *[_fmt(s.get(k)) if k in s else "-" for k in STAGE_COLUMNS], _fmt(r.get("write_background_s")),
+                 _fmt(r["exit_s"]), _fmt(r["warmup_s"], 2),
                  ratio(r["denoise_vs_bf16"]), _fmt(unacc, 2), _fmt(r["peak_gpu_gib"]), _fmt(r["peak_host_gib"]),
                  "inf" if r["psnr_db"] == float("inf") else _fmt(r["psnr_db"], 2),
                  "-" if r["ssim"] is None else f"{r['ssim']:.4f}",

@@ -13,8 +13,10 @@ A baseline is the bf16 run (every quantization mode ``none``) of the same job. I
 
 The run's LoRAs are (each file's resolved path, size and modification time, and its strength): the baseline
 applies them, merged into the bf16 weights, whatever the job's ``lora_mode``. The quantization modes are not part
-of the key (the baseline is what they are compared with); neither is offload, which is bit-identical. A cached file that cannot be read, or does not hold a finite baseline, is removed and
-treated as absent.
+of the key (the baseline is what they are compared with); neither is offload, which is bit-identical. A cached file
+that cannot be read, or does not hold a finite baseline, is removed and treated as absent. The file is
+``torch.save``'s format: the video as the decode made it (float32 in [-1, 1], what the metrics compare: four bytes
+a pixel and channel) and the final latents.
 """
 
 from __future__ import annotations
@@ -117,18 +119,22 @@ def _valid(data) -> bool:
             and isinstance(timings, dict) and isinstance(timings.get("denoise"), (int, float)))
 
 
-def load(path: Path) -> tuple[dict | None, str]:
-    """(the cached baseline, "") — or (None, why) when there is none; a damaged file is removed (it would fail
-    every later job with this key) and said so."""
+def load(path: Path, device: torch.device | str = "cpu") -> tuple[dict | None, str]:
+    """(the cached baseline, its tensors on ``device``, "") — or (None, why) when there is none; a damaged file is
+    removed (it would fail every later job with this key) and said so. The file is memory-mapped and each tensor
+    copied to ``device`` once, where it is checked."""
     if not path.is_file():
         return None, ""
     try:
-        data = torch.load(path, weights_only=True)
+        data = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        if isinstance(data, dict):
+            data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
         problem = None if _valid(data) else "it does not hold finite latents, video and timings"
     except Exception as exc:  # any damage: truncated zip, bad pickle, wrong types
         problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
     if problem is None:
         return data, ""
+    data = None  # its mapping of the file goes first
     path.unlink(missing_ok=True)
     why = f"the cached bf16 baseline {path.name} was unreadable ({problem}) and was removed"
     log.warning(why)

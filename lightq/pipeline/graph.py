@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 @dataclass
 class Generated:
     latents: torch.Tensor  # [16, f, h, w] fp32, on the CPU
-    video: torch.Tensor | None  # [F, 3, H, W] in [-1, 1], fp32, on the CPU
+    video: torch.Tensor | None  # [F, 3, H, W] in [-1, 1], fp32, on the device it was decoded on
     timings: dict
     components: dict
     parallel: dict | None = None  # result.json's "parallel" for a multi-process run (video None off rank 0)
@@ -137,7 +137,7 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     if rows is not None or not run or run.layout.is_writer:
         with timer("decode"), offload.active(vae):
             video = vae.decode(latents.float(), progress=not run or run.layout.is_writer, rows=rows)
-            video = None if video is None else video[0].transpose(0, 1).float().clamp(-1, 1).cpu()  # [F, 3, H, W]
+            video = None if video is None else video[0].transpose(0, 1).float().clamp(-1, 1)  # [F, 3, H, W]
     parallel = _parallel_record(run, hw, rows) if run else None  # after the decode: its peak memory counts
     if video is None:  # a rank other than 0: rank 0 writes the outputs
         return Generated(latents[0].float().cpu(), None, dict(timer.times), comps, parallel)
@@ -206,20 +206,19 @@ def _is_baseline(plans) -> bool:
 
 
 def _baseline(cfg, hw, plans, gen: Generated, timer: StageTimer) -> tuple[dict | None, str]:
-    """The bf16 run to compare with (``pipeline.baseline``): cached by key (timed as ``quality``); computed now when
-    the policy allows (timed as ``baseline_run``)."""
+    """The bf16 run to compare with (``pipeline.baseline``), its tensors on the job's device: cached by key (timed as
+    ``quality``); computed now when the policy allows (timed as ``baseline_run``)."""
     from ..paths import cache_dir
     from ..plan import plan_run
     from .baseline import bf16_config, load
 
-    path = cache_dir() / "baselines" / f"{_baseline_key(cfg, hw)}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if _is_baseline(plans):
-        with timer("quality"):
-            C.save_atomic({"latents": gen.latents, "video": gen.video, "timings": gen.timings}, path)
-        return None, "this run is the bf16 baseline"
     with timer("quality"):
-        data, damaged = load(path)
+        path = cache_dir() / "baselines" / f"{_baseline_key(cfg, hw)}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if _is_baseline(plans):
+            C.save_atomic({"latents": gen.latents, "video": gen.video.cpu(), "timings": gen.timings}, path)
+            return None, "this run is the bf16 baseline"
+        data, damaged = load(path, gen.video.device)
     if data is not None:
         return data, f"cached bf16 baseline {path.name}"
     note = f"{damaged}; " if damaged else ""
@@ -230,7 +229,7 @@ def _baseline(cfg, hw, plans, gen: Generated, timer: StageTimer) -> tuple[dict |
         base_cfg = bf16_config(cfg)
         base = generate(base_cfg, hw, plan_run(base_cfg, hw), StageTimer())
         data = {"latents": base.latents, "video": base.video, "timings": base.timings}
-        C.save_atomic(data, path)
+        C.save_atomic({**data, "video": base.video.cpu()}, path)
     return {**data, "timed_here": True}, note + "bf16 baseline computed in this job"
 
 
@@ -238,8 +237,7 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
                  timer: StageTimer) -> None:
     """Generate, write the outputs, compare with the baseline (each a stage of ``timer``); fills ``record``
     (result.json fields) as it goes, so a failure while writing keeps what was measured."""
-    from .quality import compare
-    from .video import write_frames, write_mp4
+    from .video import Mp4Writer, write_frames
 
     device = torch.device("cuda" if hw.is_cuda else "cpu")
     if hw.is_cuda:
@@ -263,17 +261,40 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
     if not bool(torch.isfinite(gen.latents).all()):
         raise LightqError("the denoised latents hold NaN/Inf values, so nothing was written: every loaded tensor was "
                           "finite, the run's numerics diverged; compare with dit_quant=none")
-    with timer("write"):
-        C.save_atomic(gen.latents, out / "latents.pt")
-        outputs["latents"] = "latents.pt"
-        write_mp4(gen.video, out / "video.mp4", fps=cfg.model.fps)
+    mp4 = None
+    try:
+        with timer("write"):  # its foreground part: the latents, the video's pixels, the PNG frames
+            C.save_atomic(gen.latents, out / "latents.pt")
+            outputs["latents"] = "latents.pt"
+            mp4 = Mp4Writer(gen.video, out / "video.mp4", fps=cfg.model.fps)  # encodes while quality runs
+            if cfg.save_frames:
+                write_frames(gen.video, out / "frames")
+                outputs["frames"] = "frames/"
+        record["quality"] = _quality(cfg, hw, plans, gen, timer, device)
+        with timer("write"):  # the rest of it: the wait for the encode
+            mp4.result()
         outputs["video"] = "video.mp4"
-        if cfg.save_frames:
-            write_frames(gen.video, out / "frames")
-            outputs["frames"] = "frames/"
+    except Exception:  # the video is still the user's: let its encode finish, then report the first error
+        if mp4 is not None:
+            with timer("write"), suppress(Exception):
+                mp4.result()
+                outputs["video"] = "video.mp4"
+        raise
+    except BaseException:  # interrupted: stop the encode (nothing half-written is left) and go
+        if mp4 is not None:
+            mp4.cancel()
+        raise
+    finally:
+        if mp4 is not None and mp4.seconds is not None:
+            record["timings_s"]["write_background"] = mp4.seconds
+
+
+def _quality(cfg, hw: Hardware, plans, gen: Generated, timer: StageTimer, device: torch.device) -> dict:
+    """result.json's ``quality``: the comparison with the bf16 baseline (or why there is none)."""
+    from .quality import compare
+
     if not cfg.quality.compare:
-        record["quality"] = {"baseline": "not compared (quality.compare=false)"}
-        return
+        return {"baseline": "not compared (quality.compare=false)"}
     base, why = _baseline(cfg, hw, plans, gen, timer)
     quality = {"baseline": why}
     if base is not None:
@@ -283,4 +304,4 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
             quality["speedup_denoise"] = round(base["timings"]["denoise"] / gen.timings["denoise"], 4)
         else:
             quality["speed"] = SPEED_NOT_COMPARED
-    record["quality"] = quality
+    return quality

@@ -1,10 +1,12 @@
 """Video output (H.264 mp4, PNG frames) and reading mp4s back (quality metrics: ``lightq.pipeline.quality``).
 
-Frames are ``[F, 3, H, W]`` float tensors in [-1, 1]; a pixel value ``x`` becomes ``round((x + 1) * 127.5)``.
-``write_mp4`` pipes RGB frames into imageio-ffmpeg's bundled ffmpeg binary, encoding H.264 / yuv420p (plays in
-browsers and QuickTime; odd heights or widths are padded to even by repeating the last row / column), and
+Frames are ``[F, 3, H, W]`` float tensors in [-1, 1] on any device; a pixel value ``x`` becomes
+``round((x + 1) * 127.5)``, computed on the frames' device (``uint8_frames``: only the uint8 pixels cross to the
+host). ``write_mp4`` pipes RGB frames into imageio-ffmpeg's bundled ffmpeg binary, encoding H.264 / yuv420p (plays
+in browsers and QuickTime; odd heights or widths are padded to even by repeating the last row / column), and
 writes atomically: ffmpeg writes a hidden temp file beside the target, renamed over it only once ffmpeg has
-exited cleanly, so an interrupted or failed write leaves the previous file (or none) at ``path``.
+exited cleanly, so an interrupted or failed write leaves the previous file (or none) at ``path``. ``Mp4Writer`` is
+the same write with the encode in a background thread, for a caller with other work to do meanwhile.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import staging
 from ..errors import LightqError
+
+FRAMES_PER_CHUNK = 16  # converted to uint8 at a time: bounds the float temporaries on the frames' device
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -38,50 +42,85 @@ def _check_frames(frames: torch.Tensor) -> None:
         raise LightqError("video frames contain NaN or Inf: the decode diverged; nothing was written")
 
 
-def _uint8_frames(frames: torch.Tensor, pad_to_even: bool) -> Iterator[np.ndarray]:
-    """One ``[H, W, 3]`` uint8 array per frame, edge-padded to even sizes if asked."""
-    height, width = frames.shape[2:]
-    pad = (0, width % 2, 0, height % 2) if pad_to_even else (0, 0, 0, 0)
-    for frame in frames:
-        pixels = ((frame.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        if any(pad):
-            pixels = F.pad(pixels[None].float(), pad, mode="replicate")[0].to(torch.uint8)
-        yield np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())
-
-
-def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: float = 16, crf: int = 18) -> Path:
-    """Encode ``frames [F, 3, H, W]`` in [-1, 1] as H.264 (yuv420p, CRF ``crf``) at ``fps``; returns ``path``."""
-    import imageio_ffmpeg
-
+def uint8_frames(frames: torch.Tensor, pad_to_even: bool = False) -> np.ndarray:
+    """``frames [F, 3, H, W]`` in [-1, 1] (checked) as host uint8 RGB ``[F, H, W, 3]``, converted on their device
+    ``FRAMES_PER_CHUNK`` frames at a time; ``pad_to_even`` repeats the last row / column of an odd size."""
     _check_frames(frames)
+    count, _, height, width = frames.shape
+    pixels = np.empty((count, height + height % 2 * pad_to_even, width + width % 2 * pad_to_even, 3), np.uint8)
+    for lo in range(0, count, FRAMES_PER_CHUNK):
+        chunk = frames[lo:lo + FRAMES_PER_CHUNK].detach().float().clamp(-1, 1)  # a new tensor: the rest in place
+        chunk = chunk.add_(1).mul_(127.5).round_().to(torch.uint8)
+        if pad_to_even and height % 2:
+            chunk = torch.cat([chunk, chunk[:, :, -1:]], dim=2)
+        if pad_to_even and width % 2:
+            chunk = torch.cat([chunk, chunk[:, :, :, -1:]], dim=3)
+        torch.from_numpy(pixels[lo:lo + FRAMES_PER_CHUNK]).copy_(chunk.permute(0, 2, 3, 1))
+    return pixels
+
+
+def _check_fps(fps) -> None:
     if not (isinstance(fps, (int, float, Fraction)) and fps > 0):
         raise LightqError(f"fps must be a positive number, got {fps!r}: set model.fps to e.g. 16")
-    path = Path(path)
-    height, width = (s + s % 2 for s in frames.shape[2:])
 
-    def encode(tmp: Path) -> None:
-        cmd = [
+
+class Mp4Writer:
+    """``write_mp4`` with the encode in a background thread, started by the constructor once the frames are
+    converted (``uint8_frames``, in the caller's thread; bad frames or fps raise there). ``result()`` waits and
+    returns the path, or raises the encode's error (a ``LightqError`` when ffmpeg fails); ``cancel()`` stops ffmpeg
+    and waits. Either way ``path`` holds the complete new video or what it held before, never part of one.
+    ``seconds``: the encode's wall time in its thread, set when it ends."""
+
+    def __init__(self, frames: torch.Tensor, path: str | os.PathLike, fps: float = 16, crf: int = 18):
+        import imageio_ffmpeg
+
+        _check_fps(fps)
+        pixels = uint8_frames(frames, pad_to_even=True)
+        self.path, self.seconds = Path(path), None
+        _, height, width, _ = pixels.shape
+        self._cmd = [
             imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
             "-r", str(Fraction(fps).limit_denominator()), "-i", "-",
-            "-an", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p", "-movflags", "+faststart",
-            "-f", "mp4", str(tmp),
+            "-an", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4",
         ]
+        self._stop, self._proc, self._error = threading.Event(), None, None
+        self._thread = threading.Thread(target=self._run, args=(pixels,), name="lightq-mp4", daemon=True)
+        self._thread.start()
+
+    def _run(self, pixels: np.ndarray) -> None:
+        start = time.perf_counter()
+        try:
+            staging.write_atomic(self.path, lambda tmp: self._encode(pixels, tmp))
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+        finally:
+            self.seconds = round(time.perf_counter() - start, 4)
+
+    def _encode(self, pixels: np.ndarray, tmp: Path) -> None:
         with tempfile.TemporaryFile() as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, bufsize=0)
+            proc = subprocess.Popen(self._cmd + [str(tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=log, bufsize=0)
+            self._proc = proc
             try:
                 try:
-                    for pixels in _uint8_frames(frames, pad_to_even=True):
-                        proc.stdin.write(pixels.tobytes())
+                    for frame in pixels:
+                        view = memoryview(frame).cast("B")
+                        while view:  # an unbuffered pipe may take part of a frame per write
+                            if self._stop.is_set():
+                                raise LightqError(f"the write of {self.path} was cancelled")
+                            view = view[proc.stdin.write(view):]
                     proc.stdin.close()  # end of input: ffmpeg finishes the file and exits
                 except BrokenPipeError:
-                    pass  # ffmpeg exited early; its return code and log say why
+                    pass  # ffmpeg exited early (or was stopped); its return code and log say why
                 code = proc.wait()
+                if self._stop.is_set():
+                    raise LightqError(f"the write of {self.path} was cancelled")
                 if code != 0:
                     log.seek(0)
                     message = log.read().decode(errors="replace").strip().splitlines()
                     raise LightqError(
-                        f"ffmpeg could not write {path} (exit {code}: {message[-1] if message else 'no message'}): "
+                        f"ffmpeg could not write {self.path} (exit {code}: {message[-1] if message else 'no message'}): "
                         "check that the folder is writable and the disk is not full"
                     )
             except BaseException:
@@ -91,17 +130,36 @@ def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: float = 16, cr
                 proc.stdin.close()
                 raise
 
-    return staging.write_atomic(path, encode)
+    def result(self) -> Path:
+        try:
+            self._thread.join()
+        except BaseException:  # interrupted while waiting: stop ffmpeg before handing the interrupt on
+            self.cancel()
+            raise
+        if self._error is not None:
+            raise self._error
+        return self.path
+
+    def cancel(self) -> None:
+        self._stop.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self._thread.join()
+
+
+def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: float = 16, crf: int = 18) -> Path:
+    """Encode ``frames [F, 3, H, W]`` in [-1, 1] as H.264 (yuv420p, CRF ``crf``) at ``fps``; returns ``path``."""
+    return Mp4Writer(frames, path, fps, crf).result()
 
 
 def write_frames(frames: torch.Tensor, folder: str | os.PathLike) -> list[Path]:
     """Write ``frames [F, 3, H, W]`` in [-1, 1] as ``folder/frame_00000.png`` ...; each file written atomically."""
     from PIL import Image
 
-    _check_frames(frames)
     folder = Path(folder)
     written = []
-    for index, pixels in enumerate(_uint8_frames(frames, pad_to_even=False)):
+    for index, pixels in enumerate(uint8_frames(frames)):
         target = folder / f"frame_{index:05d}.png"
         written.append(staging.write_atomic(target, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG")))
     return written
