@@ -17,6 +17,25 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.fixture
+def fake_ffmpeg(tmp_path, monkeypatch):
+    """Install a shell script as imageio-ffmpeg's binary: ``fake_ffmpeg(body)``, ``$REAL`` in ``body`` the real one;
+    the script lives in ``tmp_path / "bin"``."""
+    import imageio_ffmpeg
+
+    real = imageio_ffmpeg.get_ffmpeg_exe()
+
+    def install(body: str) -> Path:
+        script = tmp_path / "bin" / "ffmpeg"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(f"#!/bin/sh\nREAL={real}\n{body}\n")
+        script.chmod(0o755)
+        monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(script))
+        return script
+
+    return install
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _lightq_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("lightq-cache")

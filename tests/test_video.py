@@ -3,7 +3,6 @@
 import math
 import subprocess
 import time
-from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
@@ -74,18 +73,8 @@ def test_rgb_channel_order(tmp_path):
         assert mean_rgb[index] > 230 and np.delete(mean_rgb, index).max() < 25
 
 
-def _fake_ffmpeg(tmp_path, monkeypatch, body: str) -> Path:
-    """An executable shell script in place of imageio-ffmpeg's binary (``$REAL`` in ``body``: the real one)."""
-    script = tmp_path / "bin" / "ffmpeg"
-    script.parent.mkdir()
-    script.write_text(f"#!/bin/sh\nREAL={imageio_ffmpeg.get_ffmpeg_exe()}\n{body}\n")
-    script.chmod(0o755)
-    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(script))
-    return script
-
-
-def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    _fake_ffmpeg(tmp_path, monkeypatch, "exec sleep 60")  # an encoder that never reads: the feeding thread blocks
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, fake_ffmpeg):
+    fake_ffmpeg("exec sleep 60")  # an encoder that never reads: the feeding thread blocks
     out = tmp_path / "out"
     writer = video_io.Mp4Writer(_gradient_frames(9, 32, 32), out / "video.mp4")
     real_join, calls = writer._thread.join, []
@@ -103,10 +92,10 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
 
 
-def test_cancel_keeps_the_previous_file(tmp_path, monkeypatch):
+def test_cancel_keeps_the_previous_file(tmp_path, fake_ffmpeg):
     path = write_mp4(_gradient_frames(5, 32, 32), tmp_path / "video.mp4")
     before = path.read_bytes()
-    _fake_ffmpeg(tmp_path, monkeypatch, "exec sleep 60")
+    fake_ffmpeg("exec sleep 60")
     writer = video_io.Mp4Writer(_gradient_frames(9, 32, 32), path)
     writer.cancel()
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bin", "video.mp4"]
@@ -114,8 +103,8 @@ def test_cancel_keeps_the_previous_file(tmp_path, monkeypatch):
         writer.result()
 
 
-def test_background_encode_returns_at_once_and_times_itself(tmp_path, monkeypatch):
-    _fake_ffmpeg(tmp_path, monkeypatch, 'sleep 1; exec "$REAL" "$@"')  # a slow start, then the real encoder
+def test_background_encode_returns_at_once_and_times_itself(tmp_path, fake_ffmpeg):
+    fake_ffmpeg('sleep 1; exec "$REAL" "$@"')  # a slow start, then the real encoder
     frames = _gradient_frames(9, 32, 32)
     start = time.perf_counter()
     writer = video_io.Mp4Writer(frames, tmp_path / "video.mp4")
@@ -124,8 +113,8 @@ def test_background_encode_returns_at_once_and_times_itself(tmp_path, monkeypatc
     assert read_mp4(tmp_path / "video.mp4").shape == (9, 32, 32, 3)
 
 
-def test_encoder_failure_is_the_writers_error(tmp_path, monkeypatch):
-    _fake_ffmpeg(tmp_path, monkeypatch, "cat > /dev/null; echo 'No space left on device' >&2; exit 3")
+def test_encoder_failure_is_the_writers_error(tmp_path, fake_ffmpeg):
+    fake_ffmpeg("cat > /dev/null; echo 'No space left on device' >&2; exit 3")
     writer = video_io.Mp4Writer(_gradient_frames(9, 32, 32), tmp_path / "video.mp4")  # fails in its thread
     with pytest.raises(LightqError, match=r"ffmpeg could not write .*\(exit 3: No space left on device\)"):
         writer.result()
@@ -202,7 +191,8 @@ def test_ssim_identical_and_constant_images():
     # constant images: no variance, so SSIM is the luminance term (2 c1 c2 + C1) / (c1^2 + c2^2 + C1)
     c1, c2, big_c1 = 0.2, 0.5, (0.01 * 1.0) ** 2
     expected = (2 * c1 * c2 + big_c1) / (c1**2 + c2**2 + big_c1)
-    got = ssim(torch.full((1, 3, 12, 12), c1, dtype=torch.float64), torch.full((1, 3, 12, 12), c2, dtype=torch.float64), data_range=1.0)
+    got = ssim(torch.full((1, 3, 12, 12), c1, dtype=torch.float64), torch.full((1, 3, 12, 12), c2, dtype=torch.float64),
+               data_range=1.0)
     assert got == pytest.approx(expected, rel=1e-12)
 
 

@@ -64,6 +64,18 @@ def _check_fps(fps) -> None:
         raise LightqError(f"fps must be a positive number, got {fps!r}: set model.fps to e.g. 16")
 
 
+def mp4_command(width: int, height: int, fps: float, crf: int) -> list[str]:
+    """The ffmpeg command that encodes rgb24 frames from stdin as H.264 yuv420p; the output file goes last."""
+    import imageio_ffmpeg
+
+    return [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+        "-r", str(Fraction(fps).limit_denominator()), "-i", "-",
+        "-an", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4",
+    ]
+
+
 class Mp4Writer:
     """``write_mp4`` with the encode in a background thread, started by the constructor once the frames are
     converted (``uint8_frames``, in the caller's thread; bad frames or fps raise there). ``result()`` waits and
@@ -72,18 +84,10 @@ class Mp4Writer:
     ``seconds``: the encode's wall time in its thread, set when it ends."""
 
     def __init__(self, frames: torch.Tensor, path: str | os.PathLike, fps: float = 16, crf: int = 18):
-        import imageio_ffmpeg
-
         _check_fps(fps)
         pixels = uint8_frames(frames, pad_to_even=True)
         self.path, self.seconds = Path(path), None
-        _, height, width, _ = pixels.shape
-        self._cmd = [
-            imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
-            "-r", str(Fraction(fps).limit_denominator()), "-i", "-",
-            "-an", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4",
-        ]
+        self._cmd = mp4_command(pixels.shape[2], pixels.shape[1], fps, crf)
         self._stop, self._proc, self._error = threading.Event(), None, None
         self._thread = threading.Thread(target=self._run, args=(pixels,), name="lightq-mp4", daemon=True)
         self._thread.start()
@@ -119,10 +123,9 @@ class Mp4Writer:
                 if code != 0:
                     log.seek(0)
                     message = log.read().decode(errors="replace").strip().splitlines()
-                    raise LightqError(
-                        f"ffmpeg could not write {self.path} (exit {code}: {message[-1] if message else 'no message'}): "
-                        "check that the folder is writable and the disk is not full"
-                    )
+                    last = message[-1] if message else "no message"
+                    raise LightqError(f"ffmpeg could not write {self.path} (exit {code}: {last}): "
+                                      "check that the folder is writable and the disk is not full")
             except BaseException:
                 if proc.poll() is None:
                     proc.kill()

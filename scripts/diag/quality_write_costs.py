@@ -68,14 +68,9 @@ def old_uint8_frames(frames: torch.Tensor):
 
 
 def old_encode(frames_host: torch.Tensor, path: Path) -> None:
-    """The old write: per-frame CPU conversion fed to the same ffmpeg command as ``Mp4Writer``."""
-    import imageio_ffmpeg
-
+    """The old write: each frame converted on the host, fed to the same ffmpeg command as ``Mp4Writer``'s."""
     _, _, height, width = frames_host.shape
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error", "-f", "rawvideo",
-           "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", "16", "-i", "-", "-an", "-c:v", "libx264",
-           "-crf", "18", "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", str(path)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, bufsize=0)
+    proc = subprocess.Popen(video.mp4_command(width, height, 16, 18) + [str(path)], stdin=subprocess.PIPE, bufsize=0)
     for pixels in old_uint8_frames(frames_host):
         proc.stdin.write(pixels.tobytes())
     proc.stdin.close()
@@ -83,13 +78,8 @@ def old_encode(frames_host: torch.Tensor, path: Path) -> None:
 
 
 def ffmpeg_only(pixels: np.ndarray, path: Path) -> None:
-    import imageio_ffmpeg
-
     _, height, width, _ = pixels.shape
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-nostdin", "-loglevel", "error", "-f", "rawvideo",
-           "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", "16", "-i", "-", "-an", "-c:v", "libx264",
-           "-crf", "18", "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", "mp4", str(path)]
-    subprocess.run(cmd, input=pixels.tobytes(), check=True)
+    subprocess.run(video.mp4_command(width, height, 16, 18) + [str(path)], input=pixels.tobytes(), check=True)
 
 
 def old_compare(vid: torch.Tensor, ref: torch.Tensor, lat, ref_lat, device, clock: Clock) -> dict:
@@ -159,8 +149,8 @@ def main() -> None:
                     lambda: quality.compare(vid_dev, got["video"], lat, got["latents"], device))
         a = (vid_dev[:quality.FRAMES_PER_PASS].double() + 1) / 2
         b = (got["video"][:quality.FRAMES_PER_PASS].double() + 1) / 2
-        clock(f"    of which SSIM: one pass ({quality.FRAMES_PER_PASS} frames)", lambda: quality.ssim(a, b, data_range=1.0),
-              scale=81 / quality.FRAMES_PER_PASS)
+        clock(f"    of which SSIM: one pass ({quality.FRAMES_PER_PASS} frames)",
+              lambda: quality.ssim(a, b, data_range=1.0), scale=81 / quality.FRAMES_PER_PASS)
         pixels = clock("  write: video.uint8_frames on the device, to host", lambda: video.uint8_frames(vid_dev, True))
         clock("  write: ffmpeg pipe + encode of ready pixels", lambda: ffmpeg_only(pixels, tmp / "raw.mp4"))
         writer = clock("  write: Mp4Writer start (foreground part)", lambda: video.Mp4Writer(vid_dev, tmp / "new.mp4"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-import imageio_ffmpeg
 import pytest
 
 from lightq.pipeline import quality
@@ -16,20 +15,12 @@ from lightq.results import STAGES
 from .conftest import FAST, input_error, no_partials, run_job
 
 
-def _ffmpeg(tmp_path, monkeypatch, body: str) -> None:
-    script = tmp_path / "bin" / "ffmpeg"
-    script.parent.mkdir()
-    script.write_text(f"#!/bin/sh\nREAL={imageio_ffmpeg.get_ffmpeg_exe()}\n{body}\n")
-    script.chmod(0o755)
-    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(script))
-
-
 def _stages_sum_to_total(t: dict) -> None:
     assert sum(t[s] for s in STAGES if s in t) + t["unaccounted"] == pytest.approx(t["total"], abs=1e-3)
 
 
-def test_a_failed_background_encode_fails_the_job(tmp_path, monkeypatch):
-    _ffmpeg(tmp_path, monkeypatch, "cat > /dev/null; echo 'No space left on device' >&2; exit 1")
+def test_a_failed_background_encode_fails_the_job(tmp_path, fake_ffmpeg):
+    fake_ffmpeg("cat > /dev/null; echo 'No space left on device' >&2; exit 1")
     out = tmp_path / "job"
     result = run_job(out, "dit_quant=int8-torch", *FAST)
     input_error(result, "ffmpeg could not write", "No space left on device", "disk is not full")
@@ -53,9 +44,9 @@ def test_a_failed_comparison_keeps_the_whole_video(tmp_path, monkeypatch):
     assert no_partials(out) == []
 
 
-def test_the_encode_overlaps_quality_and_is_counted_once(tmp_path, monkeypatch):
+def test_the_encode_overlaps_quality_and_is_counted_once(tmp_path, monkeypatch, fake_ffmpeg):
     run_job(tmp_path / "bf16", *FAST)  # the baseline to compare with
-    _ffmpeg(tmp_path, monkeypatch, 'sleep 2; exec "$REAL" "$@"')  # an encode of two seconds or more
+    fake_ffmpeg('sleep 2; exec "$REAL" "$@"')  # an encode of two seconds or more
     real = quality.compare
 
     def slow(*args, **kwargs):
