@@ -4,8 +4,8 @@ Fields: ``status`` (ok | skipped | failed | running), ``reason`` (one line), ``e
 ``choices`` (the config-group choices and overrides), ``hardware``, ``components`` (per component: mode, scheme,
 backend and why, quantized layer count, weight bytes), ``timings_s`` (the stages of ``STAGES`` that ran, which with
 ``unaccounted`` sum to ``total``; ``denoise_steps`` per step and ``denoise_warmup``, the first step's excess over
-the median of the others; ``write_background``, see below), ``memory`` (peak host RSS and peak GPU allocation, bytes; ``peak_host_bytes_by_stage``
-the peak reached by the end of each stage),
+the median of the others; ``write_background``, see below), ``memory`` (peak host RSS and peak GPU allocation,
+bytes; ``peak_host_bytes_by_stage`` the peak reached by the end of each stage),
 ``process`` (``before_job_s``: the process's age when the job began: interpreter, imports, Hydra),
 ``quality`` (against the bf16 baseline: psnr, ssim, latent_cosine; ``speedup_denoise`` only when the baseline
 was timed in the same job, else ``speed`` says why not), ``outputs`` (files written),
@@ -16,7 +16,7 @@ converting the video to uint8 pixels on its device, the PNG frames if asked, and
 the mp4 encode that runs in a background thread meanwhile (``pipeline.video.Mp4Writer``). ``quality``: the bf16
 baseline's cache key, reading it (or, in the bf16 job, saving it) and the comparison (``pipeline.quality``).
 The encode's own wall time is ``write_background``: not a stage and not in the sum, since the part of it that
-overlapped ``quality`` is in that stage's time already.
+overlapped the stages in between (``quality``, ``baseline_run``) is in their time already.
 """
 
 from __future__ import annotations

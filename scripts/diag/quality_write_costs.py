@@ -1,5 +1,6 @@
 """Where the ``write`` and ``quality`` stages of a job spend their time, before and after the fast paths, at full
-frame size: ``python scripts/diag/quality_write_costs.py [--device cuda] [--frames 81] [--height 480 --width 832]``.
+frame size: ``python scripts/diag/quality_write_costs.py [--device cuda] [--frames 81] [--content smooth|noise]
+[--presets fast,veryfast]`` (832x480 unless ``--height`` / ``--width``).
 
 "before" replays what the stages did until this change: the decoded video on the host, each frame converted to
 uint8 on the CPU and piped to ffmpeg, the baseline cache read whole with ``torch.load`` and checked on the CPU, and
@@ -50,8 +51,12 @@ class Clock:
         return out
 
 
-def synthetic(frames: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A smooth moving pattern and a slightly different one, both float32 in [-1, 1]."""
+def synthetic(frames: int, height: int, width: int, content: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth moving pattern (or uniform noise, what random weights decode to and the costliest to encode) and a
+    slightly different one, both float32 in [-1, 1]."""
+    if content == "noise":
+        a = torch.rand(frames, 3, height, width, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        return a, (a + 0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
     t = torch.arange(frames, dtype=torch.float32)[:, None, None, None]
     c = torch.arange(3, dtype=torch.float32)[None, :, None, None]
     y = torch.linspace(0, 6, height)[None, None, :, None]
@@ -77,9 +82,10 @@ def old_encode(frames_host: torch.Tensor, path: Path) -> None:
     assert proc.wait() == 0
 
 
-def ffmpeg_only(pixels: np.ndarray, path: Path) -> None:
+def ffmpeg_only(pixels: np.ndarray, path: Path, preset: str | None = None) -> None:
     _, height, width, _ = pixels.shape
-    subprocess.run(video.mp4_command(width, height, 16, 18) + [str(path)], input=pixels.tobytes(), check=True)
+    cmd = video.mp4_command(width, height, 16, 18) + (["-preset", preset] if preset else []) + [str(path)]
+    subprocess.run(cmd, input=pixels.tobytes(), check=True)
 
 
 def old_compare(vid: torch.Tensor, ref: torch.Tensor, lat, ref_lat, device, clock: Clock) -> dict:
@@ -114,13 +120,16 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=None, help="default: 81 on cuda, 8 on cpu")
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--content", choices=("smooth", "noise"), default="smooth")
+    ap.add_argument("--presets", default="", help="x264 presets to time as well, e.g. fast,veryfast (lightq: medium)")
     args = ap.parse_args()
     device = torch.device(args.device)
     frames = args.frames or (81 if device.type == "cuda" else 8)
     clock = Clock(device, 81 / frames)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, {frames} frames of {args.height}x{args.width}")
-    vid, ref = synthetic(frames, args.height, args.width)
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {frames} {args.content} frames of "
+          f"{args.height}x{args.width}")
+    vid, ref = synthetic(frames, args.height, args.width, args.content)
     lat = torch.randn(16, 21, 60, 104, generator=torch.Generator().manual_seed(1))
     ref_lat = lat + 0.01 * torch.randn(lat.shape, generator=torch.Generator().manual_seed(2))
     if device.type == "cuda":
@@ -153,6 +162,11 @@ def main() -> None:
               lambda: quality.ssim(a, b, data_range=1.0), scale=81 / quality.FRAMES_PER_PASS)
         pixels = clock("  write: video.uint8_frames on the device, to host", lambda: video.uint8_frames(vid_dev, True))
         clock("  write: ffmpeg pipe + encode of ready pixels", lambda: ffmpeg_only(pixels, tmp / "raw.mp4"))
+        for preset in filter(None, args.presets.split(",")):
+            clock(f"  write: ffmpeg encode with -preset {preset}",
+                  lambda: ffmpeg_only(pixels, tmp / f"{preset}.mp4", preset))
+            print(f"    {preset}: {(tmp / f'{preset}.mp4').stat().st_size / 2**20:.2f} MiB "
+                  f"(medium: {(tmp / 'raw.mp4').stat().st_size / 2**20:.2f} MiB)")
         writer = clock("  write: Mp4Writer start (foreground part)", lambda: video.Mp4Writer(vid_dev, tmp / "new.mp4"))
         clock("  write: Mp4Writer result (the wait, nothing overlapped)", writer.result)
         print(f"  Mp4Writer.seconds (background encode) {writer.seconds * 1e3:.1f} ms")

@@ -33,15 +33,15 @@ def _terminate_self(tmp) -> None:
     time.sleep(10)  # the handler raises in the main thread long before this ends
 
 
-def test_sigterm_while_writing_the_video_is_recorded_and_leaves_no_partial(lightq_cli, tmp_path, monkeypatch,
+def test_sigterm_while_writing_the_video_is_recorded_and_leaves_no_partial(lightq_cli, tmp_path, fake_ffmpeg,
                                                                          sigterm_restored):
-    from lightq.pipeline import video
-
-    monkeypatch.setattr(video, "write_mp4", lambda frames, path, fps: staging.write_atomic(path, _terminate_self))
+    # an encoder that has begun its output file when the job is terminated, then would run on
+    fake_ffmpeg('for last; do :; done; printf partial > "$last"; kill -TERM $PPID; exec sleep 60')
     run = tmp_path / "run"
+    start = time.perf_counter()
     code, err, _ = lightq_cli("model.frames=5", "sampler.steps=1", "model.height=32", "model.width=32",
                               "quality.baseline=never", f"hydra.run.dir={run}")
-    assert code == 143
+    assert code == 143 and time.perf_counter() - start < 50, "the encoder was stopped, not waited for"
     one_line(err, "terminated by SIGTERM", "resume=true")
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "failed" and result["error_kind"] == "interrupted"
