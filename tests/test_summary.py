@@ -56,3 +56,10 @@ def test_real_weights_get_no_noise_note_and_gpu_memory_is_shown():
     result["memory"]["peak_gpu_bytes"] = 2**31
     text = summary(result, Path("/o"), OmegaConf.merge(MODEL, {"weights": "/models/Wan2.1-T2V-1.3B"}))
     assert "note" not in text and "video is noise" not in text and "GPU 2.00 GiB" in text
+
+
+def test_the_background_encode_is_shown_beside_the_write_stage():
+    result = _result(baseline="this run is the bf16 baseline")
+    result["timings_s"].update(write=0.25, quality=1.5, write_background=1.6)
+    time_row = _lines(result)["time"]
+    assert "write 0.25 (mp4 encode 1.60 in the background, overlapping quality), quality 1.50" in time_row
