@@ -546,3 +546,54 @@ def test_fused_block_with_quantized_down_projections_matches_the_unfused_block(k
     assert ((unfused - plain).norm() / (plain - x).norm()).item() > 0.05, "the LoRAs barely change the block"
     err = ((fused - unfused).norm() / (unfused - x).norm()).item()
     assert err < 1e-3, f"fused block with LoRA differs from the unfused one by {err:.2e} (relative L2)"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_fused_block_lora_contribution_matches_the_unfused_block(kernels, scheme, tmp_path, monkeypatch):
+    """tests/gpu/test_lora_gpu.py's comparison at a small size, the models built as there (``lightq.bench.lora``:
+    a rank-32 LoRA on every block linear, read by the loader, quantized down-projections), fused and unfused. The
+    interpreter computes the fused kernels' values as the unfused ops do at this width, so the LoRA contributions
+    (block output with the LoRA minus without) agree to rounding of the fp32 residual (1e-5 relative L2 here) and
+    every side path of the fused block, run on the activation its base GEMM read, adds what the unfused block's
+    paths add on that input (``lora_sites``). One side path switched off moves the contribution by over 1%:
+    a missing, doubled or misfed path cannot hide under the bound. Strength 0 gives the no-LoRA block bit for bit."""
+    from lightq.bench import lora as bench
+    from lightq.backends.triton_backend import TritonBackend
+    from lightq.models.rope import rope_tables
+    from lightq.models.wan_dit import DiTArch
+    from lora_sites import side_path_sites
+
+    arch = DiTArch(dim=128, ffn_dim=256, num_heads=2, num_layers=1, text_dim=128)
+    weights, lora_path = bench.write_model_and_lora(arch, 32, tmp_path, device="cpu")
+    backend = TritonBackend(specs()["triton"])
+    gen = torch.Generator().manual_seed(0)
+    grid = (2, 4, 4)
+    args = (torch.randn(1, 32, arch.dim, generator=gen), torch.randn(1, 6, arch.dim, generator=gen) * 0.1,
+            rope_tables(grid, arch.head_dim, torch.device("cpu")),
+            torch.randn(1, 16, arch.dim, generator=gen).bfloat16(), None, torch.bfloat16)
+    blocks, contribution = {}, {}
+    with torch.no_grad():
+        for name, fuse in (("fused", None), ("unfused", False)):
+            method = QuantMethod(scheme, backend, fuse=fuse, component="dit")
+            plain = bench.load(arch, weights, method, None, device="cpu")[0].blocks[0]
+            lora = bench.load(arch, weights, method, lora_path, "unmerged", device="cpu")[0]
+            block = lora.blocks[0]
+            assert (type(block).__name__ == "FusedBlock") == (name == "fused")
+            base = plain(*args)
+            contribution[name] = block(*args) - base
+            blocks[name] = (block, base, lora)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert contribution["unfused"].norm() > 0.02 * blocks["unfused"][1].norm(), "the LoRA barely changes the block"
+    assert rel(contribution["fused"], contribution["unfused"]) < 1e-5
+    sites = side_path_sites(monkeypatch, backend, blocks["fused"][0], blocks["unfused"][0], args)
+    assert len(sites) == 8 and max(sites.values()) < 1e-6, sites
+    fused, base, model = blocks["fused"]
+    with torch.no_grad():
+        fused.cross_attn.q.lora.active = False
+        assert rel(fused(*args) - base, contribution["unfused"]) > 0.01, "the bound cannot tell a missing path"
+        model.lora_stack.set_strengths(model, [0.0])
+        assert torch.equal(fused(*args), base), "strength 0 changed the fused block"

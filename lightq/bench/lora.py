@@ -57,19 +57,20 @@ class LoraRow:
     note: str = ""
 
 
-def write_model_and_lora(arch, rank: int, folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """A random bf16 DiT of ``arch`` and a rank-``rank`` LoRA on every block linear, as safetensors files."""
-    model = load_component(lambda: WanDiT(arch), "random", device=DEVICE, dtype=torch.bfloat16, progress=False,
+def write_model_and_lora(arch, rank: int, folder: Path, seed: int = 0, device: str = DEVICE) -> tuple[Path, Path]:
+    """A random bf16 DiT of ``arch`` and a rank-``rank`` LoRA on every block linear, as safetensors files (the
+    random values drawn on ``device``)."""
+    model = load_component(lambda: WanDiT(arch), "random", device=device, dtype=torch.bfloat16, progress=False,
                            seed=seed)
     weights = folder / "dit.safetensors"
     save_safetensors_atomic({k: v.cpu() for k, v in model.state_dict().items()}, weights)
-    gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
     lora = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and name.startswith("blocks."):
             n, k = m.weight.shape
-            lora[f"{name}.lora_down.weight"] = (torch.randn(rank, k, device=DEVICE, generator=gen) / k ** 0.5).bfloat16().cpu()
-            lora[f"{name}.lora_up.weight"] = (torch.randn(n, rank, device=DEVICE, generator=gen) * 0.02).bfloat16().cpu()
+            lora[f"{name}.lora_down.weight"] = (torch.randn(rank, k, device=device, generator=gen) / k ** 0.5).bfloat16().cpu()
+            lora[f"{name}.lora_up.weight"] = (torch.randn(n, rank, device=device, generator=gen) * 0.02).bfloat16().cpu()
             lora[f"{name}.alpha"] = torch.tensor(float(rank))
     del model
     path = folder / "lora.safetensors"
@@ -77,12 +78,17 @@ def write_model_and_lora(arch, rank: int, folder: Path, seed: int = 0) -> tuple[
     return weights, path
 
 
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def load(arch, weights: Path, method: QuantMethod, lora_path: Path | None, mode: str = "merged",
-         quantized_down: bool = True):
-    """(model, seconds, seconds reading and checking the LoRA): the DiT loaded from ``weights`` (the LoRA read,
-    checked and applied; ``quantized_down=False`` keeps bf16 down-projections), its blocks fused when the method
-    fuses."""
-    torch.cuda.synchronize()
+         quantized_down: bool = True, device: str = DEVICE):
+    """(model, seconds, seconds reading and checking the LoRA): the DiT loaded from ``weights`` onto ``device`` (the
+    LoRA read, checked and applied; ``quantized_down=False`` keeps bf16 down-projections), its blocks fused when
+    the method fuses."""
+    _sync(device)
     t0 = time.perf_counter()
     stack = None
     if lora_path is not None:
@@ -93,12 +99,12 @@ def load(arch, weights: Path, method: QuantMethod, lora_path: Path | None, mode:
         stack.quantized_down = quantized_down
     lora_s = time.perf_counter() - t0
     model = load_component(lambda: WanDiT(arch), open_files(weights), include=QUANTIZABLE["dit"], method=method,
-                           device=DEVICE, dtype=torch.bfloat16, progress=False, lora=stack)
+                           device=device, dtype=torch.bfloat16, progress=False, lora=stack)
     if method.fuse:
         from ..fused.wan_block import fuse_dit_blocks
 
         fuse_dit_blocks(model)
-    torch.cuda.synchronize()
+    _sync(device)
     model.lora_stack = stack
     return model.requires_grad_(False), time.perf_counter() - t0, lora_s
 
