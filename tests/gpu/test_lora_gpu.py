@@ -99,6 +99,7 @@ def test_fused_block_side_paths(scheme, tmp_path, monkeypatch):
            {"fused/unfused": ("fused", "unfused"), "fused/torch": ("fused", "torch"),
             "fused bf16 down/torch": ("fused bf16 down", "torch")}.items()}
     report = f"floor {floor:.4f}, {rel}, sites {sites}"
+    print(f"{scheme}: {report}")  # -s shows it
     assert contribution["torch"].norm() > 0.02 * out["torch"][0].norm(), "the LoRA barely changes the block"
     assert floor < 0.25, f"the contribution is mostly rounding noise: {report}"
     assert rel["fused/unfused"] <= 2 * floor, report
