@@ -89,6 +89,28 @@ def test_skip_patterns_keep_linears_high_precision(tmp_path, dit_src):
         load_component(build_dit, open_source(out), include=DIT, method=QuantMethod.portable("int8"))
 
 
+@pytest.mark.parametrize("source", ["file", "random"])
+def test_on_block_sees_each_block_complete_before_the_next_is_read(dit_src, source):
+    """``on_block(model, i)`` comes once per block, in order, when block i is whole (quantized linears swapped, a
+    skipped one in high precision) and nothing after it is loaded yet (later blocks and the tensors outside the
+    blocks still on meta); the model loaded so equals the one loaded in one pass."""
+    src = dit_src if source == "file" else "random"
+    method = QuantMethod.portable("fp8", skip=["blocks.1.ffn.2"])
+    seen = []
+
+    def on_block(model, i):
+        done = [not any(t.is_meta for t in b.state_dict().values()) for b in model.blocks]
+        outside = [t.is_meta for k, t in model.state_dict().items() if not k.startswith("blocks.")]
+        seen.append((i, done, all(outside), isinstance(model.blocks[i].ffn[0], QLinear),
+                     type(model.blocks[i].ffn[2]) is nn.Linear))
+
+    blockwise = load_component(build_dit, src, include=DIT, method=method, on_block=on_block, progress=False)
+    count = len(blockwise.blocks)
+    assert count >= 2
+    assert seen == [(i, [j <= i for j in range(count)], True, True, i == 1) for i in range(count)]
+    assert _same_state(blockwise, load_component(build_dit, src, include=DIT, method=method, progress=False))
+
+
 @pytest.mark.parametrize("component, scheme", [("t5", "int8"), ("t5", "fp8"), ("clip", "fp8"), ("clip", "int8")])
 def test_encoders_lightx2v_pth_round_trip(tmp_path, tiny_dir, component, scheme):
     if component == "t5":

@@ -24,6 +24,13 @@ before anything is loaded and raised as one CheckpointError listing up to five k
 ``source="random"`` makes every tensor from ``(seed, key)`` alone with ``random_tensor`` (matrices uniform with the
 variance of N(0, 1/fan_in), 1-D ``weight`` ones, biases zeros): the same bits on every device, computed on the GPU
 when there is one, then follows the same path as a float checkpoint.
+``on_block(model, i)``, when given, is called for every block ``i`` of ``model.blocks`` in order, as soon as that
+block is complete (its tensors loaded, its linears quantized, their unmerged LoRA paths attached): the blocks are
+filled one after another (each block's linears, then its other tensors), the tensors outside the blocks last. The
+callback may change the block (fuse it) or move its tensors elsewhere (``lightq.offload`` packs it into host
+memory, freeing it on ``device``), so a component larger than ``device``'s memory loads through it one block at a
+time. Without it, every linear is loaded first, then the other tensors. Every tensor is made from its key alone,
+so the order changes no value.
 Peak memory beyond the result: one source tensor and its fp32 copy while quantizing.
 """
 
@@ -38,6 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..models.family import WAN21
 from ..progress import Progress
 from ..quant.linear import selected, set_submodule
 from ..quant.method import QuantMethod
@@ -49,13 +57,15 @@ if TYPE_CHECKING:
     from .lora import LoraStack
 
 RANDOM = "random"
+BLOCK_KEY = WAN21.block_key()
 
 
 def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *,
                    include: Iterable[str] | None = None,
                    method: QuantMethod | None = None, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.bfloat16, ignore_prefixes: Iterable[str] = (), progress: bool = True,
-                   component: str | None = None, seed: int = 0, lora: "LoraStack | None" = None) -> nn.Module:
+                   component: str | None = None, seed: int = 0, lora: "LoraStack | None" = None,
+                   on_block: Callable[[nn.Module, int], None] | None = None) -> nn.Module:
     """Build ``build()`` on the meta device and fill it from ``source`` (see the module docstring)."""
     device = torch.device(device)
     with torch.device("meta"):
@@ -94,58 +104,84 @@ def load_component(build: Callable[[], nn.Module], source: TensorSource | str, *
     if lora is not None:
         lora.note_source(pre_quantized)
     linears = {name: model.get_submodule(name) for name in quantized}
-    done: set[str] = set()
     static = 0  # layers run with the file's calibrated input_scale (fp8-pertensor)
+
+    def load_linear(name: str, lin: nn.Linear) -> None:
+        nonlocal static
+        n_k, key = tuple(lin.weight.shape), name + ".weight"
+        merge = lora is not None and lora.merged_mode and lora.touches(key)
+        if pre_quantized:  # a float weight here is an error: the file was converted without this layer
+            qw = formats.read_quantized(source, name, scheme, n_k, device)
+            formats.check_activations(source, name, scheme, component)
+            if merge:  # dequantize, merge, requantize (the LoRA record says so); input_scale kept
+                w = lora.merged(key, dequantize_weight(qw.to(quantize_on)))
+                qw = quantize_weight(w, scheme, name=key, input_scale=qw.input_scale).to(device)
+            static += qw.input_scale is not None
+        else:
+            w = fetch(key, n_k).to(quantize_on)
+            qw = quantize_weight(lora.merged(key, w) if merge else w, scheme, name=key).to(device)
+            del w
+        bias = None
+        if lin.bias is not None:
+            bias = _high_precision(fetch(name + ".bias", tuple(lin.bias.shape)), name + ".bias", source, dtype,
+                                   device, quantize_on, lora)
+        qlinear = method.linear(name, qw, bias)
+        if lora is not None:
+            lora.attach_side_path(qlinear, name, dtype, device)
+        set_submodule(model, name, qlinear)
+
+    def load_tensor(key: str, shape: tuple) -> None:
+        owner, _, leaf = key.rpartition(".")
+        if not isinstance(source, str) and leaf == "weight" and formats.is_quantized(source, owner):
+            qw = formats.read_quantized(source, owner, formats.file_scheme(source, owner), shape, device)
+            t = _high_precision(dequantize_weight(qw), key, source, dtype, device, quantize_on, lora)
+        else:
+            t = _high_precision(fetch(key, shape), key, source, dtype, device, quantize_on, lora)
+        _assign(model, key, t)
+
     source_file = Path(str(getattr(source, "name", RANDOM))).name
     bar = Progress(len(expected), f"loading {component + ' from ' if component else ''}{source_file}", "tensors",
                    progress, leave=False)
     try:
-        for name, lin in linears.items():
-            n_k, key = tuple(lin.weight.shape), name + ".weight"
-            merge = lora is not None and lora.merged_mode and lora.touches(key)
-            if pre_quantized:  # a float weight here is an error: the file was converted without this layer
-                qw = formats.read_quantized(source, name, scheme, n_k, device)
-                formats.check_activations(source, name, scheme, component)
-                if merge:  # dequantize, merge, requantize (the LoRA record says so); input_scale kept
-                    w = lora.merged(key, dequantize_weight(qw.to(quantize_on)))
-                    qw = quantize_weight(w, scheme, name=key, input_scale=qw.input_scale).to(device)
-                static += qw.input_scale is not None
-            else:
-                w = fetch(key, n_k).to(quantize_on)
-                qw = quantize_weight(lora.merged(key, w) if merge else w, scheme, name=key).to(device)
-                del w
-            bias = None
-            if lin.bias is not None:
-                bias = _high_precision(fetch(name + ".bias", tuple(lin.bias.shape)), name + ".bias", source, dtype,
-                                       device, quantize_on, lora)
-            qlinear = method.linear(name, qw, bias)
-            if lora is not None:
-                lora.attach_side_path(qlinear, name, dtype, device)
-            set_submodule(model, name, qlinear)
-            done.update((name + ".weight", name + ".bias"))
-            bar.update(2 if lin.bias is not None else 1)
-        for key, shape in expected.items():
-            if key in done:
-                continue
-            owner, _, leaf = key.rpartition(".")
-            if not isinstance(source, str) and leaf == "weight" and formats.is_quantized(source, owner):
-                qw = formats.read_quantized(source, owner, formats.file_scheme(source, owner), shape, device)
-                t = _high_precision(dequantize_weight(qw), key, source, dtype, device, quantize_on, lora)
-            else:
-                t = _high_precision(fetch(key, shape), key, source, dtype, device, quantize_on, lora)
-            _assign(model, key, t)
-            bar.update(1)
+        done = {f"{name}.{leaf}" for name in linears for leaf in ("weight", "bias")}
+        keys = [k for k in expected if k not in done]
+        for block, names, group_keys in _groups(model, linear_names, keys, on_block is not None):
+            for name in names:
+                if name in linears:
+                    load_linear(name, linears[name])
+                    bar.update(2 if linears[name].bias is not None else 1)
+            for key in group_keys:
+                load_tensor(key, expected[key])
+                bar.update(1)
+            if lora is not None:  # unmerged: the high-precision linears' side paths
+                for name in names:
+                    if type(m := model.get_submodule(name)) is nn.Linear:
+                        lora.attach_side_path(m, name, dtype, device)
+            if block is not None:
+                on_block(model, block)
     finally:
         bar.close()
-    if lora is not None:  # unmerged: the high-precision linears' side paths
-        for name, m in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
-            lora.attach_side_path(m, name, dtype, device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise CheckpointError(f"{', '.join(leftover[:5])} were never loaded (buffers are not checkpoint tensors: "
                               "the module must create them itself)")
     model.checkpoint_numerics = formats.numerics(source, scheme, dtype, (static, len(linears)))
     return model.eval()
+
+
+def _groups(model: nn.Module, linear_names: list[str], keys: list[str],
+            by_block: bool) -> list[tuple[int | None, list[str], list[str]]]:
+    """(block index or None, linear names, other tensor keys) in loading order: all of them as one group, or,
+    ``by_block``, one group per block of ``model.blocks`` (``blocks.<i>.``), in order, then the rest."""
+    if not by_block:
+        return [(None, linear_names, keys)]
+    count = len(getattr(model, "blocks", ()))
+    groups: list[tuple[int | None, list[str], list[str]]] = [(i, [], []) for i in range(count)] + [(None, [], [])]
+    for at, names in ((1, linear_names), (2, keys)):
+        for name in names:
+            m = BLOCK_KEY.match(name + ".")
+            groups[int(m.group(1)) if m else count][at].append(name)
+    return groups
 
 
 def _check_keys(model: nn.Module, source: TensorSource, expected: dict[str, tuple], ignore: tuple[str, ...]) -> None:

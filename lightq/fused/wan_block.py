@@ -61,16 +61,16 @@ def fusable(block: nn.Module) -> tuple[bool, str]:
     return True, "ok"
 
 
+def fuse_block(block: nn.Module) -> bool:
+    """Make ``block`` a ``FusedBlock`` (in place) if it is fusable; whether it is one now."""
+    if not isinstance(block, FusedBlock) and fusable(block)[0]:
+        FusedBlock.convert(block)
+    return isinstance(block, FusedBlock)
+
+
 def fuse_dit_blocks(model: nn.Module) -> int:
-    """Make every fusable block of ``model.blocks`` a ``FusedBlock`` (in place); returns how many were fused."""
-    fused = 0
-    for block in model.blocks:
-        if isinstance(block, FusedBlock):
-            fused += 1
-        elif fusable(block)[0]:
-            FusedBlock.convert(block)
-            fused += 1
-    return fused
+    """Make every fusable block of ``model.blocks`` a ``FusedBlock`` (in place); returns how many are fused."""
+    return sum(fuse_block(block) for block in model.blocks)
 
 
 def _gemm(lin: QLinear, xq: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
