@@ -2,7 +2,9 @@
 bit-identical latents to offload=none — the machinery only moves bytes — for bf16 and every portable mode, T2V
 and I2V, mixed precision included; plus the streamer's recovery, the clear errors, and one CLI run."""
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,10 @@ from lightq.checkpoints.writers import save_safetensors_atomic
 from lightq.convert import open_component_source
 from lightq.errors import LightqError
 from lightq.offload import gpu_weight_need
+from lightq.offload.binding import refs_of
 from lightq.offload.lazy import BLOCK_KEY, LazyBlocks
 from lightq.offload.streaming import Streamer
+from lightq.offload.units import units_per_block
 from lightq.paths import conf_dir
 from lightq.pipeline import components as C
 from lightq.pipeline.graph import generate
@@ -118,8 +122,8 @@ def run_components(cfg, model: str):
     cpu = torch.device("cpu")
     offload = C.Offload(cfg.offload, cpu, cfg)
     folder = C.model_folder(cfg)
-    dit = C.load_dit(cfg, methods["dit"], folder, offload.home, torch.bfloat16, False)
-    t5 = C.load_t5(cfg, methods["t5"], folder, offload.home, torch.bfloat16, False)
+    dit = C.load_dit(cfg, methods["dit"], folder, cpu, torch.bfloat16, False)
+    t5 = C.load_t5(cfg, methods["t5"], folder, cpu, torch.bfloat16, False)
     ids, mask = C.load_tokenizer_for(cfg.model, folder)(["a red fox", ""])
     with offload.active(t5):
         text = t5(ids, mask)
@@ -146,6 +150,56 @@ def test_components_bit_identical_every_mode(cfg_of, counters, tmp_path, mode):
                 assert torch.equal(out, ref), f"{model} {mode} offload={offload}: DiT output changed"
             if offload[0] != "model":
                 assert counters["copies"] - copies >= 2 * 2 + 2  # 2 forwards x 2 DiT blocks + 2 T5 blocks
+
+
+@pytest.mark.parametrize("offload", ["block", "phase"])
+def test_loading_through_the_offload_packs_each_block_as_it_completes(cfg_of, offload):
+    """A DiT (fused-free portable fp8) and umT5 loaded for offload=block|phase: each block is packed the moment
+    the loader completes it, before the next is read; its loaded tensors are freed (only the pack's copy lives),
+    and those packs are the ones streamed. Every tensor of the components lives in exactly one pack, and the
+    outputs equal offload=none's bit for bit."""
+    common = ["dit_quant=fp8-torch", "t5_quant=fp8-torch"]
+    ref_outs, ref_text = run_components(cfg_of(*common), "tiny")
+    cfg = cfg_of(*common, f"offload={offload}")
+    hw = hardware.resolve("cpu")
+    methods = C.quant_methods(cfg, plan.plan_run(cfg, hw))
+    cpu = torch.device("cpu")
+    off = C.Offload(cfg.offload, cpu, cfg)
+    packer, log = off.packer, []
+
+    def watched(finish=None):
+        on_block = packer(finish)
+
+        def watch(model, i):
+            loaded = [not any(t.is_meta for t in b.state_dict().values()) for b in model.blocks]
+            originals = [weakref.ref(r.get()) for r in refs_of(model.blocks[i])]
+            on_block(model, i)
+            gc.collect()
+            log.append((type(model).__name__, i, loaded, sum(o() is not None for o in originals)))
+        return watch
+
+    off.packer = watched
+    folder = C.model_folder(cfg)
+    dit = C.load_dit(cfg, methods["dit"], folder, cpu, torch.bfloat16, False, offload=off)
+    t5 = C.load_t5(cfg, methods["t5"], folder, cpu, torch.bfloat16, False, off)
+    for model in (dit, t5):
+        n = len(model.blocks)
+        assert [e[1:] for e in log if e[0] == type(model).__name__] == [
+            (i, [j <= i for j in range(n)], 0) for i in range(n)], log
+        placement = off._placement(model)
+        packs = placement.resident.packs
+        assert len(packs) == n * units_per_block(model.blocks[0], offload)
+        spans = [(p.host.data_ptr(), p.host.data_ptr() + p.nbytes) for p in [*packs, placement.outside]]
+        tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.numel()]
+        assert all(sum(lo <= t.data_ptr() < hi for lo, hi in spans) == 1 for t in tensors)
+    ids, mask = C.load_tokenizer_for(cfg.model, folder)(["a red fox", ""])
+    with off.active(t5):
+        assert torch.equal(t5(ids, mask), ref_text)
+    off.release(t5)
+    with off.active(dit):
+        outs = [dit(*a, **kw) for a, kw in (component_inputs(dit.arch, 0), component_inputs(dit.arch, 1))]
+    off.release(dit)
+    assert all(torch.equal(o, r) for o, r in zip(outs, ref_outs))
 
 
 @pytest.mark.parametrize("offload", ["block", "phase"])

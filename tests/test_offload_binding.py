@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import threading
 
 import pytest
 import torch
@@ -285,3 +286,56 @@ def test_packing_leaves_no_copy_of_the_model_in_the_heap():
     grown = _rss() - before
     assert whole.pack.nbytes == 256 << 20
     assert grown < (256 + 64) << 20, f"the resident set grew by {grown >> 20} MiB for a 256 MiB pack"
+
+
+def _resident_pages(buf: torch.Tensor) -> int:
+    """How many of ``buf``'s pages are in memory (``mincore``): an anonymous page is only once written."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = -(-buf.numel() // PAGE)
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(buf.numel()), vec) == 0
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mincore"), reason="needs mincore (Linux)")
+def test_host_buffers_are_made_ahead_with_their_pages_in_memory(cudart, monkeypatch):
+    """``take`` page-locks buffers of exactly the asked sizes; the next ``take`` of the same sizes gets the ones
+    made ahead on the background thread, every page already in memory (the fake cudart locks nothing, so a buffer
+    made at once stays untouched); other sizes are made at once (what was made ahead is dropped, never locked); an
+    error on the thread is raised by the next call."""
+    made_on = {}
+    real = binding.host_buffer
+
+    def recording(nbytes, pin=True):
+        buf, seal = real(nbytes, pin)
+        made_on[buf.data_ptr()] = threading.current_thread().name
+        return buf, seal
+
+    monkeypatch.setattr(binding, "host_buffer", recording)
+    sizes = [33 << 20, 35 << 20]  # above glibc's largest mmap threshold: fresh, untouched mappings
+    hb = binding.HostBuffers(pin=True)
+    first = hb.take(sizes)
+    assert [b.numel() for b in first] == sizes and all(cudart.registered[b.data_ptr()] == b.numel() for b in first)
+    assert all(made_on[b.data_ptr()] == threading.current_thread().name for b in first)
+    assert all(_resident_pages(b) < b.numel() // PAGE // 2 for b in first)  # untouched, but for malloc's header
+    second = hb.take(sizes)
+    assert [b.numel() for b in second] == sizes
+    assert all(made_on[b.data_ptr()] == "lightq-host-buffers" for b in second)
+    assert all(_resident_pages(b) == b.numel() // PAGE for b in second)
+    third = hb.take([37 << 20])
+    assert made_on[third[0].data_ptr()] != "lightq-host-buffers" and third[0].numel() == 37 << 20
+    registered = set(cudart.registered)
+    hb.close()
+    assert set(cudart.registered) == registered == {b.data_ptr() for b in (*first, *second, *third)}
+
+    def failing(nbytes, pin=True):
+        if threading.current_thread().name == "lightq-host-buffers":
+            raise MemoryError("no room")
+        return real(nbytes, pin)
+
+    monkeypatch.setattr(binding, "host_buffer", failing)
+    hb = binding.HostBuffers(pin=True)
+    hb.take([1 << 20])
+    with pytest.raises(MemoryError, match="no room"):
+        hb.take([1 << 20])
+    del first, second, third, hb

@@ -14,14 +14,19 @@ Packing is incremental: each tensor (or shared span) is copied into the host buf
 copy before the next one is read, so peak host memory grows by one tensor, not one group.
 
 Pinned host buffers come from ``host_buffer``: ordinary memory page-locked in place at its exact size (PyTorch's
-``pin_memory=True`` allocator rounds each allocation up to a power of two: just over 16 GiB would pin 32 GiB), once
-the pack is filled.
+``pin_memory=True`` allocator rounds each allocation up to a power of two: just over 16 GiB would pin 32 GiB). A
+pack of host tensors is page-locked once filled (locking commits every page: before the fill, host memory would
+hold the originals and the whole pack); a pack of tensors that are all on a CUDA device is page-locked first and
+filled by asynchronous device -> pinned copies (DMA, straight into the pack: one crossing per byte, no pageable
+staging), the device tensors freed as they are re-bound. ``HostBuffers`` makes the buffers of a component packed
+block by block ahead, on a thread, so the page faults of fresh memory overlap the making of the next block.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -61,8 +66,9 @@ def host_buffer(nbytes: int, pin: bool = True) -> tuple[torch.Tensor, Callable[[
     size when ``pin`` (and CUDA is available; otherwise ``seal`` does nothing and the memory stays ordinary).
 
     The memory is a numpy allocation, untouched until written, starting on a page boundary. Page-locking faults in
-    and locks every page at once, so a pack is filled first (each original tensor freed as it is copied) and sealed
-    after: host memory then peaks at the pack plus one tensor, not the pack plus the whole model. ``seal`` registers
+    and locks every page at once, so a pack of host tensors is filled first (each original tensor freed as it is
+    copied) and sealed after: host memory then peaks at the pack plus one tensor, not the pack plus the whole
+    model (a pack filled from the device is sealed first: ``Pack``). ``seal`` registers
     it with ``cudaHostRegister`` (portable: page-locked for every device's context, not only the current one); it
     stays registered while any view of it lives; when the last one dies, numpy's array finalizer (which runs before
     numpy frees the data) waits for the copies recorded by ``note_read``, then unregisters it, so the memory is
@@ -90,6 +96,63 @@ def pinned_empty(nbytes: int, pin: bool = True) -> torch.Tensor:
     buf, seal = host_buffer(nbytes, pin)
     seal()
     return buf
+
+
+class HostBuffers:
+    """Host buffers for packs filled from the device one group after another (a component packed block by block
+    as it loads). ``take(sizes)`` returns buffers of exactly those sizes, page-locked when ``pin``, and starts a
+    thread making the same sizes for the next call with every page already written: the page faults and zeroing
+    of fresh memory, most of what page-locking it costs, then happen while the device makes the next group, and
+    ``take`` only locks resident pages. A size not made ahead is made at once. ``close`` waits for the thread and
+    drops what it made (host memory holds one group more while loading)."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._ahead: _Ahead | None = None
+
+    def take(self, sizes: list[int]) -> list[torch.Tensor]:
+        ready = self._collect()
+        out = []
+        for n in sizes:
+            i = next((j for j, (buf, _) in enumerate(ready) if buf.numel() == n), None)
+            buf, seal = ready.pop(i) if i is not None else host_buffer(n, self.pin)
+            seal()
+            out.append(buf)
+        del ready
+        self._ahead = _Ahead(sizes, self.pin)
+        return out
+
+    def close(self) -> None:
+        self._collect()
+
+    def _collect(self) -> list[tuple[torch.Tensor, Callable[[], None]]]:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return []
+        ahead.join()
+        if ahead.error is not None:
+            raise ahead.error
+        return ahead.made
+
+
+class _Ahead(threading.Thread):
+    """``host_buffer``s of ``sizes``, each page written once (``made``), on a daemon thread."""
+
+    def __init__(self, sizes: list[int], pin: bool):
+        super().__init__(name="lightq-host-buffers", daemon=True)
+        self.sizes, self.pin = sizes, pin
+        self.made: list[tuple[torch.Tensor, Callable[[], None]]] = []
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for n in self.sizes:
+                buf, seal = host_buffer(n, self.pin)
+                buf[::PAGE].zero_()
+                self.made.append((buf, seal))
+        except BaseException as exc:  # raised by the next take / close, in the loading thread
+            self.error = exc
 
 
 def _unpin(record: _Pinned) -> None:
@@ -256,30 +319,44 @@ def _storage_bytes(t: torch.Tensor, lo: int, nbytes: int) -> torch.Tensor:
 class Pack:
     """A group of tensors in one flat host buffer (``host``); the modules are bound to it.
 
-    ``host`` is a new buffer (``host_buffer``: page-locked when ``pin``, after it is filled), or the given ``arena``
-    slice of at least ``layout_bytes(refs)`` bytes (one allocation for many packs; its owner seals it).
+    ``host`` is a new buffer (``host_buffer``), or the given ``arena`` slice of at least ``layout_bytes(refs)``
+    bytes (one allocation for many packs; its owner seals it). A new buffer is page-locked when ``pin``: after it
+    is filled when any tensor comes from host memory (fill then seal: host memory holds one copy of each tensor,
+    never the tensors and the whole locked pack), before it is filled when every tensor is on a CUDA device
+    (nothing on the host to free first, and each tensor then crosses once, by DMA, into its final place). Device
+    tensors are freed as they are bound to their copies; the constructor returns once the copies are done.
     """
 
     def __init__(self, refs: list[TensorRef], pin: bool = False, arena: torch.Tensor | None = None):
         self.refs = list(refs)
         self.entries, spans, self.nbytes = _layout(self.refs)
+        tensors = [ref.get() for ref in self.refs]
+        on_cuda = {t.device for t in tensors if t.is_cuda}
+        from_device = bool(tensors) and all(t.is_cuda for t in tensors)
+        del tensors
         seal = lambda: None  # noqa: E731
         if arena is None:
             self.host, seal = host_buffer(max(self.nbytes, 1), pin)
         else:
             self.host = arena
+        if from_device:
+            seal()
+            seal = lambda: None  # noqa: E731
         views = self.views(self.host)
         span_at = {i: span for span in spans for i in span.members}
         for i, ref in enumerate(self.refs):  # each copy is bound at once: the original can be freed
             span = span_at.get(i)
             if span is None:
-                views[i].copy_(ref.get())
+                views[i].copy_(ref.get(), non_blocking=True)
                 ref.set(views[i])
             elif i == span.members[0]:
                 self.host[span.offset:span.offset + span.nbytes].copy_(_storage_bytes(ref.get(), span.lo,
-                                                                                      span.nbytes))
+                                                                                      span.nbytes),
+                                                                       non_blocking=True)
                 for j in span.members:
                     self.refs[j].set(views[j])
+        for device in on_cuda:  # device -> host copies are asynchronous into page-locked memory
+            torch.cuda.current_stream(device).synchronize()
         seal()
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:

@@ -11,8 +11,11 @@
   ``load_lazy`` gets its blocks from the disk reader instead of host memory.
 
 Both pack the component when they are made: each original tensor is freed as it is copied into the pack, the
-freed heap goes back to the OS (``return_freed_heap``), and the pack is page-locked only once it is full, so host
-memory peaks at the packs' size plus one tensor and ends at the packs' size.
+freed heap goes back to the OS (``return_freed_heap``), and the pack is page-locked once it is full (tensors in
+host memory) or before it is filled by DMA (tensors on the device: ``binding.Pack``), so host memory peaks at the
+packs' size plus one tensor and ends at the packs' size. A ``BlockOffload`` may take its blocks' packs made while
+the component loaded (``pack_units``, one buffer per unit, called as the loader completes each block), so a
+component loaded on the GPU is never there whole.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .binding import Pack, host_buffer, layout_bytes, refs_of, refs_outside, return_freed_heap
+from .binding import HostBuffers, Pack, host_buffer, layout_bytes, refs_of, refs_outside, return_freed_heap
 from .lazy import LazyBlocks
 from .streaming import ResidentUnits, Streamer
 from .units import streams_blocks, unit_specs
@@ -80,9 +83,24 @@ class WholeOffload:
         self.on_device = None
 
 
+def pack_units(block: nn.Module, granularity: str, pin: bool, buffers: HostBuffers | None = None) -> list[Pack]:
+    """One ``Pack`` per streamed unit of ``block`` (``unit_specs``), each in its own (pinned) host buffer: how a
+    block is packed the moment the loader completes it (``BlockOffload``'s ``packed``). A block whose tensors
+    are all on a CUDA device takes its buffers from ``buffers`` when given (made ahead, page-locked before the
+    copies)."""
+    specs = unit_specs(block, granularity)
+    if buffers is None or not all(r.get().is_cuda for s in specs for r in s.refs):
+        return [Pack(s.refs, pin) for s in specs]
+    hosts = buffers.take([max(layout_bytes(s.refs), 1) for s in specs])
+    return [Pack(s.refs, pin, host) for s, host in zip(specs, hosts)]
+
+
 class BlockOffload:
+    """``packed`` (``pack_units`` of every block, in order) are the blocks' packs made while loading; without it
+    the blocks' units are packed here into one arena, page-locked once filled."""
+
     def __init__(self, model: nn.Module, granularity: str, device: torch.device, buffers: int, pin: bool,
-                 ahead: int = 2):
+                 ahead: int = 2, packed: list[list[Pack]] | None = None):
         self.model, self.granularity, self.device = model, granularity, device
         self.buffers, self.pin, self.ahead = buffers, pin, ahead
         self.outside = Pack(refs_outside(model, model.blocks), pin)
@@ -90,12 +108,16 @@ class BlockOffload:
         self.resident = None
         if self.lazy is None:
             self.specs = [unit_specs(block, granularity) for block in model.blocks]
-            units = [s.refs for specs in self.specs for s in specs]
-            sizes = [layout_bytes(refs) for refs in units]
-            arena, seal = host_buffer(max(sum(sizes), 1), pin)
-            starts = [sum(sizes[:i]) for i in range(len(sizes))]
-            self.resident = ResidentUnits([Pack(refs, pin, arena[a:a + n]) for refs, a, n in zip(units, starts, sizes)])
-            seal()
+            if packed is not None:
+                self.resident = ResidentUnits([p for packs in packed for p in packs])
+            else:
+                units = [s.refs for specs in self.specs for s in specs]
+                sizes = [layout_bytes(refs) for refs in units]
+                arena, seal = host_buffer(max(sum(sizes), 1), pin)
+                starts = [sum(sizes[:i]) for i in range(len(sizes))]
+                self.resident = ResidentUnits([Pack(refs, pin, arena[a:a + n])
+                                               for refs, a, n in zip(units, starts, sizes)])
+                seal()
         return_freed_heap()
         self.streamer: Streamer | None = None
         self.handles: list = []
@@ -133,8 +155,10 @@ class BlockOffload:
         self.on_device = None
 
 
-def place(module: nn.Module, mode: str, device: torch.device, buffers: int, pin: bool, ahead: int = 2):
-    """The placement of ``module`` under offload ``mode`` (model | block | phase)."""
+def place(module: nn.Module, mode: str, device: torch.device, buffers: int, pin: bool, ahead: int = 2,
+          packed: list[list[Pack]] | None = None):
+    """The placement of ``module`` under offload ``mode`` (model | block | phase); ``packed``: its blocks' packs
+    made while loading (``pack_units``), for a component whose blocks stream."""
     if mode in ("block", "phase") and streams_blocks(module):
-        return BlockOffload(module, mode, device, buffers, pin, ahead)
+        return BlockOffload(module, mode, device, buffers, pin, ahead, packed)
     return WholeOffload(module, device, pin)

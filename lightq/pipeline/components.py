@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -141,8 +142,14 @@ def quant_methods(cfg, plans: dict[str, ComponentPlan]) -> dict[str, QuantMethod
     return {name: QuantMethod.build(plan, quant_of(cfg, name)) for name, plan in plans.items() if name in COMPONENTS}
 
 
-def _load(component: str, cfg, method: QuantMethod | None, folder, device, dtype, progress) -> nn.Module:
-    """Component ``component`` of the model's family, built for its ``<component>_arch`` and filled by the loader."""
+def _load(component: str, cfg, method: QuantMethod | None, folder, device, dtype, progress, offload=None,
+          finish_block=None) -> nn.Module:
+    """Component ``component`` of the model's family, built for its ``<component>_arch`` and filled by the loader
+    on ``device``; ``finish_block(block)`` runs on each block as soon as it is loaded (fusing it).
+
+    With ``offload`` (the run's ``Offload``) the component is loaded for it and placed before this returns
+    (``Offload.prepare``): a component whose blocks stream (offload=block / phase) has each block packed into host
+    memory as soon as it is complete (``Offload.packer``), so it is never whole on ``device``."""
     from ..checkpoints.loader import load_component
 
     fam = family(cfg.model.family)
@@ -156,16 +163,25 @@ def _load(component: str, cfg, method: QuantMethod | None, folder, device, dtype
     if component == "dit" and folder is not None:
         check_folder_config(folder, cfg.model.dit_arch, record.arch_table()[cfg.model.dit_arch])
     source, file_record = _source(component, method, folder, fam)
-    if component in ("dit", *fam.experts) and cfg.offload.lazy_load:
-        from ..offload import load_lazy as load_component  # blocks stream from disk while the DiT runs
+    lazy = component in ("dit", *fam.experts) and cfg.offload.lazy_load
+    blocks = {}  # the loader's on_block (a lazy load reads no block: they stream from disk while the DiT runs)
+    if lazy:
+        from ..offload import load_lazy as load_component
+    elif offload is not None:
+        blocks["on_block"] = offload.packer(finish_block)
+    elif finish_block is not None:
+        blocks["on_block"] = lambda model, i: finish_block(model.blocks[i])
     # random weights: each expert after the first draws from its own seed, so that the experts differ
     seed = cfg.seed + (fam.experts.index(component) if component in fam.experts else 0)
     model = load_component(build, source, include=record.quantizable, method=method, device=device, dtype=dtype,
                            ignore_prefixes=record.ignored_prefixes, progress=progress, seed=seed,
-                           component=component, lora=lora)
+                           component=component, lora=lora, **blocks)
     model.lora_stack = lora
     model.checkpoint_file = file_record
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if offload is not None:
+        offload.prepare(model)
+    return model
 
 
 def _lora_stack(cfg, component: str, build, include, method: QuantMethod | None):
@@ -183,12 +199,12 @@ def _lora_stack(cfg, component: str, build, include, method: QuantMethod | None)
     return load_loras(cfg.lora, cfg.lora_mode, shapes, linears, quantized, component)
 
 
-def load_t5(cfg, method, folder, device, dtype, progress):
-    return _load("t5", cfg, method, folder, device, dtype, progress)
+def load_t5(cfg, method, folder, device, dtype, progress, offload=None):
+    return _load("t5", cfg, method, folder, device, dtype, progress, offload)
 
 
-def load_clip(cfg, method, folder, device, dtype, progress):
-    return _load("clip", cfg, method, folder, device, dtype, progress)
+def load_clip(cfg, method, folder, device, dtype, progress, offload=None):
+    return _load("clip", cfg, method, folder, device, dtype, progress, offload)
 
 
 def per_token_timesteps(cfg, arch) -> bool:
@@ -196,18 +212,20 @@ def per_token_timesteps(cfg, arch) -> bool:
     return cfg.model.task == "i2v" and arch.model_type == "ti2v"
 
 
-def load_dit(cfg, method, folder, device, dtype, progress, component: str = "dit"):
-    """A DiT (``component``: ``dit``, or an expert of the family such as ``dit_low``), fused when the method says,
-    except where the run gives per-token timesteps, which the fused block's modulation kernels do not take."""
-    model = _load(component, cfg, method, folder, device, dtype, progress)
-    if method is not None and method.fuse and per_token_timesteps(cfg, model.arch):
+def load_dit(cfg, method, folder, device, dtype, progress, component: str = "dit", offload=None):
+    """A DiT (``component``: ``dit``, or an expert of the family such as ``dit_low``), each block fused as it is
+    loaded when the method says, except where the run gives per-token timesteps, which the fused block's
+    modulation kernels do not take. ``offload``: as ``_load``."""
+    finish = None
+    arch = family(cfg.model.family).components[component].arch_table()[cfg.model[f"{component}_arch"]]
+    if method is not None and method.fuse and per_token_timesteps(cfg, arch):
         log.info("%s: the blocks stay unfused: TI2V image-to-video gives one timestep per token, the fused block "
                  "one per sample", component)
     elif method is not None and method.fuse:
-        from ..fused.wan_block import fuse_dit_blocks  # norm+modulation+quant, fused q/k/v, GELU+quant
+        from ..fused.wan_block import fuse_block  # norm+modulation+quant, fused q/k/v, GELU+quant
 
-        fuse_dit_blocks(model)
-    return model
+        finish = fuse_block
+    return _load(component, cfg, method, folder, device, dtype, progress, offload, finish)
 
 
 def load_self_attention(plan: ComponentPlan | None):
@@ -220,8 +238,8 @@ def load_self_attention(plan: ComponentPlan | None):
     return implementation_for(plan.scheme, plan.backend)
 
 
-def load_vae(cfg, folder, device):
-    return _load(family(cfg.model.family).decoder, cfg, None, folder, device, torch.float32, False)
+def load_vae(cfg, folder, device, offload=None):
+    return _load(family(cfg.model.family).decoder, cfg, None, folder, device, torch.float32, False, offload)
 
 
 def load_tokenizer_for(model_cfg, folder: Path | None):
@@ -354,6 +372,11 @@ class Offload:
     while they run. ``block`` / ``phase``: the DiT and umT5 stream their blocks (or block phases) through
     ``offload.buffers`` device slots, the rest of them resident while they run; CLIP and the VAE as ``model``.
     With ``run_cfg``, ``offload.max_gpu_gib`` is checked before anything is loaded.
+
+    A component loaded for it (``load_*(..., offload=)``, on the run's device) is packed into host memory as it
+    loads: its blocks one at a time as the loader completes them (``packer``), the rest once it is loaded
+    (``prepare``); from a CUDA device each tensor goes once, by DMA, into its final page-locked pack. A module
+    loaded elsewhere (host memory) is packed at ``prepare`` or its first ``start``.
     """
 
     def __init__(self, offload_cfg, device: torch.device, run_cfg=None):
@@ -368,23 +391,47 @@ class Offload:
 
             check_budget(run_cfg)
         self.cfg, self.device, self.mode = offload_cfg, device, offload_cfg.mode
-        self.home = torch.device("cpu") if self.mode != "none" else device
+        self.pin = bool(offload_cfg.pin_memory) and device.type == "cuda"
         self._placed: dict[int, object] = {}
+        self._packed: dict[int, list] = {}  # by module: its blocks' unit packs, made while it loads
 
     def _placement(self, module: nn.Module):
         from ..offload import place
 
         if id(module) not in self._placed:
-            pin = bool(self.cfg.pin_memory) and self.device.type == "cuda"
-            self._placed[id(module)] = place(module, self.mode, self.device, self.cfg.buffers, pin,
-                                             self.cfg.lazy_ahead)
+            self._placed[id(module)] = place(module, self.mode, self.device, self.cfg.buffers, self.pin,
+                                             self.cfg.lazy_ahead, self._packed.pop(id(module), None))
         return self._placed[id(module)]
 
+    def packer(self, finish: Callable[[nn.Module], None] | None = None) -> Callable[[nn.Module, int], None]:
+        """The loader's ``on_block`` for a component loaded for this offload: ``finish(block)`` first, then, under
+        block / phase for a component whose blocks stream, the block's units packed into host memory
+        (``offload.placement.pack_units``, host buffers made ahead while the next block loads:
+        ``offload.binding.HostBuffers``), which ``prepare`` hands to the component's placement."""
+        from ..offload.binding import HostBuffers
+        from ..offload.placement import pack_units
+        from ..offload.units import streams_blocks
+
+        buffers = HostBuffers(self.pin)
+
+        def on_block(model: nn.Module, i: int) -> None:
+            block = model.blocks[i]
+            if finish is not None:
+                finish(block)
+            if self.mode in ("block", "phase") and streams_blocks(model):
+                self._packed.setdefault(id(model), []).append(pack_units(block, self.mode, self.pin, buffers))
+            if i == len(model.blocks) - 1:
+                buffers.close()
+        return on_block
+
     def prepare(self, *modules: nn.Module | None) -> None:
-        """Pack each module where it will live (host buffers) now, in the load stage, not at its first use."""
+        """Pack each module where it will live (host buffers) now, in the load stage, not at its first use (on a
+        CUDA device, the device memory it leaves is returned to the driver)."""
         for module in modules:
             if module is not None and self.mode != "none":
                 self._placement(module)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     @contextmanager
     def active(self, module: nn.Module | None):

@@ -74,13 +74,13 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         folder = C.model_folder(cfg)
         tokenizer = C.load_tokenizer_for(cfg.model, folder)
         methods = C.quant_methods(cfg, plans)
-        t5 = C.load_t5(cfg, methods["t5"], folder, offload.home, dtype, True)
-        clip = C.load_clip(cfg, methods["clip"], folder, offload.home, dtype, True) if "clip" in plans else None
-        experts = {name: C.load_dit(cfg, methods[name], folder, offload.home, dtype, True, component=name)
+        # each component is placed by ``offload`` as it loads (packed into host memory unless offload=none)
+        t5 = C.load_t5(cfg, methods["t5"], folder, device, dtype, True, offload)
+        clip = C.load_clip(cfg, methods["clip"], folder, device, dtype, True, offload) if "clip" in plans else None
+        experts = {name: C.load_dit(cfg, methods[name], folder, device, dtype, True, component=name, offload=offload)
                    for name in family(cfg.model.family).experts or ("dit",)}
-        vae = C.load_vae(cfg, folder, offload.home)
+        vae = C.load_vae(cfg, folder, device, offload)
         self_attention = C.load_self_attention(plans.get("attn"))
-        offload.prepare(t5, clip, *experts.values(), vae)
     for name, module in (("t5", t5), ("clip", clip), *experts.items(), ("vae", vae)):
         if module is not None:
             comps[name] = C.describe(module, methods.get(name))
