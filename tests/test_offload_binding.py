@@ -288,42 +288,61 @@ def test_packing_leaves_no_copy_of_the_model_in_the_heap():
     assert grown < (256 + 64) << 20, f"the resident set grew by {grown >> 20} MiB for a 256 MiB pack"
 
 
-def _resident_pages(buf: torch.Tensor) -> int:
-    """How many of ``buf``'s pages are in memory (``mincore``): an anonymous page is only once written."""
+def _resident_pages(buf: torch.Tensor) -> tuple[int, int]:
+    """(how many of the pages ``buf`` spans are in memory, how many it spans) by ``mincore``: an anonymous page is
+    in memory only once written."""
     libc = ctypes.CDLL(None, use_errno=True)
-    pages = -(-buf.numel() // PAGE)
+    start = buf.data_ptr() // PAGE * PAGE
+    length = buf.data_ptr() + buf.numel() - start
+    pages = -(-length // PAGE)
     vec = (ctypes.c_ubyte * pages)()
-    assert libc.mincore(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(buf.numel()), vec) == 0
-    return sum(v & 1 for v in vec)
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) == 0
+    return sum(v & 1 for v in vec), pages
 
 
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mincore"), reason="needs mincore (Linux)")
-def test_host_buffers_are_made_ahead_with_their_pages_in_memory(cudart, monkeypatch):
-    """``take`` page-locks buffers of exactly the asked sizes; the next ``take`` of the same sizes gets the ones
-    made ahead on the background thread, every page already in memory (the fake cudart locks nothing, so a buffer
-    made at once stays untouched); other sizes are made at once (what was made ahead is dropped, never locked); an
-    error on the thread is raised by the next call."""
-    made_on = {}
+def test_prefault_maps_every_page():
+    buf = torch.empty(33 << 20, dtype=torch.uint8)  # above glibc's largest mmap threshold: a fresh mapping
+    resident, pages = _resident_pages(buf)
+    assert resident < pages // 2  # untouched, but for malloc's header
+    binding.prefault(buf)
+    assert _resident_pages(buf) == (pages, pages)
+
+
+def test_host_buffers_are_made_ahead_and_prefaulted_once(cudart, monkeypatch):
+    """``take`` page-locks buffers of exactly the asked sizes, each prefaulted before it is locked; the next
+    ``take`` of the same sizes gets the ones made (and prefaulted) ahead on the background thread; other sizes are
+    made at once (what was made ahead is dropped, never locked); an error on the thread is raised by the next
+    call."""
+    made_on, faulted_on = {}, {}
     real = binding.host_buffer
 
     def recording(nbytes, pin=True):
         buf, seal = real(nbytes, pin)
         made_on[buf.data_ptr()] = threading.current_thread().name
-        return buf, seal
+
+        def recorded_seal():
+            assert buf.data_ptr() in faulted_on, "page-locked before it was prefaulted"
+            seal()
+        return buf, recorded_seal
+
+    def prefault(buf):
+        assert buf.data_ptr() not in faulted_on, "prefaulted twice"
+        faulted_on[buf.data_ptr()] = threading.current_thread().name
 
     monkeypatch.setattr(binding, "host_buffer", recording)
-    sizes = [33 << 20, 35 << 20]  # above glibc's largest mmap threshold: fresh, untouched mappings
+    monkeypatch.setattr(binding, "prefault", prefault)
+    sizes = [3 << 20, 5 << 20]
+    main = threading.current_thread().name
     hb = binding.HostBuffers(pin=True)
     first = hb.take(sizes)
     assert [b.numel() for b in first] == sizes and all(cudart.registered[b.data_ptr()] == b.numel() for b in first)
-    assert all(made_on[b.data_ptr()] == threading.current_thread().name for b in first)
-    assert all(_resident_pages(b) < b.numel() // PAGE // 2 for b in first)  # untouched, but for malloc's header
+    assert all(made_on[b.data_ptr()] == faulted_on[b.data_ptr()] == main for b in first)
     second = hb.take(sizes)
     assert [b.numel() for b in second] == sizes
-    assert all(made_on[b.data_ptr()] == "lightq-host-buffers" for b in second)
-    assert all(_resident_pages(b) == b.numel() // PAGE for b in second)
-    third = hb.take([37 << 20])
-    assert made_on[third[0].data_ptr()] != "lightq-host-buffers" and third[0].numel() == 37 << 20
+    assert all(made_on[b.data_ptr()] == faulted_on[b.data_ptr()] == "lightq-host-buffers" for b in second)
+    third = hb.take([7 << 20])
+    assert made_on[third[0].data_ptr()] == main and third[0].numel() == 7 << 20
     registered = set(cudart.registered)
     hb.close()
     assert set(cudart.registered) == registered == {b.data_ptr() for b in (*first, *second, *third)}
@@ -334,6 +353,7 @@ def test_host_buffers_are_made_ahead_with_their_pages_in_memory(cudart, monkeypa
         return real(nbytes, pin)
 
     monkeypatch.setattr(binding, "host_buffer", failing)
+    monkeypatch.setattr(binding, "prefault", lambda buf: None)  # freed buffers' addresses come back
     hb = binding.HostBuffers(pin=True)
     hb.take([1 << 20])
     with pytest.raises(MemoryError, match="no room"):

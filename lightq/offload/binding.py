@@ -91,6 +91,14 @@ def host_buffer(nbytes: int, pin: bool = True) -> tuple[torch.Tensor, Callable[[
     return buf, seal
 
 
+def prefault(buf: torch.Tensor) -> None:
+    """Write one byte of every page of ``buf``, which holds nothing yet: its memory is mapped now, by user-space
+    page faults (which take the huge pages numpy asks for), so page-locking it after is about twice as fast as
+    ``cudaHostRegister`` faulting untouched memory in itself (docs/BENCHMARKS.md, issue 12's offload load)."""
+    buf[::PAGE].zero_()
+    buf[-1:].zero_()  # the last page, where ``buf`` does not start on a page boundary
+
+
 def pinned_empty(nbytes: int, pin: bool = True) -> torch.Tensor:
     """``host_buffer`` page-locked at once (for buffers that are written by device copies, not filled by packing)."""
     buf, seal = host_buffer(nbytes, pin)
@@ -103,8 +111,8 @@ class HostBuffers:
     as it loads). ``take(sizes)`` returns buffers of exactly those sizes, page-locked when ``pin``, and starts a
     thread making the same sizes for the next call with every page already written: the page faults and zeroing
     of fresh memory, most of what page-locking it costs, then happen while the device makes the next group, and
-    ``take`` only locks resident pages. A size not made ahead is made at once. ``close`` waits for the thread and
-    drops what it made (host memory holds one group more while loading)."""
+    ``take`` only locks resident pages. A size not made ahead is made (and ``prefault``ed) at once. ``close``
+    waits for the thread and drops what it made (host memory holds one group more while loading)."""
 
     def __init__(self, pin: bool):
         self.pin = pin
@@ -115,7 +123,11 @@ class HostBuffers:
         out = []
         for n in sizes:
             i = next((j for j, (buf, _) in enumerate(ready) if buf.numel() == n), None)
-            buf, seal = ready.pop(i) if i is not None else host_buffer(n, self.pin)
+            if i is not None:
+                buf, seal = ready.pop(i)
+            else:
+                buf, seal = host_buffer(n, self.pin)
+                prefault(buf)
             seal()
             out.append(buf)
         del ready
@@ -136,7 +148,7 @@ class HostBuffers:
 
 
 class _Ahead(threading.Thread):
-    """``host_buffer``s of ``sizes``, each page written once (``made``), on a daemon thread."""
+    """``host_buffer``s of ``sizes``, each prefaulted (``made``), on a daemon thread."""
 
     def __init__(self, sizes: list[int], pin: bool):
         super().__init__(name="lightq-host-buffers", daemon=True)
@@ -149,7 +161,7 @@ class _Ahead(threading.Thread):
         try:
             for n in self.sizes:
                 buf, seal = host_buffer(n, self.pin)
-                buf[::PAGE].zero_()
+                prefault(buf)
                 self.made.append((buf, seal))
         except BaseException as exc:  # raised by the next take / close, in the loading thread
             self.error = exc
@@ -340,6 +352,8 @@ class Pack:
         else:
             self.host = arena
         if from_device:
+            if pin and arena is None:
+                prefault(self.host)
             seal()
             seal = lambda: None  # noqa: E731
         views = self.views(self.host)

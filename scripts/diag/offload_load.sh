@@ -4,11 +4,20 @@
 # then per mode: load seconds of both and their ratio (target <= 1.5x), offload=block's peak host memory against the
 # offloaded weights (every component's weight_bytes; target <= weights + 3 GiB), its peak GPU memory.
 # Outputs stay in /tmp/j/<mode>-<offload>/ and /tmp/j-<mode>-<offload>.log. docs/BENCHMARKS.md cites the numbers.
+# The GPU machine's memory grows on first touch (KINDS.md; what that costs a job: docs/BENCHMARKS.md), so that
+# whichever job first needs the packs' memory does not pay for it, GROW_GIB GiB (default 48, 0 to skip) are
+# touched once before the jobs.
 modes=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do modes+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 [ ${#modes[@]} -eq 0 ] && modes=(fp8-triton none)
 here=$(dirname "$0")
+python -c "
+import time, numpy as np
+t = time.time()
+for _ in range(int(${GROW_GIB:-48}) // 8):
+    np.ones(8 << 30, np.uint8)
+print(f'host memory grown by ${GROW_GIB:-48} GiB in {time.time() - t:.1f} s')"
 for mode in "${modes[@]}"; do
   for off in none block; do
     bash "$here/job_numbers.sh" "$mode-$off" model=wan2.1-t2v-14b model.weights=random sampler=distill \
