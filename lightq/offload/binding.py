@@ -16,9 +16,9 @@ copy before the next one is read, so peak host memory grows by one tensor, not o
 Pinned host buffers come from ``host_buffer``: ordinary memory page-locked in place at its exact size (PyTorch's
 ``pin_memory=True`` allocator rounds each allocation up to a power of two: just over 16 GiB would pin 32 GiB). A
 pack of host tensors is page-locked once filled (locking commits every page: before the fill, host memory would
-hold the originals and the whole pack); a pack of tensors that are all on a CUDA device is page-locked first and
-filled by asynchronous device -> pinned copies (DMA, straight into the pack: one crossing per byte, no pageable
-staging), the device tensors freed as they are re-bound. ``HostBuffers`` makes the buffers of a component packed
+hold the originals and the whole pack); a pack of tensors that are all on a CUDA device is prefaulted
+(``prefault``), page-locked, then filled by asynchronous device -> pinned copies (DMA, straight into the pack: one
+crossing per byte, no pageable staging), the device tensors freed as they are re-bound. ``HostBuffers`` makes the buffers of a component packed
 block by block ahead, on a thread, so the page faults of fresh memory overlap the making of the next block.
 """
 
@@ -323,6 +323,11 @@ def layout_bytes(refs: list[TensorRef]) -> int:
     return _layout(refs)[2]
 
 
+def on_device(refs: list[TensorRef]) -> bool:
+    """True when ``refs`` name tensors and every one is on a CUDA device (their pack is page-locked first)."""
+    return bool(refs) and all(ref.get().is_cuda for ref in refs)
+
+
 def _storage_bytes(t: torch.Tensor, lo: int, nbytes: int) -> torch.Tensor:
     """Bytes ``[lo, lo + nbytes)`` of ``t``'s storage as a ``uint8`` tensor."""
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage(), lo, (nbytes,))
@@ -342,10 +347,8 @@ class Pack:
     def __init__(self, refs: list[TensorRef], pin: bool = False, arena: torch.Tensor | None = None):
         self.refs = list(refs)
         self.entries, spans, self.nbytes = _layout(self.refs)
-        tensors = [ref.get() for ref in self.refs]
-        on_cuda = {t.device for t in tensors if t.is_cuda}
-        from_device = bool(tensors) and all(t.is_cuda for t in tensors)
-        del tensors
+        on_cuda = {ref.get().device for ref in self.refs if ref.get().is_cuda}
+        from_device = on_device(self.refs)
         seal = lambda: None  # noqa: E731
         if arena is None:
             self.host, seal = host_buffer(max(self.nbytes, 1), pin)

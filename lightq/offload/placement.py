@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .binding import HostBuffers, Pack, host_buffer, layout_bytes, refs_of, refs_outside, return_freed_heap
+from .binding import (HostBuffers, Pack, host_buffer, layout_bytes, on_device, prefault, refs_of, refs_outside,
+                      return_freed_heap)
 from .lazy import LazyBlocks
 from .streaming import ResidentUnits, Streamer
 from .units import streams_blocks, unit_specs
@@ -89,7 +90,7 @@ def pack_units(block: nn.Module, granularity: str, pin: bool, buffers: HostBuffe
     are all on a CUDA device takes its buffers from ``buffers`` when given (made ahead, page-locked before the
     copies)."""
     specs = unit_specs(block, granularity)
-    if buffers is None or not all(r.get().is_cuda for s in specs for r in s.refs):
+    if buffers is None or not on_device([r for s in specs for r in s.refs]):
         return [Pack(s.refs, pin) for s in specs]
     hosts = buffers.take([max(layout_bytes(s.refs), 1) for s in specs])
     return [Pack(s.refs, pin, host) for s, host in zip(specs, hosts)]
@@ -97,7 +98,8 @@ def pack_units(block: nn.Module, granularity: str, pin: bool, buffers: HostBuffe
 
 class BlockOffload:
     """``packed`` (``pack_units`` of every block, in order) are the blocks' packs made while loading; without it
-    the blocks' units are packed here into one arena, page-locked once filled."""
+    the blocks' units are packed here into one arena, page-locked once filled (or, when every tensor is on a CUDA
+    device, before it is filled by DMA, as a ``Pack``)."""
 
     def __init__(self, model: nn.Module, granularity: str, device: torch.device, buffers: int, pin: bool,
                  ahead: int = 2, packed: list[list[Pack]] | None = None):
@@ -114,6 +116,10 @@ class BlockOffload:
                 units = [s.refs for specs in self.specs for s in specs]
                 sizes = [layout_bytes(refs) for refs in units]
                 arena, seal = host_buffer(max(sum(sizes), 1), pin)
+                if pin and on_device([r for refs in units for r in refs]):  # as a Pack of device tensors
+                    prefault(arena)
+                    seal()
+                    seal = lambda: None  # noqa: E731
                 starts = [sum(sizes[:i]) for i in range(len(sizes))]
                 self.resident = ResidentUnits([Pack(refs, pin, arena[a:a + n])
                                                for refs, a, n in zip(units, starts, sizes)])
