@@ -314,21 +314,24 @@ def test_host_buffers_are_made_ahead_and_prefaulted_once(cudart, monkeypatch):
     ``take`` of the same sizes gets the ones made (and prefaulted) ahead on the background thread; other sizes are
     made at once (what was made ahead is dropped, never locked); an error on the thread is raised by the next
     call."""
-    made_on, faulted_on = {}, {}
+    made, faulted = [], []  # (buffer, thread name); holding every buffer keeps their addresses distinct
     real = binding.host_buffer
 
     def recording(nbytes, pin=True):
         buf, seal = real(nbytes, pin)
-        made_on[buf.data_ptr()] = threading.current_thread().name
+        made.append((buf, threading.current_thread().name))
 
         def recorded_seal():
-            assert buf.data_ptr() in faulted_on, "page-locked before it was prefaulted"
+            assert any(b is buf for b, _ in faulted), "page-locked before it was prefaulted"
             seal()
         return buf, recorded_seal
 
     def prefault(buf):
-        assert buf.data_ptr() not in faulted_on, "prefaulted twice"
-        faulted_on[buf.data_ptr()] = threading.current_thread().name
+        assert not any(b is buf for b, _ in faulted), "prefaulted twice"
+        faulted.append((buf, threading.current_thread().name))
+
+    def where(records, buf):
+        return next(name for b, name in records if b.data_ptr() == buf.data_ptr())
 
     monkeypatch.setattr(binding, "host_buffer", recording)
     monkeypatch.setattr(binding, "prefault", prefault)
@@ -337,15 +340,16 @@ def test_host_buffers_are_made_ahead_and_prefaulted_once(cudart, monkeypatch):
     hb = binding.HostBuffers(pin=True)
     first = hb.take(sizes)
     assert [b.numel() for b in first] == sizes and all(cudart.registered[b.data_ptr()] == b.numel() for b in first)
-    assert all(made_on[b.data_ptr()] == faulted_on[b.data_ptr()] == main for b in first)
+    assert all(where(made, b) == where(faulted, b) == main for b in first)
     second = hb.take(sizes)
     assert [b.numel() for b in second] == sizes
-    assert all(made_on[b.data_ptr()] == faulted_on[b.data_ptr()] == "lightq-host-buffers" for b in second)
+    assert all(where(made, b) == where(faulted, b) == "lightq-host-buffers" for b in second)
     third = hb.take([7 << 20])
-    assert made_on[third[0].data_ptr()] == main and third[0].numel() == 7 << 20
+    assert where(made, third[0]) == main and third[0].numel() == 7 << 20
     registered = set(cudart.registered)
     hb.close()
     assert set(cudart.registered) == registered == {b.data_ptr() for b in (*first, *second, *third)}
+    del made, faulted
 
     def failing(nbytes, pin=True):
         if threading.current_thread().name == "lightq-host-buffers":

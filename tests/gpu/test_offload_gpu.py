@@ -1,6 +1,8 @@
 """Offload on CUDA: bit-identical latents to offload=none on the tiny models, asynchronous streaming (no global
 synchronize per block, pinned host memory), less peak GPU memory with block streaming than without, pinned
-buffers page-locked at their exact size, and the fused triton block streamed with its q/k/v views intact.
+buffers page-locked at their exact size, the fused triton block streamed with its q/k/v views intact, packs of
+device tensors page-locked before their DMA fill, and a DiT loaded for block offload one block at a time on the GPU
+and once on the host.
 
 Run on the GPU machine: ``python -m pytest tests/gpu/test_offload_gpu.py -q -n 0``. Skipped without CUDA.
 """
