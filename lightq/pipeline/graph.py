@@ -6,8 +6,8 @@ copies the low-noise one in during the last high-noise step when the device has 
 ``run_pipeline(cfg, hw, plans, out, record, timer)`` loads every component with its planned mode, generates the
 video, writes ``video.mp4`` and ``latents.pt`` into ``out``, times each stage (``lightq.results.STAGES``), and
 compares the result with the bf16 baseline of the same model, seed, prompt and sampler (``quality``), filling
-``record`` with the fields of result.json. The mp4 is encoded in a background thread while ``quality`` runs
-(``video.Mp4Writer``; how the ``write`` stage counts it: ``lightq.results``).
+``record`` with the fields of result.json. The mp4 is encoded in a background thread fed by the decode, chunk by
+chunk, and running on while ``quality`` runs (``video.Mp4Writer``; how the stages count it: ``lightq.results``).
 
 Stages and what flows between them (B = 1; CFG runs the DiT once more with the negative prompt):
 

@@ -6,7 +6,9 @@ host). ``write_mp4`` pipes RGB frames into imageio-ffmpeg's bundled ffmpeg binar
 in browsers and QuickTime; odd heights or widths are padded to even by repeating the last row / column), and
 writes atomically: ffmpeg writes a hidden temp file beside the target, renamed over it only once ffmpeg has
 exited cleanly, so an interrupted or failed write leaves the previous file (or none) at ``path``. ``Mp4Writer`` is
-the same write with the encode in a background thread, for a caller with other work to do meanwhile.
+the same write with the encode in a background thread, fed frames as they come (a VAE decode's chunks: the bytes
+ffmpeg gets, and so the file, are the same however the frames are split), for a caller with other work to do
+meanwhile.
 """
 
 from __future__ import annotations
