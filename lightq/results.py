@@ -11,12 +11,15 @@ bytes; ``peak_host_bytes_by_stage`` the peak reached by the end of each stage),
 was timed in the same job, else ``speed`` says why not), ``outputs`` (files written),
 ``versions``.
 
-Stages are disjoint intervals of the job's wall time, measured in its main thread. ``write``: saving the latents,
-converting the video to uint8 pixels on its device, the PNG frames if asked, and, after ``quality``, the wait for
-the mp4 encode that runs in a background thread meanwhile (``pipeline.video.Mp4Writer``). ``quality``: the bf16
-baseline's cache key, reading it (or, in the bf16 job, saving it) and the comparison (``pipeline.quality``).
-The encode's own wall time is ``write_background``: not a stage and not in the sum, since the part of it that
-overlapped the stages in between (``quality``, ``baseline_run``) is in their time already.
+Stages are disjoint intervals of the job's wall time, measured in its main thread. ``decode``: the VAE decode,
+including handing each latent frame's frames to the mp4 encoder (converted to uint8 on the decode device and
+queued: ``pipeline.video.Mp4Writer.feed``), which encodes them in a background thread from the first frame on.
+``write``: saving the latents, the end of the video's input (one check that every frame was finite), the PNG
+frames if asked, and, after ``quality``, the wait for the encode. ``quality``: the bf16 baseline's cache key,
+reading it (or, in the bf16 job, saving it) and the comparison (``pipeline.quality``). The encode's own wall
+time, from the first frame fed to ffmpeg's exit, is ``write_background``: not a stage and not in the sum, since
+the part of it that overlapped the stages in between (``decode``, ``write``'s first part, ``quality``,
+``baseline_run``) is in their time already.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def _times(t: dict) -> str:
             if stage == "denoise" and isinstance(t.get("denoise_per_step"), (int, float)):
                 extra = f" (median step {t['denoise_per_step']:.2f})"
             if stage == "write" and isinstance(t.get("write_background"), (int, float)):
-                extra = f" (mp4 encode {t['write_background']:.2f} in the background, overlapping quality)"
+                extra = f" (mp4 encode {t['write_background']:.2f} in the background, overlapping decode and quality)"
             parts.append(f"{stage} {t[stage]:.2f}{extra}")
     total = f"{t['total']:.1f} s" if isinstance(t.get("total"), (int, float)) else "?"
     return f"{total} in all; seconds per stage: " + ", ".join(parts)

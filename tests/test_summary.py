@@ -62,4 +62,4 @@ def test_the_background_encode_is_shown_beside_the_write_stage():
     result = _result(baseline="this run is the bf16 baseline")
     result["timings_s"].update(write=0.25, quality=1.5, write_background=1.6)
     time_row = _lines(result)["time"]
-    assert "write 0.25 (mp4 encode 1.60 in the background, overlapping quality), quality 1.50" in time_row
+    assert "write 0.25 (mp4 encode 1.60 in the background, overlapping decode and quality), quality 1.50" in time_row

@@ -149,6 +149,30 @@ def test_chunked_equals_whole_clip(tiny):
     torch.testing.assert_close(dec_chunked, dec_full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("which", ["wan2.1", "wan2.2"])
+def test_decode_hands_over_each_chunk_as_it_is_decoded(tiny, which):
+    """``on_frames`` gets 1, then 4 frames per latent, in order, equal to the returned video's, each before the
+    next latent is decoded; unchunked (Wan2.1 only), the whole video once."""
+    from lightq.models.vae22 import VAE22_ARCHS, Wan22VAE
+
+    torch.manual_seed(0)
+    vae = tiny if which == "wan2.1" else Wan22VAE(VAE22_ARCHS["tiny"]).eval()
+    latents = torch.randn(1, vae.arch.z_dim, 4, 2, 2, generator=torch.Generator().manual_seed(4))
+    calls, got = [], []
+    real = vae.decoder.forward
+    vae.decoder.forward = lambda *a: (calls.append(len(got)), real(*a))[1]
+    try:
+        video = vae.decode(latents, on_frames=lambda part: got.append(part.clone()))
+    finally:
+        del vae.decoder.forward
+    assert [p.shape[2] for p in got] == [1, 4, 4, 4] and calls == [0, 1, 2, 3]
+    torch.testing.assert_close(torch.cat(got, dim=2), video, atol=0, rtol=0)
+    if which == "wan2.1":
+        whole = []
+        torch.testing.assert_close(tiny.decode(latents, chunked=False, on_frames=whole.append), whole[0])
+        assert len(whole) == 1
+
+
 def test_causal_in_time(tiny):
     latents = torch.randn(1, 16, 3, 2, 2, generator=torch.Generator().manual_seed(5))
     changed = latents.clone()

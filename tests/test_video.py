@@ -35,6 +35,12 @@ def _stream_info(path) -> str:
     return next(line for line in probe.stderr.splitlines() if "Video:" in line)
 
 
+def _fed(frames: torch.Tensor, path) -> video_io.Mp4Writer:
+    writer = video_io.Mp4Writer(path)
+    writer.feed(frames)
+    return writer
+
+
 # ---------------------------------------------------------------------------------------------- mp4
 
 
@@ -76,7 +82,7 @@ def test_rgb_channel_order(tmp_path):
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, fake_ffmpeg):
     fake_ffmpeg("exec sleep 60")  # an encoder that never reads: the feeding thread blocks
     out = tmp_path / "out"
-    writer = video_io.Mp4Writer(_gradient_frames(9, 32, 32), out / "video.mp4")
+    writer = _fed(_gradient_frames(9, 32, 32), out / "video.mp4")
     real_join, calls = writer._thread.join, []
 
     def interrupted_join(*args):
@@ -96,7 +102,7 @@ def test_cancel_keeps_the_previous_file(tmp_path, fake_ffmpeg):
     path = write_mp4(_gradient_frames(5, 32, 32), tmp_path / "video.mp4")
     before = path.read_bytes()
     fake_ffmpeg("exec sleep 60")
-    writer = video_io.Mp4Writer(_gradient_frames(9, 32, 32), path)
+    writer = _fed(_gradient_frames(9, 32, 32), path)
     writer.cancel()
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bin", "video.mp4"]
     with pytest.raises(LightqError, match="cancelled"):
@@ -107,7 +113,7 @@ def test_background_encode_returns_at_once_and_times_itself(tmp_path, fake_ffmpe
     fake_ffmpeg('sleep 1; exec "$REAL" "$@"')  # a slow start, then the real encoder
     frames = _gradient_frames(9, 32, 32)
     start = time.perf_counter()
-    writer = video_io.Mp4Writer(frames, tmp_path / "video.mp4")
+    writer = _fed(frames, tmp_path / "video.mp4")
     assert time.perf_counter() - start < 0.5 and writer.seconds is None  # the caller goes on meanwhile
     assert writer.result() == tmp_path / "video.mp4" and writer.seconds >= 1.0
     assert read_mp4(tmp_path / "video.mp4").shape == (9, 32, 32, 3)
@@ -115,7 +121,7 @@ def test_background_encode_returns_at_once_and_times_itself(tmp_path, fake_ffmpe
 
 def test_encoder_failure_is_the_writers_error(tmp_path, fake_ffmpeg):
     fake_ffmpeg("cat > /dev/null; echo 'No space left on device' >&2; exit 3")
-    writer = video_io.Mp4Writer(_gradient_frames(9, 32, 32), tmp_path / "video.mp4")  # fails in its thread
+    writer = _fed(_gradient_frames(9, 32, 32), tmp_path / "video.mp4")  # fails in its thread
     with pytest.raises(LightqError, match=r"ffmpeg could not write .*\(exit 3: No space left on device\)"):
         writer.result()
     assert [p.name for p in tmp_path.iterdir()] == ["bin"]
@@ -283,3 +289,68 @@ def test_compare_streams_frames_and_matches_whole_video_metrics():
     assert got["latent_cosine"] == round(cosine(lat, ref_lat), 6)
     assert quality.FRAMES_PER_PASS < video.shape[0]
     assert quality.compare(video.double(), ref, lat, ref_lat.double()) == got  # any dtypes, moved once
+
+
+# ---------------------------------------------------------------------------------------------- streamed feed
+
+
+def _streamed(frames: torch.Tensor, path, sizes=(1, 4, 4, 4, 4)) -> video_io.Mp4Writer:
+    """``frames`` fed as a decode feeds them: the first frame, then groups of four (the rest, whatever is left)."""
+    writer, lo = video_io.Mp4Writer(path), 0
+    for n in (*sizes, frames.shape[0]):
+        if lo < frames.shape[0]:
+            writer.feed(frames[lo:lo + n])
+            lo += n
+    return writer
+
+
+@pytest.mark.parametrize("height, width", [(48, 64), (33, 47)])
+def test_streamed_frames_give_the_whole_videos_pixels_and_bytes(tmp_path, fake_ffmpeg, height, width):
+    """Fed a chunk at a time, ffmpeg gets the bytes the whole-video path gives it, and the mp4 is the same file."""
+    g = torch.Generator().manual_seed(height)
+    frames = torch.rand(video_io.FRAMES_PER_CHUNK + 5, 3, height, width, generator=g) * 2.4 - 1.2
+    whole = write_mp4(frames, tmp_path / "whole.mp4").read_bytes()
+    assert _streamed(frames, tmp_path / "streamed.mp4").result().read_bytes() == whole
+    fake_ffmpeg('for last; do :; done; cat > "$last"')  # the raw rgb24 input, as the output file
+    raw = write_mp4(frames, tmp_path / "whole.raw").read_bytes()
+    assert raw == video_io.uint8_frames(frames, pad_to_even=True).tobytes()
+    assert _streamed(frames, tmp_path / "streamed.raw").result().read_bytes() == raw
+
+
+def test_a_non_finite_frame_fed_late_fails_the_close_and_writes_nothing(tmp_path):
+    frames = _gradient_frames(9, 32, 32)
+    frames[7, 1, 3, 3] = math.inf
+    writer = _streamed(frames, tmp_path / "video.mp4")
+    with pytest.raises(LightqError, match="NaN or Inf"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == [] and writer._proc.poll() is not None
+    with pytest.raises(LightqError, match="cancelled"):
+        writer.result()
+
+
+def test_frames_of_another_size_or_after_the_end_are_refused(tmp_path):
+    writer = video_io.Mp4Writer(tmp_path / "video.mp4")
+    writer.feed(_gradient_frames(1, 32, 32))
+    with pytest.raises(LightqError, match="frames of 32x48 after frames of 32x32"):
+        writer.feed(_gradient_frames(4, 32, 48))
+    assert writer.result().is_file()
+    with pytest.raises(LightqError, match="after its end"):
+        writer.feed(_gradient_frames(4, 32, 32))
+    with pytest.raises(LightqError, match="no frames were given"):
+        video_io.Mp4Writer(tmp_path / "empty.mp4").result()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]
+
+
+def test_an_encoder_that_fails_early_is_the_results_error_not_the_feeds(tmp_path, fake_ffmpeg):
+    fake_ffmpeg("echo 'Permission denied' >&2; exit 1")  # exits before reading a frame
+    writer = video_io.Mp4Writer(tmp_path / "video.mp4")
+    writer.feed(_gradient_frames(1, 32, 32))
+    deadline = time.perf_counter() + 30
+    while writer._proc is None or writer._proc.poll() is None:  # until ffmpeg has exited
+        assert time.perf_counter() < deadline
+        time.sleep(0.01)
+    for _ in range(3):
+        writer.feed(_gradient_frames(4, 32, 32))  # the decode goes on: no error until result()
+    with pytest.raises(LightqError, match=r"ffmpeg could not write .*\(exit 1: Permission denied\)"):
+        writer.result()
+    assert [p.name for p in tmp_path.iterdir()] == ["bin"]

@@ -3,12 +3,13 @@
 Each job runs in its own fresh process exactly as a user types it (``python -m lightq <overrides>``), the bf16 job
 (every mode ``none``) first. Per job the table gives the process's wall time (what the user waits for, Python and
 Hydra start-up included), its ratio to the bf16 job's, every stage of ``result.json``'s ``timings_s`` and the
-mp4 encode's own time in the background (``write_background``: inside ``write`` and ``quality``, not added), the
-warm-up (the first denoising step's excess over the median of the others, plus any kernel warm-up stage), peak
-GPU and host memory, and quality against the bf16 job (same weights, seed and prompt: the bf16 job caches the
-baseline every later job of the run compares with). The wall time outside the job splits into ``start-up`` (the
-process's age when its job began: interpreter, imports, Hydra; ``result.json`` ``process.before_job_s``) and
-``exit`` (after the job's record is complete: Hydra's bookkeeping, freeing memory, interpreter shutdown).
+mp4 encode's own time in the background (``write_background``: inside ``decode``, ``write`` and ``quality``, not
+added), the warm-up (the first denoising step's excess over the median of the others, plus any kernel warm-up
+stage), peak GPU and host memory, and quality against the bf16 job (same weights, seed and prompt: the bf16 job
+caches the baseline every later job of the run compares with). The wall time outside the job splits into
+``start-up`` (the process's age when its job began: interpreter, imports, Hydra; ``result.json``
+``process.before_job_s``) and ``exit`` (after the job's record is complete: Hydra's bookkeeping, freeing memory,
+interpreter shutdown).
 
 Caches. Compiled Triton kernels and autotuning results live in ``TRITON_CACHE_DIR``, lightq's baselines in
 ``LIGHTQ_CACHE``. The run gets its own folder for both (``--work``); ``--cache cold`` gives every job an empty

@@ -90,6 +90,12 @@ class RowSplit(Protocol):
     def collect(self, x: torch.Tensor) -> torch.Tensor | None: ...  # the whole frame on rank 0, None elsewhere
 
 
+class FramesSink(Protocol):
+    """Takes a decode's output frames ``[B, 3, n, H, W]`` as they are decoded (``decode_chunks``)."""
+
+    def __call__(self, frames: torch.Tensor) -> None: ...
+
+
 class FrameCache:
     """State carried between temporal chunks, keyed by module: conv input tails and frame-0 markers; and ``rows``,
     the decode's row split (None: the process decodes whole frames)."""
@@ -379,14 +385,15 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunked: bool = True, progress: bool = False,
-               rows: RowSplit | None = None) -> torch.Tensor | None:
+               rows: RowSplit | None = None, on_frames: FramesSink | None = None) -> torch.Tensor | None:
         """Video ``[B, 3, 1 + 4 (T - 1), 8 h, 8 w]`` in [-1, 1] (float32).
 
-        ``chunked`` decodes one latent frame at a time through a ``FrameCache`` into a preallocated output, so
+        ``chunked`` decodes one latent frame at a time through a ``FrameCache`` (``decode_chunks``), so
         activation memory does not grow with the frame count; ``False`` decodes the whole clip at once.
         ``progress`` reports the latent frames decoded (``lightq.progress``; chunked only). ``rows`` splits the
         (chunked) decode over processes by latent rows: every process passes the whole ``latents``, and the video
-        is returned on rank 0 of the split, None on the others.
+        is returned on rank 0 of the split, None on the others. ``on_frames`` gets the output frames as they are
+        decoded (``decode_chunks``; unchunked: the whole video once).
         """
         self._check_latents(latents)
         mean, std = self._stats(latents)
@@ -394,27 +401,46 @@ class WanVAE(nn.Module):
         if not chunked:
             if rows is not None:
                 raise LightqError("a row-split VAE decode runs chunked: pass chunked=True")
-            return self.decoder(z).float().clamp_(-1.0, 1.0)
-        if rows is not None:
-            z = rows.own(z)
-        b, _, t, h, w = z.shape
-        s, k = self.arch.spatial_factor, self.arch.temporal_factor
-        video = torch.empty(b, 3, 1 + k * (t - 1), h * s, w * s, dtype=torch.float32, device=z.device)
-        cache = FrameCache(rows)
-        start = 0
-        with Progress(t, "VAE decode", "latent frames", progress) as bar:
-            for i in range(t):
-                frames = self.decoder(z[:, :, i : i + 1], cache)
-                video[:, :, start : start + frames.shape[2]] = frames.float().clamp_(-1.0, 1.0)
-                start += frames.shape[2]
-                bar.update()
-        return video if rows is None else rows.collect(video)
+            video = self.decoder(z).float().clamp_(-1.0, 1.0)
+            if on_frames is not None:
+                on_frames(video)
+            return video
+        return decode_chunks(self.decoder, z, self.arch.temporal_factor, progress, rows, on_frames)
 
     def _check_video(self, video: torch.Tensor) -> None:
         check_video(self.arch, video)
 
     def _check_latents(self, latents: torch.Tensor) -> None:
         check_latents(self.arch, latents)
+
+
+def decode_chunks(decoder, z: torch.Tensor, temporal_factor: int, progress: bool = False,
+                  rows: RowSplit | None = None, on_frames: FramesSink | None = None) -> torch.Tensor | None:
+    """Decode ``z [B, C, T, h, w]`` one latent frame at a time through a ``FrameCache``: ``decoder(z_i, cache)``
+    gives that latent's output frames (1, then ``temporal_factor`` each), clamped to [-1, 1] in float32 into one
+    video ``[B, 3, 1 + temporal_factor (T - 1), H, W]`` allocated at the first. With ``rows`` (``z`` whole, every
+    rank of the split calling), each chunk's rows are collected on rank 0 of the split as it is decoded, and the
+    video is returned there, None on the others. ``on_frames(view)`` gets each chunk's frames as soon as they are
+    in the video (a view of it: the caller must not write into it), where the video is."""
+    if rows is not None:
+        z = rows.own(z)
+    t = z.shape[2]
+    cache, video, start = FrameCache(rows), None, 0
+    with Progress(t, "VAE decode", "latent frames", progress) as bar:
+        for i in range(t):
+            frames = decoder(z[:, :, i : i + 1], cache).float().clamp_(-1.0, 1.0)
+            if rows is not None:
+                frames = rows.collect(frames)  # a collective: every rank of the split, every chunk
+            if frames is not None:
+                if video is None:
+                    video = frames.new_empty(frames.shape[0], 3, 1 + temporal_factor * (t - 1), *frames.shape[-2:])
+                part = video[:, :, start : start + frames.shape[2]]
+                part.copy_(frames)
+                start += frames.shape[2]
+                if on_frames is not None:
+                    on_frames(part)
+            bar.update()
+    return video
 
 
 def init_weights(vae: nn.Module) -> None:

@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightq.errors import LightqError
-from lightq.progress import Progress
 
-from .vae import (CausalConv3d, Downsample, FrameCache, ResidualBlock, RowSplit, Upsample, _first_chunk, _head,
-                  _middle, check_latents, check_video, init_weights)
+from .vae import (CausalConv3d, Downsample, FrameCache, FramesSink, ResidualBlock, RowSplit, Upsample, _first_chunk,
+                  _head, _middle, check_latents, check_video, decode_chunks, init_weights)
 
 # Per-channel statistics of Wan2.2 VAE posterior means, from the official release (wan/modules/vae2_2.py).
 LATENT_MEAN = (
@@ -249,24 +248,14 @@ class Wan22VAE(nn.Module):
         return (mu - mean) * inv_std
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, progress: bool = False, rows: RowSplit | None = None) -> torch.Tensor | None:
-        """Video ``[B, 3, 1 + 4 (T - 1), 16 h, 16 w]`` in [-1, 1] (float32), one latent frame at a time into a
-        preallocated output; ``progress`` reports the latent frames decoded. ``rows`` splits the decode over
-        processes by latent rows (as ``vae.WanVAE.decode``; the shortcuts and ``unpatchify`` are per pixel): the
-        video on rank 0 of the split, None on the others."""
+    def decode(self, latents: torch.Tensor, progress: bool = False, rows: RowSplit | None = None,
+               on_frames: FramesSink | None = None) -> torch.Tensor | None:
+        """Video ``[B, 3, 1 + 4 (T - 1), 16 h, 16 w]`` in [-1, 1] (float32), one latent frame at a time
+        (``vae.decode_chunks``: ``progress``, ``on_frames``); ``rows`` splits the decode over processes by latent
+        rows (as ``vae.WanVAE.decode``; the shortcuts and ``unpatchify`` are per pixel): the video on rank 0 of the
+        split, None on the others."""
         check_latents(self.arch, latents)
         mean, inv_std = self._stats(latents)
         z = self.conv2((latents.float() / inv_std + mean).to(self.conv2.weight.dtype))
-        if rows is not None:
-            z = rows.own(z)
-        b, _, t, h, w = z.shape
-        s, k = self.arch.spatial_factor, self.arch.temporal_factor
-        video = torch.empty(b, 3, 1 + k * (t - 1), h * s, w * s, dtype=torch.float32, device=z.device)
-        cache, start = FrameCache(rows), 0
-        with Progress(t, "VAE decode", "latent frames", progress) as bar:
-            for i in range(t):
-                frames = unpatchify(self.decoder(z[:, :, i:i + 1], cache)).float().clamp_(-1.0, 1.0)
-                video[:, :, start:start + frames.shape[2]] = frames
-                start += frames.shape[2]
-                bar.update()
-        return video if rows is None else rows.collect(video)
+        return decode_chunks(lambda z_i, cache: unpatchify(self.decoder(z_i, cache)), z, self.arch.temporal_factor,
+                             progress, rows, on_frames)

@@ -6,8 +6,8 @@ copies the low-noise one in during the last high-noise step when the device has 
 ``run_pipeline(cfg, hw, plans, out, record, timer)`` loads every component with its planned mode, generates the
 video, writes ``video.mp4`` and ``latents.pt`` into ``out``, times each stage (``lightq.results.STAGES``), and
 compares the result with the bf16 baseline of the same model, seed, prompt and sampler (``quality``), filling
-``record`` with the fields of result.json. The mp4 is encoded in a background thread while ``quality`` runs
-(``video.Mp4Writer``; how the ``write`` stage counts it: ``lightq.results``).
+``record`` with the fields of result.json. The mp4 is encoded in a background thread fed by the decode, chunk by
+chunk, and running on while ``quality`` runs (``video.Mp4Writer``; how the stages count it: ``lightq.results``).
 
 Stages and what flows between them (B = 1; CFG runs the DiT once more with the negative prompt):
 
@@ -26,6 +26,7 @@ import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -58,8 +59,15 @@ class Generated:
     expert_prefetch: dict | None = None  # result.json's memory.expert_prefetch (``Experts.record``)
 
 
-def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTimer | None = None) -> Generated:
-    """Load, encode, denoise, decode, each a stage of ``timer``. Everything but the outputs is freed on return."""
+NOT_FINITE_LATENTS = ("the denoised latents hold NaN/Inf values, so nothing was written: every loaded tensor was "
+                      "finite, the run's numerics diverged; compare with dit_quant=none")
+
+
+def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTimer | None = None,
+             on_frames: Callable[[torch.Tensor], None] | None = None) -> Generated:
+    """Load, encode, denoise, decode, each a stage of ``timer``. Everything but the outputs is freed on return.
+    ``on_frames`` gets the video's frames ``[n, 3, H, W]`` as the decode makes them (where the video is returned),
+    the values of ``Generated.video``'s; non-finite latents raise before the decode."""
     from .sampler import needs_uncond, sample, sampler_config
 
     timer = timer if timer is not None else StageTimer()
@@ -133,11 +141,14 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         latents = sample(velocity, noise, scfg, cond, uncond if needs_uncond(scfg) else None, True,
                          on_step=steps.lap, keep=keep, guidance=run.guidance() if run else None)
     active.close()
+    if not bool(torch.isfinite(latents).all()):  # every rank holds the same latents: all raise, none waits
+        raise LightqError(NOT_FINITE_LATENTS)
     rows = run.decode_rows(latents.shape[-2]) if run else None  # every rank decodes its rows, or rank 0 all
     video = None
     if rows is not None or not run or run.layout.is_writer:
+        sink = None if on_frames is None else lambda part: on_frames(part[0].transpose(0, 1))  # [n, 3, H, W]
         with timer("decode"), offload.active(vae):
-            video = vae.decode(latents.float(), progress=not run or run.layout.is_writer, rows=rows)
+            video = vae.decode(latents.float(), progress=not run or run.layout.is_writer, rows=rows, on_frames=sink)
             video = None if video is None else video[0].transpose(0, 1).float().clamp(-1, 1)  # [F, 3, H, W]
     parallel = _parallel_record(run, hw, rows) if run else None  # after the decode: its peak memory counts
     if video is None:  # a rank other than 0: rank 0 writes the outputs
@@ -243,7 +254,12 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
     device = torch.device("cuda" if hw.is_cuda else "cpu")
     if hw.is_cuda:
         torch.cuda.reset_peak_memory_stats()
-    gen = generate(cfg, hw, plans, timer)
+    mp4 = Mp4Writer(out / "video.mp4", fps=cfg.model.fps)  # fed by the decode: encodes while the job goes on
+    try:
+        gen = generate(cfg, hw, plans, timer, on_frames=mp4.feed)
+    except BaseException:  # no whole video: stop the encode (nothing half-written is left)
+        mp4.cancel()
+        raise
     record["memory"] = {**record.get("memory", {}),
                         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if hw.is_cuda else 0}
     if gen.parallel:
@@ -259,15 +275,11 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
     record["timings_s"] = gen.timings
     record["frames"], _, record["height"], record["width"] = (int(n) for n in gen.video.shape)
     outputs = record.setdefault("outputs", {})
-    if not bool(torch.isfinite(gen.latents).all()):
-        raise LightqError("the denoised latents hold NaN/Inf values, so nothing was written: every loaded tensor was "
-                          "finite, the run's numerics diverged; compare with dit_quant=none")
-    mp4 = None
     try:
-        with timer("write"):  # its foreground part: the latents, the video's pixels, the PNG frames
+        with timer("write"):  # its foreground part: the latents, the end of the video's input, the PNG frames
             C.save_atomic(gen.latents, out / "latents.pt")
             outputs["latents"] = "latents.pt"
-            mp4 = Mp4Writer(gen.video, out / "video.mp4", fps=cfg.model.fps)  # encodes while quality runs
+            mp4.close()  # every frame is in: the decode fed them (a non-finite one raises here)
             if cfg.save_frames:
                 write_frames(gen.video, out / "frames")
                 outputs["frames"] = "frames/"
@@ -276,17 +288,15 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
             mp4.result()
         outputs["video"] = "video.mp4"
     except Exception:  # the video is still the user's: let its encode finish, then report the first error
-        if mp4 is not None:
-            with timer("write"), suppress(Exception):
-                mp4.result()
-                outputs["video"] = "video.mp4"
+        with timer("write"), suppress(Exception):
+            mp4.result()
+            outputs["video"] = "video.mp4"
         raise
     except BaseException:  # interrupted: stop the encode (nothing half-written is left) and go
-        if mp4 is not None:
-            mp4.cancel()
+        mp4.cancel()
         raise
     finally:
-        if mp4 is not None and mp4.seconds is not None:
+        if mp4.seconds is not None:
             record["timings_s"]["write_background"] = mp4.seconds
 
 

@@ -6,12 +6,15 @@ host). ``write_mp4`` pipes RGB frames into imageio-ffmpeg's bundled ffmpeg binar
 in browsers and QuickTime; odd heights or widths are padded to even by repeating the last row / column), and
 writes atomically: ffmpeg writes a hidden temp file beside the target, renamed over it only once ffmpeg has
 exited cleanly, so an interrupted or failed write leaves the previous file (or none) at ``path``. ``Mp4Writer`` is
-the same write with the encode in a background thread, for a caller with other work to do meanwhile.
+the same write with the encode in a background thread, fed frames as they come (a VAE decode's chunks: the bytes
+ffmpeg gets, and so the file, are the same however the frames are split), for a caller with other work to do
+meanwhile.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import tempfile
 import threading
@@ -31,15 +34,35 @@ FRAMES_PER_CHUNK = 16  # converted to uint8 at a time: bounds the float temporar
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _check_frames(frames: torch.Tensor) -> None:
+def _check_shape(frames: torch.Tensor) -> None:
     if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[0] < 1:
         shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
         raise LightqError(
             f"video frames must be a tensor [frames, 3, height, width] with at least one frame, got {shape}: "
             "drop the batch dimension and put RGB channels second"
         )
+
+
+NOT_FINITE = "video frames contain NaN or Inf: the decode diverged; nothing was written"
+
+
+def _check_frames(frames: torch.Tensor) -> None:
+    _check_shape(frames)
     if not torch.isfinite(frames).all():
-        raise LightqError("video frames contain NaN or Inf: the decode diverged; nothing was written")
+        raise LightqError(NOT_FINITE)
+
+
+def _device_pixels(frames: torch.Tensor, pad_to_even: bool) -> torch.Tensor:
+    """``frames [n, 3, H, W]`` as uint8 RGB ``[n, H', W', 3]`` on their device (``pad_to_even``: see
+    ``uint8_frames``); the caller bounds ``n`` (the float temporaries are ``n`` frames)."""
+    height, width = frames.shape[2:]
+    chunk = frames.detach().float().clamp(-1, 1)  # a new tensor: the rest in place
+    chunk = chunk.add_(1).mul_(127.5).round_().to(torch.uint8)
+    if pad_to_even and height % 2:
+        chunk = torch.cat([chunk, chunk[:, :, -1:]], dim=2)
+    if pad_to_even and width % 2:
+        chunk = torch.cat([chunk, chunk[:, :, :, -1:]], dim=3)
+    return chunk.permute(0, 2, 3, 1)
 
 
 def uint8_frames(frames: torch.Tensor, pad_to_even: bool = False) -> np.ndarray:
@@ -49,13 +72,8 @@ def uint8_frames(frames: torch.Tensor, pad_to_even: bool = False) -> np.ndarray:
     count, _, height, width = frames.shape
     pixels = np.empty((count, height + height % 2 * pad_to_even, width + width % 2 * pad_to_even, 3), np.uint8)
     for lo in range(0, count, FRAMES_PER_CHUNK):
-        chunk = frames[lo:lo + FRAMES_PER_CHUNK].detach().float().clamp(-1, 1)  # a new tensor: the rest in place
-        chunk = chunk.add_(1).mul_(127.5).round_().to(torch.uint8)
-        if pad_to_even and height % 2:
-            chunk = torch.cat([chunk, chunk[:, :, -1:]], dim=2)
-        if pad_to_even and width % 2:
-            chunk = torch.cat([chunk, chunk[:, :, :, -1:]], dim=3)
-        torch.from_numpy(pixels[lo:lo + FRAMES_PER_CHUNK]).copy_(chunk.permute(0, 2, 3, 1))
+        torch.from_numpy(pixels[lo:lo + FRAMES_PER_CHUNK]).copy_(
+            _device_pixels(frames[lo:lo + FRAMES_PER_CHUNK], pad_to_even))
     return pixels
 
 
@@ -76,40 +94,79 @@ def mp4_command(width: int, height: int, fps: float, crf: int) -> list[str]:
     ]
 
 
+_END = None  # the end of a writer's input, in its queue
+
+
+def _to_host(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``pixels`` in host memory, and on CUDA the event after which they are there (copied without waiting)."""
+    if pixels.device.type != "cuda":
+        return pixels.cpu().contiguous(), None
+    host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(pixels.contiguous(), non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 class Mp4Writer:
-    """``write_mp4`` with the encode in a background thread, started by the constructor once the frames are
-    converted (``uint8_frames``, in the caller's thread; bad frames or fps raise there). ``result()`` waits and
-    returns the path, or raises the encode's error (a ``LightqError`` when ffmpeg fails); ``cancel()`` stops ffmpeg
-    and waits. Either way ``path`` holds the complete new video or what it held before, never part of one.
-    ``seconds``: the encode's wall time in its thread, set when it ends."""
+    """``write_mp4`` with the encode in a background thread, fed as the frames come. ``feed(frames)``, any number
+    of times, ``[n, 3, H, W]`` in [-1, 1] of one size throughout: converts them to uint8 on their device
+    (``uint8_frames``'s pixels) and queues them for the thread without waiting for the device; the thread and
+    ffmpeg start at the first call. ``close()`` ends the input and checks that every frame fed was finite (one
+    wait for the device); ``result()`` closes, waits for the encode and returns the path, or raises the error (a
+    ``LightqError`` when the frames were not finite or ffmpeg failed); ``cancel()`` stops ffmpeg and waits. Either way ``path`` holds the
+    complete new video or what it held before, never part of one. ``seconds``: the encode's wall time in its
+    thread, from the first frame fed to ffmpeg's exit (overlapping whatever the caller did meanwhile), set when it
+    ends."""
 
-    def __init__(self, frames: torch.Tensor, path: str | os.PathLike, fps: float = 16, crf: int = 18):
+    def __init__(self, path: str | os.PathLike, fps: float = 16, crf: int = 18):
         _check_fps(fps)
-        pixels = uint8_frames(frames, pad_to_even=True)
         self.path, self.seconds = Path(path), None
-        self._cmd = mp4_command(pixels.shape[2], pixels.shape[1], fps, crf)
+        self._fps, self._crf, self._size, self._finite, self._ended = fps, crf, None, None, False
+        self._queue, self._thread = queue.SimpleQueue(), None
         self._stop, self._proc, self._error = threading.Event(), None, None
-        self._thread = threading.Thread(target=self._run, args=(pixels,), name="lightq-mp4", daemon=True)
-        self._thread.start()
 
-    def _run(self, pixels: np.ndarray) -> None:
+    def feed(self, frames: torch.Tensor) -> None:
+        _check_shape(frames)
+        if self._ended:
+            raise LightqError(f"frames fed to the write of {self.path} after its end")
+        size = tuple(frames.shape[2:])
+        if self._size not in (None, size):
+            raise LightqError(f"video frames of {size[0]}x{size[1]} after frames of {self._size[0]}x{self._size[1]}: "
+                              "every frame of a video has one size")
+        if self._thread is not None and not self._thread.is_alive():
+            return  # the encode has ended: result() reports why
+        finite = torch.isfinite(frames).all()  # on the device: checked once, by result()
+        self._finite = finite if self._finite is None else self._finite & finite
+        for lo in range(0, frames.shape[0], FRAMES_PER_CHUNK):
+            self._queue.put(_to_host(_device_pixels(frames[lo:lo + FRAMES_PER_CHUNK], pad_to_even=True)))
+        if self._thread is None:
+            height, width = (n + n % 2 for n in size)
+            self._size, self._cmd = size, mp4_command(width, height, self._fps, self._crf)
+            self._thread = threading.Thread(target=self._run, name="lightq-mp4", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
         start = time.perf_counter()
         try:
-            staging.write_atomic(self.path, lambda tmp: self._encode(pixels, tmp))
+            staging.write_atomic(self.path, self._encode)
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc
         finally:
             self.seconds = round(time.perf_counter() - start, 4)
 
-    def _encode(self, pixels: np.ndarray, tmp: Path) -> None:
+    def _encode(self, tmp: Path) -> None:
         with tempfile.TemporaryFile() as log:
             proc = subprocess.Popen(self._cmd + [str(tmp)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                     stderr=log, bufsize=0)
             self._proc = proc
             try:
                 try:
-                    for frame in pixels:
-                        view = memoryview(frame).cast("B")
+                    while (item := self._queue.get()) is not _END:
+                        pixels, ready = item
+                        if ready is not None:
+                            ready.synchronize()
+                        view = memoryview(pixels.numpy()).cast("B")
                         while view:  # an unbuffered pipe may take part of a frame per write
                             if self._stop.is_set():
                                 raise LightqError(f"the write of {self.path} was cancelled")
@@ -133,7 +190,25 @@ class Mp4Writer:
                 proc.stdin.close()
                 raise
 
+    def close(self) -> None:
+        """End the input (``result()`` does it if not done): raises, having cancelled, if a frame was not finite."""
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            if self._thread is None:
+                raise LightqError(f"no frames were given for {self.path}: nothing was written")
+            if not bool(self._finite):
+                raise LightqError(NOT_FINITE)
+        except LightqError:
+            self.cancel()
+            raise
+        self._queue.put(_END)
+
     def result(self) -> Path:
+        self.close()
+        if self._thread is None:  # cancelled before any frame came
+            raise LightqError(f"the write of {self.path} was cancelled")
         try:
             self._thread.join()
         except BaseException:  # interrupted while waiting: stop ffmpeg before handing the interrupt on
@@ -145,6 +220,10 @@ class Mp4Writer:
 
     def cancel(self) -> None:
         self._stop.set()
+        self._ended = True
+        if self._thread is None:
+            return
+        self._queue.put(_END)  # wakes a thread waiting for frames
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -153,7 +232,9 @@ class Mp4Writer:
 
 def write_mp4(frames: torch.Tensor, path: str | os.PathLike, fps: float = 16, crf: int = 18) -> Path:
     """Encode ``frames [F, 3, H, W]`` in [-1, 1] as H.264 (yuv420p, CRF ``crf``) at ``fps``; returns ``path``."""
-    return Mp4Writer(frames, path, fps, crf).result()
+    writer = Mp4Writer(path, fps, crf)
+    writer.feed(frames)
+    return writer.result()
 
 
 def write_frames(frames: torch.Tensor, folder: str | os.PathLike) -> list[Path]:

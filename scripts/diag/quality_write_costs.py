@@ -7,7 +7,8 @@ uint8 on the CPU and piped to ffmpeg, the baseline cache read whole with ``torch
 ``compare`` copying every pass of both videos to the device as float64 (converted on the host) for a ``conv2d``
 SSIM (``tests/quality_reference.py``). "after" times the shipped functions: ``baseline.load`` (memory-mapped, one
 copy to the device), ``quality.compare`` on the device-resident video (banded-matrix SSIM), ``video.uint8_frames``
-on the device and ``video.Mp4Writer``. Both paths run on the same synthetic frames; the script checks that the
+on the device and ``video.Mp4Writer`` fed the whole video at once (a job feeds it during the decode:
+``scripts/diag/stream_write_costs.py``). Both paths run on the same synthetic frames; the script checks that the
 reported numbers (rounded as result.json has them) and the mp4 bytes are the same, and prints one line per part.
 With ``--frames`` below 81 the last column scales each part to 81 frames (everything here is linear in frames).
 """
@@ -167,7 +168,8 @@ def main() -> None:
                   lambda: ffmpeg_only(pixels, tmp / f"{preset}.mp4", preset))
             print(f"    {preset}: {(tmp / f'{preset}.mp4').stat().st_size / 2**20:.2f} MiB "
                   f"(medium: {(tmp / 'raw.mp4').stat().st_size / 2**20:.2f} MiB)")
-        writer = clock("  write: Mp4Writer start (foreground part)", lambda: video.Mp4Writer(vid_dev, tmp / "new.mp4"))
+        writer = video.Mp4Writer(tmp / "new.mp4")
+        clock("  write: Mp4Writer.feed, the whole video (foreground part)", lambda: writer.feed(vid_dev))
         clock("  write: Mp4Writer result (the wait, nothing overlapped)", writer.result)
         print(f"  Mp4Writer.seconds (background encode) {writer.seconds * 1e3:.1f} ms")
         same_mp4 = (tmp / "new.mp4").read_bytes() == (tmp / "old.mp4").read_bytes()
