@@ -30,8 +30,11 @@ def compose_job(*base: str):
     from lightq.paths import conf_dir
 
     config.register()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        yield lambda *o: compose("config", overrides=["hardware=auto", *base, *o])
+
+    def compose_one(*overrides):  # Hydra's global state held per call: several such fixtures may be alive at once
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose("config", overrides=["hardware=auto", *base, *overrides])
+    yield compose_one
 
 
 @pytest.fixture(scope="module")

@@ -172,12 +172,13 @@ FAST_DIT_MODES = ["none", "fp8-triton", "int8-triton", "fp8-vllm", "fp8-sgl"]
 
 def _backend_or_skip(mode: str) -> None:
     from lightq.backends.registry import specs
+    from lightq.hardware import detect
 
     if mode == "none":
         return
     backend = mode.split("-", 1)[1]
     found = specs().get(backend)
-    ok, why = found.is_available() if found is not None else (False, f"no backend '{backend}' installed")
+    ok, why = found.is_available(detect()) if found is not None else (False, f"no backend '{backend}' installed")
     if not ok:
         pytest.skip(f"dit_quant={mode}: {why}")
 
