@@ -6,12 +6,16 @@ backend and why, quantized layer count, weight bytes), ``timings_s`` (the stages
 ``unaccounted`` sum to ``total``; ``denoise_steps`` per step and ``denoise_warmup``, the first step's excess over
 the median of the others; ``write_background``, see below), ``memory`` (peak host RSS and peak GPU allocation,
 bytes; ``peak_host_bytes_by_stage`` the peak reached by the end of each stage),
+``kernels`` (jobs on lightq's Triton kernels on a GPU: ``kernels.precompile.Background.record``),
 ``process`` (``before_job_s``: the process's age when the job began: interpreter, imports, Hydra),
 ``quality`` (against the bf16 baseline: psnr, ssim, latent_cosine; ``speedup_denoise`` only when the baseline
 was timed in the same job, else ``speed`` says why not), ``outputs`` (files written),
 ``versions``.
 
-Stages are disjoint intervals of the job's wall time, measured in its main thread. ``decode``: the VAE decode,
+Stages are disjoint intervals of the job's wall time, measured in its main thread. ``kernel_warmup``: starting
+the background compile of the job's Triton kernels (jobs on lightq's kernels on a GPU) and, before the first
+denoising step, waiting for what is still compiling (``kernels.precompile``; result.json's ``kernels`` says what
+was compiled in the background and what at a launch). ``decode``: the VAE decode,
 including handing each latent frame's frames to the mp4 encoder (converted to uint8 on the decode device and
 queued: ``pipeline.video.Mp4Writer.feed``), which encodes them in a background thread from the first frame on.
 ``write``: saving the latents, the end of the video's input (one check that every frame was finite), the PNG

@@ -4,8 +4,9 @@ Each job runs in its own fresh process exactly as a user types it (``python -m l
 (every mode ``none``) first. Per job the table gives the process's wall time (what the user waits for, Python and
 Hydra start-up included), its ratio to the bf16 job's, every stage of ``result.json``'s ``timings_s`` and the
 mp4 encode's own time in the background (``write_background``: inside ``decode``, ``write`` and ``quality``, not
-added), the warm-up (the first denoising step's excess over the median of the others, plus any kernel warm-up
-stage), peak GPU and host memory, and quality against the bf16 job (same weights, seed and prompt: the bf16 job
+added), the warm-up (the first denoising step's excess over the median of the others, plus the ``kernel_warmup``
+stage), how many of lightq's Triton kernels were compiled in the background and how many at a launch
+(``result.json`` ``kernels``), peak GPU and host memory, and quality against the bf16 job (same weights, seed and prompt: the bf16 job
 caches the baseline every later job of the run compares with). The wall time outside the job splits into
 ``start-up`` (the process's age when its job began: interpreter, imports, Hydra; ``result.json``
 ``process.before_job_s``) and ``exit`` (after the job's record is complete: Hydra's bookkeeping, freeing memory,
@@ -128,10 +129,17 @@ def _row(job: Job, base: Job | None) -> dict:
         "peak_host_gib": round(mem.get("peak_host_bytes", 0) / GIB, 2),
         "peak_host_gib_by_stage": {k: round(v / GIB, 2) for k, v in mem.get("peak_host_bytes_by_stage", {}).items()},
         "psnr_db": q.get("psnr_db"), "ssim": q.get("ssim"), "latent_cosine": q.get("latent_cosine"),
-        "baseline": q.get("baseline"),
+        "baseline": q.get("baseline"), "kernels": r.get("kernels"),
         "components": {c: f"{d.get('mode')} ({d.get('backend')})" for c, d in r.get("components", {}).items()
                        if isinstance(d, dict) and d.get("mode")},
     }
+
+
+def _kernels(k: dict | None) -> str:
+    """``compiled in the background / at a launch`` of lightq's Triton kernels (``-`` for a job with none)."""
+    if not k:
+        return "-"
+    return f"{k.get('precompiled')} / {'?' if k.get('compiled_at_launch') is None else k['compiled_at_launch']}"
 
 
 def rows_of(jobs: list[Job]) -> list[dict]:
@@ -143,12 +151,13 @@ def rows_of(jobs: list[Job]) -> list[dict]:
     return rows
 
 
-STAGE_COLUMNS = ("setup", "load", "encode_text", "encode_image", "denoise", "decode", "write", "quality")
+STAGE_COLUMNS = ("setup", "load", "encode_text", "encode_image", "kernel_warmup", "denoise", "decode", "write",
+                 "quality")
 
 
 def markdown(rows: list[dict], header: str) -> str:
     cols = ["job", "cache", "wall s", "vs bf16", "start-up s", *[f"{s} s" for s in STAGE_COLUMNS], "mp4 encode s",
-            "exit s", "warm-up s",
+            "exit s", "warm-up s", "kernels bg / at launch",
             "denoise vs bf16", "unacc. %", "peak GPU GiB", "peak host GiB", "PSNR dB", "SSIM", "latent cos"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -161,7 +170,7 @@ def markdown(rows: list[dict], header: str) -> str:
         cells = [r["job"], r["cache"], _fmt(r["wall_s"]), ratio(r["wall_vs_bf16"]),
                  _fmt(r["startup_s"]),
                  *[_fmt(s.get(k)) if k in s else "-" for k in STAGE_COLUMNS], _fmt(r.get("write_background_s")),
-                 _fmt(r["exit_s"]), _fmt(r["warmup_s"], 2),
+                 _fmt(r["exit_s"]), _fmt(r["warmup_s"], 2), _kernels(r["kernels"]),
                  ratio(r["denoise_vs_bf16"]), _fmt(unacc, 2), _fmt(r["peak_gpu_gib"]), _fmt(r["peak_host_gib"]),
                  "inf" if r["psnr_db"] == float("inf") else _fmt(r["psnr_db"], 2),
                  "-" if r["ssim"] is None else f"{r['ssim']:.4f}",

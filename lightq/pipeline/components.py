@@ -238,6 +238,29 @@ def load_self_attention(plan: ComponentPlan | None):
     return implementation_for(plan.scheme, plan.backend)
 
 
+def job_kind(cfg, plans: dict[str, ComponentPlan]) -> str | None:
+    """Which components run on lightq's Triton kernels (backend ``triton``: a component's linear layers or the
+    DiT's self-attention), as sorted ``component=scheme-backend@arch`` joined by ``;`` (the self-attention's arch
+    is the DiT's); None if none does. The key of the shipped kernel specializations (``kernels.precompile``)."""
+    m = cfg.model
+    archs = {"dit": m.dit_arch, "dit_low": m.dit_arch, "attn": m.dit_arch, "t5": m.t5_arch, "clip": m.clip_arch}
+    return ";".join(sorted(f"{name}={p.scheme}-{p.backend}@{archs.get(name)}"
+                           for name, p in plans.items() if p.ok and p.backend == "triton")) or None
+
+
+def kernel_precompile(cfg, hw, plans: dict[str, ComponentPlan]):
+    """A ``kernels.precompile.Background`` compiling this job's recorded kernel specializations while it loads
+    (a context manager; ``wait()`` before the first step), or None for a job that runs none of lightq's Triton
+    kernels on a GPU."""
+    kind = job_kind(cfg, plans)
+    if kind is None or not hw.is_cuda:
+        return None
+    from ..kernels import interpreting
+    from ..kernels.precompile import Background
+
+    return None if interpreting() else Background(kind)
+
+
 def load_vae(cfg, folder, device, offload=None):
     return _load(family(cfg.model.family).decoder, cfg, None, folder, device, torch.float32, False, offload)
 

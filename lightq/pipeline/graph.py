@@ -57,6 +57,7 @@ class Generated:
     components: dict
     parallel: dict | None = None  # result.json's "parallel" for a multi-process run (video None off rank 0)
     expert_prefetch: dict | None = None  # result.json's memory.expert_prefetch (``Experts.record``)
+    kernels: dict | None = None  # result.json's kernels (``kernels.precompile.Background.record``)
 
 
 NOT_FINITE_LATENTS = ("the denoised latents hold NaN/Inf values, so nothing was written: every loaded tensor was "
@@ -78,51 +79,59 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
         timer.sync = lambda: torch.cuda.synchronize(device)
     offload = C.Offload(cfg.offload, device, cfg)
     comps = {}
-    with timer("load"):
-        folder = C.model_folder(cfg)
-        tokenizer = C.load_tokenizer_for(cfg.model, folder)
-        methods = C.quant_methods(cfg, plans)
-        # each component is placed by ``offload`` as it loads (packed into host memory unless offload=none)
-        t5 = C.load_t5(cfg, methods["t5"], folder, device, dtype, True, offload)
-        clip = C.load_clip(cfg, methods["clip"], folder, device, dtype, True, offload) if "clip" in plans else None
-        experts = {name: C.load_dit(cfg, methods[name], folder, device, dtype, True, component=name, offload=offload)
-                   for name in family(cfg.model.family).experts or ("dit",)}
-        vae = C.load_vae(cfg, folder, device, offload)
-        self_attention = C.load_self_attention(plans.get("attn"))
-    for name, module in (("t5", t5), ("clip", clip), *experts.items(), ("vae", vae)):
-        if module is not None:
-            comps[name] = C.describe(module, methods.get(name))
-            p = plans.get(name)
-            log.info("loaded %s: %s (%s), %d quantized linears, %.1f MiB", name, p.mode if p else "fp32",
-                     p.reason if p else "VAE is never quantized", comps[name]["quantized_layers"],
-                     comps[name]["weight_bytes"] / 2**20)
+    with timer("kernel_warmup"):  # this job's kernels start compiling in the background, while it loads
+        compiling = C.kernel_precompile(cfg, hw, plans)
+    with compiling or nullcontext():
+        with timer("load"):
+            folder = C.model_folder(cfg)
+            tokenizer = C.load_tokenizer_for(cfg.model, folder)
+            methods = C.quant_methods(cfg, plans)
+            # each component is placed by ``offload`` as it loads (packed into host memory unless offload=none)
+            t5 = C.load_t5(cfg, methods["t5"], folder, device, dtype, True, offload)
+            clip = C.load_clip(cfg, methods["clip"], folder, device, dtype, True, offload) if "clip" in plans \
+                else None
+            experts = {name: C.load_dit(cfg, methods[name], folder, device, dtype, True, component=name,
+                                        offload=offload)
+                       for name in family(cfg.model.family).experts or ("dit",)}
+            vae = C.load_vae(cfg, folder, device, offload)
+            self_attention = C.load_self_attention(plans.get("attn"))
+        for name, module in (("t5", t5), ("clip", clip), *experts.items(), ("vae", vae)):
+            if module is not None:
+                comps[name] = C.describe(module, methods.get(name))
+                p = plans.get(name)
+                log.info("loaded %s: %s (%s), %d quantized linears, %.1f MiB", name, p.mode if p else "fp32",
+                         p.reason if p else "VAE is never quantized", comps[name]["quantized_layers"],
+                         comps[name]["weight_bytes"] / 2**20)
 
-    if "attn" in plans:
-        log.info("DiT self-attention: %s (%s)", plans["attn"].mode, plans["attn"].reason)
-    scfg = sampler_config(cfg)
-    m = cfg.model
-    geometry = family(m.family).geometry(m)
-    height, width = C.video_size(cfg)
-    with timer("encode_text"), offload.active(t5):
-        ids, mask = tokenizer([cfg.prompt, cfg.negative_prompt or ""])
-        context = t5(ids.to(device), mask.to(device))
-        cond, uncond = context[:1], context[1:]
-    offload.release(t5)
-    arch = experts["dit"].arch
-    extra, keep = {}, None
-    if m.task == "i2v":
-        with timer("encode_image"):
-            image = C.input_image(cfg, height, width).to(device)
-            if clip is not None:
-                with offload.active(clip):
-                    extra["clip_fea"] = clip(image[None].to(dtype))
-                offload.release(clip)
-            with offload.active(vae):
-                if arch.is_i2v:
-                    extra["y"] = C.i2v_condition(vae, image, m.frames, geometry)
-                else:
-                    keep = C.first_frame_latents(vae, image)
-            offload.release(vae)
+        if "attn" in plans:
+            log.info("DiT self-attention: %s (%s)", plans["attn"].mode, plans["attn"].reason)
+        scfg = sampler_config(cfg)
+        m = cfg.model
+        geometry = family(m.family).geometry(m)
+        height, width = C.video_size(cfg)
+        with timer("encode_text"), offload.active(t5):
+            ids, mask = tokenizer([cfg.prompt, cfg.negative_prompt or ""])
+            context = t5(ids.to(device), mask.to(device))
+            cond, uncond = context[:1], context[1:]
+        offload.release(t5)
+        arch = experts["dit"].arch
+        extra, keep = {}, None
+        if m.task == "i2v":
+            with timer("encode_image"):
+                image = C.input_image(cfg, height, width).to(device)
+                if clip is not None:
+                    with offload.active(clip):
+                        extra["clip_fea"] = clip(image[None].to(dtype))
+                    offload.release(clip)
+                with offload.active(vae):
+                    if arch.is_i2v:
+                        extra["y"] = C.i2v_condition(vae, image, m.frames, geometry)
+                    else:
+                        keep = C.first_frame_latents(vae, image)
+                offload.release(vae)
+        if compiling is not None:
+            with timer("kernel_warmup"):  # what is still compiling, before the first step needs it
+                compiling.wait()
     shape = geometry.latent_shape(m.frames, height, width)
     noise = C.initial_noise(cfg.seed, shape).to(device)
     grid = tuple(n // p for n, p in zip(shape[1:], geometry.patch))
@@ -153,10 +162,12 @@ def generate(cfg, hw: Hardware, plans: dict[str, ComponentPlan], timer: StageTim
     parallel = _parallel_record(run, hw, rows) if run else None  # after the decode: its peak memory counts
     if video is None:  # a rank other than 0: rank 0 writes the outputs
         return Generated(latents[0].float().cpu(), None, dict(timer.times), comps, parallel)
-    timings = {**{k: timer.times[k] for k in ("load", "encode_text", "encode_image", "denoise", "decode")
+    timings = {**{k: timer.times[k] for k in ("load", "encode_text", "encode_image", "kernel_warmup", "denoise",
+                                              "decode")
                   if k in timer.times}, **steps.summary()}
     log.info("stage times (s): %s", timings)
-    return Generated(latents[0].float().cpu(), video, timings, comps, parallel, active.record())
+    return Generated(latents[0].float().cpu(), video, timings, comps, parallel, active.record(),
+                     compiling.record() if compiling is not None else None)
 
 
 def _parallel_runtime(cfg, hw: Hardware):
@@ -268,6 +279,8 @@ def run_pipeline(cfg, hw: Hardware, plans: dict[str, ComponentPlan], out: Path, 
         return
     if gen.expert_prefetch is not None:
         record["memory"]["expert_prefetch"] = gen.expert_prefetch
+    if gen.kernels is not None:
+        record["kernels"] = gen.kernels
     record["components"] = {name: {**(plans[name].as_dict() if name in plans else {}), **desc}
                             for name, desc in gen.components.items()}
     if "attn" in plans:
