@@ -125,6 +125,9 @@ def test_recording_keeps_lightq_kernels_without_machine_paths(precompile, monkey
     assert table["arch"] == "sm90" and kind["triton"] == triton.__version__ and len(kind["entries"]) == 2
     precompile.dump(tmp_path / "rec.json")  # again: merged, not doubled
     assert len(json.loads((tmp_path / "rec.json").read_text())["kinds"]["dit=fp8-triton@14b"]["entries"]) == 2
+    monkeypatch.setenv(precompile.TABLE_ENV, str(tmp_path / "rec.json"))
+    read_back = precompile.recorded("dit=fp8-triton@14b")
+    assert len(read_back) == 2 and all(precompile._fits(fn, spec) for _, _, spec in read_back)  # order kept
 
 
 @needs_triton

@@ -97,7 +97,8 @@ def _kernel(module: str, name: str):
 
 
 def _fits(fn, spec: dict) -> bool:
-    """Does ``spec`` name exactly ``fn``'s parameters (a table written before a signature changed does not)?"""
+    """Does ``spec`` name exactly ``fn``'s parameters, in their order (a table written before a signature changed
+    does not)?"""
     return spec.get("name") == f"{fn.__module__}.{fn.__qualname__}" and list(spec.get("signature", {})) == \
         fn.arg_names
 
@@ -213,7 +214,7 @@ def dump(path: Path) -> None:
         merged.update(specs)
         table["kinds"][kind] = {"triton": triton.__version__,
                                 "entries": [[m, n, merged[(m, n, k)]] for m, n, k in sorted(merged)]}
-    text = json.dumps(table, indent=1, sort_keys=True) + "\n"
+    text = json.dumps(table, indent=1) + "\n"  # not sort_keys: a signature's order is its parameters' order
     staging.write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
