@@ -598,3 +598,24 @@ def test_fused_block_lora_contribution_matches_the_unfused_block(kernels, scheme
         assert rel(fused(*args) - base, contribution["unfused"]) > 0.01, "the bound cannot tell a missing path"
         model.lora_stack.set_strengths(model, [0.0])
         assert torch.equal(fused(*args), base), "strength 0 changed the fused block"
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (pip install triton)")
+def test_a_copied_quantized_model_shares_its_backend_and_copies_its_weights():
+    """``copy.deepcopy`` of a model on the triton backend (whose kernel ops cannot be copied; offload's lazy
+    blocks and references copy models): the backend is shared, the codes are copies."""
+    import copy
+
+    from lightq.backends.triton_backend import TritonBackend
+    from lightq.checkpoints.loader import load_component
+    from lightq.models.family import QUANTIZABLE
+    from lightq.models.wan_dit import DiTArch, WanDiT
+
+    arch = DiTArch(dim=64, ffn_dim=128, num_heads=2, num_layers=1, text_dim=64)
+    model = load_component(lambda: WanDiT(arch), "random", include=QUANTIZABLE["dit"],
+                           method=QuantMethod("int8", TritonBackend(specs()["triton"])), dtype=torch.bfloat16,
+                           progress=False)
+    twin = copy.deepcopy(model)
+    lin, other = model.blocks[0].ffn[0], twin.blocks[0].ffn[0]
+    assert other.backend is lin.backend
+    assert torch.equal(other.data, lin.data) and other.data.data_ptr() != lin.data.data_ptr()

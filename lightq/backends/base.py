@@ -40,6 +40,11 @@ class Backend:
         self.spec = spec
         self.name = spec.name
 
+    def __deepcopy__(self, memo) -> "Backend":
+        """A backend holds no weights, only kernels (some, as torch custom ops, cannot be copied at all): a copied
+        model shares its layers' backends."""
+        return self
+
     def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         """Re-lay ``qw`` out for this backend's kernels. Must not change what the weight represents."""
         raise NotImplementedError

@@ -13,7 +13,7 @@ which architecture), the specializations of lightq's kernels that such jobs comp
 
 ``Background`` enters ``triton.AsyncCompileMode`` on a thread pool and preloads its kind's entries into it: each
 compile runs in a pool thread (Triton's passes and ``ptxas`` run without holding the GIL), from Triton's on-disk
-cache when it holds the kernel. A kernel the job launches meanwhile (the backend's self-test at load) waits for its
+cache when it holds the kernel, and the same thread loads the compiled kernel and builds its launcher. A kernel the job launches meanwhile (the backend's self-test at load) waits for its
 own compile only; ``wait`` (the job's ``kernel_warmup`` stage, before the first step) waits for the rest and
 leaves every kernel in Triton's in-memory cache. An entry that fails to compile (a table older than a kernel's
 signature) is only a kernel compiled at its first launch, as without a table; ``Background.record`` counts both.
@@ -35,9 +35,10 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 import triton
 
 from .. import staging
@@ -107,6 +108,32 @@ def _portable(spec: dict) -> dict:
     return {**spec, "options": {k: v for k, v in spec.get("options", {}).items() if k not in MACHINE_FIELDS}}
 
 
+class _CompileAndLoad(Executor):
+    """What ``AsyncCompileMode`` submits to: each compile, then in the same worker the compiled kernel's module load
+    and launcher build (``CompiledKernel._init_handles``, which Triton otherwise runs at the first launch, on the
+    job's thread; the launcher is C code compiled once per signature), on the job's GPU. A kernel that cannot load
+    keeps the error for its launch, where Triton raises it."""
+
+    def __init__(self, workers: int):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lightq-compile")
+        self.device = torch.cuda.current_device()
+
+    def submit(self, fn, /, *args, **kwargs):
+        return self.pool.submit(self._compile_and_load, fn, *args, **kwargs)
+
+    def _compile_and_load(self, fn, *args, **kwargs):
+        kernel = fn(*args, **kwargs)
+        try:
+            torch.cuda.set_device(self.device)  # a new thread starts on GPU 0
+            kernel._init_handles()
+        except Exception as exc:  # noqa: BLE001 (the launch raises it, with its context)
+            log.debug("loading %s in the background failed: %s", kernel, exc)
+        return kernel
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
 class Background:
     """Compile the specializations of job kind ``kind`` (``entries``, by default ``recorded(kind)``) in
     ``workers`` threads, from construction until ``wait``; a context manager whose exit waits (``wait`` is
@@ -131,7 +158,7 @@ class Background:
         if not kernels:
             return
         workers = workers or max(1, min(len(kernels), 16, (len(os.sched_getaffinity(0)) + 1) // 2))
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="lightq-compile")
+        self._pool = _CompileAndLoad(workers)
         self._mode = triton.AsyncCompileMode(self._pool, ignore_errors=True)
         self._mode.__enter__()
         target = triton.runtime.driver.active.get_current_target()
