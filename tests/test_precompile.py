@@ -67,10 +67,10 @@ def _act_quant_kernel():
 def test_tables_merge_the_shipped_one_and_ones_own(precompile, tmp_path, monkeypatch):
     fn = _act_quant_kernel()
     entry = lambda key: [fn.__module__, fn.__name__, _spec(fn, key)]  # noqa: E731
-    shipped = {"arch": "sm90", "kinds": {"k": {"triton": "3.6.0", "entries": [entry("a"), entry("b")]}}}
+    shipped = {"arch": "sm90", "kinds": {"k": {"compiler": "3.6.0", "entries": [entry("a"), entry("b")]}}}
     (tmp_path / "shipped" / "sm90-specializations.json").write_text(json.dumps(shipped))
     own = tmp_path / "own.json"
-    own.write_text(json.dumps({"arch": "sm90", "kinds": {"k": {"triton": "3.7.1", "entries": [entry("b"),
+    own.write_text(json.dumps({"arch": "sm90", "kinds": {"k": {"compiler": "3.7.1", "entries": [entry("b"),
                                                                                              entry("c")]},
                                                          "other": {"entries": [entry("d")]}}}))
     monkeypatch.setenv(precompile.TABLE_ENV, str(own))
@@ -122,7 +122,7 @@ def test_recording_keeps_lightq_kernels_without_machine_paths(precompile, monkey
     precompile.dump(tmp_path / "rec.json")
     table = json.loads((tmp_path / "rec.json").read_text())
     kind = table["kinds"]["dit=fp8-triton@14b"]
-    assert table["arch"] == "sm90" and kind["triton"] == triton.__version__ and len(kind["entries"]) == 2
+    assert table["arch"] == "sm90" and kind["compiler"] == triton.__version__ and len(kind["entries"]) == 2
     precompile.dump(tmp_path / "rec.json")  # again: merged, not doubled
     assert len(json.loads((tmp_path / "rec.json").read_text())["kinds"]["dit=fp8-triton@14b"]["entries"]) == 2
     monkeypatch.setenv(precompile.TABLE_ENV, str(tmp_path / "rec.json"))
@@ -134,9 +134,9 @@ def test_recording_keeps_lightq_kernels_without_machine_paths(precompile, monkey
 def test_dump_replaces_a_kind_recorded_under_another_triton(precompile, tmp_path):
     fn = _act_quant_kernel()
     path = tmp_path / "t.json"
-    old = {"arch": "sm90", "kinds": {"k": {"triton": "0.0.1", "entries": [[fn.__module__, fn.__name__,
+    old = {"arch": "sm90", "kinds": {"k": {"compiler": "0.0.1", "entries": [[fn.__module__, fn.__name__,
                                                                            _spec(fn, "old")]]},
-                                     "kept": {"triton": "0.0.1", "entries": []}}}
+                                     "kept": {"compiler": "0.0.1", "entries": []}}}
     path.write_text(json.dumps(old))
     precompile._recorded["k"] = {(fn.__module__, fn.__name__, "new"): _spec(fn, "new")}
     precompile.dump(path)

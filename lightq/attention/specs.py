@@ -17,4 +17,5 @@ TRITON = BackendSpec(
     requires=("triton",),
     install="pip install triton (CUDA builds of torch ship it)",
     description="lightq's Triton kernels: block quantizer + online-softmax attention (lightq.kernels.attention)",
+    precompiles=True,
 )

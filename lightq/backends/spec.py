@@ -39,7 +39,9 @@ class BackendSpec:
     that provides them. ``impl`` is ``"module:Class"`` of the ``Backend`` implementation. ``max_capability``
     excludes newer GPUs the kernels were never built for (e.g. Q8-Kernels is Ada-only).
     ``k_multiple`` / ``n_multiple``: the kernels need ``in_features`` / ``out_features`` to be multiples of these
-    (``fits``, checked per layer at load by ``lightq.quant.method``).
+    (``fits``, checked per layer at load by ``lightq.quant.method``). ``precompiles``: the kernels are lightq's own
+    Triton kernels, whose recorded specializations a job compiles in the background while it loads
+    (``lightq.kernels.precompile``).
     """
 
     name: str
@@ -51,6 +53,7 @@ class BackendSpec:
     max_capability: float | None = None
     k_multiple: int = 1
     n_multiple: int = 1
+    precompiles: bool = False
 
     def is_available(self, hw: Hardware) -> Check:
         """Can this backend run at all here (packages present, device kind right)? Never raises."""

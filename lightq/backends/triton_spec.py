@@ -13,4 +13,5 @@ SPEC = BackendSpec(
                 "fused LayerNorm+modulation+quant and RMSNorm+RoPE in the DiT block",
     k_multiple=16,
     n_multiple=16,
+    precompiles=True,
 )

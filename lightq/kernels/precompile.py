@@ -8,7 +8,7 @@ hooks) and compiles it with no launch (``JITFunction.preload``). ``tuned/<arch>-
 *job kind* (``lightq.pipeline.components.job_kind``: which components run on lightq's kernels, in which mode, at
 which architecture), the specializations of lightq's kernels that such jobs compiled:
 
-    {"arch": "sm90", "kinds": {"dit=fp8-triton@14b": {"triton": "3.6.0",
+    {"arch": "sm90", "kinds": {"dit=fp8-triton@14b": {"compiler": "3.6.0",
                                                       "entries": [[module, kernel, specialization], ...]}}}
 
 ``Background`` enters ``triton.AsyncCompileMode`` on a thread pool and preloads its kind's entries into it: each
@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 import triton
 
-from .. import staging
 from . import tuned_configs
 
 DUMP_ENV = "LIGHTQ_SPECIALIZATIONS_DUMP"
@@ -236,13 +235,15 @@ def dump(path: Path) -> None:
     table = read_table(path) if path.is_file() else {"arch": tuned_configs.arch(), "kinds": {}}
     for kind, specs in _recorded.items():
         old = table["kinds"].get(kind, {})
-        merged = {} if old.get("triton") != triton.__version__ else \
+        merged = {} if old.get("compiler") != triton.__version__ else \
             {(m, n, s["key"]): s for m, n, s in old.get("entries", [])}
         merged.update(specs)
-        table["kinds"][kind] = {"triton": triton.__version__,
+        table["kinds"][kind] = {"compiler": triton.__version__,
                                 "entries": [[m, n, merged[(m, n, k)]] for m, n, k in sorted(merged)]}
     text = json.dumps(table, indent=1) + "\n"  # not sort_keys: a signature's order is its parameters' order
-    staging.write_atomic(path, lambda tmp: tmp.write_text(text))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a reader never sees half a table
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if os.environ.get(DUMP_ENV):

@@ -239,13 +239,23 @@ def load_self_attention(plan: ComponentPlan | None):
 
 
 def job_kind(cfg, plans: dict[str, ComponentPlan]) -> str | None:
-    """Which components run on lightq's Triton kernels (backend ``triton``: a component's linear layers or the
-    DiT's self-attention), as sorted ``component=scheme-backend@arch`` joined by ``;`` (the self-attention's arch
-    is the DiT's); None if none does. The key of the shipped kernel specializations (``kernels.precompile``)."""
+    """Which components run on lightq's Triton kernels (a planned backend whose spec ``precompiles``: a component's
+    linear layers or the DiT's self-attention), as sorted ``component=scheme-backend@arch`` joined by ``;`` (the
+    self-attention's arch is the DiT's); None if none does. The key of the shipped kernel specializations
+    (``kernels.precompile``)."""
+    from ..attention.registry import specs as attention_specs
+    from ..backends.registry import specs as linear_specs
+
     m = cfg.model
     archs = {"dit": m.dit_arch, "dit_low": m.dit_arch, "attn": m.dit_arch, "t5": m.t5_arch, "clip": m.clip_arch}
+    found = {"linear": linear_specs(), "attn": attention_specs()}
+
+    def precompiles(name: str, p: ComponentPlan) -> bool:
+        spec = found["attn" if name == "attn" else "linear"].get(p.backend) if p.ok and p.backend else None
+        return spec is not None and spec.precompiles
+
     return ";".join(sorted(f"{name}={p.scheme}-{p.backend}@{archs.get(name)}"
-                           for name, p in plans.items() if p.ok and p.backend == "triton")) or None
+                           for name, p in plans.items() if precompiles(name, p))) or None
 
 
 def kernel_precompile(cfg, hw, plans: dict[str, ComponentPlan]):
