@@ -2,10 +2,11 @@
 ``torchrun`` with the gloo backend, the tiny VAEs.
 
 Every rank runs one process's operations on one process's values for its rows (the halo rows of each conv, the
-cached frames with their halo, the whole frame at the attention block), so with a conv kernel whose arithmetic for
-an output pixel does not depend on the frame's height (torch's native CPU conv) the video must equal one
-process's bit for bit; oneDNN picks its algorithm by the input's size, so there a strip may be summed in another
-order: a difference of fp32 rounding, held to 1e-5 (about 10x the measured 8e-7; a check, not a derived bound).
+cached frames with their halo, the whole frame at the attention block). A CPU conv kernel may still sum a strip in
+another order than the whole frame: oneDNN picks its algorithm by the input's size, and torch's native conv, bit
+for bit equal on some machines, differs on others (the 2-core CPU machine of 2026-12-02: up to 1.8e-6, at one
+latent row per rank). The split is held to a difference of fp32 rounding, 1e-5 (about 5x the largest measured;
+a check, not a derived bound); a wrong halo or cache moves values by the activations' size.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image
 
 from lightq.parallel.p2p import chain_order
 
-ONEDNN_CHECK = 1e-5
+ROUNDING_CHECK = 1e-5
 
 
 def _torchrun(procs: int, *args: str) -> subprocess.CompletedProcess:
@@ -42,10 +43,7 @@ def test_split_decode_equals_one_process(tmp_path, procs):
         vae, rows = case.split()[:2]
         pixels = {"wan2.1": 8, "wan2.2": 16}[vae]
         assert r["shape"] == [1, 3, 9, pixels * int(rows), pixels * 5], case
-        if case.endswith("native"):
-            assert r["equal"], (case, r)
-        else:
-            assert r["max_diff"] <= ONEDNN_CHECK, (case, r)
+        assert r["max_diff"] <= ROUNDING_CHECK, (case, r)
 
 
 def _blocking_run(programs: dict[int, list]) -> bool:

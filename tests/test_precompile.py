@@ -52,7 +52,11 @@ def precompile(monkeypatch, tmp_path):
 
 
 def _spec(fn, key, **extra):
-    return {"name": f"{fn.__module__}.{fn.__qualname__}", "signature": {a: "i32" for a in fn.arg_names},
+    import inspect
+
+    py = fn.fn  # the kernel's Python function (compiled or, under TRITON_INTERPRET, interpreted)
+    return {"name": f"{py.__module__}.{py.__qualname__}",
+            "signature": {a: "i32" for a in inspect.signature(py).parameters},
             "key": key, "options": {"num_warps": 4, "extern_libs": [["libdevice", "/elsewhere/libdevice.10.bc"]]},
             **extra}
 
@@ -66,7 +70,7 @@ def _act_quant_kernel():
 @needs_triton
 def test_tables_merge_the_shipped_one_and_ones_own(precompile, tmp_path, monkeypatch):
     fn = _act_quant_kernel()
-    entry = lambda key: [fn.__module__, fn.__name__, _spec(fn, key)]  # noqa: E731
+    entry = lambda key: [fn.fn.__module__, fn.fn.__name__, _spec(fn, key)]  # noqa: E731
     shipped = {"arch": "sm90", "kinds": {"k": {"compiler": "3.6.0", "entries": [entry("a"), entry("b")]}}}
     (tmp_path / "shipped" / "sm90-specializations.json").write_text(json.dumps(shipped))
     own = tmp_path / "own.json"
@@ -109,7 +113,7 @@ def test_recording_keeps_lightq_kernels_without_machine_paths(precompile, monkey
     before = precompile._launch_compiles
     for module, warmup in (("lightq.kernels.act_quant", False), ("someone.elses", False),
                            ("lightq.kernels.act_quant", True)):
-        info = SimpleNamespace(module=module, name=fn.__name__)
+        info = SimpleNamespace(module=module, name=fn.fn.__name__)
         data = json.dumps({**_spec(fn, f"{module}-{warmup}"), "target": {"backend": "cuda", "arch": 90}})
         precompile._on_compile(key="k", repr="r", fn=info, compile={"specialization_data": data},
                                is_manual_warmup=warmup, already_compiled=False)
@@ -134,11 +138,11 @@ def test_recording_keeps_lightq_kernels_without_machine_paths(precompile, monkey
 def test_dump_replaces_a_kind_recorded_under_another_triton(precompile, tmp_path):
     fn = _act_quant_kernel()
     path = tmp_path / "t.json"
-    old = {"arch": "sm90", "kinds": {"k": {"compiler": "0.0.1", "entries": [[fn.__module__, fn.__name__,
+    old = {"arch": "sm90", "kinds": {"k": {"compiler": "0.0.1", "entries": [[fn.fn.__module__, fn.fn.__name__,
                                                                            _spec(fn, "old")]]},
                                      "kept": {"compiler": "0.0.1", "entries": []}}}
     path.write_text(json.dumps(old))
-    precompile._recorded["k"] = {(fn.__module__, fn.__name__, "new"): _spec(fn, "new")}
+    precompile._recorded["k"] = {(fn.fn.__module__, fn.fn.__name__, "new"): _spec(fn, "new")}
     precompile.dump(path)
     table = json.loads(path.read_text())
     assert [e[2]["key"] for e in table["kinds"]["k"]["entries"]] == ["new"]

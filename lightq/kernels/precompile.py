@@ -13,9 +13,10 @@ which architecture), the specializations of lightq's kernels that such jobs comp
 
 ``Background`` enters ``triton.AsyncCompileMode`` on a thread pool and preloads its kind's entries into it: each
 compile runs in a pool thread (Triton's passes and ``ptxas`` run without holding the GIL), from Triton's on-disk
-cache when it holds the kernel, and the same thread loads the compiled kernel and builds its launcher. A kernel the job launches meanwhile (the backend's self-test at load) waits for its
-own compile only; ``wait`` (the job's ``kernel_warmup`` stage, before the first step) waits for the rest and
-leaves every kernel in Triton's in-memory cache. An entry that fails to compile (a table older than a kernel's
+cache when it holds the kernel, and the same thread loads the compiled kernel and builds its launcher. A kernel
+the job launches meanwhile (the backend's self-test at load) waits for its own compile only; ``wait`` (the job's
+``kernel_warmup`` stage, before the first step) waits for the rest and leaves every kernel in Triton's in-memory
+cache. An entry that fails to compile (a table older than a kernel's
 signature) is only a kernel compiled at its first launch, as without a table; ``Background.record`` counts both.
 Machine-specific fields (``extern_libs``: the path of libdevice) are not stored; the compile target is the
 running GPU's (the table is chosen by its architecture).
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from . import tuned_configs
 
@@ -88,19 +91,22 @@ def recorded(kind: str) -> list:
 
 
 def _kernel(module: str, name: str):
-    """The ``JITFunction`` ``module.name``, or None if lightq has no such kernel (any more)."""
+    """The Triton kernel ``module.name`` (a ``JITFunction``; under ``TRITON_INTERPRET`` Triton's interpreted
+    function), or None if lightq has no such kernel (any more)."""
     try:
         fn = getattr(importlib.import_module(module), name, None)
     except ImportError:
         return None
-    return fn if isinstance(fn, triton.runtime.JITFunction) else None
+    return fn if isinstance(fn, (triton.runtime.JITFunction, InterpretedFunction)) \
+        else None
 
 
 def _fits(fn, spec: dict) -> bool:
-    """Does ``spec`` name exactly ``fn``'s parameters, in their order (a table written before a signature changed
-    does not)?"""
-    return spec.get("name") == f"{fn.__module__}.{fn.__qualname__}" and list(spec.get("signature", {})) == \
-        fn.arg_names
+    """Does ``spec`` name exactly kernel ``fn``'s Python function and parameters, in their order (a table written
+    before a signature changed does not)?"""
+    py = fn.fn
+    return spec.get("name") == f"{py.__module__}.{py.__qualname__}" and \
+        list(spec.get("signature", {})) == list(inspect.signature(py).parameters)
 
 
 def _portable(spec: dict) -> dict:
