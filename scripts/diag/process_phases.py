@@ -7,8 +7,9 @@ does) under a harness that timestamps, on the process's own clock (seconds since
 ``process.before_job_s``): the harness starting (interpreter and site), Hydra and ``lightq.app`` imported, each
 Hydra compose (Hydra composes twice: once to read the run mode, once to run), the task starting, ``config.validate``
 (where torch is first imported), ``job.execute``, ``main`` returning and the last atexit handler; the parent adds
-the process's exit. Then ``python -X importtime -c 'import torch'`` gives torch's import alone. Prints one line per
-run and the median of each phase.
+the process's exit. ``cpu_before_job`` / ``cpu_after_job`` are the process's CPU seconds (all threads) before the
+job and after its end: steadier than wall time on a shared machine. Then ``python -X importtime -c 'import torch'``
+gives torch's import alone. Prints one line per run and the median of each phase.
 """
 
 from __future__ import annotations
@@ -35,16 +36,17 @@ def _age():
         return float(f.read().split()[0]) - start
 
 _m0, _a0 = time.monotonic(), _age()
-marks = {}
+marks, cpu = {}, {}
 
 def mark(name):
     marks[name] = _a0 + time.monotonic() - _m0
+    cpu[name] = time.process_time()
 
 def _dump():  # registered first: runs after every other atexit handler
     mark("atexit_done")
     marks["monotonic_at_atexit_done"] = time.monotonic()
     with open(os.environ["PHASES_FILE"], "w") as f:
-        json.dump(marks, f)
+        json.dump({"marks": marks, "cpu": cpu}, f)
 
 atexit.register(_dump)
 mark("harness")
@@ -88,21 +90,29 @@ PHASES = (("interpreter", None, "harness"), ("import_hydra", "harness", "hydra_i
 
 
 def run_once(overrides: list[str], out: Path) -> dict:
+    """One run's phases (wall seconds), its wall time, result.json's ``before_job_s`` and job total, the wall time
+    after the job's end, and the CPU seconds (all threads) before the job and after its end."""
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         phases_file = f.name
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", HARNESS, *overrides, f"hydra.run.dir={out}"],
-                          env={**os.environ, "PHASES_FILE": phases_file}, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HARNESS, *overrides, f"hydra.run.dir={out}"],
+                            env={**os.environ, "PHASES_FILE": phases_file}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
     end = time.monotonic()
-    marks = json.loads(Path(phases_file).read_text())
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    saved = json.loads(Path(phases_file).read_text())
     os.unlink(phases_file)
+    marks, cpu = saved["marks"], saved["cpu"]
     marks["exit"] = marks["atexit_done"] + end - marks.pop("monotonic_at_atexit_done")
     result = json.loads((out / "result.json").read_text())
     row = {name: round(marks[b] - (marks[a] if a else 0.0), 3) for name, a, b in PHASES if b in marks and
            (a is None or a in marks)}
     row.update(rc=proc.returncode, wall=round(end - t0, 3), before_job_s=result["process"]["before_job_s"],
-               job_total=result["timings_s"]["total"], after_job=round(marks["exit"] - marks["execute#0_end"], 3))
+               job_total=result["timings_s"]["total"], after_job=round(marks["exit"] - marks["execute#0_end"], 3),
+               cpu_before_job=round(cpu["execute#0_start"], 3),
+               cpu_after_job=round(usage.ru_utime + usage.ru_stime - cpu["execute#0_end"], 3))
     return row
 
 
