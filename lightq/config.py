@@ -308,7 +308,8 @@ def register() -> None:
 
     A generated mode is stored as a plain mapping of every ``QuantConfig`` field: the schema types it when Hydra
     merges it, so the composed config is the one a typed node gives, while a plain node costs OmegaConf a fraction
-    of a typed one to build here and to copy on each of Hydra's composes (docs/BENCHMARKS.md, start-up)."""
+    of a typed one to build here and to copy on each of Hydra's composes (docs/BENCHMARKS.md, "A job's process
+    outside its job")."""
     store = ConfigStore.instance()
     store.store(name="lightq_schema", node=LightqConfig)
     modes = {name: asdict(mode) for name, mode in backend_modes().items()}

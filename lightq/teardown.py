@@ -3,9 +3,9 @@ garbage-collector passes over the objects that imports left behind.
 
 At exit CPython clears its modules and runs its cyclic garbage collector several times over every object still
 tracked; once torch is imported those are hundreds of thousands (more with a GPU stack), and the passes cost a
-large share of the time between a job's record being final and the process's exit (docs/BENCHMARKS.md, start-up
-and exit). ``skip_exit_collections`` registers an exit handler that collects once, so whatever is garbage by then
-is finalized as it would be at any time (files closed, finalizers run), then freezes the survivors
+large share of the time between a job's record being final and the process's exit (docs/BENCHMARKS.md, "A job's
+process outside its job"). ``skip_exit_collections`` registers an exit handler that collects once, so whatever is
+garbage by then is finalized as it would be at any time (files closed, finalizers run), then freezes the survivors
 (``gc.freeze``), which the later passes skip. Nothing else changes: every other exit handler runs, the standard
 streams are flushed, the exit code is the same. What goes uncollected is only the cycles among those survivors
 that the modules' own teardown leaves, memory the operating system takes back when the process ends.

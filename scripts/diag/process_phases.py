@@ -82,7 +82,8 @@ finally:
 # (phase, from mark, to mark)
 PHASES = (("interpreter", None, "harness"), ("import_hydra", "harness", "hydra_imported"),
           ("import_lightq", "hydra_imported", "lightq_imported"),
-          ("main_to_compose", "lightq_imported", "compose#0_start"), ("compose_mode", "compose#0_start", "compose#0_end"),
+          ("main_to_compose", "lightq_imported", "compose#0_start"),
+          ("compose_mode", "compose#0_start", "compose#0_end"),
           ("compose_run", "compose#1_start", "compose#1_end"), ("hydra_job_setup", "compose#1_end", "task#0_start"),
           ("validate_torch", "validate#0_start", "validate#0_end"), ("to_execute", "validate#0_end", "execute#0_start"),
           ("job", "execute#0_start", "execute#0_end"), ("job_end_to_main_end", "execute#0_end", "main_returned"),
