@@ -27,3 +27,9 @@ def skip_exit_collections() -> None:
     reverse order, so this one then runs after those of the modules imported later (torch's). Idempotent."""
     atexit.unregister(_collect_then_freeze)
     atexit.register(_collect_then_freeze)
+
+
+def drop_exit_collections() -> None:
+    """Unregister the handler, for a process about to end by ``os._exit`` after running its exit handlers
+    (``parallel.runtime.leave``): no interpreter teardown follows, so its collection would only cost time."""
+    atexit.unregister(_collect_then_freeze)
