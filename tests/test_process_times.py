@@ -37,13 +37,12 @@ def test_bench_row_splits_the_wall_time_into_start_up_stages_and_exit():
 
 
 
-def _ending(tmp_path, handler: bool) -> tuple[int, str, str]:
+def _ending(tmp_path, register: str) -> tuple[int, str, str]:
     """(exit code, the two files) of a child that leaves an object with a finalizer in a reference cycle, garbage
-    when the process ends, with or without ``teardown.skip_exit_collections`` (registered twice: one handler)."""
-    register = "skip_exit_collections(); skip_exit_collections()" if handler else ""
+    when the process ends, after the ``lightq.teardown`` calls ``register``."""
     code = f"""
 import gc, sys
-from lightq.teardown import skip_exit_collections
+from lightq.teardown import drop_exit_collections, skip_exit_collections
 
 {register}
 freeze = gc.freeze
@@ -76,6 +75,9 @@ sys.exit(3)
 
 def test_exit_handler_finalizes_the_garbage_of_the_run_and_keeps_the_exit_code(tmp_path):
     """``teardown.skip_exit_collections``: an object garbage by the time the process ends is finalized as without
-    the handler (its file flushed and closed), the exit code stays the process's own, and the handler runs once."""
-    assert _ending(tmp_path, handler=False) == (3, "written, flushed by the finalizer", "")
-    assert _ending(tmp_path, handler=True) == (3, "written, flushed by the finalizer", "x")
+    the handler (its file flushed and closed), the exit code stays the process's own, the handler runs once, and not
+    at all once dropped."""
+    assert _ending(tmp_path, "") == (3, "written, flushed by the finalizer", "")
+    twice = "skip_exit_collections(); skip_exit_collections()"
+    assert _ending(tmp_path, twice) == (3, "written, flushed by the finalizer", "x")
+    assert _ending(tmp_path, twice + "; drop_exit_collections()") == (3, "written, flushed by the finalizer", "")
