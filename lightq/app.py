@@ -97,7 +97,9 @@ def main() -> None:
     from .sweep import check_launcher
 
     from .lightx2v.cli import expand
+    from .teardown import skip_exit_collections
 
+    skip_exit_collections()
     config.register()
     sys.argv = _rank_folders(sys.argv)
     try:

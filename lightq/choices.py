@@ -25,22 +25,34 @@ def _requested(argv: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _listed(sources, group: str, kind) -> list[str]:
+    """The names Hydra's config repository lists under ``group`` (``kind``: ``ObjectType.CONFIG`` its options,
+    ``ObjectType.GROUP`` its sub-groups), read from the loader's config sources: the loader's own
+    ``get_group_options`` copies the whole ConfigStore on every call."""
+    found: set[str] = set()
+    for source in sources:
+        if source.is_group(config_path=group):
+            found.update(source.list(config_path=group, results_filter=kind))
+    return sorted(found)
+
+
 def check_choices(argv: list[str]) -> None:
     pairs = _requested(argv)
     if not pairs:
         return
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
 
     from .paths import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="lightq"):
-        loader = GlobalHydra.instance().config_loader()
-        groups = {g for g in loader.list_groups("") if not g.startswith("hydra")}
+        sources = GlobalHydra.instance().config_loader().get_sources()
+        groups = {g for g in _listed(sources, "", ObjectType.GROUP) if not g.startswith("hydra")}
         for group, option in pairs:
             if group not in groups:
                 continue  # a plain config key (seed=3, prompt=...): Hydra checks it against the schema
-            options = loader.get_group_options(group)
+            options = _listed(sources, group, ObjectType.CONFIG)
             if option not in options:
                 hint = " (python -m lightq.backends: which backends can run here)" if group.endswith("_quant") else ""
                 raise LightqError(f"{group}={option}: there is no such {group}; choose one of "

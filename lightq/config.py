@@ -13,7 +13,7 @@ one): its default ``same`` runs ``dit_quant``'s mode (``quant_of``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -304,10 +304,15 @@ def quant_of(cfg: Any, component: str) -> Any:
 def register() -> None:
     """Put the schema, and every backend mode without a YAML file, into Hydra's ConfigStore (idempotent);
     ``conf/config.yaml`` names the schema first. A stored node with the name of a YAML file would be merged into
-    it by Hydra's deprecated automatic schema matching, so a YAML file always wins."""
+    it by Hydra's deprecated automatic schema matching, so a YAML file always wins.
+
+    A generated mode is stored as a plain mapping of every ``QuantConfig`` field: the schema types it when Hydra
+    merges it, so the composed config is the one a typed node gives, while a plain node costs OmegaConf a fraction
+    of a typed one to build here and to copy on each of Hydra's composes (docs/BENCHMARKS.md, "A job's process
+    outside its job")."""
     store = ConfigStore.instance()
     store.store(name="lightq_schema", node=LightqConfig)
-    modes = backend_modes()
+    modes = {name: asdict(mode) for name, mode in backend_modes().items()}
     for group in QUANT_GROUPS:
         inherited = inherited_modes(group)
         for name in inherited:

@@ -195,6 +195,9 @@ def leave_launch(code: int) -> None:
 
 
 if __name__ == "__main__":
+    from .teardown import skip_exit_collections
+
+    skip_exit_collections()
     status = main()
     leave_launch(status)
     sys.exit(status)

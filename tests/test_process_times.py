@@ -34,3 +34,50 @@ def test_bench_row_splits_the_wall_time_into_start_up_stages_and_exit():
     assert row["process_overhead_s"] == round(40.0 - 23.7, 2)
     job.result = {**job.result, "process": {"before_job_s": None}}  # a platform without /proc: unknown, not 0
     assert _row(job, None)["exit_s"] is None and _row(job, None)["startup_s"] is None
+
+
+
+def _ending(tmp_path, register: str) -> tuple[int, str, str]:
+    """(exit code, the two files) of a child that leaves an object with a finalizer in a reference cycle, garbage
+    when the process ends, after the ``lightq.teardown`` calls ``register``."""
+    code = f"""
+import gc, sys
+from lightq.teardown import drop_exit_collections, skip_exit_collections
+
+{register}
+freeze = gc.freeze
+def counted():
+    open({str(tmp_path / "freezes.txt")!r}, "a").write("x")
+    freeze()
+gc.freeze = counted
+
+
+class Holder:
+    def __init__(self):
+        self.me = self  # a cycle: only the collector frees it
+        self.file = open({str(tmp_path / "buffered.txt")!r}, "w")
+        self.file.write("written, flushed by the finalizer")
+
+    def __del__(self):
+        self.file.close()
+
+
+Holder()
+sys.exit(3)
+"""
+    rc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode
+    files = [(tmp_path / name).read_text() if (tmp_path / name).exists() else "" for name in ("buffered.txt",
+                                                                                              "freezes.txt")]
+    for name in ("buffered.txt", "freezes.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    return rc, *files
+
+
+def test_exit_handler_finalizes_the_garbage_of_the_run_and_keeps_the_exit_code(tmp_path):
+    """``teardown.skip_exit_collections``: an object garbage by the time the process ends is finalized as without
+    the handler (its file flushed and closed), the exit code stays the process's own, the handler runs once, and not
+    at all once dropped."""
+    assert _ending(tmp_path, "") == (3, "written, flushed by the finalizer", "")
+    twice = "skip_exit_collections(); skip_exit_collections()"
+    assert _ending(tmp_path, twice) == (3, "written, flushed by the finalizer", "x")
+    assert _ending(tmp_path, twice + "; drop_exit_collections()") == (3, "written, flushed by the finalizer", "")

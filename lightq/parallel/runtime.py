@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..errors import LightqError
 from ..models.attention import current_self_attention, use_self_attention
 from ..models.sequence import use_sequence_split
+from ..teardown import drop_exit_collections
 from .guidance import split_guidance
 from .layout import Layout
 from .rows import RowSplit
@@ -97,15 +98,17 @@ def start(layout: Layout, cuda: bool) -> Runtime:
 def leave(code: int) -> None:
     """End this process of a launch whose work finished with exit ``code`` 0: wait for every rank (a barrier, so
     none tears down while another still talks to it), destroy the process group, run the exit handlers (logging's
-    flush, the rank's temporary folders), and exit by ``os._exit(0)``. The interpreter's own teardown is skipped: on
-    CPU a gloo rank aborted there now and then ("terminate called without an active exception", after
-    ``destroy_process_group`` had returned on every rank; docs/PARALLEL.md). Returns at once without a process group
-    or with a failure's code (a failed rank's peers may be inside a collective: it leaves as usual)."""
+    flush, the rank's temporary folders; not ``lightq.teardown``'s collection: no teardown follows), and exit by
+    ``os._exit(0)``. The interpreter's own teardown is skipped: on CPU a gloo rank aborted there now and then
+    ("terminate called without an active exception", after ``destroy_process_group`` had returned on every rank;
+    docs/PARALLEL.md). Returns at once without a process group or with a failure's code (a failed rank's peers may be
+    inside a collective: it leaves as usual)."""
     if code or not dist.is_initialized():
         return
     dist.barrier()
     dist.destroy_process_group()
     _groups.clear()
+    drop_exit_collections()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
