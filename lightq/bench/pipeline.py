@@ -6,9 +6,9 @@ Hydra start-up included), its ratio to the bf16 job's, every stage of ``result.j
 mp4 encode's own time in the background (``write_background``: inside ``decode``, ``write`` and ``quality``, not
 added), the warm-up (the first denoising step's excess over the median of the others, plus the ``kernel_warmup``
 stage), how many of lightq's Triton kernels were compiled in the background and how many at a launch
-(``result.json`` ``kernels``), peak GPU and host memory, and quality against the bf16 job (same weights, seed and prompt: the bf16 job
-caches the baseline every later job of the run compares with). The wall time outside the job splits into
-``start-up`` (the process's age when its job began: interpreter, imports, Hydra; ``result.json``
+(``result.json`` ``kernels``), peak GPU and host memory, and quality against the bf16 job (same weights, seed and
+prompt: the bf16 job caches the baseline every later job of the run compares with). The wall time outside the job
+splits into ``start-up`` (the process's age when its job began: interpreter, imports, Hydra; ``result.json``
 ``process.before_job_s``) and ``exit`` (after the job's record is complete: Hydra's bookkeeping, freeing memory,
 interpreter shutdown).
 

@@ -16,8 +16,8 @@ compile runs in a pool thread (Triton's passes and ``ptxas`` run without holding
 cache when it holds the kernel, and the same thread loads the compiled kernel and builds its launcher. A kernel
 the job launches meanwhile (the backend's self-test at load) waits for its own compile only; ``wait`` (the job's
 ``kernel_warmup`` stage, before the first step) waits for the rest and leaves every kernel in Triton's in-memory
-cache. An entry that fails to compile (a table older than a kernel's
-signature) is only a kernel compiled at its first launch, as without a table; ``Background.record`` counts both.
+cache. An entry that fails to compile (a table older than a kernel's signature) is only a kernel compiled at its
+first launch, as without a table; ``Background.record`` counts both.
 Machine-specific fields (``extern_libs``: the path of libdevice) are not stored; the compile target is the
 running GPU's (the table is chosen by its architecture).
 
@@ -63,16 +63,15 @@ def table_path(gpu_arch: str) -> Path:
 
 
 def read_table(path: Path) -> dict:
-    """The table at ``path`` (``{"arch": .., "kinds": {}}`` when there is none)."""
+    """The table at ``path`` (``{"kinds": {}}`` when there is none, or it is unreadable: logged)."""
     try:
-        table = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        return {"arch": path.name.split("-")[0], "kinds": {}}
+        pass
     except (OSError, ValueError) as exc:
         log.warning("kernel specializations table %s unreadable (%s): compiling kernels at their first launch",
                     path, exc)
-        return {"arch": path.name.split("-")[0], "kinds": {}}
-    return table
+    return {"kinds": {}}
 
 
 def tables() -> list[Path]:
@@ -97,8 +96,7 @@ def _kernel(module: str, name: str):
         fn = getattr(importlib.import_module(module), name, None)
     except ImportError:
         return None
-    return fn if isinstance(fn, (triton.runtime.JITFunction, InterpretedFunction)) \
-        else None
+    return fn if isinstance(fn, (triton.runtime.JITFunction, InterpretedFunction)) else None
 
 
 def _fits(fn, spec: dict) -> bool:
@@ -238,7 +236,8 @@ def dump(path: Path) -> None:
     if not _recorded:
         return
     path = Path(path)
-    table = read_table(path) if path.is_file() else {"arch": tuned_configs.arch(), "kinds": {}}
+    table = read_table(path)
+    table.setdefault("arch", tuned_configs.arch())
     for kind, specs in _recorded.items():
         old = table["kinds"].get(kind, {})
         merged = {} if old.get("compiler") != triton.__version__ else \
