@@ -11,6 +11,11 @@ What each switch removes from the per-score work of ``lightq.kernels.attention._
   are paid once per 128 keys. This changes where P is rounded (the running maximum moves per tile), so it is a
   numerics change of the reference, not only of the kernel.
 
+Issuing the next block's ``Q.K`` before this block's softmax (FlashAttention-3's order) cannot be written in
+Triton 3.6: a variant of this kernel that carried the next block's raw scores through the loop, compiled for sm90,
+waited for that product right after issuing it (seen in its SASS; the variant is not kept). That is why
+``attention_wgmma.py`` (Gluon, explicit waits) exists.
+
 Run on the GPU machine: ``python scripts/diag/attention_lean.py OUT.json [--sass]``; with ``--sass`` (any machine
 with Triton, no GPU needed) it compiles each variant for sm90 and prints registers, spills and the count of
 conversion / exp2 instructions instead."""
@@ -46,7 +51,7 @@ def _as_float(raw, QK_FP8: tl.constexpr, MAGIC: tl.constexpr):
 @triton.jit
 def _lean(q_ptr, sq_ptr, k_ptr, sk_ptr, v_ptr, sv_ptr, o_ptr, Lq, Lk: tl.constexpr, H,
           stride_vb, stride_vh, stride_vl, stride_vd, QK_FP8: tl.constexpr, PV_FP8: tl.constexpr,
-          V_CHANNEL: tl.constexpr, MAGIC: tl.constexpr, ACC_DOT: tl.constexpr, PIPE: tl.constexpr, D: tl.constexpr,
+          V_CHANNEL: tl.constexpr, MAGIC: tl.constexpr, ACC_DOT: tl.constexpr, D: tl.constexpr,
           QBLK: tl.constexpr, KBLK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bh = (b * H + h).to(tl.int64)
@@ -66,20 +71,11 @@ def _lean(q_ptr, sq_ptr, k_ptr, sk_ptr, v_ptr, sv_ptr, o_ptr, Lq, Lk: tl.constex
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     n_blocks: tl.constexpr = (Lk + BLOCK_N - 1) // BLOCK_N
-    if PIPE:  # the scores of the next key block are issued before this block's softmax
-        raw = _raw_scores(q, tl.load(k_ptrs, mask=(offs_n < Lk)[None, :], other=0.0), QK_FP8)
     for j in range(0, n_blocks):
         key = j * BLOCK_N + offs_n
         key_ok = key < Lk
-        if PIPE:
-            k_ptrs += BLOCK_N * D
-            k_next = tl.load(k_ptrs, mask=(key + BLOCK_N < Lk)[None, :], other=0.0)
-            raw_next = _raw_scores(q, k_next, QK_FP8)
-            f = _as_float(raw, QK_FP8, MAGIC)
-        else:
-            k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
-            f = _as_float(_raw_scores(q, k, QK_FP8), QK_FP8, MAGIC)
-            k_ptrs += BLOCK_N * D
+        k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+        f = _as_float(_raw_scores(q, k, QK_FP8), QK_FP8, MAGIC)
         if BLOCK_N == KBLK:
             s = f * (q_scale * tl.load(sk_row + j))[:, None]
         else:
@@ -102,8 +98,7 @@ def _lean(q_ptr, sq_ptr, k_ptr, sk_ptr, v_ptr, sv_ptr, o_ptr, Lq, Lk: tl.constex
                 pv = pv * tl.load(sv_ptr + bh * nkb + j)
             acc = acc * alpha[:, None] + pv
         m_i = m_new
-        if PIPE:
-            raw = raw_next
+        k_ptrs += BLOCK_N * D
         v_ptrs += BLOCK_N * stride_vl
     if PV_FP8:
         out = acc / (l_i * 448.0)[:, None]
@@ -116,7 +111,7 @@ def _lean(q_ptr, sq_ptr, k_ptr, sk_ptr, v_ptr, sv_ptr, o_ptr, Lq, Lk: tl.constex
 
 
 SCHEMES = ("int8-sage", "int8fp8-sage2")
-VARIANTS = [dict(MAGIC=mg, ACC_DOT=ad, PIPE=False, BLOCK_N=bn)
+VARIANTS = [dict(MAGIC=mg, ACC_DOT=ad, BLOCK_N=bn)
             for mg, ad, bn in ((False, False, 64), (True, False, 64), (True, True, 64), (True, True, 128))]
 CONFIGS = ((128, 8, 2), (128, 8, 3), (64, 4, 3))
 
@@ -203,6 +198,7 @@ def main(path):
     from triton.testing import do_bench
     from torch.nn.attention import SDPBackend
     from lightq.attention.inputs import wan_like_qkv
+    from lightq.attention.numerics import errors
     from lightq.bench.attention import exact_rows, sdpa_with
     res = []
     for tokens in (32760, 75600):
@@ -231,12 +227,11 @@ def main(path):
                     except Exception as e:  # noqa: BLE001
                         print("gluon fail", scheme, stages, p_smem, repr(e)[:2000], flush=True)
                         continue
-                    o = out[:, rows].double()
+                    err = errors(out[:, rows], ref)
                     r = dict(tokens=tokens, scheme=scheme, kernel="gluon-wgmma", stages=stages, p_smem=p_smem, attn_ms=t,
                              quant_ms=t_q, total_ms=t + t_q, cudnn_ms=t_cud, shipped_ms=t_cur,
                              vs_cudnn=t_cud / (t + t_q),
-                             cos=torch.nn.functional.cosine_similarity(o.flatten(), ref.flatten(), dim=0).item(),
-                             rel=((o - ref).norm() / ref.norm()).item(),
+                             cos=err["cosine"], rel=err["rel_l2"],
                              max_vs_shipped=(out.float() - ref_out.float()).abs().max().item(),
                              rel_vs_shipped=((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item())
                     res.append(r)
@@ -253,10 +248,8 @@ def main(path):
                         print("fail", scheme, var, bm, w, st, repr(e)[:160], flush=True)
                         continue
                     if best is None or t < best[0]:
-                        o = out[:, rows].double()
-                        cos = torch.nn.functional.cosine_similarity(o.flatten(), ref.flatten(), dim=0).item()
-                        rel = ((o - ref).norm() / ref.norm()).item()
-                        best = (t, (bm, w, st), cos, rel)
+                        err = errors(out[:, rows], ref)
+                        best = (t, (bm, w, st), err["cosine"], err["rel_l2"])
                 if best:
                     r = dict(tokens=tokens, scheme=scheme, **var, attn_ms=best[0], quant_ms=t_q,
                              total_ms=best[0] + t_q, cudnn_ms=t_cud, shipped_ms=t_cur,

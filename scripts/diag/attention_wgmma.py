@@ -5,16 +5,18 @@ Why a second kernel: Triton's compiler waits for every ``wgmma`` right after iss
 block never overlaps a tensor-core product (docs/BENCHMARKS.md "Quantized attention"). Here the products are
 issued asynchronously and waited for explicitly, FlashAttention-3's intra-warpgroup pipelining:
 
-    per key block j (scores S_j = Q K_j^T already complete on entry):
-      issue S_{j+1} = Q K_{j+1}^T                     (tensor cores)
-      softmax of S_j: m, p = 2^(S_j s_q s_k - m), l   (ALU / MUFU, overlapping the product above)
-      wait for P_{j-1} V_{j-1}; acc *= 2^(m_old - m)
-      issue acc += round(p) V_j                        (tensor cores, overlapping the next iteration's start)
-      wait for S_{j+1}
+    before the loop: S_0, its softmax P_0
+    per key block j >= 1:
+      issue S_j = Q K_j^T, then acc += P_{j-1} V_{j-1}     (tensor cores, back to back)
+      wait for S_j; softmax of S_j: m, p = 2^(S_j s_q s_k - m), l   (under the P.V product)
+      wait for the P.V product; acc *= 2^(m_old - m)
+    after the loop: acc += P_last V_last
 
-K and V tiles stream through a ring of ``STAGES`` shared-memory buffers by ``cp.async``; at iteration j the
-buffer of block j - 2 is refilled (its product is known complete in every warpgroup after the CTA barrier), so
-a tile is requested ``STAGES - 3`` iterations before it is used. The int32 scores are converted to fp32 without
+P goes through a double-buffered shared-memory tile (``P_SMEM``, the default): with P in registers ptxas moves
+the second wait above the softmax's ``exp2`` (both variants are timed). K and V tiles stream through a ring of
+``STAGES`` shared-memory buffers by ``cp.async``; at iteration j the buffer of block j - 2 is refilled (its product
+was waited for in the previous iteration, and the CTA barrier orders every warpgroup's wait before the copy), so a
+tile is requested ``STAGES - 2`` iterations before it is used. The int32 scores are converted to fp32 without
 ``I2F`` (a 16-per-clock instruction on sm90): for ``|x| < 2^22`` (``127 * 127 * 128 < 2^21``) the float with the
 bits ``x + 0x4B400000`` is exactly ``1.5 * 2^23 + x``. Same math as ``_attn_kernel``: 64-key blocks with one K
 scale each, Q scale per 128 queries, P rounded to V's type (bf16 / fp16) or to e4m3 as ``448 p``, fp32
@@ -23,6 +25,7 @@ accumulation; only the order of the fp32 additions of ``acc`` differs (the produ
 
 from __future__ import annotations
 
+import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -227,8 +230,7 @@ def launch(qc, sq, kc, sk, vv, sv, out, pv_fp8: bool, stages: int = 4, p_smem: b
     else:
         assert vv.stride(3) == 1
         strides = (vv.stride(0), vv.stride(2), vv.stride(1))
-        vdt = gl.bfloat16 if vv.dtype.itemsize == 2 and vv.dtype.is_floating_point and str(vv.dtype) == "torch.bfloat16" \
-            else gl.float16
+        vdt = gl.bfloat16 if vv.dtype == torch.bfloat16 else gl.float16
     q_sl, k_sl, v_sl = shared_layouts(gl.int8, vdt, pv_fp8, d)
     grid = (triton.cdiv(lq, BLOCK_M), h, b)
     _wgmma_attn_kernel[grid](qc, sq, kc, sk, vv, vv if sv is None else sv, out, lq, lk, h, *strides,
